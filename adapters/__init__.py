@@ -1,0 +1,1 @@
+"""mm.adapters: see ../shared/design.md for what lives here."""

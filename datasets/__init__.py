@@ -1,0 +1,1 @@
+"""mm.datasets: see ../shared/design.md for what lives here."""

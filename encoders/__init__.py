@@ -1,0 +1,1 @@
+"""mm.encoders: see ../shared/design.md for what lives here."""

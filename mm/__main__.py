@@ -1,0 +1,7 @@
+"""`python -m mm` runs the `mm` command line."""
+
+import sys
+
+from mm.cli import main
+
+sys.exit(main())
