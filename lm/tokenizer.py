@@ -1,0 +1,447 @@
+"""The mm tokenizer: Llama 3 tiktoken BPE files, Hugging Face tokenizer.json files, and small trained BPEs.
+
+Follows Meta's Llama 3 tokenizer (meta-llama/llama-models `models/llama3/tokenizer.py`: byte-level BPE,
+the Llama 3 split regex, 256 special tokens after the base ranks, `<|image|>` at base + 11 as in Llama 3.2)
+and the structure of Meta's Hugging Face `tokenizer.json` (regex Split + ByteLevel pre-tokenizer, ByteLevel
+decoder, `ignore_merges`).
+
+Id layouts:
+
+- tiktoken file (`tokenizer.model`, lines "base64token rank", ranks 0..n-1): ordinary tokens keep their
+  rank as id; the 256 special tokens follow at n..n+255: first `SPECIAL_TOKENS` in order, then
+  `<|reserved_special_token_2|>` onwards (so Llama 3 gets `<|begin_of_text|>` = 128000, `<|image|>` = 128011).
+- `Tokenizer.train`: the 256 single bytes, then the learned tokens in merge order, then exactly
+  `SPECIAL_TOKENS` at the end (no reserved padding). Ordinary ids are tiktoken ranks, so `export_tiktoken`
+  plus `from_file` gives the same ordinary ids and the same ids for the first 15 special tokens.
+- `tokenizer.json` from elsewhere: ids as in the file; any of `MULTIMODAL_TOKENS` it lacks is added as a
+  special token with a new id at the end (e.g. a Llama 3.1 file gets `<|image|>` = 128256 as in Mllama).
+
+User text never produces a special token: `encode` treats `<|image|>` and friends inside text as ordinary
+characters. Special ids enter a sequence only through `bos`/`eos` or by the caller inserting `special_id(...)`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from functools import cache
+from pathlib import Path
+
+import tiktoken
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+__all__ = [
+    "LLAMA3_PAT_STR",
+    "MULTIMODAL_TOKENS",
+    "NUM_TIKTOKEN_SPECIAL_TOKENS",
+    "SPECIAL_TOKENS",
+    "Tokenizer",
+]
+
+# The pre-tokenization regex of Llama 3 (`pat_str` in llama-models; the Split pattern of Meta's tokenizer.json).
+LLAMA3_PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# The named special tokens mm uses, in id order (Llama 3.2's layout plus video and speech markers).
+SPECIAL_TOKENS: list[str] = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+    "<|video|>",
+    "<|speech_start|>",
+    "<|speech_end|>",
+]
+
+# The media markers mm adds to a tokenizer.json that lacks them.
+MULTIMODAL_TOKENS: list[str] = ["<|image|>", "<|video|>", "<|speech_start|>", "<|speech_end|>"]
+
+# A Llama 3 tiktoken vocabulary has this many special ids after its base ranks.
+NUM_TIKTOKEN_SPECIAL_TOKENS = 256
+
+_RESERVED_RE = re.compile(r"<\|reserved_special_token_\d+\|>")
+
+
+def _tiktoken_special_tokens() -> list[str]:
+    """Return the 256 special token strings of a Llama 3 tiktoken vocabulary, in id order."""
+    n_reserved = NUM_TIKTOKEN_SPECIAL_TOKENS - len(SPECIAL_TOKENS)
+    return SPECIAL_TOKENS + [f"<|reserved_special_token_{2 + k}|>" for k in range(n_reserved)]
+
+
+@cache
+def _byte_to_unicode() -> dict[int, str]:
+    """Return the GPT-2 byte-level table: each byte maps to one printable unicode character."""
+    # Printable Latin-1 bytes stand for themselves; the others (controls, space, ...) are shifted to 256+.
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table: dict[int, str] = {}
+    shifted = 0
+    for b in range(256):
+        if b in kept:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+@cache
+def _unicode_to_byte() -> dict[str, int]:
+    """Return the inverse of the byte-level table."""
+    return {c: b for b, c in _byte_to_unicode().items()}
+
+
+def _merges_from_ranks(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Derive HF merges that reproduce tiktoken's rank-based BPE: every split of a token into two tokens."""
+    # tiktoken merges the adjacent pair whose concatenation has the lowest rank; an HF BPE whose merges are
+    # all such splits, ordered by the rank of the result, does the same (this is how Meta's tokenizer.json
+    # was derived from tokenizer.model).
+    found: list[tuple[int, int, int, str, str]] = []
+    for token, rank in vocab.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in vocab and right in vocab:
+                found.append((rank, vocab[left], vocab[right], left, right))
+    found.sort()
+    return [(left, right) for _, _, _, left, right in found]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to path through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file (lines "base64token rank") and check it is a complete byte-level vocabulary."""
+    # Parsed here rather than with tiktoken.load.load_tiktoken_bpe, which caches files by path name in a temp
+    # folder and would return stale ranks for a file rewritten at the same path.
+    expected = "a tiktoken BPE file (lines 'base64token rank', e.g. Llama 3's tokenizer.model)"
+    try:
+        text = path.read_bytes().decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not {expected}: it is binary (a SentencePiece model, as in Llama 2, is not supported)"
+        ) from None
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError("wrong number of fields")
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except ValueError:
+            raise ValueError(f"{path}:{lineno} is not {expected}: got {line[:80]!r}") from None
+        if token in ranks:
+            raise ValueError(f"{path}:{lineno}: token {token!r} appears twice")
+        ranks[token] = rank
+    if not ranks:
+        raise ValueError(f"{path} is empty; expected {expected}")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks must be 0..{len(ranks) - 1}, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(
+            f"{path}: not a byte-level BPE, {len(missing)} single bytes have no rank (e.g. {missing[0]})"
+        )
+    return ranks
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer over a tiktoken or Hugging Face `tokenizers` backend, with mm's special tokens."""
+
+    def __init__(
+        self,
+        hf: HFTokenizer | None = None,
+        *,
+        tiktoken_ranks: dict[bytes, int] | None = None,
+        name: str = "mm",
+    ) -> None:
+        """Wrap one backend: an HF `tokenizers.Tokenizer` (modified in place) or tiktoken ranks (bytes -> rank)."""
+        if (hf is None) == (tiktoken_ranks is None):
+            raise ValueError("Tokenizer needs exactly one of `hf` or `tiktoken_ranks`")
+        self._hf: HFTokenizer | None = None
+        self._tt: tiktoken.Encoding | None = None
+        self._ranks: dict[bytes, int] | None = None
+        if hf is not None:
+            specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+            missing = [t for t in MULTIMODAL_TOKENS if t not in specials]
+            if missing:
+                hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+                specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+            # Special-token strings inside user text are split like any other text.
+            hf.encode_special_tokens = True
+            self._hf = hf
+            self._special = specials
+            self._vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
+        else:
+            assert tiktoken_ranks is not None
+            n_base = len(tiktoken_ranks)
+            specials = {t: n_base + i for i, t in enumerate(_tiktoken_special_tokens())}
+            self._tt = tiktoken.Encoding(
+                name=name, pat_str=LLAMA3_PAT_STR, mergeable_ranks=tiktoken_ranks, special_tokens=specials
+            )
+            self._ranks = tiktoken_ranks
+            self._special = specials
+            self._vocab_size = self._tt.n_vocab
+        self._special_ids = frozenset(self._special.values())
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore after pickling (DataLoader workers); `encode_special_tokens` is not part of HF's pickle."""
+        self.__dict__.update(state)
+        if self._hf is not None:
+            self._hf.encode_special_tokens = True
+
+    # ----------------------------------------------------------------------------------------- constructors
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a tokenizer.json (HF tokenizers) or tokenizer.model (tiktoken) file, or a folder holding one."""
+        path = Path(path)
+        if path.is_dir():
+            candidates = [
+                path / "tokenizer.json",
+                path / "tokenizer.model",
+                path / "original" / "tokenizer.model",
+            ]
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:
+                raise FileNotFoundError(
+                    f"no tokenizer in folder {path}: expected tokenizer.json (Hugging Face tokenizers) "
+                    "or tokenizer.model (tiktoken BPE, as shipped with Llama 3)"
+                )
+            path = found
+        elif not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer file {path} does not exist: expected a tokenizer.json (Hugging Face tokenizers), "
+                "a tokenizer.model (tiktoken BPE), or a folder holding one"
+            )
+        with path.open("rb") as f:
+            head = f.read(64).lstrip()
+        if path.suffix == ".json" or head.startswith(b"{"):
+            try:
+                hf = HFTokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises a bare Exception on bad files
+                raise ValueError(f"could not read {path} as a Hugging Face tokenizer.json: {e}") from e
+            return cls(hf)
+        return cls(tiktoken_ranks=_read_tiktoken_ranks(path), name=path.stem)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Train a deterministic byte-level BPE (HF tokenizers, Llama 3 regex) with `SPECIAL_TOKENS` at the end."""
+        n_special = len(SPECIAL_TOKENS)
+        if vocab_size < 256 + n_special:
+            raise ValueError(
+                f"vocab_size must be at least {256 + n_special} (256 bytes + specials), got {vocab_size}"
+            )
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PAT_STR), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size - n_special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],  # added after training, so they take the last ids as in Llama 3
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        # Re-express the learned vocabulary with tiktoken semantics (rank = id, merges = all splits,
+        # ignore_merges) as Meta's tokenizer.json does, so the tiktoken export encodes identically.
+        vocab = tok.get_vocab(with_added_tokens=False)
+        tok.model = models.BPE(vocab=vocab, merges=_merges_from_ranks(vocab), ignore_merges=True)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        return cls(tok)
+
+    # ---------------------------------------------------------------------------------------------- saving
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write tokenizer.json (HF backend) or tokenizer.model (tiktoken backend) into directory; return it."""
+        directory = Path(directory)
+        if self._hf is not None:
+            path = directory / "tokenizer.json"
+            _atomic_write(path, self._hf.to_str(pretty=True).encode("utf-8"))
+            return path
+        path = directory / "tokenizer.model"
+        self.export_tiktoken(path)
+        return path
+
+    def export_tiktoken(self, path: str | os.PathLike[str]) -> Path:
+        """Write the ordinary (non-special) vocabulary as a tiktoken BPE file, rank = id; return the path."""
+        path = Path(path)
+        if self._ranks is not None:
+            ranks = self._ranks
+        else:
+            assert self._hf is not None
+            model = json.loads(self._hf.to_str())["model"]
+            if model.get("type") != "BPE":
+                raise ValueError(f"export_tiktoken needs a BPE model, this tokenizer has {model.get('type')}")
+            u2b = _unicode_to_byte()
+            vocab = {
+                t: i for t, i in self._hf.get_vocab(with_added_tokens=False).items() if t not in self._special
+            }
+            ranks = {}
+            for token, i in vocab.items():
+                if not token or any(c not in u2b for c in token):
+                    raise ValueError(
+                        f"export_tiktoken needs a byte-level BPE; token {token!r} (id {i}) is not"
+                    )
+                ranks[bytes(u2b[c] for c in token)] = i
+            if sorted(ranks.values()) != list(range(len(ranks))):
+                raise ValueError("export_tiktoken needs the ordinary token ids to be 0..n-1 (tiktoken ranks)")
+        lines = [
+            f"{base64.b64encode(t).decode('ascii')} {r}\n"
+            for t, r in sorted(ranks.items(), key=lambda x: x[1])
+        ]
+        _atomic_write(path, "".join(lines).encode("ascii"))
+        return path
+
+    # ------------------------------------------------------------------------------------ encode / decode
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Encode user text as ordinary text (never a special id), optionally adding bos / end_of_text."""
+        if self._tt is not None:
+            ids = self._tt.encode_ordinary(text)
+        else:
+            assert self._hf is not None
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        return self._wrap(ids, bos, eos)
+
+    def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+        """Encode several user texts (in parallel in the backend); same rules as `encode`."""
+        texts = list(texts)
+        if self._tt is not None:
+            batch = self._tt.encode_ordinary_batch(texts)
+        else:
+            assert self._hf is not None
+            batch = [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        return [self._wrap(ids, bos, eos) for ids in batch]
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        """Add the bos / eos ids around an encoded text."""
+        if bos:
+            ids = [self.bos_id, *ids]
+        if eos:
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decode ids to text; special tokens appear as their strings, invalid UTF-8 as U+FFFD."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self._vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self._vocab_size - 1})")
+        if self._tt is not None:
+            return self._tt.decode(ids)
+        assert self._hf is not None
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    # ----------------------------------------------------------------------------------- special tokens
+
+    def special_id(self, token: str) -> int:
+        """Return the id of a special token such as "<|image|>"; ValueError naming it if this vocabulary lacks it."""
+        try:
+            return self._special[token]
+        except KeyError:
+            named = [t for t in self._special if not _RESERVED_RE.fullmatch(t)]
+            n_reserved = len(self._special) - len(named)
+            raise ValueError(
+                f"unknown special token {token!r}; known: {', '.join(named)}"
+                + (f" and {n_reserved} <|reserved_special_token_k|>" if n_reserved else "")
+            ) from None
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """All special tokens of this vocabulary, string -> id."""
+        return dict(self._special)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """The set of all special ids."""
+        return self._special_ids
+
+    @property
+    def bos_id(self) -> int:
+        """Id of `<|begin_of_text|>`."""
+        return self.special_id("<|begin_of_text|>")
+
+    @property
+    def eos_id(self) -> int:
+        """Id of `<|end_of_text|>` (end of a document)."""
+        return self.special_id("<|end_of_text|>")
+
+    @property
+    def eot_id(self) -> int:
+        """Id of `<|eot_id|>` (end of a turn)."""
+        return self.special_id("<|eot_id|>")
+
+    @property
+    def pad_id(self) -> int:
+        """Id of `<|finetune_right_pad_id|>`."""
+        return self.special_id("<|finetune_right_pad_id|>")
+
+    @property
+    def image_id(self) -> int:
+        """Id of `<|image|>`."""
+        return self.special_id("<|image|>")
+
+    @property
+    def video_id(self) -> int:
+        """Id of `<|video|>`."""
+        return self.special_id("<|video|>")
+
+    @property
+    def speech_start_id(self) -> int:
+        """Id of `<|speech_start|>`."""
+        return self.special_id("<|speech_start|>")
+
+    @property
+    def speech_end_id(self) -> int:
+        """Id of `<|speech_end|>`."""
+        return self.special_id("<|speech_end|>")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids including special tokens (max id + 1); the LM's embedding table needs at least this."""
+        return self._vocab_size
+
+    @property
+    def backend(self) -> str:
+        """Which backend encodes: "tiktoken" or "tokenizers"."""
+        return "tiktoken" if self._tt is not None else "tokenizers"
+
+    def __len__(self) -> int:
+        """Same as `vocab_size`."""
+        return self._vocab_size
+
+    def __repr__(self) -> str:
+        """Short description: backend, vocabulary size, number of special tokens."""
+        return (
+            f"Tokenizer(backend={self.backend}, vocab_size={self._vocab_size}, specials={len(self._special)})"
+        )
