@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,87 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             model, [ids], args.max_new_tokens, args.temperature, args.top_p, stop_tokens=stops, generator=gen
         )[0]
         print(prompt + tok.decode(new), flush=True)
+    return 0
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _cmd_pretrain_lm(args: argparse.Namespace) -> int:
+    """Run the LM pretraining recipe from a YAML config with overrides."""
+    from mm.config import DataSourceConfig, LMPretrainConfig, load_config
+    from mm.pretrain_lm import run_pretrain_lm
+    from mm.train import TrainingDiverged
+
+    _setup_logging()
+    cfg = load_config(LMPretrainConfig, args.config, args.overrides)
+    if args.data:
+        cfg.data = [DataSourceConfig(paths=list(args.data), name="data")]
+    if args.out:
+        cfg.out = args.out
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.save_every is not None:
+        cfg.train.save_every = args.save_every
+    try:
+        summary = run_pretrain_lm(cfg, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"mm pretrain-lm: {e}", file=sys.stderr)
+        return 3
+    finally:
+        from mm import distributed
+
+        distributed.shutdown()
+    if summary["stopped"] != "max_steps":
+        print(
+            f"mm pretrain-lm: stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved, "
+            f"continue with --resume",
+            file=sys.stderr,
+        )
+        return 130
+    keys = ("step", "final_loss", "heldout_ppl", "wall_time_s", "final")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return 0
+
+
+def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    """Train a byte-level BPE tokenizer on text files."""
+    from mm.datasets.text import read_documents
+    from mm.lm import Tokenizer
+
+    for p in args.data:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"data path not found: {p}")
+    texts = (d for p in args.data for d in read_documents(p, doc_split=args.doc_split))
+    tok = Tokenizer.train(texts, args.vocab_size)
+    path = tok.save(args.out)
+    print(f"{path} ({tok.vocab_size} ids)")
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    """Write a part of the embedded shapes world."""
+    from mm.datasets import shapes
+
+    if args.kind == "text":
+        n = args.n or (20000 if args.split == "train" else 1000)
+        path = shapes.synth_text(args.out, n=n, seed=args.seed, split=args.split)
+    else:
+        raise ValueError(f"--kind {args.kind} is not available yet; available: text")
+    print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The embedded end-to-end demo."""
+    from mm.demo import run_demo
+
+    _setup_logging()
+    report = run_demo(Path(args.out), modality=args.modality)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -49,6 +131,48 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser(
+        "pretrain-lm",
+        help="pretrain the language model (Llama 3 recipe)",
+        description="Pretrain the LM. Extra KEY=VALUE arguments override config keys, e.g. optim.lr=1e-3.",
+    )
+    t.add_argument("--config", required=True, help="YAML config (e.g. configs/lm/tiny.yaml)")
+    t.add_argument(
+        "--data", nargs="+", help="text files or folders (.txt, .md, .jsonl, .jsonl.gz); replaces `data`"
+    )
+    t.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, final/)")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--save-every", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    t.set_defaults(func=_cmd_pretrain_lm)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    tt = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
+    tt.add_argument("--data", nargs="+", required=True)
+    tt.add_argument("--vocab-size", type=int, required=True)
+    tt.add_argument("--out", required=True, help="folder for tokenizer.json")
+    tt.add_argument("--doc-split", choices=["paragraph", "line"], default="paragraph")
+    tt.set_defaults(func=_cmd_tokenizer_train)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    ds = dsub.add_parser("synth", help="write the embedded shapes world")
+    ds.add_argument("--kind", required=True, choices=["text", "shapes", "motion", "speech"])
+    ds.add_argument("--out", required=True)
+    ds.add_argument(
+        "--n", type=int, default=0, help="number of items (0 = the default for the kind and split)"
+    )
+    ds.add_argument("--split", choices=["train", "heldout"], default="train")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.set_defaults(func=_cmd_data_synth)
+
+    dm = sub.add_parser("demo", help="run the embedded end-to-end demo (no downloads)")
+    dm.add_argument("--modality", choices=["lm", "all"], default="all")
+    dm.add_argument("--out", default="runs/demo")
+    dm.set_defaults(func=_cmd_demo)
     return p
 
 

@@ -1,0 +1,155 @@
+"""Distributed set-up, applied from outside the model code: torchrun process groups (gloo on CPU, nccl on
+CUDA), FSDP2 `fully_shard` per Transformer block, and full (unsharded) state dicts for checkpoints, so that a
+checkpoint written by N processes loads in one. Every helper is a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 when not distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed() -> bool:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl with CUDA, else gloo); True if joined."""
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over processes (returns a new tensor)."""
+    t = t.detach().clone()
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_flag(flag: bool, device: torch.device) -> bool:
+    """True on every process if it is True on any."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether FSDP2 has been applied to the model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
+    """Shard each block with FSDP2 `fully_shard`, then the root (embeddings, norm, output)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    mesh = init_device_mesh(device_type, (world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def set_grad_sync(model: nn.Module, sync: bool) -> None:
+    """Reduce gradients only on the last micro-step of an accumulation (FSDP2)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm (0 = measure only); works on sharded (DTensor) gradients."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state(task: Any) -> dict[str, torch.Tensor]:
+    """The task's checkpoint tensors, unsharded (gathered from every process under FSDP)."""
+    wanted = task.checkpoint_state()
+    if not is_fsdp(task.model):
+        return {k: v.detach().cpu() for k, v in wanted.items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(task.model, options=_options(cpu_offload=True))
+    return {k: full[k] for k in wanted}
+
+
+def load_full_state(task: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Load unsharded checkpoint tensors into the (possibly sharded) model."""
+    if not is_fsdp(task.model):
+        task.load_checkpoint_state(tensors)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(task.model, tensors, options=_options(strict=False))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, unsharded: loadable by any number of processes."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Inverse of `full_optimizer_state`."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_options())

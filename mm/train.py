@@ -1,0 +1,436 @@
+"""The one training loop of every stage (Llama 3 paper §2 recipe, §6 resumable checkpointing).
+
+A stage is a `Task`: the model, which of its modules train, where batches come from and how the loss is
+computed. The loop does the rest, identically for every stage: AdamW over exactly the trainable parameters,
+linear warmup -> cosine decay to a floor -> optional linear anneal to 0, gradient accumulation normalised by
+the number of loss tokens of the whole optimizer step (not by micro-steps), clipping, autocast, checkpoints
+(atomic, last k kept, SIGINT/SIGTERM save before exit), `--resume`, progress bar, `metrics.jsonl`,
+TensorBoard and an MFU estimate.
+
+Numerics on CPU: float32 by default (`autocast: auto` means bf16 autocast on CUDA only). bf16 autocast on
+CPU is allowed (`autocast: bf16`) but is slower than float32 on CPUs without bf16 matrix units and makes
+CPU runs harder to compare with the float32 references, hence not the default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mm import distributed as dist_utils
+from mm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from mm.config import OptimConfig, TrainConfig
+
+log = logging.getLogger("mm.train")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Task:
+    """What a stage gives the loop. Subclasses fill in the methods; the loop never looks inside the model."""
+
+    name: str = "task"
+    model: nn.Module
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs handed to the optimizer; nothing else is updated."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint holds (by default the trainable parameters)."""
+        return {n: p.detach() for n, p in self.trainable_parameters()}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put checkpoint tensors back into the model."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if k not in params:
+                    raise KeyError(f"checkpoint tensor {k!r} is not a parameter of the {self.name} model")
+                params[k].copy_(v)
+
+    def batch_shape(self, step: int, tokens_seen: int) -> tuple[int, int]:
+        """(global batch size, sequence length) for this step (the batch / sequence-length ramp)."""
+        raise NotImplementedError
+
+    def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+        """The next global batch; the loop splits rows over processes and micro-steps."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss over the batch's loss tokens, number of loss tokens)."""
+        raise NotImplementedError
+
+    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Loss tokens in a batch (before the forward), used to normalise accumulation."""
+        return int((batch["labels"] != -100).sum())
+
+    def data_state(self) -> dict[str, Any]:
+        """JSON-serialisable data position."""
+        return {}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Continue the data stream from a saved position."""
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (0 = unknown, no MFU)."""
+        return 0.0
+
+    def on_step(self, step: int, tokens_seen: int) -> None:
+        """Hook called before each optimizer step (e.g. switch data mixture or RoPE scaling)."""
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics (e.g. perplexity)."""
+        return {}
+
+
+def lr_at(step: int, optim: OptimConfig, max_steps: int, anneal_steps: int = 0) -> float:
+    """Learning rate of optimizer step `step` (0-based): warmup, cosine to the floor, linear anneal to 0."""
+    peak, floor = optim.lr, optim.lr * optim.min_lr_ratio
+    warm = max(0, optim.warmup_steps)
+    decay_end = max(warm, max_steps - anneal_steps)
+    if step < warm:
+        return peak * (step + 1) / warm
+    if step < decay_end:
+        span = max(1, decay_end - warm)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / span))
+    start = floor if decay_end > warm else peak
+    return start * max(0.0, 1 - (step - decay_end + 1) / max(1, anneal_steps))
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> this process's CUDA device if there is one, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_utils.local_rank())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_context(setting: str, device: torch.device) -> Any:
+    """The autocast context for `train.autocast` (auto = bf16 on CUDA, none on CPU)."""
+    if setting == "auto":
+        setting = "bf16" if device.type == "cuda" else "none"
+    if setting == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if setting == "none":
+        return nullcontext()
+    raise ValueError(f"train.autocast={setting!r}; allowed: auto, bf16, none")
+
+
+_PEAK_CACHE: dict[tuple[str, str], float] = {}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """FLOP/s of a large square matmul on this device (the denominator of MFU)."""
+    key = (str(device), str(dtype))
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    _PEAK_CACHE[key] = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return _PEAK_CACHE[key]
+
+
+class MetricsWriter:
+    """`metrics.jsonl` (one record per optimizer step) and TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, out: Path, resume_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # drop records past the step we resume from (they will be recomputed)
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step + 1)
+        except Exception as e:  # TensorBoard is optional at run time; metrics.jsonl is not
+            log.warning("TensorBoard disabled: %s", e)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    """Runs a `Task` for `train.max_steps` optimizer steps, with checkpoints in `out/checkpoints`."""
+
+    def __init__(
+        self,
+        task: Task,
+        train: TrainConfig,
+        optim: OptimConfig,
+        out: str | Path,
+        *,
+        anneal_steps: int = 0,
+        polyak_k: int = 0,
+        config_record: dict[str, Any] | None = None,
+    ) -> None:
+        self.task, self.train, self.optim = task, train, optim
+        self.out = Path(out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.anneal_steps, self.polyak_k = anneal_steps, polyak_k
+        self.config_record = config_record or {}
+        self.device = next(task.model.parameters()).device
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.step, self.tokens_seen = 0, 0
+        self._stop_signal: int | None = None
+        if polyak_k > 0 and train.keep_last and train.keep_last < 1:
+            raise ValueError("train.keep_last must be >= 1")
+        self.params = task.trainable_parameters()
+        if not self.params:
+            raise ValueError(f"stage {task.name!r} has no trainable parameters")
+        trainable_ids = {id(p) for _, p in self.params}
+        for n, p in task.model.named_parameters():  # the optimizer sees only what the stage trains
+            p.requires_grad_(id(p) in trainable_ids)
+        decay = [p for n, p in self.params if p.dim() >= 2]
+        no_decay = [p for n, p in self.params if p.dim() < 2]
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=optim.lr,
+            betas=(optim.beta1, optim.beta2),
+            eps=optim.eps,
+            fused=fused or None,
+            foreach=None if fused else True,
+        )
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def polyak_steps(self) -> set[int]:
+        """Steps whose checkpoints make up the final Polyak average (evenly spaced in the anneal)."""
+        if self.polyak_k <= 0:
+            return set()
+        span = self.anneal_steps if self.anneal_steps > 0 else self.train.max_steps
+        start = self.train.max_steps - span
+        return {start + round(span * (i + 1) / self.polyak_k) for i in range(self.polyak_k)}
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (all ranks take part in gathering; rank 0 writes)."""
+        model_state = dist_utils.full_state(self.task)
+        optim_state = dist_utils.full_optimizer_state(self.task.model, self.optimizer)
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                model_state=model_state,
+                optimizer_state=optim_state,
+                trainer_state={
+                    "tokens_seen": self.tokens_seen,
+                    "data": self.task.data_state(),
+                    "stage": self.task.name,
+                    "config": self.config_record,
+                },
+                keep_last=self.train.keep_last,
+                protect=self.polyak_steps(),
+            )
+        dist_utils.barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint in `out/checkpoints`; False if there is none."""
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        ck = load_checkpoint(path)
+        dist_utils.load_full_state(self.task, ck["model"])
+        if ck["optimizer"] is not None:
+            dist_utils.load_full_optimizer_state(self.task.model, self.optimizer, ck["optimizer"])
+        self.step = int(ck["trainer"]["step"])
+        self.tokens_seen = int(ck["trainer"].get("tokens_seen", 0))
+        self.task.load_data_state(ck["trainer"].get("data", {}))
+        restore_rng(ck["rng"])
+        log.info("resumed from %s (step %d)", path, self.step)
+        return True
+
+    # ---- signals ------------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        print(f"\nmm: got signal {signum}; saving a checkpoint after this step", file=sys.stderr, flush=True)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """This process's rows of the global batch, split into micro-batches, moved to the device."""
+        rows = next(iter(batch.values())).shape[0]
+        if rows % self.world != 0:
+            raise ValueError(f"global batch {rows} is not divisible by the {self.world} processes")
+        per = rows // self.world
+        lo = self.rank * per
+        mine = {k: v[lo : lo + per] for k, v in batch.items()}
+        mb = self.train.micro_batch_size or per
+        out = []
+        for s in range(0, per, mb):
+            out.append({k: v[s : s + mb].to(self.device, non_blocking=True) for k, v in mine.items()})
+        return out
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to `max_steps`; returns a summary (final loss, steps, time, stop reason)."""
+        tr = self.train
+        if resume:
+            self.resume()
+        metrics = MetricsWriter(self.out, self.step, enabled=self.rank == 0)
+        ac = autocast_context(tr.autocast, self.device)
+        peak = tr.peak_flops or measure_peak_flops(self.device)
+        old_handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        bar = tqdm(
+            total=tr.max_steps,
+            initial=self.step,
+            desc=self.task.name,
+            file=sys.stderr,
+            disable=self.rank != 0,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        summary: dict[str, Any] = {"stopped": "max_steps"}
+        last_loss = float("nan")
+        t_start = time.perf_counter()
+        try:
+            while self.step < tr.max_steps:
+                t0 = time.perf_counter()
+                self.task.on_step(self.step, self.tokens_seen)
+                bsz, seq = self.task.batch_shape(self.step, self.tokens_seen)
+                batch = self.task.next_batch(bsz, seq)
+                micro = self._micro_batches(batch)
+                n_tok = dist_utils.all_reduce_sum(
+                    torch.tensor(
+                        float(sum(self.task.count_loss_tokens(m) for m in micro)), device=self.device
+                    )
+                )
+                if float(n_tok) == 0:
+                    raise ValueError(f"step {self.step + 1}: the batch has no loss tokens")
+                loss_sum = torch.zeros((), device=self.device)
+                self.task.model.train()
+                for i, mb in enumerate(micro):
+                    dist_utils.set_grad_sync(self.task.model, i == len(micro) - 1)
+                    with ac:
+                        ls, _ = self.task.loss(mb)
+                    # Gradients are averaged over processes, so scale by world size: sum / all loss tokens.
+                    (ls * self.world / n_tok).backward()
+                    loss_sum += ls.detach().float()
+                loss = float(dist_utils.all_reduce_sum(loss_sum) / n_tok)
+                if not math.isfinite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDiverged(
+                        f"loss is {loss} at step {self.step + 1}; stopping. The last good checkpoint is "
+                        f"{latest_checkpoint(self.ckpt_root) or 'none (no checkpoint was saved yet)'}"
+                    )
+                grad_norm = dist_utils.clip_grad_norm([p for _, p in self.params], self.optim.grad_clip)
+                lr = lr_at(self.step, self.optim, tr.max_steps, self.anneal_steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                step_tokens = bsz * seq
+                self.tokens_seen += step_tokens
+                dt = time.perf_counter() - t0
+                tps = step_tokens / dt
+                fpt = self.task.flops_per_token(seq)
+                rec = {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "tokens_per_s": tps,
+                    "tokens_seen": self.tokens_seen,
+                    "grad_norm": grad_norm,
+                    "batch_size": bsz,
+                    "seq_len": seq,
+                    "step_time_s": dt,
+                }
+                if fpt:
+                    rec["mfu"] = fpt * tps / (peak * self.world)
+                last_loss = loss
+                if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
+                    rec.update({f"eval/{k}": v for k, v in self.task.evaluate().items()})
+                if self.step % max(1, tr.log_every) == 0 or self.step == tr.max_steps:
+                    metrics.write(rec)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                bar.update(1)
+                stop = dist_utils.any_flag(self._stop_signal is not None, self.device)
+                if (
+                    (tr.save_every and self.step % tr.save_every == 0)
+                    or self.step == tr.max_steps
+                    or self.step in self.polyak_steps()
+                    or stop
+                ):
+                    self.save()
+                if stop:
+                    summary["stopped"] = f"signal {self._stop_signal}"
+                    break
+        finally:
+            bar.close()
+            metrics.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        summary.update(
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            final_loss=last_loss,
+            wall_time_s=time.perf_counter() - t_start,
+        )
+        return summary
+
+    def polyak_checkpoints(self) -> list[Path]:
+        """The checkpoints to average for the final model (those at `polyak_steps`)."""
+        want = self.polyak_steps()
+        return [p for p in list_checkpoints(self.ckpt_root) if int(p.name.split("_")[1]) in want]
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch (CPU and CUDA) for reproducible runs."""
+    torch.manual_seed(seed)
+
+
+__all__ = ["Task", "Trainer", "TrainingDiverged", "lr_at", "set_seed", "autocast_context"]
