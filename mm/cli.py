@@ -105,7 +105,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     _setup_logging()
     report = run_demo(Path(args.out), modality=args.modality)
-    print(json.dumps(report, indent=2))
+    lm = report["lm"]
+    print(f"lm-pretrain: {lm['params']:,} parameters, {lm['steps']} steps, {lm['wall_time_s']:.0f} s")
+    curve = " -> ".join(f"{c['heldout_ppl']:.3f}" for c in lm["heldout_ppl_curve"] if c["heldout_ppl"])
+    print(f"held-out perplexity: {curve}")
+    for completion in lm["completions"].values():
+        print(f"  greedy: {completion}")
+    print(f"report: {Path(args.out) / 'report.json'}")
     return 0
 
 

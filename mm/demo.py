@@ -129,5 +129,4 @@ def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
     report["lm"] = run_lm_stage(out, data_dir)
     report["wall_time_s"] = time.perf_counter() - t0
     write_json(report, out / "report.json")
-    print(f"report: {out / 'report.json'}", flush=True)
     return report

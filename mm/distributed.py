@@ -125,7 +125,13 @@ def full_state(task: Any) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in wanted.items()}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    # With cpu_offload, only rank 0 receives the gathered tensors (the others get an empty dict).
     full = get_model_state_dict(task.model, options=_options(cpu_offload=True))
+    if rank() != 0:
+        return {}
+    missing = sorted(set(wanted) - set(full))
+    if missing:
+        raise KeyError(f"gathered state lacks {missing[:5]}")
     return {k: full[k] for k in wanted}
 
 

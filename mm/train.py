@@ -223,7 +223,7 @@ class Trainer:
         if not self.params:
             raise ValueError(f"stage {task.name!r} has no trainable parameters")
         trainable_ids = {id(p) for _, p in self.params}
-        for n, p in task.model.named_parameters():  # the optimizer sees only what the stage trains
+        for p in task.model.parameters():  # the optimizer sees only what the stage trains
             p.requires_grad_(id(p) in trainable_ids)
         decay = [p for n, p in self.params if p.dim() >= 2]
         no_decay = [p for n, p in self.params if p.dim() < 2]

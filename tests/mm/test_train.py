@@ -1,0 +1,242 @@
+"""The one training loop: schedule, accumulation, only trainable parameters updated, checkpoints (atomic,
+resumable, full disk, NaN), Polyak averaging, the LM pretraining recipe (ramp, RoPE switch, anneal)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm.checkpoint import list_checkpoints, load_checkpoint, load_tensors, polyak_average
+from mm.config import (
+    ConfigError,
+    DataSourceConfig,
+    LMPretrainConfig,
+    OptimConfig,
+    RampStageConfig,
+    RopeScalingConfig,
+    load_config,
+)
+from mm.lm import load_hf
+from mm.pretrain_lm import run_pretrain_lm
+from mm.train import Task, Trainer, TrainingDiverged, lr_at
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_cfg(corpus, out, **train) -> LMPretrainConfig:
+    cfg = LMPretrainConfig()
+    cfg.model.preset = "nano"
+    cfg.tokenizer.path = str(corpus["tokenizer"])
+    cfg.data = [DataSourceConfig(paths=[str(corpus["train"])], name="shapes", doc_split="line")]
+    cfg.heldout = [DataSourceConfig(paths=[str(corpus["heldout"])], name="heldout", doc_split="line")]
+    cfg.optim = OptimConfig(lr=3e-3, warmup_steps=2)
+    cfg.train.batch_size, cfg.train.seq_len = 4, 32
+    cfg.train.max_steps, cfg.train.save_every, cfg.train.keep_last = 6, 3, 2
+    cfg.train.peak_flops = 1e9
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    cfg.out = str(out)
+    return cfg
+
+
+def losses(out) -> list[float]:
+    return [json.loads(x)["loss"] for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_cosine_floor_and_anneal():
+    o = OptimConfig(lr=1.0, min_lr_ratio=0.01, warmup_steps=10)
+    assert lr_at(0, o, 110) == pytest.approx(0.1)
+    assert lr_at(9, o, 110) == pytest.approx(1.0)
+    assert lr_at(60, o, 110) == pytest.approx(0.01 + 0.99 * 0.5)  # half way through the cosine
+    assert lr_at(109, o, 110) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    # With a 20-step anneal: cosine reaches the floor at step 90, then linear to 0 at the last step.
+    assert lr_at(89, o, 110, anneal_steps=20) > 0.01
+    assert lr_at(90, o, 110, anneal_steps=20) == pytest.approx(0.01 * (1 - 1 / 20))
+    assert lr_at(109, o, 110, anneal_steps=20) == 0.0
+
+
+def test_pretrain_writes_metrics_checkpoints_and_hf_export(corpus, tmp_path):
+    cfg = make_cfg(corpus, tmp_path / "run", max_steps=6)
+    summary = run_pretrain_lm(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    for key in ("loss", "lr", "tokens_per_s", "mfu", "grad_norm"):
+        assert all(math.isfinite(r[key]) for r in recs), key
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step_00000003",
+        "step_00000006",
+    ]
+    assert summary["heldout_ppl"] == pytest.approx(math.exp(summary["heldout_loss"]))
+    model = load_hf(tmp_path / "run" / "final")  # the final LM is an HF Llama directory
+    ck = load_tensors(tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors")
+    torch.testing.assert_close(model.tok_embeddings.weight, ck["tok_embeddings.weight"])
+
+
+def test_keep_last_k(corpus, tmp_path):
+    run_pretrain_lm(make_cfg(corpus, tmp_path, max_steps=8, save_every=1, keep_last=3))
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step_00000006",
+        "step_00000007",
+        "step_00000008",
+    ]
+
+
+def test_resume_continues_with_identical_losses(corpus, tmp_path):
+    full = run_pretrain_lm(make_cfg(corpus, tmp_path / "full", max_steps=8))
+    part = make_cfg(corpus, tmp_path / "part", max_steps=8)
+    part.train.max_steps = 3  # stop early, as if interrupted after the step-3 checkpoint
+    run_pretrain_lm(part)
+    resumed = run_pretrain_lm(make_cfg(corpus, tmp_path / "part", max_steps=8), resume=True)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    assert resumed["final_loss"] == full["final_loss"]
+
+
+def test_accumulation_is_normalised_by_loss_tokens(corpus, tmp_path):
+    run_pretrain_lm(make_cfg(corpus, tmp_path / "a", max_steps=4))
+    run_pretrain_lm(make_cfg(corpus, tmp_path / "b", max_steps=4, micro_batch_size=1))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")))
+
+
+def test_ramp_changes_shapes_and_switches_rope(corpus, tmp_path):
+    cfg = make_cfg(corpus, tmp_path, max_steps=6)
+    scaling = RopeScalingConfig(
+        factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=16
+    )
+    cfg.train.ramp = [
+        RampStageConfig(until_tokens=200, batch_size=4, seq_len=16),
+        RampStageConfig(until_tokens=0, batch_size=2, seq_len=64, rope_scaling=scaling),
+    ]
+    run_pretrain_lm(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["batch_size"], r["seq_len"]) for r in recs] == [(4, 16)] * 4 + [(2, 64)] * 2
+    model = load_hf(tmp_path / "final")
+    assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling.factor == 4.0
+
+
+def test_polyak_average_is_the_mean_of_the_named_checkpoints(corpus, tmp_path):
+    cfg = make_cfg(corpus, tmp_path, max_steps=8, save_every=100, keep_last=1)
+    cfg.anneal.steps, cfg.anneal.source, cfg.anneal.polyak_k = 4, "shapes", 2
+    summary = run_pretrain_lm(cfg)
+    assert summary["polyak_checkpoints"] == ["step_00000006", "step_00000008"]
+    a = load_tensors(tmp_path / "checkpoints" / "step_00000006" / "model.safetensors")
+    b = load_tensors(tmp_path / "checkpoints" / "step_00000008" / "model.safetensors")
+    final = load_hf(tmp_path / "final")
+    mean = (a["layers.0.attention.wq.weight"] + b["layers.0.attention.wq.weight"]) / 2
+    torch.testing.assert_close(final.layers[0].attention.wq.weight, mean)
+    avg = polyak_average(
+        [tmp_path / "checkpoints" / "step_00000006", tmp_path / "checkpoints" / "step_00000008"]
+    )
+    for k in a:
+        torch.testing.assert_close(avg[k], (a[k] + b[k]) / 2)
+    assert not torch.equal(a["norm.weight"], b["norm.weight"])
+
+
+class _TwoPart(Task):
+    """A toy stage: a frozen 'lm' and a trainable 'head'; loss can be forced to NaN."""
+
+    name = "toy"
+
+    def __init__(self, nan_at: int | None = None):
+        self.model = torch.nn.ModuleDict({"lm": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 1)})
+        self.nan_at, self.calls = nan_at, 0
+
+    def trainable_parameters(self):
+        return list(self.model["head"].named_parameters(prefix="head"))
+
+    def batch_shape(self, step, tokens_seen):
+        return 4, 1
+
+    def next_batch(self, batch_size, seq_len):
+        x = torch.randn(batch_size, 4)
+        return {"x": x, "labels": torch.zeros(batch_size, dtype=torch.long)}
+
+    def loss(self, batch):
+        self.calls += 1
+        out = self.model["head"](self.model["lm"](batch["x"])).pow(2).sum()
+        if self.nan_at is not None and self.calls >= self.nan_at:
+            out = out * float("nan")
+        return out, torch.tensor(batch["x"].shape[0])
+
+
+def test_only_trainable_parameters_reach_the_optimizer_and_change(tmp_path):
+    task = _TwoPart()
+    lm_before = {k: v.clone() for k, v in task.model["lm"].state_dict().items()}
+    head_before = task.model["head"].weight.clone()
+    tr = LMPretrainConfig().train
+    tr.max_steps, tr.save_every, tr.peak_flops = 3, 0, 1e9
+    trainer = Trainer(task, tr, OptimConfig(lr=0.1, warmup_steps=0), tmp_path)
+    opt_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert opt_ids == {id(p) for p in task.model["head"].parameters()}
+    assert not any(id(p) in opt_ids for p in task.model["lm"].parameters())
+    trainer.fit()
+    for k, v in task.model["lm"].state_dict().items():
+        assert torch.equal(v, lm_before[k])
+    assert not torch.equal(task.model["head"].weight, head_before)
+    ck = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert set(ck["model"]) == {"head.weight", "head.bias"}  # the checkpoint holds only what trains
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    task = _TwoPart(nan_at=5)
+    tr = LMPretrainConfig().train
+    tr.max_steps, tr.save_every, tr.peak_flops = 10, 2, 1e9
+    trainer = Trainer(task, tr, OptimConfig(lr=0.1, warmup_steps=0), tmp_path)
+    with pytest.raises(TrainingDiverged, match="at step 5.*step_00000004"):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")][-1] == "step_00000004"
+
+
+def test_full_disk_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    task = _TwoPart()
+    tr = LMPretrainConfig().train
+    tr.max_steps, tr.save_every, tr.peak_flops = 4, 2, 1e9
+    trainer = Trainer(task, tr, OptimConfig(lr=0.1, warmup_steps=0), tmp_path)
+    import mm.checkpoint as ckpt
+
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def failing(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the first checkpoint (model + rng files) succeeds, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", failing)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit()
+    names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert names == ["step_00000002"]  # no half-written folder left behind
+    ck = load_checkpoint(tmp_path / "checkpoints" / "step_00000002")
+    assert ck["trainer"]["step"] == 2
+
+
+def test_bad_inputs_are_named(corpus, tmp_path):
+    cfg = make_cfg(corpus, tmp_path)
+    cfg.data = [DataSourceConfig(paths=[str(tmp_path / "nope.txt")])]
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        run_pretrain_lm(cfg)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cfg.data = [DataSourceConfig(paths=[str(empty)])]
+    with pytest.raises(ValueError, match="empty.txt"):
+        run_pretrain_lm(cfg)
+    with pytest.raises(ConfigError, match=r"'train.max_stepz'.*allowed keys there: \[.*'max_steps'"):
+        load_config(LMPretrainConfig, ROOT / "configs" / "lm" / "tiny.yaml", ["train.max_stepz=3"])
+    with pytest.raises(ConfigError, match="'optim.lr'"):
+        load_config(LMPretrainConfig, None, ["optim.lr=fast"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'train.batch_sise'"):
+        load_config(LMPretrainConfig, bad)
+
+
+def test_presets_load():
+    for name in ("tiny", "llama3-8b"):
+        cfg = load_config(LMPretrainConfig, ROOT / "configs" / "lm" / f"{name}.yaml")
+        assert cfg.model.build().num_params() > 0
+    cfg = load_config(LMPretrainConfig, ROOT / "configs" / "lm" / "llama3-8b.yaml")
+    assert cfg.optim.lr == 3e-4 and cfg.train.ramp[0].seq_len == 4096 and cfg.train.ramp[1].seq_len == 8192
