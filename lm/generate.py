@@ -5,6 +5,7 @@ batched prompts of different lengths (left-padded; positions count real tokens o
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -52,8 +53,13 @@ def generate(
     *,
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> list[list[int]]:
-    """Generate up to `max_new_tokens` per prompt; returns the new tokens of each (stop token excluded)."""
+    """Generate up to `max_new_tokens` per prompt; returns the new tokens of each (stop token excluded).
+
+    `model_kwargs` go to every forward call unchanged (e.g. a composite model's precomputed media context).
+    """
+    extra = dict(model_kwargs or {})
     prompts = _as_prompts(input_ids)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -83,7 +89,7 @@ def generate(
     padded = not bool(mask.all())
 
     cache = KVCache.for_model(model, B, total)
-    logits = model(tokens, positions=positions, attention_mask=mask if padded else None, cache=cache)
+    logits = model(tokens, positions=positions, attention_mask=mask if padded else None, cache=cache, **extra)
     next_pos = positions[:, -1] + 1
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -99,6 +105,6 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        logits = model(nxt[:, None], positions=next_pos[:, None], cache=cache)
+        logits = model(nxt[:, None], positions=next_pos[:, None], cache=cache, **extra)
         next_pos = next_pos + 1
     return out

@@ -1,0 +1,117 @@
+"""Stage outputs of the multimodal stages: a folder holding only what trained plus the frozen LM's identity.
+
+    DIR/adapter.safetensors   every non-LM tensor (encoders, adapters); never an `lm.` tensor
+    DIR/mm_config.json        how to rebuild the model: LM location and fingerprint, encoder config,
+                              cross-attention placement, tokenizer, image transform, stage and its
+                              fingerprints at start and end
+
+`load_bundle` refuses an LM whose fingerprint differs from the recorded one; `verify_frozen` is the check
+behind `mm verify-frozen`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mm.checkpoint import load_tensors, save_tensors, write_json
+from mm.freeze import FrozenLMChanged, assert_no_lm_tensors, fingerprint
+from mm.lm import Tokenizer, load_hf
+
+CONFIG = "mm_config.json"
+WEIGHTS = "adapter.safetensors"
+
+
+def save_bundle(model: torch.nn.Module, out: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the adapter weights and `mm_config.json` (atomically: temporary names, then rename)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = model.adapter_state()
+    assert_no_lm_tensors(state, str(out / WEIGHTS))
+    tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
+    save_tensors(state, tmp)
+    os.replace(tmp, out / WEIGHTS)
+    write_json(meta, out / CONFIG)
+    return out
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The `mm_config.json` of a bundle folder, with a clear error when it is not one."""
+    path = Path(path)
+    cfg_file = path / CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not an mm stage checkpoint: {CONFIG} is missing")
+    return json.loads(cfg_file.read_text())
+
+
+def resolve_lm_path(bundle: Path, cfg: dict[str, Any]) -> Path:
+    """The LM directory a bundle names (relative paths are relative to the bundle)."""
+    p = Path(cfg["lm_path"])
+    return p if p.is_absolute() else (bundle / p).resolve()
+
+
+def load_lm_checked(bundle: Path, cfg: dict[str, Any]) -> torch.nn.Module:
+    """Load the bundle's LM and refuse it if its fingerprint differs from the recorded one."""
+    lm_path = resolve_lm_path(bundle, cfg)
+    lm = load_hf(lm_path)
+    fp = fingerprint(lm)
+    if fp != cfg["lm_fingerprint"]:
+        raise FrozenLMChanged(
+            f"the LM at {lm_path} has fingerprint {fp[:16]}..., but {bundle} was trained against "
+            f"{cfg['lm_fingerprint'][:16]}...; refusing to combine them"
+        )
+    return lm
+
+
+def load_adapter_weights(model: torch.nn.Module, bundle: Path) -> None:
+    """Load a bundle's adapter tensors into a composite model (LM tensors are refused)."""
+    tensors = load_tensors(Path(bundle) / WEIGHTS)
+    assert_no_lm_tensors(tensors, str(Path(bundle) / WEIGHTS))
+    own = model.adapter_state()
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise ValueError(f"{bundle / WEIGHTS}: tensors {unknown[:5]} do not belong to this model")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:
+            raise ValueError(
+                f"{bundle / WEIGHTS}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def verify_frozen(bundle: str | Path) -> tuple[bool, str]:
+    """Is the LM a bundle names bit-identical to the one it was trained against (and unchanged by the stage)?"""
+    bundle = Path(bundle)
+    cfg = read_config(bundle)
+    lm_path = resolve_lm_path(bundle, cfg)
+    fp = fingerprint(load_hf(lm_path))
+    start, end = cfg.get("lm_fingerprint_start"), cfg.get("lm_fingerprint_end")
+    problems = []
+    if fp != cfg["lm_fingerprint"]:
+        problems.append(
+            f"LM at {lm_path} now has fingerprint {fp[:16]}..., recorded {cfg['lm_fingerprint'][:16]}..."
+        )
+    if start is not None and end is not None and start != end:
+        problems.append(
+            f"the stage changed the LM: fingerprint {start[:16]}... at start, {end[:16]}... at end"
+        )
+    if problems:
+        return False, "; ".join(problems)
+    return True, f"LM at {lm_path} is untouched (sha256 {fp})"
+
+
+def load_tokenizer(bundle: Path, cfg: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a bundle names (defaults to the LM directory's)."""
+    p = Path(cfg.get("tokenizer") or cfg["lm_path"])
+    p = p if p.is_absolute() else (bundle / p).resolve()
+    return Tokenizer.from_file(p)
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a JSON-ready dict (tuples become lists)."""
+    return json.loads(json.dumps(asdict(obj)))

@@ -1,0 +1,215 @@
+"""`MultimodalLM`: the frozen LM composed with media encoders and gated cross-attention adapters
+(Llama 3 paper §7; torchtune's `DeepFusionModel` states in one line what trains).
+
+The LM's own layers run unchanged; before every k-th LM layer (k=4 by default: before layers 3, 7, 11, ...)
+a `CrossAttentionBlock` lets the text attend to the media tokens. With every gate at 0 the text logits equal
+the bare LM's exactly, with or without media. During generation the media's K/V for every cross-attention
+layer are computed once per prompt (`encode_media`) and passed to each step in a `MediaContext`, the media
+counterpart of the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mm.adapters import CrossAttentionBlock
+from mm.lm import KVCache, Transformer
+from mm.lm.config import LMConfig
+
+PARTS = ("lm", "image_encoder", "image_xattn")
+
+
+@dataclass
+class MediaContext:
+    """Per-prompt media state: K/V per cross-attention layer, and the mask row new tokens inherit."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    n_media_tokens: int  # M = images x tiles x tokens per tile
+    tokens_per_tile: int
+    last_mask: torch.Tensor | None = (
+        None  # (B, M): what the last prompt token sees; decoded tokens see it too
+    )
+    extra: dict = field(default_factory=dict)
+
+
+def xattn_layer_ids(n_layers: int, every: int) -> list[int]:
+    """LM layer indices preceded by a cross-attention block: every k-th layer (k-1, 2k-1, ...)."""
+    if every < 1 or every > n_layers:
+        raise ValueError(f"cross-attention interval every={every} must be in [1, n_layers={n_layers}]")
+    return [i for i in range(n_layers) if i % every == every - 1]
+
+
+def expand_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int) -> torch.Tensor:
+    """Mllama-format mask (B, T, N_img, max_tiles) -> per media token (B, T, N_img*max_tiles*P), bool."""
+    B, T = mask.shape[:2]
+    return mask.bool().repeat_interleave(tokens_per_tile, dim=3).reshape(B, T, -1)
+
+
+def _image_ranges(row: list[int], image_id: int) -> list[tuple[int, int]]:
+    """[start, end) of the text each image token's image is visible to: until the next image token (a run of
+    consecutive image tokens shares one range) or the end of the row."""
+    locs = [i for i, t in enumerate(row) if t == image_id]
+    ends = locs[1:] + [len(row)]
+    ranges = [[a, b] for a, b in zip(locs, ends, strict=True)]
+    last_end = ranges[-1][1] if ranges else 0
+    for r in reversed(ranges):
+        if r[0] == r[1] - 1:  # consecutive image tokens: extend to the end of the following range
+            r[1] = last_end
+        last_end = r[1]
+    return [(a, b) for a, b in ranges]
+
+
+def cross_attention_mask_from_tokens(
+    tokens: torch.Tensor, image_id: int, tile_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mllama-format mask (B, T, N_img, max_tiles) from token ids and the images' real tiles (B, N_img, max_tiles)."""
+    B, T = tokens.shape
+    n_img, max_tiles = tile_mask.shape[1:]
+    out = torch.zeros(B, T, n_img, max_tiles, dtype=torch.long, device=tokens.device)
+    for b, row in enumerate(tokens.tolist()):
+        for j, (start, end) in enumerate(_image_ranges(row, image_id)[:n_img]):
+            out[b, start:end, j] = tile_mask[b, j].long()
+    return out
+
+
+class MultimodalLM(nn.Module):
+    """Frozen LM + image encoder + gated cross-attention blocks; `trainable` names the parts that train."""
+
+    def __init__(
+        self,
+        lm: Transformer,
+        image_encoder: nn.Module | None = None,
+        *,
+        xattn_every: int = 4,
+        hf_row_compat: bool = False,
+        trainable: tuple[str, ...] = ("image_encoder", "image_xattn"),
+        image_token_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        if "lm" in trainable:
+            raise ValueError("the LM is never trainable in a multimodal stage (remove 'lm' from trainable)")
+        unknown = sorted(set(trainable) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown trainable parts {unknown}; allowed: {list(PARTS[1:])}")
+        self.lm = lm
+        self.image_encoder = image_encoder
+        self.image_token_id = image_token_id
+        c: LMConfig = lm.cfg
+        self.xattn_every = xattn_every
+        self.image_xattn = nn.ModuleDict(
+            {
+                str(i): CrossAttentionBlock(
+                    c.dim,
+                    c.n_heads,
+                    c.n_kv_heads,
+                    c.hd,
+                    c.hidden_dim,
+                    c.norm_eps,
+                    hf_row_compat=hf_row_compat,
+                )
+                for i in xattn_layer_ids(c.n_layers, xattn_every)
+            }
+        )
+        self.set_trainable(trainable)
+
+    @property
+    def cfg(self) -> LMConfig:
+        """The LM's config (so LM utilities such as `generate` and `KVCache.for_model` apply)."""
+        return self.lm.cfg
+
+    def set_trainable(self, trainable: tuple[str, ...]) -> None:
+        """requires_grad per part; the LM is always frozen."""
+        self.trainable = tuple(trainable)
+        for name in PARTS:
+            part = getattr(self, name)
+            if part is None:
+                continue
+            for p in part.parameters():
+                p.requires_grad_(name in self.trainable)
+        self.lm.eval()
+
+    def train(self, mode: bool = True) -> MultimodalLM:
+        """Train mode for the trainable parts; the frozen LM stays in eval mode."""
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the trainable parts only."""
+        return [(n, p) for n, p in self.named_parameters() if n.split(".")[0] in self.trainable]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every non-LM tensor (what an adapter checkpoint holds)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
+
+    # ---- media --------------------------------------------------------------------------------------
+    def encode_media(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> MediaContext:
+        """Run the image encoder once and compute each cross-attention layer's K/V."""
+        if self.image_encoder is None:
+            raise ValueError("this model has no image encoder")
+        media = self.image_encoder(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # (B, N, tiles*P, D)
+        B = media.shape[0]
+        media = media.reshape(B, -1, media.shape[-1])
+        kv = {int(i): blk.media_kv(media) for i, blk in self.image_xattn.items()}
+        return MediaContext(
+            kv=kv,
+            n_media_tokens=media.shape[1],
+            tokens_per_tile=self.image_encoder.tokens_per_tile,
+            extra={"tile_mask": aspect_ratio_mask},
+        )
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        media: MediaContext | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V). Media come as pixels (encoded here) or as a precomputed `MediaContext`."""
+        if media is None and pixel_values is not None:
+            media = self.encode_media(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        h = self.lm.embed(tokens)
+        B, T, _ = h.shape
+        ctx = self.lm.context(
+            B, T, device=h.device, positions=positions, attention_mask=attention_mask, cache=cache
+        )
+        xmask = None
+        if media is not None:
+            if cross_attention_mask is not None:
+                xmask = expand_cross_attention_mask(cross_attention_mask, media.tokens_per_tile)
+                if xmask.shape[-1] != media.n_media_tokens:
+                    raise ValueError(
+                        f"cross_attention_mask covers {xmask.shape[-1]} media tokens, the media have "
+                        f"{media.n_media_tokens}"
+                    )
+            elif media.last_mask is not None and cache is not None and cache.length > 0:
+                xmask = media.last_mask[:, None, :].expand(
+                    B, T, -1
+                )  # decoding: see what the prompt's end saw
+            elif self.image_token_id is not None:  # the paper's rule, from the image tokens in the text
+                cam = cross_attention_mask_from_tokens(tokens, self.image_token_id, media.extra["tile_mask"])
+                xmask = expand_cross_attention_mask(cam, media.tokens_per_tile)
+            else:
+                raise ValueError(
+                    "media given without a cross_attention_mask and no image_token_id to derive it"
+                )
+            media.last_mask = xmask[:, -1]
+        for i, layer in enumerate(self.lm.layers):
+            if xmask is not None and str(i) in self.image_xattn:
+                h = self.image_xattn[str(i)](h, media.kv[i], xmask)
+            h = layer(h, ctx)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm.head(h)
