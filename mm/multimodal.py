@@ -159,7 +159,7 @@ class MultimodalLM(nn.Module):
         return MediaContext(
             kv=kv,
             n_media_tokens=media.shape[1],
-            tokens_per_tile=self.image_encoder.tokens_per_tile,
+            tokens_per_tile=self.image_encoder.num_tokens_per_tile,
             extra={"tile_mask": aspect_ratio_mask},
         )
 

@@ -13,16 +13,16 @@ from mm.multimodal import MultimodalLM, xattn_layer_ids
 class PixelEncoder(nn.Module):
     """A minimal media encoder for composition tests: each tile -> P tokens from a linear map of pixels."""
 
-    tokens_per_tile = 3
+    num_tokens_per_tile = 3
 
     def __init__(self, dim: int, tile: int = 4):
         super().__init__()
-        self.proj = nn.Linear(3 * tile * tile, dim * self.tokens_per_tile)
+        self.proj = nn.Linear(3 * tile * tile, dim * self.num_tokens_per_tile)
 
     def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
         B, N, T = pixel_values.shape[:3]
         out = self.proj(pixel_values.flatten(3))  # (B, N, T, P*D)
-        return out.reshape(B, N, T * self.tokens_per_tile, -1)
+        return out.reshape(B, N, T * self.num_tokens_per_tile, -1)
 
 
 IMG = 500  # an id in the nano vocabulary used as the image token in these tests

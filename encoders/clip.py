@@ -1,0 +1,195 @@
+"""Contrastive (CLIP) pretraining of the image encoder with a small text tower.
+
+Llama 3 paper section 7.2.1: the image encoder is "contrastively pretrained on 2.5B image-text pairs"
+(`paper-notes.md` section 3). The objective is CLIP's (Radford et al. 2021): L2-normalised image and text
+embeddings, logits = scale * image @ text.T with a learnable temperature (init 1/0.07, scale clamped at
+100), symmetric cross-entropy over the batch (open_clip's `ClipLoss` is the reference).
+
+- `TextTower`: a small causal Llama-style Transformer (`mm.lm.Transformer` blocks: RMSNorm, RoPE, SwiGLU)
+  pooled at the last real token (the EOS of a right-padded caption), then a linear projection.
+- `CLIPModel`: `ImageEncoder` pre-projection features pooled over the real tiles' tokens (mean, or the class
+  token) -> linear projection; `forward` returns (image_emb, text_emb, scale) for `clip_loss`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.lm import LMConfig, Transformer
+
+from .image import ImageEncoder
+
+IMAGE_POOLS = ("mean", "cls")
+MAX_LOGIT_SCALE = 100.0
+
+
+def _right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Lengths (B,) of a right-padded mask (B, T) of 1s then 0s; anything else is an error."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask, positions[None, :] < lengths[:, None]) or int(lengths.min()) < 1:
+        raise ValueError(
+            "attention_mask must be right-padded (1s then 0s) with at least one real token per row"
+        )
+    return lengths
+
+
+class TextTower(nn.Module):
+    """Causal Transformer over token ids (B, T) -> text embedding (B, embed_dim), pooled at the last real token."""
+
+    def __init__(self, cfg: LMConfig, embed_dim: int) -> None:
+        super().__init__()
+        # The vocabulary head is never used; tying it to the embedding makes it cost no parameters.
+        self.cfg = dataclasses.replace(cfg, tie_embeddings=True)
+        self.embed_dim = embed_dim
+        self.transformer = Transformer(self.cfg)
+        self.proj = nn.Linear(cfg.dim, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=cfg.dim**-0.5)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), right-padded; attention_mask (B, T) 1 = real (None: all real) -> (B, embed_dim)."""
+        B, T = input_ids.shape
+        tf = self.transformer
+        h = tf.embed(input_ids)  # (B, T, D)
+        ctx = tf.context(B, T, device=h.device)  # plain causal: right padding never reaches real tokens
+        for layer in tf.layers:
+            h = layer(h, ctx)
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, device=h.device)
+        else:
+            last = _right_padded_lengths(attention_mask) - 1
+        pooled = tf.norm(h[torch.arange(B, device=h.device), last])  # (B, D)
+        return self.proj(pooled)
+
+
+class CLIPModel(nn.Module):
+    """Image encoder + text tower with a shared embedding space and a learnable temperature."""
+
+    def __init__(self, image_encoder: ImageEncoder, text_tower: TextTower, image_pool: str = "mean") -> None:
+        super().__init__()
+        if image_pool not in IMAGE_POOLS:
+            raise ValueError(f"image_pool={image_pool!r}; expected one of {IMAGE_POOLS}")
+        if image_pool == "cls" and not image_encoder.vit.has_class_token:
+            raise ValueError(
+                f"image_pool='cls' but timm model {image_encoder.cfg.timm_name!r} has no class token"
+            )
+        self.image_encoder = image_encoder
+        self.text_tower = text_tower
+        self.image_pool = image_pool
+        self.embed_dim = text_tower.embed_dim
+        self.image_proj = nn.Linear(image_encoder.features_dim, self.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=image_encoder.features_dim**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log of the inverse temperature
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped at 100 (CLIP's cap on the inverse temperature)."""
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Unit image embeddings (B, E) for one image per sample: (B, 3, S, S) or tiles (B, T, 3, S, S).
+
+        aspect_ratio_ids (B,) may be omitted for single tiles (id 1 = 1x1); aspect_ratio_mask (B, T)
+        defaults to all tiles real. Pooling averages only over real tiles.
+        """
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values[:, None]  # (B, 1, 3, S, S)
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                f"pixel_values must be (B, 3, S, S) or (B, T, 3, S, S), got {tuple(pixel_values.shape)}"
+            )
+        B, T = pixel_values.shape[:2]
+        device = pixel_values.device
+        if aspect_ratio_ids is None:
+            if T != 1:
+                raise ValueError(f"aspect_ratio_ids are needed for {T} tiles per image")
+            aspect_ratio_ids = torch.ones(B, dtype=torch.long, device=device)
+        if aspect_ratio_mask is None:
+            aspect_ratio_mask = torch.ones(B, T, dtype=torch.long, device=device)
+        feats = self.image_encoder.forward_features(
+            pixel_values[:, None], aspect_ratio_ids[:, None], aspect_ratio_mask[:, None]
+        )[:, 0]  # (B, T, n, F)
+        per_tile = feats.mean(2) if self.image_pool == "mean" else feats[:, :, 0]  # (B, T, F)
+        w = aspect_ratio_mask.to(feats.dtype)[..., None]  # (B, T, 1)
+        pooled = (per_tile * w).sum(1) / w.sum(1).clamp(min=1)  # (B, F)
+        return F.normalize(self.image_proj(pooled), dim=-1)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unit text embeddings (B, E) for right-padded token ids (B, T)."""
+        return F.normalize(self.text_tower(input_ids, attention_mask), dim=-1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image_emb (B, E), text_emb (B, E), scale ()) ready for `clip_loss`."""
+        image_emb = self.encode_image(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        text_emb = self.encode_text(input_ids, attention_mask)
+        return image_emb, text_emb, self.scale()
+
+
+def clip_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """Symmetric cross-entropy of scale * img @ txt.T with pairs on the diagonal (inputs L2-normalised here).
+
+    `logit_scale` is the multiplier itself (CLIPModel.scale(), i.e. exp of the parameter), not its log.
+    """
+    image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    logits = logit_scale * image_emb @ text_emb.T  # (B, B): row i = image i against every text
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _same_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, B) bool: captions i and j are the same token sequence (padding ignored)."""
+    ids = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), -1)
+    return (ids[:, None, :] == ids[None, :, :]).all(-1)
+
+
+@torch.no_grad()
+def zero_shot_retrieval_accuracy(
+    model: CLIPModel,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    *,
+    aspect_ratio_ids: torch.Tensor | None = None,
+    aspect_ratio_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Top-1 retrieval accuracy within the given pairs (image i belongs with text i).
+
+    images -> texts: image i is right if its most similar text is text i or an identical caption;
+    texts -> images: text j is right if its most similar image's caption equals text j. (Identical captions,
+    frequent in a small synthetic world, would otherwise make a perfect model look wrong.)
+    Returns {"image_to_text": float, "text_to_image": float}; the model is run in eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        image_emb = model.encode_image(images, aspect_ratio_ids, aspect_ratio_mask)  # (B, E)
+        text_emb = model.encode_text(texts, attention_mask)  # (B, E)
+    finally:
+        model.train(was_training)
+    sim = image_emb @ text_emb.T  # (B, B)
+    same = _same_caption(texts, attention_mask).to(sim.device)  # (B, B)
+    idx = torch.arange(sim.shape[0], device=sim.device)
+    i2t = same[idx, sim.argmax(1)].float().mean()
+    t2i = same[sim.argmax(0), idx].float().mean()
+    return {"image_to_text": float(i2t), "text_to_image": float(t2i)}

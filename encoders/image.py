@@ -1,0 +1,481 @@
+"""The image encoder of the Llama 3 image adapter (Llama 3 paper section 7.2; `paper-notes.md` section 3).
+
+A timm VisionTransformer (`self.vit`, so timm weight files load into it unchanged) wrapped with the tiling
+machinery of Llama 3.2 Vision. The data flow mirrors transformers' `MllamaVisionModel`, step by step:
+
+    pixels (B, N, T, 3, S, S)          B samples, N images each, T <= max_tiles tiles of S x S pixels
+    -> vit.patch_embed                 (B*N, T, P, D)
+    -> + tanh(g_pre) * pre-tile aspect-ratio embedding       (patch tokens only, as Mllama)
+    -> prefix tokens (class token, registers) ++ patches     (B*N, T, n, D), n = num_tokens_per_tile
+    -> + (1 - tanh(g_pos)) * vit.pos_embed + tanh(g_pos) * tile position embedding[aspect_ratio_id]
+    -> vit.norm_pre (Mllama's layernorm_pre) -> zero-pad every tile to a multiple of 8 tokens
+    -> vit.blocks over all tiles of an image as ONE sequence (local encoder), with the padding mask
+    -> vit.norm (Mllama's layernorm_post) -> + tanh(g_post) * post-tile aspect-ratio embedding
+    -> gated global layers: h = x + tanh(g_attn) attn(norm(x)); h = h + tanh(g_ffn) mlp(norm(h))
+    -> drop the padding tokens -> features = [final | chosen local blocks' outputs]  (B, N, T, n, (1+K) D)
+    -> project (Linear with bias) to the LM width -> (B, N, T * n, out_dim)
+
+Conventions (identical to Mllama, so its weights and its projector load without permutation):
+- `intermediate_layers = (i, ...)`: i is the 0-based index of a local block and the feature is that block's
+  output (before `vit.norm`). This is Mllama's `intermediate_layers_indices` indexing into its encoder's
+  `hidden_states` tuple (which holds no embedding-layer entry) and timm's `forward_intermediates(indices=[i])`.
+  The paper's "layers 4, 8, 16, 24, 31" of 32 are indices (3, 7, 15, 23, 30).
+- Feature layout: channels [0, D) are the final output; the K intermediates follow interleaved per channel,
+  channel c of intermediate k at D + c * K + k (Mllama's `torch.stack(..., dim=-1)`); `split_features` undoes it.
+- `aspect_ratio_ids`: 1-based index into the supported aspect ratios, 0 = no image (padding).
+- `aspect_ratio_mask` (B, N, T): 1 for real tiles, 0 for padding tiles.
+
+Attention mask (`mask_mode`):
+- "strict" (default): every query attends only to real tokens (real tiles, not the pad-to-8 tokens), so
+  padding never changes real tiles' features; with one real tile the local encoder equals timm's forward.
+- "mllama": Meta's and transformers' mask, `pad_q * pad_k * finfo.min`, which hides only padding->padding
+  pairs; real tokens DO attend to padding tiles and pad-to-8 tokens. Needed for parity with released
+  Llama 3.2 Vision weights (`config_from_mllama` selects it).
+
+This module knows nothing of checkpoint formats beyond loading a timm weights file; the mapping from
+transformers' Mllama names lives in `load_mllama_vision_state_dict` at the end of this file.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.layers import LayerNorm
+from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
+from torch import nn
+
+MASK_MODES = ("strict", "mllama")
+
+
+@dataclass
+class ImageEncoderConfig:
+    """Shape of the image encoder; `None` overrides keep the timm model's own default."""
+
+    timm_name: str = "vit_tiny_patch16_224"  # any timm VisionTransformer
+    tile_size: int = 224
+    patch_size: int = 16
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    qkv_bias: bool | None = None  # Mllama: False
+    proj_bias: bool | None = None  # attention/MLP output biases; Mllama has none on the attention output
+    pre_norm: bool | None = None  # LayerNorm before the blocks (timm `norm_pre`, no patch bias); Mllama: True
+    norm_eps: float | None = None  # LayerNorm eps of every timm norm; timm: 1e-6, Mllama: 1e-5
+    weights: str | None = None  # timm weights file for `vit` (.safetensors, or a torch file)
+    intermediate_layers: tuple[int, ...] = ()  # 0-based local block indices; paper: (3, 7, 15, 23, 30)
+    n_global_layers: int = 0  # paper: 8
+    max_tiles: int = 4
+    max_aspect_ratio_id: int = 8  # number of supported aspect ratios (ids 1..8; 0 = padding)
+    out_dim: int = 4096  # LM width
+    mask_mode: str = "strict"  # "strict" or "mllama" (see module docstring)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # further create_model kwargs
+
+    def __post_init__(self) -> None:
+        self.intermediate_layers = tuple(int(i) for i in self.intermediate_layers)
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"ImageEncoderConfig.mask_mode={self.mask_mode!r}; expected one of {MASK_MODES}")
+        if self.tile_size % self.patch_size != 0:
+            raise ValueError(
+                f"ImageEncoderConfig.tile_size={self.tile_size} must be a multiple of patch_size={self.patch_size}"
+            )
+        for name in ("max_tiles", "max_aspect_ratio_id", "out_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ImageEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_global_layers < 0:
+            raise ValueError(f"ImageEncoderConfig.n_global_layers must be >= 0, got {self.n_global_layers}")
+
+
+class AspectRatioEmbedding(nn.Module):
+    """Gated per-tile embedding chosen by aspect-ratio id: x (BN, T, L, D) + tanh(gate) * E[id] (BN, T, 1, D)."""
+
+    def __init__(self, max_aspect_ratio_id: int, max_tiles: int, dim: int) -> None:
+        super().__init__()
+        self.max_tiles, self.dim = max_tiles, dim
+        self.embedding = nn.Embedding(max_aspect_ratio_id + 1, max_tiles * dim)
+        self.gate = nn.Parameter(torch.zeros(1))
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """x (BN, T, L, D), ids (BN,) -> (BN, T, L, D)."""
+        T = x.shape[1]
+        emb = self.embedding(aspect_ratio_ids).view(-1, self.max_tiles, 1, self.dim)[:, :T]
+        return x + emb * self.gate.tanh()
+
+
+class GatedBlock(nn.Module):
+    """A timm `Block` whose attention and MLP outputs are scaled by tanh(gate): the paper's global layers.
+
+    h = x + tanh(g_attn) * attn(norm1(x)); out = h + tanh(g_ffn) * mlp(norm2(h)). Gates start at 0 (identity).
+    """
+
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        if not isinstance(block, Block):
+            raise TypeError(
+                f"gated global layers need timm's vision_transformer.Block, got {type(block).__name__}"
+            )
+        self.block = block
+        self.gate_attn = nn.Parameter(torch.zeros(1))
+        self.gate_ffn = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D)."""
+        b = self.block
+        h = x + self.gate_attn.tanh() * b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=attn_mask)))
+        return h + self.gate_ffn.tanh() * b.drop_path2(b.ls2(b.mlp(b.norm2(h))))
+
+
+def create_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
+    """The timm VisionTransformer of `cfg` (random init, no classifier head, no pooling)."""
+    overrides = {
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio,
+        "qkv_bias": cfg.qkv_bias,
+        "proj_bias": cfg.proj_bias,
+        "pre_norm": cfg.pre_norm,
+        "norm_layer": None if cfg.norm_eps is None else partial(LayerNorm, eps=cfg.norm_eps),
+    }
+    kwargs = {k: v for k, v in overrides.items() if v is not None} | dict(cfg.timm_kwargs)
+    vit = timm.create_model(
+        cfg.timm_name,
+        pretrained=False,
+        img_size=cfg.tile_size,
+        patch_size=cfg.patch_size,
+        num_classes=0,
+        global_pool="",
+        **kwargs,
+    )
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"timm model {cfg.timm_name!r} is a {type(vit).__name__}, not a VisionTransformer")
+    if vit.dynamic_img_size or not isinstance(vit.patch_drop, nn.Identity):
+        raise ValueError(
+            f"timm model {cfg.timm_name!r}: dynamic_img_size and patch dropout are not supported"
+        )
+    return vit
+
+
+class ImageEncoder(nn.Module):
+    """Tiled ViT image encoder with multi-layer features and gated global layers (see module docstring).
+
+    forward: pixel_values (B, N, T, 3, S, S), aspect_ratio_ids (B, N), aspect_ratio_mask (B, N, T)
+             -> (B, N, T * num_tokens_per_tile, out_dim). T may be below max_tiles (the trailing tiles'
+             embeddings are then unused); Mllama always passes T = max_tiles.
+    """
+
+    def __init__(self, cfg: ImageEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vit = create_vit(cfg)
+        D, depth = self.vit.embed_dim, len(self.vit.blocks)
+        bad = [i for i in cfg.intermediate_layers if not 0 <= i < depth]
+        if bad:
+            raise ValueError(
+                f"ImageEncoderConfig.intermediate_layers {bad} out of range: the ViT has blocks 0..{depth - 1}"
+            )
+        n_tok = self.num_tokens_per_tile
+        self.pre_tile = AspectRatioEmbedding(cfg.max_aspect_ratio_id, cfg.max_tiles, D)
+        self.pos_gate = nn.Parameter(torch.zeros(1))
+        self.tile_pos_embed = nn.Embedding(cfg.max_aspect_ratio_id + 1, cfg.max_tiles * n_tok * D)
+        nn.init.normal_(self.tile_pos_embed.weight, std=0.02)
+        self.post_tile = AspectRatioEmbedding(cfg.max_aspect_ratio_id, cfg.max_tiles, D)
+        self.global_layers = nn.ModuleList(
+            GatedBlock(self._fresh_block()) for _ in range(cfg.n_global_layers)
+        )
+        self.project = nn.Linear(self.features_dim, cfg.out_dim, bias=True)
+        if cfg.weights is not None:
+            load_timm_weights(self.vit, cfg.weights)
+
+    def _fresh_block(self) -> Block:
+        """A newly initialised block built exactly like the ViT's own (same norm, act, biases, width)."""
+        block = copy.deepcopy(self.vit.blocks[0])
+        for m in block.modules():
+            init_weights_vit_timm(m)
+        return block
+
+    @property
+    def width(self) -> int:
+        """Token width D of the ViT."""
+        return self.vit.embed_dim
+
+    @property
+    def num_tokens_per_tile(self) -> int:
+        """Tokens per tile in the output: patches plus prefix tokens (class token, registers)."""
+        return self.vit.patch_embed.num_patches + self.vit.num_prefix_tokens
+
+    @property
+    def features_dim(self) -> int:
+        """Width of the pre-projection features: (1 + len(intermediate_layers)) * D."""
+        return (1 + len(self.cfg.intermediate_layers)) * self.width
+
+    # ---- pieces -------------------------------------------------------------------------------------
+    def _add_positions(self, x: torch.Tensor, aspect_ratio_ids: torch.Tensor, T: int) -> torch.Tensor:
+        """Patch tokens (BN*T, P, D) -> prefix ++ patches with gated position + tile embeddings (BN, T, n, D)."""
+        vit = self.vit
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        pos = None if vit.pos_embed is None else (1 - self.pos_gate.tanh()) * vit.pos_embed
+        if pos is not None and vit.no_embed_class:
+            x = x + pos
+        x = torch.cat([*prefix, x], dim=1)
+        if pos is not None and not vit.no_embed_class:
+            x = x + pos
+        n_tok, D = x.shape[1:]
+        x = x.view(-1, T, n_tok, D)
+        tile = self.tile_pos_embed(aspect_ratio_ids).view(-1, self.cfg.max_tiles, n_tok, D)[:, :T]
+        x = x + self.pos_gate.tanh() * tile
+        return vit.pos_drop(x)
+
+    def attention_mask(
+        self, aspect_ratio_mask: torch.Tensor, n_tok: int, L: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Additive mask for tiles padded to L tokens: (BN, T) -> (BN, 1, 1, T*L) strict or (BN, 1, T*L, T*L)."""
+        BN, T = aspect_ratio_mask.shape
+        real = aspect_ratio_mask.bool()[:, :, None].expand(BN, T, L).clone()
+        real[:, :, n_tok:] = False  # the pad-to-8 tokens of every tile
+        real = real.reshape(BN, T * L)
+        neg = torch.finfo(dtype).min
+        if self.cfg.mask_mode == "strict":
+            hidden = ~real[:, None, None, :]  # no query sees a padding key
+        else:
+            pad = ~real  # Mllama: only padding queries x padding keys are hidden
+            hidden = (pad[:, :, None] & pad[:, None, :]).unsqueeze(1)
+        return torch.zeros(hidden.shape, dtype=dtype, device=real.device).masked_fill(hidden, neg)
+
+    def encode(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final output (B, N, T, n, D) and the chosen local blocks' outputs, each (B, N, T, n, D)."""
+        if pixel_values.ndim != 6:
+            raise ValueError(
+                f"pixel_values must be (B, N, T, C, S, S), got shape {tuple(pixel_values.shape)}"
+            )
+        B, N, T, C, H, W = pixel_values.shape
+        S = self.cfg.tile_size
+        if (H, W) != (S, S) or T > self.cfg.max_tiles:
+            raise ValueError(
+                f"pixel_values {tuple(pixel_values.shape)}: expected tiles of {S}x{S} and at most "
+                f"max_tiles={self.cfg.max_tiles} tiles"
+            )
+        if tuple(aspect_ratio_ids.shape) != (B, N) or tuple(aspect_ratio_mask.shape) != (B, N, T):
+            raise ValueError(
+                f"aspect_ratio_ids {tuple(aspect_ratio_ids.shape)} / aspect_ratio_mask "
+                f"{tuple(aspect_ratio_mask.shape)} must be {(B, N)} / {(B, N, T)}"
+            )
+        BN, vit = B * N, self.vit
+        ids = aspect_ratio_ids.reshape(BN)
+
+        x = vit.patch_embed(pixel_values.reshape(BN * T, C, H, W))  # (BN*T, P, D)
+        P, D = x.shape[1:]
+        x = self.pre_tile(x.view(BN, T, P, D), ids)  # (BN, T, P, D)
+        x = self._add_positions(x.view(BN * T, P, D), ids, T)  # (BN, T, n, D)
+        x = vit.norm_pre(x)
+        n_tok = x.shape[2]
+        L = n_tok + (-n_tok) % 8  # Mllama pads every tile to a multiple of 8 tokens
+        x = F.pad(x, (0, 0, 0, L - n_tok))  # (BN, T, L, D)
+        mask = self.attention_mask(aspect_ratio_mask.reshape(BN, T), n_tok, L, x.dtype)
+
+        x = x.reshape(BN, T * L, D)
+        kept: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(vit.blocks):
+            x = blk(x, attn_mask=mask)  # (BN, T*L, D)
+            if i in self.cfg.intermediate_layers:
+                kept[i] = x
+        x = vit.norm(x)
+        x = self.post_tile(x.view(BN, T, L, D), ids).view(BN, T * L, D)
+        for layer in self.global_layers:
+            x = layer(x, attn_mask=mask)
+
+        def unpad(h: torch.Tensor) -> torch.Tensor:
+            return h.view(B, N, T, L, D)[:, :, :, :n_tok]
+
+        return unpad(x), [unpad(kept[i]) for i in self.cfg.intermediate_layers]
+
+    def forward_features(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Pre-projection features (B, N, T, n, (1 + K) * D) in Mllama's layout (see `split_features`)."""
+        final, inters = self.encode(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        if not inters:
+            return final
+        return torch.cat([final, torch.stack(inters, dim=-1).flatten(-2)], dim=-1)
+
+    def split_features(self, features: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Inverse of the concatenation: features (..., (1 + K) * D) -> final (..., D), K x (..., D)."""
+        D, K = self.width, len(self.cfg.intermediate_layers)
+        inters = features[..., D:].unflatten(-1, (D, K))
+        return features[..., :D], [inters[..., k] for k in range(K)]
+
+    def forward(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Image tokens in the LM width: (B, N, T, 3, S, S) -> (B, N, T * num_tokens_per_tile, out_dim)."""
+        feats = self.forward_features(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        B, N, T, n, _ = feats.shape
+        return self.project(feats).view(B, N, T * n, -1)
+
+
+# ---- weights ----------------------------------------------------------------------------------------
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch file (loaded with weights_only=True, never plain pickle)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):  # timm's training checkpoints wrap the weights
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
+    return sd
+
+
+def _check_and_load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict) after naming every unexpected, missing or mis-shaped key."""
+    expected = module.state_dict()
+    errors = [f"unexpected key {k!r} (shape {tuple(sd[k].shape)})" for k in sorted(set(sd) - set(expected))]
+    errors += [
+        f"missing key {k!r} (expected shape {tuple(expected[k].shape)})"
+        for k in sorted(set(expected) - set(sd))
+    ]
+    errors += [
+        f"key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(expected[k].shape)}"
+        for k in sorted(set(sd) & set(expected))
+        if sd[k].shape != expected[k].shape
+    ]
+    if errors:
+        raise ValueError(f"{source} does not fit {type(module).__name__}: " + "; ".join(errors))
+    module.load_state_dict(sd, strict=True)
+
+
+def load_timm_weights(vit: nn.Module, path: str | Path) -> None:
+    """Load a timm ViT weights file into `vit`; a classifier head (`head.*`) in the file is ignored."""
+    path = Path(path)
+    sd = {k: v for k, v in _read_tensors(path).items() if not k.startswith("head.")}
+    _check_and_load(vit, sd, str(path))
+
+
+# ---- transformers' Mllama -----------------------------------------------------------------------------
+def config_from_mllama(
+    vision_config: Any, out_dim: int, timm_name: str = "vit_huge_patch14_224"
+) -> ImageEncoderConfig:
+    """ImageEncoderConfig equal in function to a transformers `MllamaVisionConfig` (mask_mode "mllama")."""
+    c = vision_config
+    if c.hidden_act != "gelu":
+        raise ValueError(
+            f"MllamaVisionConfig.hidden_act={c.hidden_act!r}; only 'gelu' (erf, timm's nn.GELU) maps"
+        )
+    if c.norm_eps != 1e-5:
+        raise ValueError(
+            f"MllamaVisionConfig.norm_eps={c.norm_eps}; its layernorm_pre/post use 1e-5, so must 1e-5"
+        )
+    if not isinstance(c.image_size, int) or not isinstance(c.patch_size, int):
+        raise ValueError(f"square tiles only: image_size={c.image_size}, patch_size={c.patch_size}")
+    if c.num_channels != 3:
+        raise ValueError(f"MllamaVisionConfig.num_channels={c.num_channels}; only 3 is supported")
+    mlp_ratio = c.intermediate_size / c.hidden_size
+    if int(c.hidden_size * mlp_ratio) != c.intermediate_size:
+        raise ValueError(
+            f"intermediate_size={c.intermediate_size} is not reachable as int(hidden_size * ratio)"
+        )
+    return ImageEncoderConfig(
+        timm_name=timm_name,
+        tile_size=c.image_size,
+        patch_size=c.patch_size,
+        embed_dim=c.hidden_size,
+        depth=c.num_hidden_layers,
+        num_heads=c.attention_heads,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=False,
+        proj_bias=True,  # the MLP has biases; the attention output bias is loaded as zeros
+        pre_norm=True,
+        norm_eps=1e-5,
+        intermediate_layers=tuple(c.intermediate_layers_indices),
+        n_global_layers=c.num_global_layers,
+        max_tiles=c.max_num_tiles,
+        max_aspect_ratio_id=len(c.supported_aspect_ratios),
+        out_dim=out_dim,
+        mask_mode="mllama",
+    )
+
+
+def load_mllama_vision_state_dict(
+    encoder: ImageEncoder,
+    vision_state_dict: Mapping[str, torch.Tensor],
+    projector_state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Copy transformers' `MllamaVisionModel` weights (its own key names, no prefix) into `encoder`.
+
+    `projector_state_dict` ({"weight", "bias"} of MllamaModel's `multi_modal_projector`) goes to
+    `encoder.project`; without it `project` is left as it is. Our biases that Mllama lacks (attention output
+    projection, and qkv/patch-embedding if the encoder has them) are set to zero. Any Mllama key left unused,
+    or any other of our keys left unfilled, is an error naming it.
+    """
+    hf = dict(vision_state_dict)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(hf_key: str, ours: str, shape: tuple[int, ...] | None = None) -> None:
+        if hf_key not in hf:
+            raise KeyError(f"Mllama vision state dict has no {hf_key!r}")
+        t = hf.pop(hf_key)
+        out[ours] = t.reshape(shape) if shape is not None else t
+
+    D = encoder.width
+    take("patch_embedding.weight", "vit.patch_embed.proj.weight")
+    take("class_embedding", "vit.cls_token", (1, 1, D))
+    take("gated_positional_embedding.embedding", "vit.pos_embed", (1, -1, D))
+    take("gated_positional_embedding.gate", "pos_gate")
+    take("gated_positional_embedding.tile_embedding.weight", "tile_pos_embed.weight")
+    for which in ("pre_tile", "post_tile"):
+        take(f"{which}_positional_embedding.embedding.weight", f"{which}.embedding.weight")
+        take(f"{which}_positional_embedding.gate", f"{which}.gate")
+    for part in ("weight", "bias"):
+        take(f"layernorm_pre.{part}", f"vit.norm_pre.{part}")
+        take(f"layernorm_post.{part}", f"vit.norm.{part}")
+    stacks = [
+        ("transformer", "vit.blocks", len(encoder.vit.blocks), ""),
+        ("global_transformer", "global_layers", len(encoder.global_layers), "block."),
+    ]
+    for hf_stack, ours, n, inner in stacks:
+        for i in range(n):
+            h, o = f"{hf_stack}.layers.{i}.", f"{ours}.{i}.{inner}"
+            qkv = [hf.pop(f"{h}self_attn.{p}_proj.weight", None) for p in "qkv"]
+            if any(t is None for t in qkv):
+                raise KeyError(f"Mllama vision state dict lacks {h}self_attn.{{q,k,v}}_proj.weight")
+            out[f"{o}attn.qkv.weight"] = torch.cat(qkv, dim=0)  # timm's fused (3 * D, D), q then k then v
+            take(f"{h}self_attn.o_proj.weight", f"{o}attn.proj.weight")
+            for part in ("weight", "bias"):
+                take(f"{h}mlp.fc1.{part}", f"{o}mlp.fc1.{part}")
+                take(f"{h}mlp.fc2.{part}", f"{o}mlp.fc2.{part}")
+                take(f"{h}input_layernorm.{part}", f"{o}norm1.{part}")
+                take(f"{h}post_attention_layernorm.{part}", f"{o}norm2.{part}")
+            if hf_stack == "global_transformer":
+                take(f"{h}gate_attn", f"global_layers.{i}.gate_attn")
+                take(f"{h}gate_ffn", f"global_layers.{i}.gate_ffn")
+    current = encoder.state_dict()
+    proj = {"weight": current["project.weight"], "bias": current["project.bias"]}
+    if projector_state_dict is not None:
+        if set(projector_state_dict) != {"weight", "bias"}:
+            raise ValueError(
+                f"projector state dict must hold 'weight' and 'bias', got {sorted(projector_state_dict)}"
+            )
+        proj = dict(projector_state_dict)
+    out["project.weight"], out["project.bias"] = proj["weight"], proj["bias"]
+    if hf:
+        raise ValueError(f"Mllama vision keys with no place in ImageEncoder: {sorted(hf)}")
+    zero_ok = (".attn.proj.bias", ".attn.qkv.bias", "patch_embed.proj.bias")
+    for k, v in current.items():
+        if k not in out and k.endswith(zero_ok):
+            out[k] = torch.zeros_like(v)
+    _check_and_load(encoder, out, "Mllama vision state dict")

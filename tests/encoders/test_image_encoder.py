@@ -1,0 +1,217 @@
+"""ImageEncoder: parity with timm's own forward, timm weight files, tile masking, gated global layers and
+exact parity with transformers' `MllamaVisionModel` (weights mapped by `load_mllama_vision_state_dict`)."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from mm.encoders.image import (
+    GatedBlock,
+    ImageEncoder,
+    ImageEncoderConfig,
+    config_from_mllama,
+    load_mllama_vision_state_dict,
+)
+
+TINY = dict(tile_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, max_tiles=4, out_dim=16)
+N_TOK = (32 // 8) ** 2 + 1  # 16 patches + class token
+
+
+def tiny_encoder(**kw) -> ImageEncoder:
+    return ImageEncoder(
+        ImageEncoderConfig(**{**TINY, "intermediate_layers": (1, 2), "n_global_layers": 2, **kw})
+    ).eval()
+
+
+def timm_tiny() -> torch.nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=4,
+        num_heads=2, num_classes=0, global_pool="",
+    ).eval()  # fmt: skip
+
+
+def single_tile(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, 3, S, S) -> encoder inputs with one image of one tile per sample (aspect ratio id 1 = 1x1)."""
+    B = x.shape[0]
+    return x[:, None, None], torch.ones(B, 1, dtype=torch.long), torch.ones(B, 1, 1)
+
+
+@torch.no_grad()
+def test_features_equal_timm_forward_intermediates_with_gates_at_zero():
+    enc = tiny_encoder(intermediate_layers=(2, 0, 3))  # any order; the features follow it
+    for emb in (enc.pre_tile.embedding, enc.post_tile.embedding, enc.tile_pos_embed):
+        emb.weight.normal_(std=3.0)  # large tile embeddings: only the zero gates may hide them
+    x = torch.randn(3, 3, 32, 32)
+    ref = enc.vit.forward_intermediates(
+        x, indices=[0, 2, 3], norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+    )
+    ref = {
+        i: torch.cat([prefix, patches], dim=1) for i, (patches, prefix) in zip([0, 2, 3], ref)
+    }  # (B, n, D)
+
+    for max_tiles_used in (1, 4):  # one real tile, alone or followed by three padding tiles
+        pix = torch.zeros(3, 1, max_tiles_used, 3, 32, 32)
+        pix[:, 0, 0] = x
+        mask = torch.zeros(3, 1, max_tiles_used)
+        mask[:, :, 0] = 1
+        feats = enc.forward_features(pix, torch.ones(3, 1, dtype=torch.long), mask)
+        assert feats.shape == (3, 1, max_tiles_used, N_TOK, 4 * 32)
+        final, inters = enc.split_features(feats[:, 0, 0])
+        torch.testing.assert_close(final, enc.vit.forward_features(x))  # last block + vit.norm
+        for got, i in zip(inters, (2, 0, 3)):
+            torch.testing.assert_close(got, ref[i])
+        # Mllama's layout: channel c of intermediate k sits at D + c * K + k.
+        torch.testing.assert_close(feats[:, 0, 0, :, 32 + 5 * 3 + 1], ref[0][..., 5])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_timm_weight_file_loads_and_reproduces_the_timm_model(tmp_path, fmt):
+    torch.manual_seed(123)
+    ref = timm_tiny()
+    path = tmp_path / f"vit.{fmt}"
+    sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    save_file(sd, str(path)) if fmt == "safetensors" else torch.save({"state_dict": sd}, path)
+
+    torch.manual_seed(0)
+    enc = ImageEncoder(ImageEncoderConfig(**TINY, weights=str(path))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref.forward_features(x)
+        torch.testing.assert_close(enc.vit.forward_features(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(enc.forward_features(*single_tile(x))[:, 0, 0], expected)
+
+
+def test_timm_weight_file_errors_name_the_key_and_shapes(tmp_path):
+    sd = {k: v.contiguous() for k, v in timm_tiny().state_dict().items()}
+
+    renamed = dict(sd)
+    renamed["blocks.1.attn.qkv.weightX"] = renamed.pop("blocks.1.attn.qkv.weight")
+    save_file(renamed, str(tmp_path / "renamed.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"unexpected key 'blocks\.1\.attn\.qkv\.weightX'.*missing key 'blocks\.1"
+    ):
+        ImageEncoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "renamed.safetensors")))
+
+    wrong = dict(sd, pos_embed=torch.zeros(1, 50, 32))
+    torch.save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match=r"'pos_embed' has shape \(1, 50, 32\), expected \(1, 17, 32\)"):
+        ImageEncoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "wrong.pt")))
+
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        ImageEncoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "nope.safetensors")))
+
+
+def test_classifier_head_in_weight_file_is_ignored(tmp_path):
+    sd = {k: v.contiguous() for k, v in timm_tiny().state_dict().items()}
+    sd |= {"head.weight": torch.randn(10, 32), "head.bias": torch.zeros(10)}
+    save_file(sd, str(tmp_path / "cls.safetensors"))
+    enc = ImageEncoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "cls.safetensors")))
+    torch.testing.assert_close(enc.vit.pos_embed, sd["pos_embed"])
+
+
+@torch.no_grad()
+def test_output_shape_and_padding_tiles_do_not_change_real_tiles():
+    enc = tiny_encoder()
+    for p in (enc.pre_tile.gate, enc.post_tile.gate, enc.pos_gate) + tuple(
+        g for layer in enc.global_layers for g in (layer.gate_attn, layer.gate_ffn)
+    ):
+        p.fill_(0.7)  # every embedding and global layer active
+    B, N, T = 2, 2, 4
+    pix = torch.randn(B, N, T, 3, 32, 32)
+    ids = torch.tensor([[2, 6], [5, 0]])  # 1x2, 2x2, 2x1, no image
+    mask = torch.tensor([[[1, 1, 0, 0], [1, 1, 1, 1]], [[1, 1, 0, 0], [0, 0, 0, 0]]])
+    out = enc(pix, ids, mask)
+    assert out.shape == (B, N, T * N_TOK, 16) and enc.num_tokens_per_tile == N_TOK
+    assert torch.isfinite(out).all()  # also for the all-padding image
+
+    pix2 = pix.clone()
+    pix2[0, 0, 2:] = torch.randn(2, 3, 32, 32) * 5  # padding tiles of a real image
+    pix2[1, 1] = torch.randn(T, 3, 32, 32)  # the padding image
+    out2 = enc(pix2, ids, mask)
+    real = mask.bool()[..., None].expand(B, N, T, N_TOK).reshape(B, N, T * N_TOK)
+    torch.testing.assert_close(out2[real], out[real], rtol=0, atol=1e-6)
+    assert not torch.allclose(out2[0, 0, 2 * N_TOK :], out[0, 0, 2 * N_TOK :])  # the padding tiles did change
+
+    # Images are independent of each other: image (0, 1) alone gives the same tokens.
+    alone = enc(pix[:1, 1:], ids[:1, 1:], mask[:1, 1:])
+    torch.testing.assert_close(alone[0, 0], out[0, 1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_mllama_mask_mode_lets_real_tokens_see_padding():
+    """The reference quirk (Meta and transformers): only padding<->padding pairs are hidden."""
+    enc = tiny_encoder(mask_mode="mllama")
+    pix = torch.randn(1, 1, 4, 3, 32, 32)
+    ids, mask = torch.tensor([[2]]), torch.tensor([[[1, 1, 0, 0]]])
+    out = enc(pix, ids, mask)
+    pix[0, 0, 3] += 1.0
+    assert not torch.allclose(enc(pix, ids, mask)[0, 0, : 2 * N_TOK], out[0, 0, : 2 * N_TOK])
+
+
+@torch.no_grad()
+def test_global_layers_are_identity_with_gates_at_zero():
+    enc = tiny_encoder(n_global_layers=3)
+    layer = enc.global_layers[0]
+    assert isinstance(layer, GatedBlock) and layer.gate_attn.item() == 0 and layer.gate_ffn.item() == 0
+    x = torch.randn(2, 24, 32)
+    torch.testing.assert_close(layer(x), x, rtol=0, atol=0)
+    layer.gate_ffn.fill_(0.5)
+    assert (layer(x) - x).abs().max() > 1e-3
+
+    layer.gate_ffn.fill_(0.0)
+    no_global = ImageEncoder(ImageEncoderConfig(**{**TINY, "intermediate_layers": (1, 2)})).eval()
+    missing, unexpected = no_global.load_state_dict(enc.state_dict(), strict=False)
+    assert not missing and all(k.startswith("global_layers.") for k in unexpected)
+    pix, ids, mask = single_tile(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(enc(pix, ids, mask), no_global(pix, ids, mask), rtol=0, atol=0)
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"intermediate_layers \[4\] out of range.*blocks 0\.\.3"):
+        ImageEncoder(ImageEncoderConfig(**TINY, intermediate_layers=(1, 4)))
+    with pytest.raises(ValueError, match="mask_mode='causal'"):
+        ImageEncoderConfig(mask_mode="causal")
+    enc = tiny_encoder()
+    with pytest.raises(ValueError, match="at most max_tiles=4"):
+        enc(torch.zeros(1, 1, 5, 3, 32, 32), torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, 5))
+
+
+@torch.no_grad()
+def test_matches_transformers_mllama_vision_model():
+    from transformers import MllamaVisionConfig, MllamaVisionModel
+
+    hc = MllamaVisionConfig(
+        hidden_size=32, num_hidden_layers=4, num_global_layers=2, attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[3, 1], vision_output_dim=96,
+    )  # fmt: skip
+    hf = MllamaVisionModel(hc).eval()
+    for name, p in hf.named_parameters():  # move every gate and norm off its init so each one is tested
+        if "gate" in name:
+            p.uniform_(-1.0, 1.0)
+        elif "layernorm" in name:
+            p.add_(0.1 * torch.randn_like(p))
+    projector = torch.nn.Linear(96, 16)  # MllamaModel.multi_modal_projector
+
+    enc = ImageEncoder(config_from_mllama(hc, out_dim=16)).eval()
+    load_mllama_vision_state_dict(enc, hf.state_dict(), projector.state_dict())
+
+    pix = torch.randn(2, 2, 4, 3, 32, 32)
+    ids = torch.tensor([[6, 2], [1, 0]])
+    mask = torch.tensor([[[1, 1, 1, 1], [1, 1, 0, 0]], [[1, 0, 0, 0], [1, 0, 0, 0]]])
+    ref = hf(pixel_values=pix, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
+    assert ref.shape == (2, 2, 4, N_TOK, 3 * 32)
+    feats = enc.forward_features(pix, ids, mask)
+    torch.testing.assert_close(feats, ref)
+    # MllamaModel: multi_modal_projector(vision states).reshape(-1, n_tokens, hidden) == our project + view.
+    torch.testing.assert_close(
+        enc(pix, ids, mask).reshape(-1, N_TOK, 16), projector(ref).reshape(-1, N_TOK, 16)
+    )
+
+    with pytest.raises(ValueError, match=r"no place in ImageEncoder: \['extra'\]"):
+        load_mllama_vision_state_dict(enc, hf.state_dict() | {"extra": torch.zeros(1)})
+    with pytest.raises(KeyError, match="transformer.layers.2.self_attn"):
+        sd = {
+            k: v for k, v in hf.state_dict().items() if not k.startswith("transformer.layers.2.self_attn.k")
+        }
+        load_mllama_vision_state_dict(enc, sd)
