@@ -1,15 +1,28 @@
 """mm.datasets: see ../shared/design.md for what lives here.
 
-Text pretraining data (`text`: readers, weighted mixture, packing, resumable order) and the shapes world
-(`shapes`: vocabulary, caption wording, prompt formats, text corpus generator).
+Text pretraining data (`text`: readers, weighted mixture, packing, resumable order), the shapes world
+(`shapes`: vocabulary, caption wording, prompt formats, text corpus and image generators), image-text pairs
+(`images`: JSONL manifests, WebDataset shards, safe decoding, skip policy), aspect-ratio tiling (`tiling`)
+and the image-stage collator with its cross-attention masks (`collate`).
 """
 
+from .collate import ImageCaptionCollator, cross_attention_mask_from_tokens
+from .images import (
+    ImageTextDataset,
+    ImageTextRecord,
+    ImageTextShards,
+    SkipStats,
+    TooManyBadSamples,
+    iter_webdataset,
+    read_manifest,
+)
 from .shapes import (
     ASR_PROMPT,
     COLORS,
     DIRECTIONS,
     HELDOUT_PAIRS,
     IMAGE_PROMPT,
+    IMAGE_SPLITS,
     SHAPES,
     SIZES,
     VIDEO_PROMPT,
@@ -17,9 +30,11 @@ from .shapes import (
     is_heldout,
     motion_caption,
     object_phrase,
+    synth_shapes,
     synth_text,
 )
 from .text import PackedText, TextSource, heldout_batches, read_documents
+from .tiling import TiledImage, TileTransform, supported_aspect_ratios
 
 __all__ = [
     "ASR_PROMPT",
@@ -27,16 +42,30 @@ __all__ = [
     "DIRECTIONS",
     "HELDOUT_PAIRS",
     "IMAGE_PROMPT",
+    "IMAGE_SPLITS",
     "SHAPES",
     "SIZES",
     "VIDEO_PROMPT",
+    "ImageCaptionCollator",
+    "ImageTextDataset",
+    "ImageTextRecord",
+    "ImageTextShards",
     "PackedText",
+    "SkipStats",
     "TextSource",
+    "TileTransform",
+    "TiledImage",
+    "TooManyBadSamples",
     "caption",
+    "cross_attention_mask_from_tokens",
     "heldout_batches",
     "is_heldout",
+    "iter_webdataset",
     "motion_caption",
     "object_phrase",
     "read_documents",
+    "read_manifest",
+    "supported_aspect_ratios",
+    "synth_shapes",
     "synth_text",
 ]

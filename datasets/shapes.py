@@ -16,34 +16,53 @@ the frozen LM already knows them):
 
 Held-out colour-shape pairs (`HELDOUT_PAIRS`) never occur in image, video or speech training data but do occur
 in the text corpus (compositional generalisation is measured on them).
+
+Images (`synth_shapes`): splits `train` and `heldout` (new images of training pairs only; the main figure) and
+`heldout_pairs` (every image holds at least one held-out pair), written as PNGs, a JSONL manifest and
+WebDataset tar shards (`mm.datasets.images` reads both).
 """
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import os
 import random
+import re
+import tarfile
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image, ImageDraw
 
 __all__ = [
     "ASR_PROMPT",
     "COLORS",
     "COLOR_SHAPE_PAIRS",
+    "DEFAULT_IMAGE_COUNTS",
     "DEFAULT_TEXT_LINES",
     "DIRECTIONS",
     "HELDOUT_PAIRS",
     "IMAGE_PROMPT",
+    "IMAGE_SPLITS",
     "SHAPES",
     "SIZES",
     "SPLITS",
     "TRAIN_PAIRS",
     "VIDEO_PROMPT",
+    "Scene",
+    "SceneObject",
     "caption",
     "is_heldout",
     "motion_caption",
     "object_phrase",
+    "random_scene",
     "random_sentence",
+    "render_scene",
+    "synth_shapes",
     "synth_text",
 ]
 
@@ -220,3 +239,213 @@ def synth_text(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+IMAGE_SPLITS: tuple[str, ...] = ("train", "heldout", "heldout_pairs")
+# Default image counts per split for the demo.
+DEFAULT_IMAGE_COUNTS: dict[str, int] = {"train": 4000, "heldout": 200, "heldout_pairs": 200}
+# Image sides (px), object sides as fractions of the shorter image side, per size word.
+_IMAGE_SIDE = (64, 256)
+_OBJECT_SIDE: dict[str, tuple[float, float]] = {"small": (0.15, 0.25), "large": (0.35, 0.50)}
+_GAP = 2  # px between two objects' boxes (along x or y)
+_MAX_PLACEMENT_TRIES = 2000
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object: its words and its box (left, top, right, bottom) in px, right/bottom exclusive."""
+
+    size: str
+    color: str
+    shape: str
+    bbox: tuple[int, int, int, int]
+
+    @property
+    def center_x(self) -> float:
+        """Centre x in px."""
+        return (self.bbox[0] + self.bbox[2]) / 2
+
+    def as_dict(self) -> dict:
+        """JSON form: size, color, shape, bbox."""
+        return {"size": self.size, "color": self.color, "shape": self.shape, "bbox": list(self.bbox)}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image of the world: its size, background colour and objects (left to right by centre x)."""
+
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    objects: tuple[SceneObject, ...]
+
+    @property
+    def caption(self) -> str:
+        """The caption, e.g. "a large red circle and a small blue square"."""
+        return caption([(o.size, o.color, o.shape) for o in self.objects])
+
+
+def _image_size(rng: random.Random, bucket: int) -> tuple[int, int]:
+    """(width, height): bucket 0-3 landscape, 4-7 portrait, aspect ratio in [1, 1.75), ..., [3.25, 4]."""
+    lo_side, hi_side = _IMAGE_SIDE
+    low = 1 + 0.75 * (bucket % 4)
+    ratio = rng.uniform(low, low + 0.75)
+    long = rng.randint(min(math.ceil(lo_side * ratio), hi_side), hi_side)
+    short = min(max(round(long / ratio), lo_side), hi_side)
+    return (long, short) if bucket < 4 else (short, long)
+
+
+def _separated(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """True if two boxes do not touch (a gap along x or y) and their centres are well apart in x."""
+    apart = a[2] + _GAP <= b[0] or b[2] + _GAP <= a[0] or a[3] + _GAP <= b[1] or b[3] + _GAP <= a[1]
+    dx = abs((a[0] + a[2]) - (b[0] + b[2])) / 2
+    min_dx = max(4.0, ((a[2] - a[0]) + (b[2] - b[0])) / 4)  # a quarter of the two sides' sum
+    return apart and dx >= min_dx
+
+
+def random_scene(
+    rng: random.Random, bucket: int, pairs: Sequence[tuple[str, str]], forced: tuple[str, str] | None = None
+) -> Scene:
+    """Draw a scene: size from aspect-ratio `bucket` (0-7), 1-2 objects of `pairs` (one is `forced` if given)."""
+    width, height = _image_size(rng, bucket)
+    background = (rng.randint(200, 255), rng.randint(200, 255), rng.randint(200, 255))
+    n_objects = rng.choice((1, 2))
+    chosen = [rng.choice(pairs) for _ in range(n_objects)]
+    if forced is not None:
+        chosen[rng.randrange(n_objects)] = forced
+    sizes = [rng.choice(SIZES) for _ in range(n_objects)]
+    short = min(width, height)
+    for attempt in range(_MAX_PLACEMENT_TRIES):
+        if attempt % 50 == 0:  # (re)draw the sides within each size word's range
+            sides = [max(2, round(rng.uniform(*_OBJECT_SIDE[size]) * short)) for size in sizes]
+        boxes = []
+        for side in sides:
+            x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
+            boxes.append((x0, y0, x0 + side, y0 + side))
+        if n_objects == 1 or _separated(boxes[0], boxes[1]):
+            break
+    else:
+        raise RuntimeError(f"could not place {n_objects} objects in a {width}x{height} image")
+    objects = [SceneObject(sz, c, sh, box) for sz, (c, sh), box in zip(sizes, chosen, boxes)]
+    objects.sort(key=lambda o: o.center_x)
+    return Scene(width, height, background, tuple(objects))
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    """Draw a scene with PIL (no anti-aliasing): plain background, filled circle/square/triangle."""
+    image = Image.new("RGB", (scene.width, scene.height), scene.background)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:  # triangle: apex at the top centre, base along the bottom edge
+            draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
+    return image
+
+
+def _scene_for(seed: int, split: str, i: int) -> Scene:
+    """Image i of a split: its own RNG, so the first k images do not depend on n."""
+    rng = random.Random(f"mm.shapes.images/{split}/{seed}/{i}")
+    if split == "heldout_pairs":
+        return random_scene(rng, i % 8, COLOR_SHAPE_PAIRS, forced=HELDOUT_PAIRS[i % len(HELDOUT_PAIRS)])
+    return random_scene(rng, i % 8, TRAIN_PAIRS)
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add a member with fixed metadata (reproducible bytes)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _remove_stale(folder: Path, pattern: str, keep: int) -> None:
+    """Delete files of a previous, larger run: names matching pattern whose number is >= keep."""
+    if not folder.is_dir():
+        return
+    regex = re.compile(pattern)
+    for p in folder.iterdir():
+        m = regex.fullmatch(p.name)
+        if m and int(m.group(1)) >= keep:
+            p.unlink()
+
+
+def synth_shapes(
+    out_dir: str | os.PathLike[str],
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "train",
+    shard_size: int = 1000,
+) -> Path:
+    """Write n images of the world; return the manifest `out_dir/shapes/{split}.jsonl`.
+
+    Also writes `out_dir/shapes/{split}/{i:06d}.png` and WebDataset shards `out_dir/shapes/{split}-{k:05d}.tar`
+    (`{i:06d}.png`, `.txt` caption, `.json` with `text` and the metadata; `shard_size` samples each). Each
+    manifest line: `image` (relative to the manifest's folder), `text` (the caption), `width`, `height`,
+    `background`, `objects` (size, color, shape, bbox, left to right). Image i uses aspect-ratio bucket i % 8
+    (ratios 1:1 to 4:1, landscape then portrait). `train` and `heldout` use training pairs only; in
+    `heldout_pairs` image i holds `HELDOUT_PAIRS[i % 3]` (plus maybe one object of any pair). The same
+    (n, seed, split) gives identical bytes; files of an earlier, larger run of the split are removed.
+    `n` defaults to `DEFAULT_IMAGE_COUNTS[split]`.
+    """
+    _check(split, IMAGE_SPLITS, "split")
+    if n is None:
+        n = DEFAULT_IMAGE_COUNTS[split]
+    if n < 1 or shard_size < 1:
+        raise ValueError(f"n and shard_size must be at least 1, got n={n}, shard_size={shard_size}")
+    root = Path(out_dir) / "shapes"
+    image_dir = root / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(n / shard_size)
+    _remove_stale(image_dir, r"(\d+)\.png", n)
+    _remove_stale(root, re.escape(split) + r"-(\d{5})\.tar", n_shards)
+    lines = []
+    for k in range(n_shards):
+        shard = root / f"{split}-{k:05d}.tar"
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{shard.name}.", suffix=".tmp")
+        try:
+            with (
+                os.fdopen(fd, "wb") as f,
+                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+            ):
+                for i in range(k * shard_size, min(n, (k + 1) * shard_size)):
+                    scene = _scene_for(seed, split, i)
+                    buf = io.BytesIO()
+                    render_scene(scene).save(buf, format="PNG")
+                    png = buf.getvalue()
+                    name = f"{i:06d}"
+                    (image_dir / f"{name}.png").write_bytes(png)
+                    meta = {
+                        "text": scene.caption,
+                        "width": scene.width,
+                        "height": scene.height,
+                        "background": list(scene.background),
+                        "objects": [o.as_dict() for o in scene.objects],
+                    }
+                    lines.append(json.dumps({"image": f"{split}/{name}.png", **meta}))
+                    _tar_add(tar, f"{name}.png", png)
+                    _tar_add(tar, f"{name}.txt", scene.caption.encode("utf-8"))
+                    _tar_add(
+                        tar, f"{name}.json", json.dumps({"split": split, "index": i, **meta}).encode("utf-8")
+                    )
+            os.replace(tmp, shard)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    manifest = root / f"{split}.jsonl"
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{manifest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, manifest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return manifest

@@ -71,6 +71,87 @@ def _cmd_pretrain_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Run a multimodal stage (LM frozen) from a YAML config with overrides."""
+    import yaml
+
+    from mm.config import load_config
+    from mm.image_stage import IMAGE_STAGES, ImageStageConfig, run_image_stage
+
+    _setup_logging()
+    raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
+    if raw is None:
+        raise FileNotFoundError(f"config file {args.config} does not exist or is empty")
+    stage = raw.get("stage", "image-pretrain")
+    for o in args.overrides:
+        if o.startswith("stage="):
+            stage = o.split("=", 1)[1]
+    if stage not in IMAGE_STAGES:
+        raise ValueError(f"{args.config}: stage={stage!r}; available stages: {list(IMAGE_STAGES)}")
+    cfg = load_config(ImageStageConfig, args.config, args.overrides)
+    if args.data:
+        cfg.data.train = list(args.data)
+    if args.out:
+        cfg.out = args.out
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.save_every is not None:
+        cfg.train.save_every = args.save_every
+    try:
+        summary = run_image_stage(cfg, resume=args.resume)
+    finally:
+        from mm import distributed
+
+        distributed.shutdown()
+    if summary["stopped"] != "max_steps":
+        print(
+            f"mm train: stopped by {summary['stopped']} at step {summary['step']}; resume with --resume",
+            file=sys.stderr,
+        )
+        return 130
+    keys = ("step", "final_loss", "wall_time_s", "eval")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return 0
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    """Caption images with an image-stage bundle; one caption per line, in input order."""
+    from mm.caption import caption_images, load_rgb
+    from mm.image_stage import load_image_bundle
+
+    model, tok, transform, meta = load_image_bundle(Path(args.checkpoint))
+    images, bad = [], []
+    for path in args.images:
+        try:
+            images.append(load_rgb(path))
+        except (OSError, ValueError) as e:
+            bad.append(path)
+            print(f"mm caption: cannot read {path}: {e}", file=sys.stderr)
+    if bad:
+        return 2
+    caps = caption_images(
+        model,
+        tok,
+        transform,
+        images,
+        prompt=meta["prompt"],
+        max_tiles=meta["max_tiles"],
+        batch_size=args.batch_size,
+    )
+    for c in caps:
+        print(c, flush=True)
+    return 0
+
+
+def _cmd_verify_frozen(args: argparse.Namespace) -> int:
+    """Exit 0 when the LM a stage checkpoint names is bit-identical to the one it was trained against."""
+    from mm.bundle import verify_frozen
+
+    ok, msg = verify_frozen(Path(args.checkpoint))
+    print(("OK: " if ok else "CHANGED: ") + msg)
+    return 0 if ok else 1
+
+
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     """Train a byte-level BPE tokenizer on text files."""
     from mm.datasets.text import read_documents
@@ -154,6 +235,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     t.set_defaults(func=_cmd_pretrain_lm)
 
+    tr = sub.add_parser(
+        "train",
+        help="train a multimodal stage with the LM frozen (image-pretrain, image-anneal)",
+        description="Train a stage. Extra KEY=VALUE arguments override config keys, e.g. optim.lr=1e-4.",
+    )
+    tr.add_argument(
+        "--config", required=True, help="YAML stage config (e.g. configs/stages/image_pretrain_tiny.yaml)"
+    )
+    tr.add_argument("--data", nargs="+", help="training manifests (.jsonl) or WebDataset shards (.tar)")
+    tr.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, final/)")
+    tr.add_argument("--max-steps", type=int)
+    tr.add_argument("--save-every", type=int)
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    tr.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("caption", help="caption images with an image-stage checkpoint; one line per image")
+    c.add_argument("--checkpoint", required=True, help="a stage folder such as runs/demo/image-anneal/final")
+    c.add_argument("images", nargs="+")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.set_defaults(func=_cmd_caption)
+
+    v = sub.add_parser(
+        "verify-frozen", help="exit 0 if the LM of a stage checkpoint is untouched, 1 otherwise"
+    )
+    v.add_argument("checkpoint")
+    v.set_defaults(func=_cmd_verify_frozen)
+
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     tt = tsub.add_parser("train", help="train a byte-level BPE tokenizer on text files")
@@ -184,7 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mm` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may stand anywhere among the options (argparse takes one positional run only).
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

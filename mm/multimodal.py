@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mm.adapters import CrossAttentionBlock
+from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.lm import KVCache, Transformer
 from mm.lm.config import LMConfig
 
@@ -46,33 +47,6 @@ def expand_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int) -> tor
     """Mllama-format mask (B, T, N_img, max_tiles) -> per media token (B, T, N_img*max_tiles*P), bool."""
     B, T = mask.shape[:2]
     return mask.bool().repeat_interleave(tokens_per_tile, dim=3).reshape(B, T, -1)
-
-
-def _image_ranges(row: list[int], image_id: int) -> list[tuple[int, int]]:
-    """[start, end) of the text each image token's image is visible to: until the next image token (a run of
-    consecutive image tokens shares one range) or the end of the row."""
-    locs = [i for i, t in enumerate(row) if t == image_id]
-    ends = locs[1:] + [len(row)]
-    ranges = [[a, b] for a, b in zip(locs, ends, strict=True)]
-    last_end = ranges[-1][1] if ranges else 0
-    for r in reversed(ranges):
-        if r[0] == r[1] - 1:  # consecutive image tokens: extend to the end of the following range
-            r[1] = last_end
-        last_end = r[1]
-    return [(a, b) for a, b in ranges]
-
-
-def cross_attention_mask_from_tokens(
-    tokens: torch.Tensor, image_id: int, tile_mask: torch.Tensor
-) -> torch.Tensor:
-    """Mllama-format mask (B, T, N_img, max_tiles) from token ids and the images' real tiles (B, N_img, max_tiles)."""
-    B, T = tokens.shape
-    n_img, max_tiles = tile_mask.shape[1:]
-    out = torch.zeros(B, T, n_img, max_tiles, dtype=torch.long, device=tokens.device)
-    for b, row in enumerate(tokens.tolist()):
-        for j, (start, end) in enumerate(_image_ranges(row, image_id)[:n_img]):
-            out[b, start:end, j] = tile_mask[b, j].long()
-    return out
 
 
 class MultimodalLM(nn.Module):
@@ -199,7 +173,10 @@ class MultimodalLM(nn.Module):
                     B, T, -1
                 )  # decoding: see what the prompt's end saw
             elif self.image_token_id is not None:  # the paper's rule, from the image tokens in the text
-                cam = cross_attention_mask_from_tokens(tokens, self.image_token_id, media.extra["tile_mask"])
+                n_tiles = media.extra["tile_mask"].sum(-1).tolist()  # (B, N_img) real tiles per image
+                cam = cross_attention_mask_from_tokens(
+                    tokens, self.image_token_id, n_tiles, media.extra["tile_mask"].shape[-1]
+                )
                 xmask = expand_cross_attention_mask(cam, media.tokens_per_tile)
             else:
                 raise ValueError(

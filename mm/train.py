@@ -78,6 +78,10 @@ class Task:
         """Loss tokens in a batch (before the forward), used to normalise accumulation."""
         return int((batch["labels"] != -100).sum())
 
+    def batch_tokens(self, batch: dict[str, torch.Tensor], batch_size: int, seq_len: int) -> int:
+        """Tokens processed in a global batch (for tokens/s): the text tokens when there are any."""
+        return int(batch["tokens"].numel()) if "tokens" in batch else batch_size * seq_len
+
     def data_state(self) -> dict[str, Any]:
         """JSON-serialisable data position."""
         return {}
@@ -373,7 +377,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                step_tokens = bsz * seq
+                step_tokens = self.task.batch_tokens(batch, bsz, seq)
                 self.tokens_seen += step_tokens
                 dt = time.perf_counter() - t0
                 tps = step_tokens / dt

@@ -152,20 +152,6 @@ def test_fingerprint_sees_a_single_changed_value():
     assert fingerprint(lm) != fp
 
 
-def test_mask_rule_matches_the_paper_notes():
-    from mm.multimodal import cross_attention_mask_from_tokens
-
-    tiles = torch.tensor([[[1, 1, 0], [1, 0, 0]]])
-    t = torch.tensor([[1, IMG, 5, 6, IMG, 7, 8]])
-    m = cross_attention_mask_from_tokens(t, IMG, tiles)[0]
-    assert m[:, 0].tolist() == [[0, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
-    assert m[:, 1].tolist() == [[0, 0, 0]] * 4 + [[1, 0, 0]] * 3
-    # Consecutive image tokens share one range, to the end.
-    t2 = torch.tensor([[1, IMG, IMG, 5, 6]])
-    m2 = cross_attention_mask_from_tokens(t2, IMG, tiles)[0]
-    assert m2[:, 0, 0].tolist() == [0, 1, 1, 1, 1] and m2[:, 1, 0].tolist() == [0, 0, 1, 1, 1]
-
-
 def test_kv_cache_works_with_composite_model():
     m = build()
     c = KVCache.for_model(m, 1, 8)

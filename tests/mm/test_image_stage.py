@@ -1,0 +1,140 @@
+"""A real (tiny) image-pretrain run: the LM stays bit-identical, the optimizer never holds an LM parameter,
+checkpoints carry no LM tensor, `mm verify-frozen` passes and fails on an LM altered by one value,
+`mm caption` prints one caption per image, and a bundle refuses an LM whose fingerprint changed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mm.bundle import verify_frozen
+from mm.checkpoint import list_checkpoints, load_checkpoint
+from mm.config import load_config
+from mm.datasets.shapes import synth_shapes
+from mm.freeze import FrozenLMChanged, fingerprint
+from mm.image_stage import ImageStageConfig, load_image_bundle, run_image_stage
+from mm.lm import Transformer, load_hf, preset, save_hf
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("imgworld")
+    from mm.lm import Tokenizer
+
+    tok = Tokenizer.from_file(corpus["tokenizer"])
+    lm = Transformer(preset("nano", vocab_size=tok.vocab_size))
+    save_hf(lm, root / "lm")
+    tok.save(root / "lm")
+    train = synth_shapes(root, n=48, seed=0, split="train")
+    heldout = synth_shapes(root, n=8, seed=0, split="heldout")
+    return {"root": root, "lm": root / "lm", "train": train, "heldout": heldout}
+
+
+def stage_cfg(world, out, **kw) -> ImageStageConfig:
+    cfg = load_config(
+        ImageStageConfig,
+        ROOT / "configs" / "stages" / "image_pretrain_tiny.yaml",
+        [
+            f"lm={world['lm']}",
+            f"out={out}",
+            f"data.train=[{world['train']}]",
+            f"data.heldout=[{world['heldout']}]",
+            "image_encoder.embed_dim=32",
+            "image_encoder.depth=2",
+            "image_encoder.num_heads=2",
+            "image_encoder.intermediate_layers=[0]",
+            "train.batch_size=4",
+            "train.max_steps=4",
+            "train.save_every=2",
+            "train.peak_flops=1e9",
+            "eval_samples=4",
+        ],
+    )
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    lm_files = {p.name: p.read_bytes() for p in world["lm"].iterdir()}
+    before = {k: v.clone() for k, v in load_hf(world["lm"]).state_dict().items()}
+    summary = run_image_stage(stage_cfg(world, out))
+    return {"out": out, "summary": summary, "before": before, "lm_files": lm_files}
+
+
+def test_lm_bit_identical_after_a_real_stage(world, trained):
+    after = load_hf(world["lm"]).state_dict()
+    for k, v in trained["before"].items():
+        assert torch.equal(v, after[k]), k
+    assert {p.name: p.read_bytes() for p in world["lm"].iterdir()} == trained["lm_files"]
+    s = trained["summary"]
+    assert s["lm_fingerprint_start"] == s["lm_fingerprint_end"] == fingerprint(load_hf(world["lm"]))
+    assert s["step"] == 4 and "eval" in s
+
+
+def test_checkpoints_hold_only_trainable_parts_and_the_lm_identity(trained):
+    ckpts = list_checkpoints(trained["out"] / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_00000002", "step_00000004"]
+    ck = load_checkpoint(ckpts[-1])
+    assert ck["model"] and not any(k.startswith("lm.") for k in ck["model"])
+    assert {k.split(".")[0] for k in ck["model"]} == {"image_encoder", "image_xattn"}
+    assert ck["trainer"]["config"]["lm_fingerprint"] == trained["summary"]["lm_fingerprint_start"]
+    opt_keys = set(ck["optimizer"]["state"])
+    assert opt_keys and not any(k.startswith("lm.") for k in opt_keys)
+    bundle = load_file(str(trained["out"] / "final" / "adapter.safetensors"))
+    assert not any(k.startswith("lm.") for k in bundle)
+
+
+def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tmp_path):
+    final = trained["out"] / "final"
+    r = subprocess.run([BIN / "mm", "verify-frozen", final], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+    # A copy of the bundle whose LM directory has one value changed.
+    lm2 = tmp_path / "lm2"
+    lm2.mkdir()
+    for p in world["lm"].iterdir():
+        (lm2 / p.name).write_bytes(p.read_bytes())
+    sd = load_file(str(lm2 / "model.safetensors"))
+    sd["model.layers.1.mlp.down_proj.weight"][0, 0] += 1e-3
+    save_file(sd, str(lm2 / "model.safetensors"), metadata={"format": "pt"})
+    b2 = tmp_path / "bundle"
+    b2.mkdir()
+    (b2 / "adapter.safetensors").write_bytes((final / "adapter.safetensors").read_bytes())
+    meta = json.loads((final / "mm_config.json").read_text())
+    meta["lm_path"] = str(lm2)
+    (b2 / "mm_config.json").write_text(json.dumps(meta))
+    r = subprocess.run([BIN / "mm", "verify-frozen", b2], capture_output=True, text=True)
+    assert r.returncode == 1 and "CHANGED" in r.stdout
+    ok, _ = verify_frozen(b2)
+    assert not ok
+    with pytest.raises(FrozenLMChanged, match="refusing"):
+        load_image_bundle(b2)
+
+
+def test_caption_cli_one_line_per_image(world, trained):
+    images = sorted((world["root"] / "shapes" / "heldout").glob("*.png"))[:3]
+    r = subprocess.run(
+        [BIN / "mm", "caption", "--checkpoint", trained["out"] / "final", *images],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 3
+
+
+def test_bundle_matches_the_trained_model(world, trained):
+    model, tok, transform, meta = load_image_bundle(trained["out"] / "final")
+    assert meta["stage"] == "image-pretrain" and meta["image_encoder"]["weights"] is None
+    ck = load_checkpoint(list_checkpoints(trained["out"] / "checkpoints")[-1])["model"]
+    own = model.state_dict()
+    for k, v in ck.items():
+        assert torch.equal(own[k], v), k
