@@ -172,10 +172,13 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     from mm.datasets import shapes
 
     if args.kind == "text":
-        n = args.n or (20000 if args.split == "train" else 1000)
-        path = shapes.synth_text(args.out, n=n, seed=args.seed, split=args.split)
+        if args.split not in shapes.SPLITS:
+            raise ValueError(f"--split {args.split} is not a text split; allowed: {list(shapes.SPLITS)}")
+        path = shapes.synth_text(args.out, n=args.n or None, seed=args.seed, split=args.split)
+    elif args.kind == "shapes":
+        path = shapes.synth_shapes(args.out, n=args.n or None, seed=args.seed, split=args.split)
     else:
-        raise ValueError(f"--kind {args.kind} is not available yet; available: text")
+        raise ValueError(f"--kind {args.kind} is not available yet; available: text, shapes")
     print(path)
     return 0
 
@@ -280,7 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument(
         "--n", type=int, default=0, help="number of items (0 = the default for the kind and split)"
     )
-    ds.add_argument("--split", choices=["train", "heldout"], default="train")
+    ds.add_argument(
+        "--split",
+        choices=["train", "heldout", "heldout_pairs"],
+        default="train",
+        help="heldout: new samples of the training pairs; heldout_pairs: the held-out colour-shape pairs (shapes)",
+    )
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=_cmd_data_synth)
 
