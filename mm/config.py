@@ -24,16 +24,6 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class RopeScalingConfig:
-    """Llama 3.1 RoPE scaling, as it appears in a config file."""
-
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_seq_len: int = 8192
-
-
-@dataclass
 class ModelConfig:
     """The LM: a preset name plus field overrides (any `LMConfig` field)."""
 
@@ -91,7 +81,7 @@ class RampStageConfig:
     until_tokens: int = 0
     batch_size: int = 8
     seq_len: int = 256
-    rope_scaling: RopeScalingConfig | None = None  # set to switch RoPE scaling (a long-context stage)
+    rope_scaling: RopeScaling | None = None  # set to switch RoPE scaling (a long-context stage)
 
 
 @dataclass

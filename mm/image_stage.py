@@ -31,7 +31,7 @@ from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, freeze
 from mm.lm import Tokenizer, load_hf
 from mm.multimodal import MultimodalLM
-from mm.train import Task, Trainer, resolve_device, set_seed
+from mm.train import Task, Trainer, setup_run
 
 log = logging.getLogger("mm.image_stage")
 
@@ -205,11 +205,7 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
     if not cfg.data.train:
         raise ValueError("no training data: pass --data MANIFEST.jsonl|SHARD.tar ... or set data.train")
     tr = cfg.train
-    if tr.num_threads:
-        torch.set_num_threads(tr.num_threads)
-    dist_utils.init_distributed()
-    device = resolve_device(tr.device)
-    set_seed(tr.seed)
+    device = setup_run(tr)
     out = Path(cfg.out)
     lm_path = Path(cfg.lm).resolve()
     lm = load_hf(lm_path, device=device)

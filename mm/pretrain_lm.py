@@ -26,7 +26,7 @@ from mm.checkpoint import polyak_average, write_json
 from mm.config import DataSourceConfig, LMPretrainConfig, config_to_yaml
 from mm.datasets.text import PackedText, TextSource, heldout_batches, read_documents
 from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
-from mm.train import Task, Trainer, resolve_device, set_seed
+from mm.train import Task, Trainer, setup_run
 
 log = logging.getLogger("mm.pretrain_lm")
 
@@ -184,12 +184,8 @@ def run_pretrain_lm(cfg: LMPretrainConfig, *, resume: bool = False) -> dict[str,
     if cfg.anneal.polyak_k > 0 and cfg.anneal.polyak_k > max(1, cfg.anneal.steps or cfg.train.max_steps):
         raise ValueError("anneal.polyak_k must not exceed the number of annealing steps")
     tr = cfg.train
-    if tr.num_threads:
-        torch.set_num_threads(tr.num_threads)
-    dist_utils.init_distributed()
+    device = setup_run(tr)
     out = Path(cfg.out)
-    device = resolve_device(tr.device)
-    set_seed(tr.seed)
 
     sources = _sources(cfg.data)
     tokenizer = build_tokenizer(cfg, out, sources, resume)

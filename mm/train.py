@@ -437,4 +437,14 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-__all__ = ["Task", "Trainer", "TrainingDiverged", "lr_at", "set_seed", "autocast_context"]
+def setup_run(train: TrainConfig) -> torch.device:
+    """Threads, process group (under torchrun), device and seed: the common start of every stage."""
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    dist_utils.init_distributed()
+    device = resolve_device(train.device)
+    set_seed(train.seed)
+    return device
+
+
+__all__ = ["Task", "Trainer", "TrainingDiverged", "autocast_context", "lr_at", "set_seed", "setup_run"]

@@ -15,10 +15,9 @@ from mm.config import (
     LMPretrainConfig,
     OptimConfig,
     RampStageConfig,
-    RopeScalingConfig,
     load_config,
 )
-from mm.lm import load_hf
+from mm.lm import RopeScaling, load_hf
 from mm.pretrain_lm import run_pretrain_lm
 from mm.train import Task, Trainer, TrainingDiverged, lr_at
 
@@ -102,7 +101,7 @@ def test_accumulation_is_normalised_by_loss_tokens(corpus, tmp_path):
 
 def test_ramp_changes_shapes_and_switches_rope(corpus, tmp_path):
     cfg = make_cfg(corpus, tmp_path, max_steps=6)
-    scaling = RopeScalingConfig(
+    scaling = RopeScaling(
         factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=16
     )
     cfg.train.ramp = [
