@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -34,6 +35,16 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _apply_run_args(cfg: Any, args: argparse.Namespace) -> None:
+    """--out, --max-steps and --save-every override the config of any run."""
+    if args.out:
+        cfg.out = args.out
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.save_every is not None:
+        cfg.train.save_every = args.save_every
+
+
 def _cmd_pretrain_lm(args: argparse.Namespace) -> int:
     """Run the LM pretraining recipe from a YAML config with overrides."""
     from mm.config import DataSourceConfig, LMPretrainConfig, load_config
@@ -44,12 +55,7 @@ def _cmd_pretrain_lm(args: argparse.Namespace) -> int:
     cfg = load_config(LMPretrainConfig, args.config, args.overrides)
     if args.data:
         cfg.data = [DataSourceConfig(paths=list(args.data), name="data")]
-    if args.out:
-        cfg.out = args.out
-    if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
-    if args.save_every is not None:
-        cfg.train.save_every = args.save_every
+    _apply_run_args(cfg, args)
     try:
         summary = run_pretrain_lm(cfg, resume=args.resume)
     except TrainingDiverged as e:
@@ -91,12 +97,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(ImageStageConfig, args.config, args.overrides)
     if args.data:
         cfg.data.train = list(args.data)
-    if args.out:
-        cfg.out = args.out
-    if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
-    if args.save_every is not None:
-        cfg.train.save_every = args.save_every
+    _apply_run_args(cfg, args)
     try:
         summary = run_image_stage(cfg, resume=args.resume)
     finally:
@@ -110,6 +111,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         return 130
     keys = ("step", "final_loss", "wall_time_s", "eval")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return 0
+
+
+def _cmd_pretrain_encoder(args: argparse.Namespace) -> int:
+    """Run CLIP pretraining of the image encoder from a YAML config with overrides."""
+    from mm.config import load_config
+    from mm.encoder_pretrain import ClipPretrainConfig, run_encoder_pretrain
+
+    _setup_logging()
+    cfg = load_config(ClipPretrainConfig, args.config, args.overrides)
+    if args.data:
+        cfg.data.train = list(args.data)
+    _apply_run_args(cfg, args)
+    try:
+        summary = run_encoder_pretrain(cfg, resume=args.resume)
+    finally:
+        from mm import distributed
+
+        distributed.shutdown()
+    if summary["stopped"] != "max_steps":
+        print(
+            f"mm pretrain-encoder: stopped by {summary['stopped']} at step {summary['step']}; "
+            f"resume with --resume",
+            file=sys.stderr,
+        )
+        return 130
+    keys = ("step", "final_loss", "wall_time_s", "final", "retrieval")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
 
@@ -237,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     t.set_defaults(func=_cmd_pretrain_lm)
+
+    pe = sub.add_parser(
+        "pretrain-encoder",
+        help="contrastively (CLIP) pretrain the image encoder with a small text tower",
+        description="Pretrain the image encoder. Extra KEY=VALUE arguments override config keys, "
+        "e.g. tokenizer=runs/demo/lm-pretrain/final.",
+    )
+    pe.add_argument("--config", required=True, help="YAML config (e.g. configs/encoders/clip_tiny.yaml)")
+    pe.add_argument("--data", nargs="+", help="training manifest (.jsonl) of image-text pairs")
+    pe.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, final/encoder.safetensors)")
+    pe.add_argument("--max-steps", type=int)
+    pe.add_argument("--save-every", type=int)
+    pe.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    pe.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    pe.set_defaults(func=_cmd_pretrain_encoder)
 
     tr = sub.add_parser(
         "train",

@@ -175,7 +175,10 @@ def build_model(cfg: ImageStageConfig, lm: torch.nn.Module, tok: Tokenizer) -> M
         )
     encoder = ImageEncoder(enc_cfg)
     if cfg.encoder_weights:
-        sd = load_tensors(Path(cfg.encoder_weights))
+        # The projection to the LM width is trained here (CLIP pretraining never trains it): not loaded.
+        sd = {
+            k: v for k, v in load_tensors(Path(cfg.encoder_weights)).items() if not k.startswith("project.")
+        }
         missing, unexpected = encoder.load_state_dict(sd, strict=False)
         if unexpected:
             raise ValueError(

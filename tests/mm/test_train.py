@@ -101,9 +101,7 @@ def test_accumulation_is_normalised_by_loss_tokens(corpus, tmp_path):
 
 def test_ramp_changes_shapes_and_switches_rope(corpus, tmp_path):
     cfg = make_cfg(corpus, tmp_path, max_steps=6)
-    scaling = RopeScaling(
-        factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=16
-    )
+    scaling = RopeScaling(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=16)
     cfg.train.ramp = [
         RampStageConfig(until_tokens=200, batch_size=4, seq_len=16),
         RampStageConfig(until_tokens=0, batch_size=2, seq_len=64, rope_scaling=scaling),

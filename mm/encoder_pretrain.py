@@ -1,0 +1,270 @@
+"""`mm pretrain-encoder`: contrastive (CLIP) pretraining of the image encoder with a small text tower
+(Llama 3 paper section 7.2.1), on the one training loop (`mm.train.Trainer`).
+
+The CLIP model is the `ImageEncoder` (pre-projection features, pooled) + a small causal `TextTower`, trained
+with `clip_loss` on image-text pairs. The encoder's `project` (features -> LM width) is not used by the CLIP
+objective and gets no gradient, so it is left out of the optimizer and stays at its initialisation.
+
+Outputs: `OUT/final/encoder.safetensors` (the `ImageEncoder` state dict, `project.*` included, so an image
+stage loads it with `encoder_weights=OUT/final/encoder.safetensors`; its `image_encoder.out_dim` must equal
+that stage's LM width), `OUT/metrics.jsonl`, checkpoints, and `OUT/summary.json` with zero-shot retrieval
+accuracy (image->text, text->image) on the first `eval_samples` pairs of each held-out manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mm import distributed as dist_utils
+from mm.checkpoint import save_tensors, write_json
+from mm.config import OptimConfig, TrainConfig, config_to_yaml
+from mm.datasets.collate import ImageCaptionCollator
+from mm.datasets.images import ImageTextDataset
+from mm.datasets.tiling import TileTransform
+from mm.encoders.clip import CLIPModel, TextTower, clip_loss, zero_shot_retrieval_accuracy
+from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.lm import Tokenizer, preset
+from mm.train import Task, Trainer, resolve_device, set_seed
+
+log = logging.getLogger("mm.encoder_pretrain")
+
+STAGE = "clip-pretrain"
+
+
+@dataclass
+class TextTowerConfig:
+    """The small text tower: an `mm.lm` preset with optional shape overrides (None = the preset's value)."""
+
+    preset: str = "nano"
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    max_len: int = 64  # caption tokens (with begin/end tokens) kept per pair
+
+    def build(self, vocab_size: int) -> Any:
+        """The `LMConfig` of the tower for a tokenizer of `vocab_size` ids."""
+        shape = {k: getattr(self, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")}
+        overrides = {k: v for k, v in shape.items() if v is not None}
+        return preset(self.preset, vocab_size=vocab_size, **overrides)
+
+
+@dataclass
+class ClipDataConfig:
+    """Image-text pairs (one JSONL manifest to train on, held-out manifests to evaluate) and the tiling."""
+
+    train: list[str] = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+    tile_size: int = 32
+    max_tiles: int = 4
+    max_bad_fraction: float = 0.05
+
+
+@dataclass
+class ClipPretrainConfig:
+    """`mm pretrain-encoder`: CLIP pretraining of the image encoder."""
+
+    tokenizer: str = ""  # tokenizer.json or its folder (e.g. the demo LM directory); required
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 64
+    image_pool: str = "mean"  # mean | cls
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
+    eval_samples: int = 256  # pairs per held-out manifest for zero-shot retrieval (0 = none)
+    out: str = "runs/clip"
+
+
+class ClipBatcher:
+    """Samples -> CLIP batch: `pixel_values` (B, T, 3, S, S), `aspect_ratio_ids` (B,), `aspect_ratio_mask`
+    (B, T), right-padded `input_ids` / `attention_mask` (B, L) of `<bos> caption <eos>`."""
+
+    def __init__(self, tokenizer: Tokenizer, max_tiles: int, max_len: int) -> None:
+        if max_len < 2:
+            raise ValueError(f"text.max_len={max_len}: need at least 2 tokens")
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.media = ImageCaptionCollator(tokenizer, max_tiles=max_tiles)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate one batch (samples must not be None)."""
+        tok = self.tokenizer
+        media = self.media.media(samples)
+        rows = []
+        for s in samples:
+            ids = tok.encode(s["text"], bos=True)[: self.max_len - 1]
+            rows.append([*ids, tok.eos_id])
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), tok.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for b, r in enumerate(rows):
+            input_ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+            attention_mask[b, : len(r)] = 1
+        return {
+            "pixel_values": media["pixel_values"][:, 0],
+            "aspect_ratio_ids": media["aspect_ratio_ids"][:, 0],
+            "aspect_ratio_mask": media["aspect_ratio_mask"][:, 0],
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+        }
+
+
+class ClipTask(Task):
+    """CLIP loss on image-text pairs; a seeded epoch order over the manifest, resumable."""
+
+    def __init__(
+        self, model: CLIPModel, dataset: ImageTextDataset, batcher: ClipBatcher, *, batch_size: int, seed: int
+    ) -> None:
+        self.model, self.dataset, self.batcher, self.seed = model, dataset, batcher, seed
+        self.name = STAGE
+        self.batch_size = batch_size
+        self.epoch, self.cursor = 0, 0
+        self._order: list[int] | None = None
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every CLIP parameter except `image_encoder.project.*` (no gradient reaches it in CLIP)."""
+        return [
+            (n, p) for n, p in self.model.named_parameters() if not n.startswith("image_encoder.project.")
+        ]
+
+    def _order_now(self) -> list[int]:
+        if self._order is None:
+            self._order = list(range(len(self.dataset)))
+            random.Random(f"mm.clip/{self.seed}/{self.epoch}").shuffle(self._order)
+        return self._order
+
+    def batch_shape(self, step: int, tokens_seen: int) -> tuple[int, int]:
+        """(pairs per step, 0): the text length follows the captions."""
+        return self.batch_size, 0
+
+    def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+        """The next `batch_size` usable pairs in the epoch order (bad files are skipped and counted)."""
+        samples = []
+        while len(samples) < batch_size:
+            order = self._order_now()
+            idx = order[self.cursor]
+            self.cursor += 1
+            if self.cursor == len(order):
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+            s = self.dataset.load(idx)
+            if s is not None:
+                samples.append(s)
+        return self.batcher(samples)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clip_loss * B, B): the loop divides by the pairs of the whole step."""
+        image_emb, text_emb, scale = self.model(
+            batch["pixel_values"],
+            batch["input_ids"],
+            aspect_ratio_ids=batch["aspect_ratio_ids"],
+            aspect_ratio_mask=batch["aspect_ratio_mask"],
+            attention_mask=batch["attention_mask"],
+        )
+        n = batch["input_ids"].shape[0]
+        loss = clip_loss(image_emb.float(), text_emb.float(), scale.float())
+        return loss * n, torch.tensor(n, device=loss.device)
+
+    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Pairs in the batch."""
+        return int(batch["input_ids"].shape[0])
+
+    def batch_tokens(self, batch: dict[str, torch.Tensor], batch_size: int, seq_len: int) -> int:
+        """Pairs in the global batch (`tokens_per_s` counts pairs/s for this stage)."""
+        return int(batch["input_ids"].shape[0])
+
+    def data_state(self) -> dict[str, Any]:
+        """Epoch and position in the epoch order."""
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Continue the epoch order."""
+        if state:
+            self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+
+
+def build_clip_model(cfg: ClipPretrainConfig, vocab_size: int) -> CLIPModel:
+    """Image encoder + text tower + projections, from the config."""
+    encoder = ImageEncoder(cfg.image_encoder)
+    tower = TextTower(cfg.text.build(vocab_size), cfg.embed_dim)
+    return CLIPModel(encoder, tower, image_pool=cfg.image_pool)
+
+
+def retrieval_eval(
+    model: CLIPModel, batcher: ClipBatcher, transform: TileTransform, manifest: str, n: int
+) -> dict[str, Any]:
+    """Zero-shot retrieval accuracy on the first `n` usable pairs of a manifest."""
+    ds = ImageTextDataset(manifest, transform)
+    samples = [s for s in (ds.load(i) for i in range(min(n, len(ds)))) if s is not None]
+    if not samples:
+        raise ValueError(f"{manifest}: no usable held-out pairs")
+    device = next(model.parameters()).device
+    b = {k: v.to(device) for k, v in batcher(samples).items()}
+    acc = zero_shot_retrieval_accuracy(
+        model,
+        b["pixel_values"],
+        b["input_ids"],
+        aspect_ratio_ids=b["aspect_ratio_ids"],
+        aspect_ratio_mask=b["aspect_ratio_mask"],
+        attention_mask=b["attention_mask"],
+    )
+    return {**acc, "n": len(samples)}
+
+
+def run_encoder_pretrain(cfg: ClipPretrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Train the CLIP model; write OUT/final/encoder.safetensors and OUT/summary.json."""
+    if not cfg.tokenizer:
+        raise ValueError(
+            "`tokenizer` must name a tokenizer.json or its folder (e.g. runs/demo/lm-pretrain/final)"
+        )
+    if not cfg.data.train:
+        raise ValueError("no training data: pass --data MANIFEST.jsonl or set data.train")
+    if len(cfg.data.train) != 1:
+        raise ValueError(f"data.train: one JSONL manifest for now, got {cfg.data.train}")
+    enc = cfg.image_encoder
+    if cfg.data.tile_size != enc.tile_size or cfg.data.max_tiles not in (1, enc.max_tiles):
+        raise ValueError(
+            f"data.tile_size={cfg.data.tile_size} / data.max_tiles={cfg.data.max_tiles} do not fit the image "
+            f"encoder (tile_size={enc.tile_size}; max_tiles 1 or {enc.max_tiles})"
+        )
+    tr = cfg.train
+    if tr.num_threads:
+        torch.set_num_threads(tr.num_threads)
+    dist_utils.init_distributed()
+    device = resolve_device(tr.device)
+    set_seed(tr.seed)
+    out = Path(cfg.out)
+    tok = Tokenizer.from_file(cfg.tokenizer)
+    model = build_clip_model(cfg, tok.vocab_size).to(device)
+    transform = TileTransform(cfg.data.tile_size, cfg.data.max_tiles)
+    dataset = ImageTextDataset(cfg.data.train[0], transform, max_bad_fraction=cfg.data.max_bad_fraction)
+    batcher = ClipBatcher(tok, cfg.data.max_tiles, cfg.text.max_len)
+    task = ClipTask(model, dataset, batcher, batch_size=tr.batch_size, seed=tr.seed)
+    trainer = Trainer(task, tr, cfg.optim, out, config_record={"yaml": config_to_yaml(cfg)})
+    if dist_utils.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(cfg))
+    summary = trainer.fit(resume=resume)
+    summary["data_skips"] = dataset.stats.as_dict()
+    if summary["stopped"] != "max_steps":
+        return summary
+    if dist_utils.rank() == 0:
+        final = out / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.image_encoder.state_dict().items()}
+        save_tensors(sd, final / "encoder.safetensors")
+        summary["final"] = str(final / "encoder.safetensors")
+        if cfg.eval_samples and cfg.data.heldout:
+            summary["retrieval"] = {
+                Path(m).stem: retrieval_eval(model, batcher, transform, m, cfg.eval_samples)
+                for m in cfg.data.heldout
+            }
+        write_json(json.loads(json.dumps(summary, default=str)), out / "summary.json")
+    return summary
