@@ -165,10 +165,16 @@ class TileTransform:
         std: tuple[float, ...] | list[float] = CLIP_STD,
         resample: str = "bilinear",
         backend: str = "torchvision",
+        id_max_tiles: int | None = None,
     ) -> None:
+        """`id_max_tiles`: number the aspect-ratio ids by the grid list of this many tiles (default max_tiles),
+        so that a stage tiling with fewer tiles than its encoder supports keeps the encoder's id meaning."""
         if not isinstance(tile_size, int) or tile_size < 1:
             raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
         self.grids = supported_aspect_ratios(max_tiles)
+        if id_max_tiles is not None and id_max_tiles < max_tiles:
+            raise ValueError(f"id_max_tiles={id_max_tiles} must be >= max_tiles={max_tiles}")
+        self.id_grids = supported_aspect_ratios(id_max_tiles or max_tiles)
         if resample not in RESAMPLE_MODES:
             raise ValueError(f"unknown resample {resample!r}; expected one of {', '.join(RESAMPLE_MODES)}")
         if backend not in BACKENDS:
@@ -249,7 +255,7 @@ class TileTransform:
             tiles = self._tiles_pil(rgb, new_h, new_w, h_tiles, w_tiles)
         assert tiles.shape == (h_tiles * w_tiles, 3, s, s)
         grid = (h_tiles, w_tiles)
-        return TiledImage(tiles=tiles, aspect_ratio_id=self.grids.index(grid) + 1, aspect_ratio=grid)
+        return TiledImage(tiles=tiles, aspect_ratio_id=self.id_grids.index(grid) + 1, aspect_ratio=grid)
 
     def _tiles_torchvision(
         self, rgb: Image.Image, new_h: int, new_w: int, h_tiles: int, w_tiles: int

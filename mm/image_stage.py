@@ -228,12 +228,8 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
             if rec.get("lm_fingerprint") != fp_start:
                 raise FrozenLMChanged(f"{ck} belongs to an LM with another fingerprint than {lm_path}")
 
-    transform = TileTransform(cfg.data.tile_size, cfg.data.max_tiles)
-    if cfg.data.max_tiles not in (1, cfg.image_encoder.max_tiles):
-        # aspect-ratio ids index the grid list of max_tiles: only 1 tile and the encoder's max agree on them
-        raise ValueError(
-            f"data.max_tiles={cfg.data.max_tiles}: use 1 or the encoder's max_tiles={cfg.image_encoder.max_tiles}"
-        )
+    # Aspect-ratio ids are numbered by the encoder's grid list, whatever this stage's tile budget.
+    transform = TileTransform(cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles)
     if len(cfg.data.train) != 1:
         raise ValueError(f"data.train: one JSONL manifest per stage for now, got {cfg.data.train}")
     dataset = ImageTextDataset(cfg.data.train[0], transform, max_bad_fraction=cfg.data.max_bad_fraction)
@@ -311,5 +307,5 @@ def load_image_bundle(path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransfor
         image_token_id=tok.image_id,
     )
     load_adapter_weights(model, path)
-    transform = TileTransform(meta["tile_size"], meta["max_tiles"])
+    transform = TileTransform(meta["tile_size"], meta["max_tiles"], id_max_tiles=enc_cfg.max_tiles)
     return model.eval(), tok, transform, meta

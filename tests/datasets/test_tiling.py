@@ -208,3 +208,19 @@ def test_bad_arguments():
         TileTransform(T, 4)(Image.new("RGB", (0, 5)))
     with pytest.raises(TypeError, match="PIL image"):
         TileTransform(T, 4)(np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def test_id_max_tiles_keeps_the_encoders_aspect_ratio_ids():
+    from PIL import Image
+
+    from mm.datasets.tiling import TileTransform
+
+    tall = Image.new("RGB", (40, 90), (200, 10, 10))
+    own = TileTransform(32, 2)(tall)
+    enc = TileTransform(32, 2, id_max_tiles=4)(tall)
+    assert own.aspect_ratio == enc.aspect_ratio == (2, 1)
+    assert own.aspect_ratio_id == 3  # (2, 1) in [(1,1), (1,2), (2,1)]
+    assert enc.aspect_ratio_id == 5  # (2, 1) in the 4-tile list [(1,1),(1,2),(1,3),(1,4),(2,1),...]
+    import torch
+
+    assert torch.equal(own.tiles, enc.tiles)
