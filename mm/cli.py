@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(Path(args.out), modality=args.modality)
     lm = report["lm"]
     print(f"lm-pretrain: {lm['params']:,} parameters, {lm['steps']} steps, {lm['wall_time_s']:.0f} s")
-    curve = " -> ".join(f"{c['heldout_ppl']:.3f}" for c in lm["heldout_ppl_curve"] if c["heldout_ppl"])
+    curve = " -> ".join(f"{c['value']:.3f}" for c in lm["heldout_ppl_curve"] if c["value"])
     print(f"held-out perplexity: {curve}")
     for completion in lm["completions"].values():
         print(f"  greedy: {completion}")
+    if "image" in report:
+        im = report["image"]
+        for name, st in im["stages"].items():
+            print(
+                f"{name}: {st.get('step')} steps, {st['wall_time_s']:.0f} s"
+                + (" (reused)" if st["reused"] else "")
+            )
+        print(
+            f"image captions: exact match {im['caption_exact_match']:.3f} (new images), "
+            f"{im['heldout_pair_exact_match']:.3f} (held-out pairs); attribute accuracy {im['attribute_accuracy']:.3f}"
+        )
+        print(f"LM frozen: {im['lm_frozen']} ({im['lm_frozen_detail']})")
     print(f"report: {Path(args.out) / 'report.json'}")
     return 0
 
@@ -337,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.set_defaults(func=_cmd_data_synth)
 
     dm = sub.add_parser("demo", help="run the embedded end-to-end demo (no downloads)")
-    dm.add_argument("--modality", choices=["lm", "all"], default="all")
+    dm.add_argument("--modality", choices=["lm", "image", "all"], default="all")
     dm.add_argument("--out", default="runs/demo")
     dm.set_defaults(func=_cmd_demo)
     return p
@@ -347,7 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mm` console script."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # KEY=VALUE overrides may stand anywhere among the options (argparse takes one positional run only).
+    # KEY=VALUE overrides may stand anywhere among the options (argparse takes one positional run only,
+    # and `--data A B key=value` would otherwise swallow the override as a path).
+    if hasattr(args, "overrides") and getattr(args, "data", None):
+        is_override = [bool(re.match(r"^[A-Za-z_][\w.]*=", d)) for d in args.data]
+        args.overrides = list(args.overrides) + [d for d, o in zip(args.data, is_override) if o]
+        args.data = [d for d, o in zip(args.data, is_override) if not o] or None
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides) + extra

@@ -1,8 +1,10 @@
 """`mm demo`: the embedded end-to-end run on the shapes world, with no downloads.
 
-Stages so far: synthesise the text corpus, train the tokenizer and the tiny LM (`lm-pretrain`), report the
-held-out perplexity and a few greedy completions in `OUT/report.json`. A stage whose inputs (config and
-data) did not change since the last run is reused (content hash in `OUT/<stage>/stage.json`).
+Stages: synthesise the world, train the tokenizer and the tiny LM (`lm-pretrain`), pretrain the image
+encoder contrastively (`clip-pretrain`), then `image-pretrain` -> `image-anneal` with the LM frozen, caption
+the held-out splits and verify the LM fingerprint. Each stage's output lands in `OUT/<stage>/final`; a stage
+whose inputs (its config and the content of its inputs) did not change since the last run is reused (hash in
+`OUT/<stage>/stage.json`), and an interrupted stage resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,71 +29,64 @@ log = logging.getLogger("mm.demo")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PROMPTS = ["Caption: a large", "a small green", "Video: a purple", "there is a"]
+IMAGE_COUNTS = {"train": 4000, "heldout": 200, "heldout_pairs": 200}
 
 
 def _hash(*parts: Any) -> str:
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, Path):
-            h.update(part.read_bytes())
+            files = sorted(q for q in part.rglob("*") if q.is_file()) if part.is_dir() else [part]
+            for f in files:
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
         else:
             h.update(str(part).encode())
     return h.hexdigest()[:16]
 
 
-def _demo_lm_config(out: Path, data_dir: Path) -> LMPretrainConfig:
-    cfg = load_config(LMPretrainConfig, REPO / "configs" / "lm" / "tiny.yaml")
-    cfg.data = [
-        DataSourceConfig(paths=[str(data_dir / "text" / "train.txt")], name="shapes", doc_split="line")
-    ]
-    cfg.heldout = [
-        DataSourceConfig(paths=[str(data_dir / "text" / "heldout.txt")], name="heldout", doc_split="line")
-    ]
-    cfg.anneal.source = "shapes"
-    cfg.out = str(out / "lm-pretrain")
-    return cfg
+def cached_stage(
+    stage_dir: Path, key: str, run: Callable[[bool], dict[str, Any]]
+) -> tuple[dict[str, Any], bool]:
+    """Run a stage unless a finished run with the same input hash exists; resume an unfinished one."""
+    marker = stage_dir / "stage.json"
+    prev = json.loads(marker.read_text()) if marker.is_file() else {}
+    if prev.get("hash") == key and prev.get("complete") and (stage_dir / "summary.json").is_file():
+        log.info("%s: inputs unchanged, reusing %s", stage_dir.name, stage_dir / "final")
+        return json.loads((stage_dir / "summary.json").read_text()), True
+    resume = prev.get("hash") == key
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json({"hash": key, "complete": False}, marker)
+    summary = run(resume)
+    if summary.get("stopped", "max_steps") != "max_steps":
+        raise KeyboardInterrupt(
+            f"{stage_dir.name} stopped by {summary['stopped']}; re-run `mm demo` to resume"
+        )
+    write_json({"hash": key, "complete": True}, marker)
+    return summary, False
 
 
 def run_lm_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     """Train (or reuse) the demo LM and report held-out perplexity and greedy completions."""
     from mm.pretrain_lm import run_pretrain_lm
 
-    cfg = _demo_lm_config(out, data_dir)
+    cfg = load_config(LMPretrainConfig, REPO / "configs" / "lm" / "tiny.yaml")
+    text = data_dir / "text"
+    cfg.data = [DataSourceConfig(paths=[str(text / "train.txt")], name="shapes", doc_split="line")]
+    cfg.heldout = [DataSourceConfig(paths=[str(text / "heldout.txt")], name="heldout", doc_split="line")]
+    cfg.anneal.source = "shapes"
+    cfg.out = str(out / "lm-pretrain")
     stage_dir = Path(cfg.out)
-    key = _hash(config_to_yaml(cfg), data_dir / "text" / "train.txt", data_dir / "text" / "heldout.txt")
-    marker = stage_dir / "stage.json"
-    if (
-        marker.is_file()
-        and json.loads(marker.read_text()).get("hash") == key
-        and (stage_dir / "final").is_dir()
-    ):
-        log.info("lm-pretrain: inputs unchanged, reusing %s", stage_dir / "final")
-        summary = json.loads((stage_dir / "summary.json").read_text())
-        reused = True
-    else:
-        resume = marker.is_file() and json.loads(marker.read_text()).get("hash") == key
-        write_json({"hash": key, "complete": False}, _ensure(marker))
-        summary = run_pretrain_lm(cfg, resume=resume or (stage_dir / "checkpoints").is_dir())
-        if summary["stopped"] != "max_steps":
-            raise KeyboardInterrupt(
-                f"lm-pretrain stopped by {summary['stopped']}; re-run `mm demo` to resume"
-            )
-        write_json({"hash": key, "complete": True}, marker)
-        reused = False
+    key = _hash(config_to_yaml(cfg), text / "train.txt", text / "heldout.txt")
+    summary, reused = cached_stage(stage_dir, key, lambda resume: run_pretrain_lm(cfg, resume=resume))
     final = stage_dir / "final"
     model = load_hf(final).eval()
     tok = Tokenizer.from_file(final)
     prompts = [tok.encode(p, bos=True) for p in DEMO_PROMPTS]
     outs = generate(model, prompts, max_new_tokens=16, stop_tokens=[tok.eos_id])
     completions = {p: p + tok.decode(o) for p, o in zip(DEMO_PROMPTS, outs, strict=True)}
-    curve = []
-    metrics = stage_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            r = json.loads(line)
-            if "eval/heldout_ppl" in r:
-                curve.append({"step": r["step"], "heldout_ppl": r["eval/heldout_ppl"]})
-    curve.append({"step": summary["step"], "heldout_ppl": summary.get("heldout_ppl")})
+    curve = _curve(stage_dir / "metrics.jsonl", "eval/heldout_ppl")
+    curve.append({"step": summary["step"], "value": summary.get("heldout_ppl")})
     return {
         "heldout_ppl": summary.get("heldout_ppl"),
         "heldout_ppl_curve": curve,
@@ -104,29 +100,104 @@ def run_lm_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     }
 
 
-def _ensure(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+def _curve(metrics: Path, key: str) -> list[dict[str, Any]]:
+    out = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            r = json.loads(line)
+            if key in r:
+                out.append({"step": r["step"], "value": r[key]})
+    return out
+
+
+def run_image_stages(out: Path, data_dir: Path) -> dict[str, Any]:
+    """clip-pretrain -> image-pretrain -> image-anneal on the shapes world; captions of the held-out splits."""
+    from mm.bundle import verify_frozen
+    from mm.encoder_pretrain import ClipPretrainConfig, run_encoder_pretrain
+    from mm.image_stage import ImageStageConfig, run_image_stage
+
+    lm_dir = out / "lm-pretrain" / "final"
+    sh = data_dir / "shapes"
+    train, heldout, pairs = sh / "train.jsonl", sh / "heldout.jsonl", sh / "heldout_pairs.jsonl"
+    lm_key = _hash(lm_dir)
+    report: dict[str, Any] = {"stages": {}}
+
+    clip = load_config(ClipPretrainConfig, REPO / "configs" / "encoders" / "clip_tiny.yaml")
+    clip.tokenizer, clip.out = str(lm_dir), str(out / "clip-pretrain")
+    clip.data.train, clip.data.heldout = [str(train)], [str(heldout)]
+    key = _hash(config_to_yaml(clip), lm_key, train)
+    t0 = time.perf_counter()
+    s, reused = cached_stage(Path(clip.out), key, lambda r: run_encoder_pretrain(clip, resume=r))
+    report["stages"]["clip-pretrain"] = {
+        "reused": reused,
+        "wall_time_s": time.perf_counter() - t0,
+        **_pick(s),
+    }
+    enc = Path(clip.out) / "final" / "encoder.safetensors"
+
+    prev_key = key
+    init_from = None
+    for stage, preset in (("image-pretrain", "image_pretrain_tiny"), ("image-anneal", "image_anneal_tiny")):
+        cfg = load_config(ImageStageConfig, REPO / "configs" / "stages" / f"{preset}.yaml")
+        cfg.lm, cfg.out = str(lm_dir), str(out / stage)
+        cfg.data.train, cfg.data.heldout = [str(train)], [str(heldout), str(pairs)]
+        cfg.encoder_weights = str(enc) if init_from is None else None
+        cfg.init_from = init_from
+        key = _hash(config_to_yaml(cfg), lm_key, prev_key, train, heldout, pairs)
+        t0 = time.perf_counter()
+        s, reused = cached_stage(Path(cfg.out), key, lambda r, cfg=cfg: run_image_stage(cfg, resume=r))
+        report["stages"][stage] = {"reused": reused, "wall_time_s": time.perf_counter() - t0, **_pick(s)}
+        prev_key, init_from = key, str(Path(cfg.out) / "final")
+
+    ev = report["stages"]["image-anneal"].get("eval", {})
+    report["caption_exact_match"] = ev.get("heldout", {}).get("exact_match")
+    report["heldout_pair_exact_match"] = ev.get("heldout_pairs", {}).get("exact_match")
+    report["attribute_accuracy"] = ev.get("heldout", {}).get("attribute_accuracy")
+    report["heldout_pair_attribute_accuracy"] = ev.get("heldout_pairs", {}).get("attribute_accuracy")
+    ok, msg = verify_frozen(Path(init_from))
+    report["lm_frozen"] = ok
+    report["lm_frozen_detail"] = msg
+    report["checkpoint"] = init_from
+    return report
+
+
+def _pick(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("step", "final_loss", "eval", "retrieval", "data_skips")
+    return {k: summary[k] for k in keys if k in summary}
+
+
+def synth_world(data_dir: Path, image: bool) -> None:
+    """Write the parts of the shapes world the demo needs (kept if already there)."""
+    for split in ("train", "heldout"):
+        if not (data_dir / "text" / f"{split}.txt").is_file():
+            shapes.synth_text(data_dir, split=split, seed=0)
+    if image:
+        for split, n in IMAGE_COUNTS.items():
+            if not (data_dir / "shapes" / f"{split}.jsonl").is_file():
+                shapes.synth_shapes(data_dir, n=n, seed=0, split=split)
 
 
 def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
     """Run the demo stages for `modality` and write OUT/report.json."""
+    if modality not in ("lm", "image", "all"):
+        raise ValueError(f"--modality {modality}: available now: lm, image, all")
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
-    for split in ("train", "heldout"):
-        path = data_dir / "text" / f"{split}.txt"
-        if not path.is_file():
-            shapes.synth_text(data_dir, split=split, seed=0)
-    report: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        }
+    want_image = modality in ("image", "all")
+    synth_world(data_dir, want_image)
+    report_file = out / "report.json"
+    report: dict[str, Any] = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    report["machine"] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
     report["lm"] = run_lm_stage(out, data_dir)
+    if want_image:
+        report["image"] = run_image_stages(out, data_dir)
+        report["lm_frozen"] = report["image"]["lm_frozen"]
     report["wall_time_s"] = time.perf_counter() - t0
-    write_json(report, out / "report.json")
+    write_json(report, report_file)
     return report

@@ -243,7 +243,9 @@ def run_encoder_pretrain(cfg: ClipPretrainConfig, *, resume: bool = False) -> di
     out = Path(cfg.out)
     tok = Tokenizer.from_file(cfg.tokenizer)
     model = build_clip_model(cfg, tok.vocab_size).to(device)
-    transform = TileTransform(cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles)
+    transform = TileTransform(
+        cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
+    )
     dataset = ImageTextDataset(cfg.data.train[0], transform, max_bad_fraction=cfg.data.max_bad_fraction)
     batcher = ClipBatcher(tok, cfg.data.max_tiles, cfg.text.max_len)
     task = ClipTask(model, dataset, batcher, batch_size=tr.batch_size, seed=tr.seed)

@@ -229,7 +229,9 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
                 raise FrozenLMChanged(f"{ck} belongs to an LM with another fingerprint than {lm_path}")
 
     # Aspect-ratio ids are numbered by the encoder's grid list, whatever this stage's tile budget.
-    transform = TileTransform(cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles)
+    transform = TileTransform(
+        cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
+    )
     if len(cfg.data.train) != 1:
         raise ValueError(f"data.train: one JSONL manifest per stage for now, got {cfg.data.train}")
     dataset = ImageTextDataset(cfg.data.train[0], transform, max_bad_fraction=cfg.data.max_bad_fraction)
