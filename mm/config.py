@@ -72,6 +72,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    lr_mult: dict[str, float] = field(default_factory=dict)  # name substring -> LR multiplier
 
 
 @dataclass

@@ -115,6 +115,19 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int, anneal_steps: int = 0) 
     return start * max(0.0, 1 - (step - decay_end + 1) / max(1, anneal_steps))
 
 
+def param_groups(params: list[tuple[str, nn.Parameter]], optim: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only; `optim.lr_mult` scales the LR of parameters whose name
+    contains a given substring (first match wins), e.g. {"gate": 10} for the cross-attention gates."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in params:
+        mult = next((m for pat, m in optim.lr_mult.items() if pat in name), 1.0)
+        groups.setdefault((p.dim() >= 2, float(mult)), []).append(p)
+    return [
+        {"params": ps, "weight_decay": optim.weight_decay if decay else 0.0, "lr_mult": mult}
+        for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` -> this process's CUDA device if there is one, else CPU."""
     if name == "auto":
@@ -229,14 +242,9 @@ class Trainer:
         trainable_ids = {id(p) for _, p in self.params}
         for p in task.model.parameters():  # the optimizer sees only what the stage trains
             p.requires_grad_(id(p) in trainable_ids)
-        decay = [p for n, p in self.params if p.dim() >= 2]
-        no_decay = [p for n, p in self.params if p.dim() < 2]
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            param_groups(self.params, optim),
             lr=optim.lr,
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,
@@ -373,7 +381,7 @@ class Trainer:
                 grad_norm = dist_utils.clip_grad_norm([p for _, p in self.params], self.optim.grad_clip)
                 lr = lr_at(self.step, self.optim, tr.max_steps, self.anneal_steps)
                 for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_mult", 1.0)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1

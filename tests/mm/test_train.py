@@ -237,3 +237,20 @@ def test_presets_load():
         assert cfg.model.build().num_params() > 0
     cfg = load_config(LMPretrainConfig, ROOT / "configs" / "lm" / "llama3-8b.yaml")
     assert cfg.optim.lr == 3e-4 and cfg.train.ramp[0].seq_len == 4096 and cfg.train.ramp[1].seq_len == 8192
+
+
+def test_lr_multipliers_by_parameter_name(tmp_path):
+    task = _TwoPart()
+    tr = LMPretrainConfig().train
+    tr.max_steps, tr.save_every, tr.peak_flops = 1, 0, 1e9
+    optim = OptimConfig(lr=0.1, warmup_steps=0, lr_mult={"bias": 10.0})
+    trainer = Trainer(task, tr, optim, tmp_path)
+    trainer.fit()
+    by_id = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert by_id[id(task.model["head"].bias)]["lr"] == pytest.approx(
+        10 * by_id[id(task.model["head"].weight)]["lr"]
+    )
+    assert (
+        by_id[id(task.model["head"].weight)]["weight_decay"] > 0
+        and by_id[id(task.model["head"].bias)]["weight_decay"] == 0
+    )
