@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from mm.checkpoint import save_tensors, write_json
 from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset
+from mm.datasets.streams import ManifestStream, ShardStream, open_stream
 from mm.datasets.tiling import TileTransform
 from mm.encoders.clip import CLIPModel, TextTower, clip_loss, zero_shot_retrieval_accuracy
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
@@ -59,7 +59,7 @@ class TextTowerConfig:
 
 @dataclass
 class ClipDataConfig:
-    """Image-text pairs (one JSONL manifest to train on, held-out manifests to evaluate) and the tiling."""
+    """Image-text pairs (one JSONL manifest or WebDataset shards to train on, held-out manifests) and tiling."""
 
     train: list[str] = field(default_factory=list)
     heldout: list[str] = field(default_factory=list)
@@ -121,13 +121,11 @@ class ClipTask(Task):
     """CLIP loss on image-text pairs; a seeded epoch order over the manifest, resumable."""
 
     def __init__(
-        self, model: CLIPModel, dataset: ImageTextDataset, batcher: ClipBatcher, *, batch_size: int, seed: int
+        self, model: CLIPModel, stream: ManifestStream | ShardStream, batcher: ClipBatcher, *, batch_size: int
     ) -> None:
-        self.model, self.dataset, self.batcher, self.seed = model, dataset, batcher, seed
+        self.model, self.stream, self.batcher = model, stream, batcher
         self.name = STAGE
         self.batch_size = batch_size
-        self.epoch, self.cursor = 0, 0
-        self._order: list[int] | None = None
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Every CLIP parameter except `image_encoder.project.*` (no gradient reaches it in CLIP)."""
@@ -135,29 +133,13 @@ class ClipTask(Task):
             (n, p) for n, p in self.model.named_parameters() if not n.startswith("image_encoder.project.")
         ]
 
-    def _order_now(self) -> list[int]:
-        if self._order is None:
-            self._order = list(range(len(self.dataset)))
-            random.Random(f"mm.clip/{self.seed}/{self.epoch}").shuffle(self._order)
-        return self._order
-
     def batch_shape(self, step: int, tokens_seen: int) -> tuple[int, int]:
         """(pairs per step, 0): the text length follows the captions."""
         return self.batch_size, 0
 
     def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         """The next `batch_size` usable pairs in the epoch order (bad files are skipped and counted)."""
-        samples = []
-        while len(samples) < batch_size:
-            order = self._order_now()
-            idx = order[self.cursor]
-            self.cursor += 1
-            if self.cursor == len(order):
-                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-            s = self.dataset.load(idx)
-            if s is not None:
-                samples.append(s)
-        return self.batcher(samples)
+        return self.batcher([self.stream.next() for _ in range(batch_size)])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(clip_loss * B, B): the loop divides by the pairs of the whole step."""
@@ -181,13 +163,13 @@ class ClipTask(Task):
         return int(batch["input_ids"].shape[0])
 
     def data_state(self) -> dict[str, Any]:
-        """Epoch and position in the epoch order."""
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        """Position in the sample stream."""
+        return self.stream.state_dict()
 
     def load_data_state(self, state: dict[str, Any]) -> None:
-        """Continue the epoch order."""
+        """Continue the sample stream."""
         if state:
-            self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+            self.stream.load_state_dict(state)
 
 
 def build_clip_model(cfg: ClipPretrainConfig, vocab_size: int) -> CLIPModel:
@@ -225,14 +207,12 @@ def run_encoder_pretrain(cfg: ClipPretrainConfig, *, resume: bool = False) -> di
             "`tokenizer` must name a tokenizer.json or its folder (e.g. runs/demo/lm-pretrain/final)"
         )
     if not cfg.data.train:
-        raise ValueError("no training data: pass --data MANIFEST.jsonl or set data.train")
-    if len(cfg.data.train) != 1:
-        raise ValueError(f"data.train: one JSONL manifest for now, got {cfg.data.train}")
+        raise ValueError("no training data: pass --data MANIFEST.jsonl | SHARDS.tar ... or set data.train")
     enc = cfg.image_encoder
-    if cfg.data.tile_size != enc.tile_size or cfg.data.max_tiles not in (1, enc.max_tiles):
+    if cfg.data.tile_size != enc.tile_size or cfg.data.max_tiles > enc.max_tiles:
         raise ValueError(
             f"data.tile_size={cfg.data.tile_size} / data.max_tiles={cfg.data.max_tiles} do not fit the image "
-            f"encoder (tile_size={enc.tile_size}; max_tiles 1 or {enc.max_tiles})"
+            f"encoder (tile_size={enc.tile_size}, max_tiles={enc.max_tiles})"
         )
     tr = cfg.train
     if tr.num_threads:
@@ -246,15 +226,15 @@ def run_encoder_pretrain(cfg: ClipPretrainConfig, *, resume: bool = False) -> di
     transform = TileTransform(
         cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
     )
-    dataset = ImageTextDataset(cfg.data.train[0], transform, max_bad_fraction=cfg.data.max_bad_fraction)
+    stream = open_stream(cfg.data.train, transform, seed=tr.seed, max_bad_fraction=cfg.data.max_bad_fraction)
     batcher = ClipBatcher(tok, cfg.data.max_tiles, cfg.text.max_len)
-    task = ClipTask(model, dataset, batcher, batch_size=tr.batch_size, seed=tr.seed)
+    task = ClipTask(model, stream, batcher, batch_size=tr.batch_size)
     trainer = Trainer(task, tr, cfg.optim, out, config_record={"yaml": config_to_yaml(cfg)})
     if dist_utils.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(cfg))
     summary = trainer.fit(resume=resume)
-    summary["data_skips"] = dataset.stats.as_dict()
+    summary["data_skips"] = stream.stats()
     if summary["stopped"] != "max_steps":
         return summary
     if dist_utils.rank() == 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ from mm.caption import caption_images
 from mm.checkpoint import latest_checkpoint, load_tensors, write_json
 from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.collate import ImageCaptionCollator
-from mm.datasets.images import ImageTextDataset
 from mm.datasets.shapes import IMAGE_PROMPT
+from mm.datasets.streams import ManifestStream, ShardStream, open_stream
 from mm.datasets.tiling import TileTransform
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, freeze
@@ -82,45 +81,26 @@ class ImageCaptionTask(Task):
     def __init__(
         self,
         model: MultimodalLM,
-        dataset: ImageTextDataset,
+        stream: ManifestStream | ShardStream,
         collator: ImageCaptionCollator,
         *,
         batch_size: int,
-        seed: int,
         name: str,
     ) -> None:
-        self.model, self.dataset, self.collator, self.seed, self.name = model, dataset, collator, seed, name
+        self.model, self.stream, self.collator, self.name = model, stream, collator, name
         self.batch_size = batch_size
-        self.epoch, self.cursor = 0, 0
-        self._order: list[int] | None = None
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Only the trainable parts (never the LM)."""
         return self.model.trainable_named_parameters()
-
-    def _order_now(self) -> list[int]:
-        if self._order is None:
-            self._order = list(range(len(self.dataset)))
-            random.Random(f"mm.image/{self.seed}/{self.epoch}").shuffle(self._order)
-        return self._order
 
     def batch_shape(self, step: int, tokens_seen: int) -> tuple[int, int]:
         """(images per step, 0): the text length follows the captions."""
         return self.batch_size, 0
 
     def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next `batch_size` usable samples in the epoch order (bad files are skipped and counted)."""
-        samples = []
-        while len(samples) < batch_size:
-            order = self._order_now()
-            idx = order[self.cursor]
-            self.cursor += 1
-            if self.cursor == len(order):
-                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-            s = self.dataset.load(idx)  # None for an unusable file: counted and logged by the dataset
-            if s is not None:
-                samples.append(s)
-        return self.collator(samples)
+        """The next `batch_size` usable samples (bad files are skipped and counted by the readers)."""
+        return self.collator([self.stream.next() for _ in range(batch_size)])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over caption tokens."""
@@ -139,13 +119,13 @@ class ImageCaptionTask(Task):
         return loss, (labels != -100).sum()
 
     def data_state(self) -> dict[str, Any]:
-        """Epoch and position in the epoch order."""
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        """Position in the sample stream."""
+        return self.stream.state_dict()
 
     def load_data_state(self, state: dict[str, Any]) -> None:
-        """Continue the epoch order."""
+        """Continue the sample stream."""
         if state:
-            self.epoch, self.cursor, self._order = int(state["epoch"]), int(state["cursor"]), None
+            self.stream.load_state_dict(state)
 
 
 def exact_match_report(
@@ -232,11 +212,9 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
     transform = TileTransform(
         cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
     )
-    if len(cfg.data.train) != 1:
-        raise ValueError(f"data.train: one JSONL manifest per stage for now, got {cfg.data.train}")
-    dataset = ImageTextDataset(cfg.data.train[0], transform, max_bad_fraction=cfg.data.max_bad_fraction)
+    stream = open_stream(cfg.data.train, transform, seed=tr.seed, max_bad_fraction=cfg.data.max_bad_fraction)
     collator = ImageCaptionCollator(tok, prompt=cfg.data.prompt, max_tiles=cfg.data.max_tiles)
-    task = ImageCaptionTask(model, dataset, collator, batch_size=tr.batch_size, seed=tr.seed, name=cfg.stage)
+    task = ImageCaptionTask(model, stream, collator, batch_size=tr.batch_size, name=cfg.stage)
     meta_record = {"yaml": config_to_yaml(cfg), "lm_fingerprint": fp_start, "lm_path": str(lm_path)}
     trainer = Trainer(task, tr, cfg.optim, out, config_record=meta_record)
     assert_not_in_optimizer(lm, trainer.optimizer)
@@ -247,9 +225,7 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
     fp_end = fingerprint(lm)
     if fp_end != fp_start:
         raise FrozenLMChanged(f"the LM changed during {cfg.stage}: {fp_start[:16]}... -> {fp_end[:16]}...")
-    summary.update(
-        lm_fingerprint_start=fp_start, lm_fingerprint_end=fp_end, data_skips=dataset.stats.as_dict()
-    )
+    summary.update(lm_fingerprint_start=fp_start, lm_fingerprint_end=fp_end, data_skips=stream.stats())
     if summary["stopped"] != "max_steps":
         return summary
     meta = {

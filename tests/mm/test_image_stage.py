@@ -174,3 +174,14 @@ def test_real_encoder_gates_at_zero_equal_bare_lm_and_cached_captioning_equals_r
             logits = model(seq, **{**media, "cross_attention_mask": cam})
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert cached == seq[:, prefix.shape[1] :].tolist()
+
+
+def test_image_stage_trains_from_webdataset_shards(world, tmp_path):
+    shards = sorted((world["root"] / "shapes").glob("train-*.tar"))
+    assert shards
+    cfg = stage_cfg(world, tmp_path / "shards", eval_samples=0)
+    cfg.data.train = [str(p) for p in shards]
+    cfg.train.max_steps = 2
+    s = run_image_stage(cfg)
+    assert s["step"] == 2 and s["data_skips"]["skipped"] == 0
+    assert (tmp_path / "shards" / "final" / "adapter.safetensors").is_file()
