@@ -27,11 +27,10 @@ CONFIG = "mm_config.json"
 WEIGHTS = "adapter.safetensors"
 
 
-def save_bundle(model: torch.nn.Module, out: str | Path, meta: dict[str, Any]) -> Path:
-    """Write the adapter weights and `mm_config.json` (atomically: temporary names, then rename)."""
+def save_bundle(state: dict[str, torch.Tensor], out: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the adapter tensors and `mm_config.json` (atomically: temporary names, then rename)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = model.adapter_state()
     assert_no_lm_tensors(state, str(out / WEIGHTS))
     tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
     save_tensors(state, tmp)

@@ -168,8 +168,8 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         max_tiles=meta["max_tiles"],
         batch_size=args.batch_size,
     )
-    for c in caps:
-        print(c, flush=True)
+    for c in caps:  # one line per input: any line-breaking character inside a caption becomes a space
+        print(" ".join(c.splitlines()), flush=True)
     return 0
 
 

@@ -82,16 +82,25 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def apply_fsdp(model: nn.Module, blocks: list[nn.Module]) -> nn.Module:
-    """Shard each block with FSDP2 `fully_shard`, then the root (embeddings, norm, output)."""
+def apply_fsdp(
+    model: nn.Module, blocks: list[nn.Module], extra_forward_methods: dict[str, list[nn.Module]] | None = None
+) -> nn.Module:
+    """Shard each block with FSDP2 `fully_shard`, then the root (embeddings, norm, output).
+
+    `extra_forward_methods` names methods other than `forward` that use a block's parameters (e.g. the
+    cross-attention blocks' `media_kv`), so FSDP gathers the parameters around them too.
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(device_type, (world_size(),))
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for method, modules in (extra_forward_methods or {}).items():
+        for m in modules:
+            register_fsdp_forward_method(m, method)
     return model
 
 
@@ -110,6 +119,11 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unsharded copies of (possibly FSDP-sharded, DTensor) tensors; a collective under FSDP."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in tensors.items()}
 
 
 def _options(**kw: Any) -> Any:

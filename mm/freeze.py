@@ -17,6 +17,8 @@ def fingerprint(module: nn.Module) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor of `module`'s state dict, sorted by name."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
+        if hasattr(t, "full_tensor"):  # FSDP-sharded: hash the whole tensor (a collective)
+            t = t.full_tensor()
         t = t.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode())

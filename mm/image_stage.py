@@ -207,7 +207,11 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
             rec = json.loads((ck / "trainer.json").read_text())["config"]
             if rec.get("lm_fingerprint") != fp_start:
                 raise FrozenLMChanged(f"{ck} belongs to an LM with another fingerprint than {lm_path}")
-
+    if dist_utils.world_size() > 1:  # FSDP2 from outside the model code: LM layers, adapters, encoder, root
+        blocks = [*lm.layers, *model.image_xattn.values(), model.image_encoder]
+        dist_utils.apply_fsdp(
+            model, blocks, extra_forward_methods={"media_kv": list(model.image_xattn.values())}
+        )
     # Aspect-ratio ids are numbered by the encoder's grid list, whatever this stage's tile budget.
     transform = TileTransform(
         cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
@@ -241,11 +245,13 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
         "max_tiles": cfg.data.max_tiles,
         "prompt": cfg.data.prompt,
     }
+    adapter = dist_utils.full_tensors(model.adapter_state())
+    if cfg.eval_samples and cfg.data.heldout:  # every process runs it (FSDP forwards are collective)
+        summary["eval"] = evaluate_captions(model, tok, transform, cfg, cfg.data.heldout)
     if dist_utils.rank() == 0:
-        save_bundle(model, out / "final", meta)
-        if cfg.eval_samples and cfg.data.heldout:
-            summary["eval"] = evaluate_captions(model, tok, transform, cfg, cfg.data.heldout)
+        save_bundle(adapter, out / "final", meta)
         write_json(json.loads(json.dumps(summary, default=str)), out / "summary.json")
+    dist_utils.barrier()
     return summary
 
 

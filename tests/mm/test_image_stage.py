@@ -185,3 +185,47 @@ def test_image_stage_trains_from_webdataset_shards(world, tmp_path):
     s = run_image_stage(cfg)
     assert s["step"] == 2 and s["data_skips"]["skipped"] == 0
     assert (tmp_path / "shards" / "final" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_image_stage_equals_one_process(world, tmp_path):
+    import os
+
+    args = [
+        "train",
+        "--config",
+        ROOT / "configs" / "stages" / "image_pretrain_tiny.yaml",
+        f"lm={world['lm']}",
+        f"data.train=[{world['train']}]",
+        "image_encoder.embed_dim=32",
+        "image_encoder.depth=2",
+        "image_encoder.num_heads=2",
+        "image_encoder.intermediate_layers=[0]",
+        "train.batch_size=4",
+        "train.max_steps=3",
+        "train.save_every=3",
+        "train.num_threads=1",
+        "train.peak_flops=1e9",
+        "eval_samples=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([BIN / "mm", *args, "--out", one], check=True, env=env, cwd=tmp_path, capture_output=True)
+    r = subprocess.run(
+        [BIN / "torchrun", "--standalone", "--nproc-per-node", "2", "-m", "mm", *args, "--out", two],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    la = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
+    ok, _ = verify_frozen(two / "final")
+    assert ok
+    a = load_file(str(one / "final" / "adapter.safetensors"))
+    b = load_file(str(two / "final" / "adapter.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
