@@ -14,14 +14,31 @@ from PIL import Image
 
 from .images import ImageTextDataset, ImageTextShards
 
+# Decoded, tiled samples kept in memory across the stages of one process (e.g. the demo), keyed by
+# (manifest, transform); only used when a stream is opened with cache=True.
+_CACHE: dict[tuple[str, str], dict[int, dict[str, Any] | None]] = {}
+
 
 class ManifestStream:
-    """Samples of one JSONL manifest in a shuffled order per epoch (seeded by seed and epoch)."""
+    """Samples of one JSONL manifest in a shuffled order per epoch (seeded by seed and epoch).
 
-    def __init__(self, dataset: ImageTextDataset, seed: int = 0) -> None:
+    With `cache=True` every decoded, tiled sample is kept in memory (the tiling is deterministic), so later
+    epochs and later stages of the same process skip decoding; meant for small data such as the demo's.
+    """
+
+    def __init__(self, dataset: ImageTextDataset, seed: int = 0, cache: bool = False) -> None:
         self.dataset, self.seed = dataset, seed
         self.epoch, self.cursor = 0, 0
         self._order: list[int] | None = None
+        key = (str(dataset.manifest.resolve()), repr(dataset.transform))
+        self._cache = _CACHE.setdefault(key, {}) if cache else None
+
+    def _load(self, idx: int) -> dict[str, Any] | None:
+        if self._cache is None:
+            return self.dataset.load(idx)
+        if idx not in self._cache:
+            self._cache[idx] = self.dataset.load(idx)
+        return self._cache[idx]
 
     def next(self) -> dict[str, Any]:
         """The next usable sample."""
@@ -32,7 +49,7 @@ class ManifestStream:
             self.cursor += 1
             if self.cursor == len(self._order):
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-            sample = self.dataset.load(idx)  # None for an unusable file (counted and logged by the dataset)
+            sample = self._load(idx)  # None for an unusable file (counted and logged by the dataset)
             if sample is not None:
                 return sample
         raise ValueError(
@@ -102,12 +119,14 @@ def open_stream(
     *,
     seed: int = 0,
     max_bad_fraction: float = 0.05,
+    cache: bool = False,
 ) -> ManifestStream | ShardStream:
     """A stream over one JSONL manifest, or over WebDataset shards (.tar files, globs, brace ranges, folders)."""
     if not paths:
         raise ValueError("no training data given")
     if len(paths) == 1 and Path(paths[0]).suffix in (".jsonl", ".json"):
-        return ManifestStream(ImageTextDataset(paths[0], transform, max_bad_fraction=max_bad_fraction), seed)
+        dataset = ImageTextDataset(paths[0], transform, max_bad_fraction=max_bad_fraction)
+        return ManifestStream(dataset, seed, cache=cache)
     if any(Path(p).suffix in (".jsonl", ".json") for p in paths):
         raise ValueError(f"give one JSONL manifest, or WebDataset shards; got {list(paths)}")
     return ShardStream(ImageTextShards(list(paths), transform, seed=seed, max_bad_fraction=max_bad_fraction))

@@ -281,7 +281,9 @@ class ImageEncoder(nn.Module):
         x = self._add_positions(x.view(BN * T, P, D), ids, T)  # (BN, T, n, D)
         x = vit.norm_pre(x)
         n_tok = x.shape[2]
-        L = n_tok + (-n_tok) % 8  # Mllama pads every tile to a multiple of 8 tokens
+        # Mllama pads every tile to a multiple of 8 tokens and lets real tokens see them; with the strict mask
+        # no query sees a pad token, so strict mode skips the padding (same outputs, less compute).
+        L = n_tok + (-n_tok) % 8 if self.cfg.mask_mode == "mllama" else n_tok
         x = F.pad(x, (0, 0, 0, L - n_tok))  # (BN, T, L, D)
         mask = self.attention_mask(aspect_ratio_mask.reshape(BN, T), n_tok, L, x.dtype)
 

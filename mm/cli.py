@@ -46,36 +46,41 @@ def _apply_run_args(cfg: Any, args: argparse.Namespace) -> None:
         cfg.train.save_every = args.save_every
 
 
+def _run_stage(command: str, run: Any, keys: tuple[str, ...]) -> int:
+    """Run a training command; report a stop by signal (exit 130) or divergence (exit 3); print the summary."""
+    from mm import distributed
+    from mm.train import TrainingDiverged
+
+    try:
+        summary = run()
+    except TrainingDiverged as e:
+        print(f"mm {command}: {e}", file=sys.stderr)
+        return 3
+    finally:
+        distributed.shutdown()
+    if summary["stopped"] != "max_steps":
+        print(
+            f"mm {command}: stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved, "
+            f"continue with --resume",
+            file=sys.stderr,
+        )
+        return 130
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return 0
+
+
 def _cmd_pretrain_lm(args: argparse.Namespace) -> int:
     """Run the LM pretraining recipe from a YAML config with overrides."""
     from mm.config import DataSourceConfig, LMPretrainConfig, load_config
     from mm.pretrain_lm import run_pretrain_lm
-    from mm.train import TrainingDiverged
 
     _setup_logging()
     cfg = load_config(LMPretrainConfig, args.config, args.overrides)
     if args.data:
         cfg.data = [DataSourceConfig(paths=list(args.data), name="data")]
     _apply_run_args(cfg, args)
-    try:
-        summary = run_pretrain_lm(cfg, resume=args.resume)
-    except TrainingDiverged as e:
-        print(f"mm pretrain-lm: {e}", file=sys.stderr)
-        return 3
-    finally:
-        from mm import distributed
-
-        distributed.shutdown()
-    if summary["stopped"] != "max_steps":
-        print(
-            f"mm pretrain-lm: stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved, "
-            f"continue with --resume",
-            file=sys.stderr,
-        )
-        return 130
     keys = ("step", "final_loss", "heldout_ppl", "wall_time_s", "final")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
-    return 0
+    return _run_stage("pretrain-lm", lambda: run_pretrain_lm(cfg, resume=args.resume), keys)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -99,21 +104,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.data:
         cfg.data.train = list(args.data)
     _apply_run_args(cfg, args)
-    try:
-        summary = run_image_stage(cfg, resume=args.resume)
-    finally:
-        from mm import distributed
-
-        distributed.shutdown()
-    if summary["stopped"] != "max_steps":
-        print(
-            f"mm train: stopped by {summary['stopped']} at step {summary['step']}; resume with --resume",
-            file=sys.stderr,
-        )
-        return 130
     keys = ("step", "final_loss", "wall_time_s", "eval")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
-    return 0
+    return _run_stage("train", lambda: run_image_stage(cfg, resume=args.resume), keys)
 
 
 def _cmd_pretrain_encoder(args: argparse.Namespace) -> int:
@@ -126,22 +118,8 @@ def _cmd_pretrain_encoder(args: argparse.Namespace) -> int:
     if args.data:
         cfg.data.train = list(args.data)
     _apply_run_args(cfg, args)
-    try:
-        summary = run_encoder_pretrain(cfg, resume=args.resume)
-    finally:
-        from mm import distributed
-
-        distributed.shutdown()
-    if summary["stopped"] != "max_steps":
-        print(
-            f"mm pretrain-encoder: stopped by {summary['stopped']} at step {summary['step']}; "
-            f"resume with --resume",
-            file=sys.stderr,
-        )
-        return 130
     keys = ("step", "final_loss", "wall_time_s", "final", "retrieval")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
-    return 0
+    return _run_stage("pretrain-encoder", lambda: run_encoder_pretrain(cfg, resume=args.resume), keys)
 
 
 def _cmd_caption(args: argparse.Namespace) -> int:

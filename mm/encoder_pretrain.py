@@ -66,6 +66,7 @@ class ClipDataConfig:
     tile_size: int = 32
     max_tiles: int = 4
     max_bad_fraction: float = 0.05
+    cache_samples: bool = False  # keep decoded tiles in memory (small data, e.g. the demo)
 
 
 @dataclass
@@ -226,7 +227,13 @@ def run_encoder_pretrain(cfg: ClipPretrainConfig, *, resume: bool = False) -> di
     transform = TileTransform(
         cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
     )
-    stream = open_stream(cfg.data.train, transform, seed=tr.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+    stream = open_stream(
+        cfg.data.train,
+        transform,
+        seed=tr.seed,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        cache=cfg.data.cache_samples,
+    )
     batcher = ClipBatcher(tok, cfg.data.max_tiles, cfg.text.max_len)
     task = ClipTask(model, stream, batcher, batch_size=tr.batch_size)
     trainer = Trainer(task, tr, cfg.optim, out, config_record={"yaml": config_to_yaml(cfg)})

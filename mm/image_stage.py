@@ -47,6 +47,7 @@ class ImageDataConfig:
     max_tiles: int = 2
     max_bad_fraction: float = 0.05
     prompt: str = IMAGE_PROMPT
+    cache_samples: bool = False  # keep decoded tiles in memory (small data, e.g. the demo)
 
 
 @dataclass
@@ -216,7 +217,13 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
     transform = TileTransform(
         cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
     )
-    stream = open_stream(cfg.data.train, transform, seed=tr.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+    stream = open_stream(
+        cfg.data.train,
+        transform,
+        seed=tr.seed,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        cache=cfg.data.cache_samples,
+    )
     collator = ImageCaptionCollator(tok, prompt=cfg.data.prompt, max_tiles=cfg.data.max_tiles)
     task = ImageCaptionTask(model, stream, collator, batch_size=tr.batch_size, name=cfg.stage)
     meta_record = {"yaml": config_to_yaml(cfg), "lm_fingerprint": fp_start, "lm_path": str(lm_path)}

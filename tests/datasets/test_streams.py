@@ -58,3 +58,21 @@ def test_open_stream_rejects_mixed_inputs(world):
         open_stream([str(world["manifest"]), str(world["shards"][0])], TileTransform(32, 2))
     with pytest.raises(ValueError, match="no training data"):
         open_stream([], TileTransform(32, 2))
+
+
+def test_cached_stream_decodes_each_sample_once_and_yields_the_same(world):
+    tf = TileTransform(32, 2)
+    plain = open_stream([str(world["manifest"])], tf, seed=5)
+    cached = open_stream([str(world["manifest"])], tf, seed=5, cache=True)
+    calls = {"n": 0}
+    real = cached.dataset.load
+
+    def counting(i):
+        calls["n"] += 1
+        return real(i)
+
+    cached.dataset.load = counting
+    for _ in range(25):
+        a, b = plain.next(), cached.next()
+        assert a["text"] == b["text"] and (a["tiles"] == b["tiles"]).all()
+    assert calls["n"] == 10  # ten entries, decoded once each over 2.5 epochs
