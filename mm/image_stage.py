@@ -111,8 +111,7 @@ class ImageCaptionTask(Task):
             aspect_ratio_ids=batch["aspect_ratio_ids"],
             aspect_ratio_mask=batch["aspect_ratio_mask"],
             cross_attention_mask=batch["cross_attention_mask"],
-            attention_mask=batch["attention_mask"],
-        )
+        )  # rows are right-padded: causal attention keeps pads out of real tokens, no key mask needed
         labels = batch["labels"]
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
@@ -129,9 +128,7 @@ class ImageCaptionTask(Task):
             self.stream.load_state_dict(state)
 
 
-def exact_match_report(
-    preds: list[str], refs: list[str], objects: list[list[dict]] | None = None
-) -> dict[str, Any]:
+def exact_match_report(preds: list[str], refs: list[str]) -> dict[str, Any]:
     """Exact match and attribute accuracy (size, colour, shape per object slot) of captions."""
     em = sum(p == r for p, r in zip(preds, refs, strict=True)) / max(1, len(refs))
     correct = total = 0

@@ -229,3 +229,14 @@ def test_two_process_fsdp_image_stage_equals_one_process(world, tmp_path):
     assert set(a) == set(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_exact_match_report_counts_attributes_by_slot():
+    from mm.image_stage import exact_match_report
+
+    r = exact_match_report(
+        ["a large red circle", "a small blue square and a large red circle", "a small blue"],
+        ["a large red circle", "a small blue square and a large red square", "a small blue triangle"],
+    )
+    assert r["exact_match"] == pytest.approx(1 / 3)
+    assert r["attribute_accuracy"] == pytest.approx((3 + 5 + 2) / (3 + 6 + 3))
