@@ -219,6 +219,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_args(p: argparse.ArgumentParser, config_help: str, data_help: str) -> None:
+    """The arguments every training command shares."""
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--data", nargs="+", help=data_help)
+    p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, final/)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `mm` subcommand."""
     from mm import __version__
@@ -247,15 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain the language model (Llama 3 recipe)",
         description="Pretrain the LM. Extra KEY=VALUE arguments override config keys, e.g. optim.lr=1e-3.",
     )
-    t.add_argument("--config", required=True, help="YAML config (e.g. configs/lm/tiny.yaml)")
-    t.add_argument(
-        "--data", nargs="+", help="text files or folders (.txt, .md, .jsonl, .jsonl.gz); replaces `data`"
+    _add_run_args(
+        t, "YAML config (e.g. configs/lm/tiny.yaml)", "text files or folders (.txt, .md, .jsonl, .jsonl.gz)"
     )
-    t.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, final/)")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--save-every", type=int)
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     t.set_defaults(func=_cmd_pretrain_lm)
 
     pe = sub.add_parser(
@@ -264,13 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain the image encoder. Extra KEY=VALUE arguments override config keys, "
         "e.g. tokenizer=runs/demo/lm-pretrain/final.",
     )
-    pe.add_argument("--config", required=True, help="YAML config (e.g. configs/encoders/clip_tiny.yaml)")
-    pe.add_argument("--data", nargs="+", help="training manifest (.jsonl) of image-text pairs")
-    pe.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, final/encoder.safetensors)")
-    pe.add_argument("--max-steps", type=int)
-    pe.add_argument("--save-every", type=int)
-    pe.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    pe.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    _add_run_args(
+        pe,
+        "YAML config (e.g. configs/encoders/clip_tiny.yaml)",
+        "image-text pairs: a JSONL manifest or WebDataset shards (.tar)",
+    )
     pe.set_defaults(func=_cmd_pretrain_encoder)
 
     tr = sub.add_parser(
@@ -278,15 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a multimodal stage with the LM frozen (image-pretrain, image-anneal)",
         description="Train a stage. Extra KEY=VALUE arguments override config keys, e.g. optim.lr=1e-4.",
     )
-    tr.add_argument(
-        "--config", required=True, help="YAML stage config (e.g. configs/stages/image_pretrain_tiny.yaml)"
+    _add_run_args(
+        tr,
+        "YAML stage config (e.g. configs/stages/image_pretrain_tiny.yaml)",
+        "training pairs: a JSONL manifest (.jsonl) or WebDataset shards (.tar)",
     )
-    tr.add_argument("--data", nargs="+", help="training manifests (.jsonl) or WebDataset shards (.tar)")
-    tr.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, final/)")
-    tr.add_argument("--max-steps", type=int)
-    tr.add_argument("--save-every", type=int)
-    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     tr.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("caption", help="caption images with an image-stage checkpoint; one line per image")

@@ -30,6 +30,7 @@ from mm.datasets.streams import ManifestStream, ShardStream, open_stream
 from mm.datasets.tiling import TileTransform
 from mm.encoders.clip import CLIPModel, TextTower, clip_loss, zero_shot_retrieval_accuracy
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.image_stage import ImageDataConfig
 from mm.lm import Tokenizer, preset
 from mm.train import Task, Trainer, resolve_device, set_seed
 
@@ -58,18 +59,6 @@ class TextTowerConfig:
 
 
 @dataclass
-class ClipDataConfig:
-    """Image-text pairs (one JSONL manifest or WebDataset shards to train on, held-out manifests) and tiling."""
-
-    train: list[str] = field(default_factory=list)
-    heldout: list[str] = field(default_factory=list)
-    tile_size: int = 32
-    max_tiles: int = 4
-    max_bad_fraction: float = 0.05
-    cache_samples: bool = False  # keep decoded tiles in memory (small data, e.g. the demo)
-
-
-@dataclass
 class ClipPretrainConfig:
     """`mm pretrain-encoder`: CLIP pretraining of the image encoder."""
 
@@ -78,7 +67,7 @@ class ClipPretrainConfig:
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 64
     image_pool: str = "mean"  # mean | cls
-    data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
     eval_samples: int = 256  # pairs per held-out manifest for zero-shot retrieval (0 = none)
