@@ -200,6 +200,18 @@ def _random_line(rng: random.Random, pair: tuple[str, str] | None = None) -> str
     return ASR_PROMPT + sentence if r < 0.65 else sentence
 
 
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """Write lines atomically (temporary file in the same folder, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _split_seed(seed: int, split: str) -> str:
     """Seed of a split's RNG: each split draws from its own stream of the same distribution."""
     return f"mm.shapes.text/{split}/{seed}"
@@ -230,14 +242,7 @@ def synth_text(
     rng.shuffle(lines)
     path = Path(out_dir) / "text" / f"{split}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_lines(path, lines)
     return path
 
 
@@ -440,12 +445,5 @@ def synth_shapes(
             Path(tmp).unlink(missing_ok=True)
             raise
     manifest = root / f"{split}.jsonl"
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{manifest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, manifest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_lines(manifest, lines)
     return manifest

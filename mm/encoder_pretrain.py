@@ -26,13 +26,13 @@ from mm.checkpoint import save_tensors, write_json
 from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset
-from mm.datasets.streams import ManifestStream, ShardStream, open_stream
+from mm.datasets.streams import ManifestStream, ShardStream
 from mm.datasets.tiling import TileTransform
 from mm.encoders.clip import CLIPModel, TextTower, clip_loss, zero_shot_retrieval_accuracy
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
-from mm.image_stage import ImageDataConfig
+from mm.image_stage import ImageDataConfig, open_image_stream
 from mm.lm import Tokenizer, preset
-from mm.train import Task, Trainer, resolve_device, set_seed
+from mm.train import Task, Trainer, setup_run
 
 log = logging.getLogger("mm.encoder_pretrain")
 
@@ -205,24 +205,11 @@ def run_encoder_pretrain(cfg: ClipPretrainConfig, *, resume: bool = False) -> di
             f"encoder (tile_size={enc.tile_size}, max_tiles={enc.max_tiles})"
         )
     tr = cfg.train
-    if tr.num_threads:
-        torch.set_num_threads(tr.num_threads)
-    dist_utils.init_distributed()
-    device = resolve_device(tr.device)
-    set_seed(tr.seed)
+    device = setup_run(tr)
     out = Path(cfg.out)
     tok = Tokenizer.from_file(cfg.tokenizer)
     model = build_clip_model(cfg, tok.vocab_size).to(device)
-    transform = TileTransform(
-        cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
-    )
-    stream = open_stream(
-        cfg.data.train,
-        transform,
-        seed=tr.seed,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-        cache=cfg.data.cache_samples,
-    )
+    transform, stream = open_image_stream(cfg.data, cfg.image_encoder, tr.seed)
     batcher = ClipBatcher(tok, cfg.data.max_tiles, cfg.text.max_len)
     task = ClipTask(model, stream, batcher, batch_size=tr.batch_size)
     trainer = Trainer(task, tr, cfg.optim, out, config_record={"yaml": config_to_yaml(cfg)})

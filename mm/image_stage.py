@@ -128,6 +128,18 @@ class ImageCaptionTask(Task):
             self.stream.load_state_dict(state)
 
 
+def open_image_stream(
+    data: ImageDataConfig, encoder: ImageEncoderConfig, seed: int
+) -> tuple[TileTransform, ManifestStream | ShardStream]:
+    """The tiling and the resumable training stream of an image-text stage."""
+    # Aspect-ratio ids are numbered by the encoder's grid list, whatever this stage's tile budget.
+    transform = TileTransform(data.tile_size, data.max_tiles, id_max_tiles=encoder.max_tiles)
+    stream = open_stream(
+        data.train, transform, seed=seed, max_bad_fraction=data.max_bad_fraction, cache=data.cache_samples
+    )
+    return transform, stream
+
+
 def exact_match_report(preds: list[str], refs: list[str]) -> dict[str, Any]:
     """Exact match and attribute accuracy (size, colour, shape per object slot) of captions."""
     em = sum(p == r for p, r in zip(preds, refs, strict=True)) / max(1, len(refs))
@@ -210,17 +222,7 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
         dist_utils.apply_fsdp(
             model, blocks, extra_forward_methods={"media_kv": list(model.image_xattn.values())}
         )
-    # Aspect-ratio ids are numbered by the encoder's grid list, whatever this stage's tile budget.
-    transform = TileTransform(
-        cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles
-    )
-    stream = open_stream(
-        cfg.data.train,
-        transform,
-        seed=tr.seed,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-        cache=cfg.data.cache_samples,
-    )
+    transform, stream = open_image_stream(cfg.data, cfg.image_encoder, tr.seed)
     collator = ImageCaptionCollator(tok, prompt=cfg.data.prompt, max_tiles=cfg.data.max_tiles)
     task = ImageCaptionTask(model, stream, collator, batch_size=tr.batch_size, name=cfg.stage)
     meta_record = {"yaml": config_to_yaml(cfg), "lm_fingerprint": fp_start, "lm_path": str(lm_path)}
