@@ -58,6 +58,7 @@ def generate(
     """Generate up to `max_new_tokens` per prompt; returns the new tokens of each (stop token excluded).
 
     `model_kwargs` go to every forward call unchanged (e.g. a composite model's precomputed media context).
+    Prompt ids must lie below `model.input_vocab_size` when the model has one, else below `cfg.vocab_size`.
     """
     extra = dict(model_kwargs or {})
     prompts = _as_prompts(input_ids)
@@ -73,7 +74,7 @@ def generate(
         raise ValueError(
             f"prompt of {T} tokens + {max_new_tokens} new tokens = {total} exceeds max_seq_len={cfg.max_seq_len}"
         )
-    vocab = cfg.vocab_size
+    vocab = getattr(model, "input_vocab_size", cfg.vocab_size)  # a composite model may embed extra ids
     for i, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:

@@ -6,7 +6,8 @@
                               fingerprints at start and end
 
 `load_bundle` refuses an LM whose fingerprint differs from the recorded one; `verify_frozen` is the check
-behind `mm verify-frozen`.
+behind `mm verify-frozen`. The LM is an HF Llama directory, or (`"lm_format": "hf_mllama"`) the language model
+inside a Llama 3.2 Vision directory the stage started from.
 """
 
 from __future__ import annotations
@@ -54,10 +55,19 @@ def resolve_lm_path(bundle: Path, cfg: dict[str, Any]) -> Path:
     return p if p.is_absolute() else (bundle / p).resolve()
 
 
+def load_lm(lm_path: Path, cfg: dict[str, Any]) -> torch.nn.Module:
+    """The LM a bundle names: an HF Llama directory, or the LM of a Mllama directory (`lm_format`)."""
+    if cfg.get("lm_format", "hf_llama") == "hf_mllama":
+        from mm.mllama import load_hf_mllama_lm
+
+        return load_hf_mllama_lm(lm_path)
+    return load_hf(lm_path)
+
+
 def load_lm_checked(bundle: Path, cfg: dict[str, Any]) -> torch.nn.Module:
     """Load the bundle's LM and refuse it if its fingerprint differs from the recorded one."""
     lm_path = resolve_lm_path(bundle, cfg)
-    lm = load_hf(lm_path)
+    lm = load_lm(lm_path, cfg)
     fp = fingerprint(lm)
     if fp != cfg["lm_fingerprint"]:
         raise FrozenLMChanged(
@@ -88,7 +98,7 @@ def verify_frozen(bundle: str | Path) -> tuple[bool, str]:
     bundle = Path(bundle)
     cfg = read_config(bundle)
     lm_path = resolve_lm_path(bundle, cfg)
-    fp = fingerprint(load_hf(lm_path))
+    fp = fingerprint(load_lm(lm_path, cfg))
     start, end = cfg.get("lm_fingerprint_start"), cfg.get("lm_fingerprint_end")
     problems = []
     if fp != cfg["lm_fingerprint"]:

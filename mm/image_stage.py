@@ -4,6 +4,11 @@ cross-attention layers train on image-caption pairs while the LM stays frozen, o
 Freeze proof: the LM fingerprint is taken at start and checked at the end, the optimizer is checked to hold
 no LM parameter, checkpoints and the final bundle hold only non-LM tensors plus the LM's fingerprint and
 location. `image-anneal` starts from the `image-pretrain` bundle with more tiles and a re-warmed LR.
+
+`init_from_hf_mllama: DIR` continues training a Llama 3.2 Vision checkpoint (a transformers Mllama directory,
+`mm.mllama`): its LM is the frozen LM, its vision model, projection, cross-attention layers and 8 extra token
+embeddings train, its `preprocessor_config.json` sets the tiling; `lm`, `init_from` and `encoder_weights` stay
+unset, and the `image_encoder` / `xattn.every` sections are replaced by the checkpoint's.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class XAttnConfig:
     """Placement and numerics of the gated cross-attention blocks."""
 
     every: int = 4
-    hf_row_compat: bool = False
+    hf_row_compat: bool = False  # true: transformers' treatment of text rows that see no image (issue #39379)
+    layers: list[int] | None = None  # explicit LM layer ids (overrides `every`; set from a Mllama checkpoint)
 
 
 @dataclass
@@ -66,6 +72,7 @@ class ImageStageConfig:
     lm: str = ""  # HF Llama directory of the frozen LM (e.g. runs/demo/lm-pretrain/final)
     tokenizer: str | None = None  # default: the LM directory's tokenizer
     init_from: str | None = None  # a previous stage's bundle (image-anneal starts from image-pretrain)
+    init_from_hf_mllama: str | None = None  # a Llama 3.2 Vision (HF Mllama) directory to keep training
     encoder_weights: str | None = None  # image encoder weights (e.g. from `mm pretrain-encoder`)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
@@ -129,11 +136,12 @@ class ImageCaptionTask(Task):
 
 
 def open_image_stream(
-    data: ImageDataConfig, encoder: ImageEncoderConfig, seed: int
+    data: ImageDataConfig, encoder: ImageEncoderConfig, seed: int, transform: TileTransform | None = None
 ) -> tuple[TileTransform, ManifestStream | ShardStream]:
-    """The tiling and the resumable training stream of an image-text stage."""
+    """The tiling (default: CLIP normalisation, bilinear) and the resumable training stream of an image stage."""
     # Aspect-ratio ids are numbered by the encoder's grid list, whatever this stage's tile budget.
-    transform = TileTransform(data.tile_size, data.max_tiles, id_max_tiles=encoder.max_tiles)
+    if transform is None:
+        transform = TileTransform(data.tile_size, data.max_tiles, id_max_tiles=encoder.max_tiles)
     stream = open_stream(
         data.train, transform, seed=seed, max_bad_fraction=data.max_bad_fraction, cache=data.cache_samples
     )
@@ -184,28 +192,69 @@ def build_model(cfg: ImageStageConfig, lm: torch.nn.Module, tok: Tokenizer) -> M
         lm,
         encoder,
         xattn_every=cfg.xattn.every,
+        xattn_layers=cfg.xattn.layers,
         hf_row_compat=cfg.xattn.hf_row_compat,
         image_token_id=tok.image_id,
     )
+
+
+def start_from_hf_mllama(cfg: ImageStageConfig, device: torch.device) -> tuple[MultimodalLM, Tokenizer]:
+    """The model and tokenizer of `init_from_hf_mllama`; `cfg` records the checkpoint's encoder and placement."""
+    from mm.mllama import load_hf_mllama
+
+    path = Path(cfg.init_from_hf_mllama).resolve()
+    if cfg.lm or cfg.init_from or cfg.encoder_weights:
+        raise ValueError(
+            f"init_from_hf_mllama={path} brings the LM, image encoder and cross-attention: leave lm, init_from "
+            f"and encoder_weights unset (found lm={cfg.lm!r}, init_from={cfg.init_from!r}, "
+            f"encoder_weights={cfg.encoder_weights!r})"
+        )
+    model = load_hf_mllama(path, hf_row_compat=cfg.xattn.hf_row_compat, device=device)
+    if cfg.xattn.layers is not None and sorted(cfg.xattn.layers) != model.xattn_layers:
+        raise ValueError(f"xattn.layers={cfg.xattn.layers}, but {path} has them before {model.xattn_layers}")
+    tok = Tokenizer.from_file(cfg.tokenizer or path)
+    if tok.image_id != model.image_token_id:
+        raise ValueError(
+            f"tokenizer {cfg.tokenizer or path}: <|image|> has id {tok.image_id}, expected {model.image_token_id} "
+            f"(image_token_index of {path / 'config.json'})"
+        )
+    enc = model.image_encoder.cfg
+    if cfg.data.tile_size != enc.tile_size or not 1 <= cfg.data.max_tiles <= enc.max_tiles:
+        raise ValueError(
+            f"data.tile_size={cfg.data.tile_size} / data.max_tiles={cfg.data.max_tiles}: expected tile_size "
+            f"{enc.tile_size} and max_tiles in 1..{enc.max_tiles} ({path}'s vision model)"
+        )
+    cfg.image_encoder = enc
+    cfg.xattn.layers = list(model.xattn_layers)
+    return model, tok
 
 
 def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train one image stage and write OUT/final (adapter bundle) and OUT/summary.json."""
     if cfg.stage not in IMAGE_STAGES:
         raise ValueError(f"stage={cfg.stage!r}; image stages: {list(IMAGE_STAGES)}")
-    if not cfg.lm:
+    if not cfg.lm and not cfg.init_from_hf_mllama:
         raise ValueError("`lm` must name the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
     if not cfg.data.train:
         raise ValueError("no training data: pass --data MANIFEST.jsonl|SHARD.tar ... or set data.train")
     tr = cfg.train
     device = setup_run(tr)
     out = Path(cfg.out)
-    lm_path = Path(cfg.lm).resolve()
-    lm = load_hf(lm_path, device=device)
-    tok = Tokenizer.from_file(cfg.tokenizer or lm_path)
-    freeze(lm)
-    fp_start = fingerprint(lm)
-    model = build_model(cfg, lm, tok).to(device)
+    transform = None
+    if cfg.init_from_hf_mllama:
+        from mm.mllama import load_hf_mllama_transform
+
+        model, tok = start_from_hf_mllama(cfg, device)
+        lm, lm_path = model.lm, Path(cfg.init_from_hf_mllama).resolve()
+        transform = load_hf_mllama_transform(lm_path, max_tiles=cfg.data.max_tiles)
+        fp_start = fingerprint(lm)
+    else:
+        lm_path = Path(cfg.lm).resolve()
+        lm = load_hf(lm_path, device=device)
+        tok = Tokenizer.from_file(cfg.tokenizer or lm_path)
+        freeze(lm)
+        fp_start = fingerprint(lm)
+        model = build_model(cfg, lm, tok).to(device)
     if cfg.init_from:
         prev = read_config(cfg.init_from)
         if prev["lm_fingerprint"] != fp_start:
@@ -222,7 +271,7 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
         dist_utils.apply_fsdp(
             model, blocks, extra_forward_methods={"media_kv": list(model.image_xattn.values())}
         )
-    transform, stream = open_image_stream(cfg.data, cfg.image_encoder, tr.seed)
+    transform, stream = open_image_stream(cfg.data, cfg.image_encoder, tr.seed, transform)
     collator = ImageCaptionCollator(tok, prompt=cfg.data.prompt, max_tiles=cfg.data.max_tiles)
     task = ImageCaptionTask(model, stream, collator, batch_size=tr.batch_size, name=cfg.stage)
     meta_record = {"yaml": config_to_yaml(cfg), "lm_fingerprint": fp_start, "lm_path": str(lm_path)}
@@ -251,6 +300,8 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
         "max_tiles": cfg.data.max_tiles,
         "prompt": cfg.data.prompt,
     }
+    if cfg.init_from_hf_mllama:  # the LM lives in the Mllama directory; the bundle holds the 8 extra tokens
+        meta["lm_format"] = "hf_mllama"
     adapter = dist_utils.full_tensors(model.adapter_state())
     if cfg.eval_samples and cfg.data.heldout:  # every process runs it (FSDP forwards are collective)
         summary["eval"] = evaluate_captions(model, tok, transform, cfg, cfg.data.heldout)
@@ -281,21 +332,32 @@ def evaluate_captions(
 
 def load_image_bundle(path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
     """Rebuild a trained image model from its bundle (refusing an LM whose fingerprint changed)."""
-    from mm.bundle import load_lm_checked, load_tokenizer
+    from mm.bundle import load_lm_checked, load_tokenizer, resolve_lm_path
 
     meta = read_config(path)
     lm = load_lm_checked(path, meta)
     tok = load_tokenizer(path, meta)
     freeze(lm)
     enc_cfg = ImageEncoderConfig(**meta["image_encoder"])
-    encoder = ImageEncoder(enc_cfg)
+    mllama = meta.get("lm_format") == "hf_mllama"
+    if mllama:
+        from mm.mllama import MLLAMA_EXTRA_TOKENS, load_hf_mllama_transform, mllama_image_encoder
+
+        encoder = mllama_image_encoder(enc_cfg)
+    else:
+        encoder = ImageEncoder(enc_cfg)
     model = MultimodalLM(
         lm,
         encoder,
         xattn_every=meta["xattn"]["every"],
+        xattn_layers=meta["xattn"].get("layers"),
         hf_row_compat=meta["xattn"]["hf_row_compat"],
         image_token_id=tok.image_id,
+        extra_tokens=MLLAMA_EXTRA_TOKENS if mllama else 0,
     )
     load_adapter_weights(model, path)
-    transform = TileTransform(meta["tile_size"], meta["max_tiles"], id_max_tiles=enc_cfg.max_tiles)
+    if mllama:
+        transform = load_hf_mllama_transform(resolve_lm_path(path, meta), max_tiles=meta["max_tiles"])
+    else:
+        transform = TileTransform(meta["tile_size"], meta["max_tiles"], id_max_tiles=enc_cfg.max_tiles)
     return model.eval(), tok, transform, meta

@@ -1,18 +1,21 @@
 """`MultimodalLM`: the frozen LM composed with media encoders and gated cross-attention adapters
 (Llama 3 paper §7; torchtune's `DeepFusionModel` states in one line what trains).
 
-The LM's own layers run unchanged; before every k-th LM layer (k=4 by default: before layers 3, 7, 11, ...)
-a `CrossAttentionBlock` lets the text attend to the media tokens. With every gate at 0 the text logits equal
-the bare LM's exactly, with or without media. During generation the media's K/V for every cross-attention
-layer are computed once per prompt (`encode_media`) and passed to each step in a `MediaContext`, the media
-counterpart of the KV cache.
+The LM's own layers run unchanged; before every k-th LM layer (k=4 by default: before layers 3, 7, 11, ...),
+or before the LM layers listed in `xattn_layers`, a `CrossAttentionBlock` lets the text attend to the media
+tokens. With every gate at 0 the text logits equal the bare LM's exactly, with or without media. During
+generation the media's K/V for every cross-attention layer are computed once per prompt (`encode_media`) and
+passed to each step in a `MediaContext`, the media counterpart of the KV cache. `forward_hf` takes the tensors
+of transformers' `MllamaProcessor` (Llama 3.2 Vision checkpoints load through `mm.mllama`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mm.adapters import CrossAttentionBlock
@@ -20,7 +23,7 @@ from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.lm import KVCache, Transformer
 from mm.lm.config import LMConfig
 
-PARTS = ("lm", "image_encoder", "image_xattn")
+PARTS = ("lm", "image_encoder", "image_xattn", "extra_tok_embeddings")
 
 
 @dataclass
@@ -43,6 +46,17 @@ def xattn_layer_ids(n_layers: int, every: int) -> list[int]:
     return [i for i in range(n_layers) if i % every == every - 1]
 
 
+def check_xattn_layers(layers: Sequence[int], n_layers: int) -> list[int]:
+    """An explicit placement: distinct LM layer indices in [0, n_layers), returned sorted."""
+    ids = sorted(int(i) for i in layers)
+    bad = [i for i in ids if not 0 <= i < n_layers]
+    if bad or len(set(ids)) != len(ids):
+        raise ValueError(
+            f"cross-attention layers {list(layers)}: expected distinct LM layer indices in [0, {n_layers})"
+        )
+    return ids
+
+
 def expand_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int) -> torch.Tensor:
     """Mllama-format mask (B, T, N_img, max_tiles) -> per media token (B, T, N_img*max_tiles*P), bool."""
     B, T = mask.shape[:2]
@@ -50,7 +64,13 @@ def expand_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int) -> tor
 
 
 class MultimodalLM(nn.Module):
-    """Frozen LM + image encoder + gated cross-attention blocks; `trainable` names the parts that train."""
+    """Frozen LM + image encoder + gated cross-attention blocks; `trainable` names the parts that train.
+
+    `xattn_layers` (LM layer indices) overrides the every-k-th placement. `extra_tokens` > 0 adds that many
+    token embeddings after the LM's vocabulary (ids V .. V+extra_tokens-1; Llama 3.2 Vision has 8, `<|image|>`
+    among them: Meta's `learnable_embedding`); they are outside the frozen LM and train when
+    "extra_tok_embeddings" is in `trainable`. Logits stay over the LM's V ids.
+    """
 
     def __init__(
         self,
@@ -58,9 +78,11 @@ class MultimodalLM(nn.Module):
         image_encoder: nn.Module | None = None,
         *,
         xattn_every: int = 4,
+        xattn_layers: Sequence[int] | None = None,
         hf_row_compat: bool = False,
         trainable: tuple[str, ...] = ("image_encoder", "image_xattn"),
         image_token_id: int | None = None,
+        extra_tokens: int = 0,
     ) -> None:
         super().__init__()
         if "lm" in trainable:
@@ -73,6 +95,10 @@ class MultimodalLM(nn.Module):
         self.image_token_id = image_token_id
         c: LMConfig = lm.cfg
         self.xattn_every = xattn_every
+        if xattn_layers is None:
+            self.xattn_layers = xattn_layer_ids(c.n_layers, xattn_every)
+        else:
+            self.xattn_layers = check_xattn_layers(xattn_layers, c.n_layers)
         self.image_xattn = nn.ModuleDict(
             {
                 str(i): CrossAttentionBlock(
@@ -84,15 +110,38 @@ class MultimodalLM(nn.Module):
                     c.norm_eps,
                     hf_row_compat=hf_row_compat,
                 )
-                for i in xattn_layer_ids(c.n_layers, xattn_every)
+                for i in self.xattn_layers
             }
         )
+        if extra_tokens < 0:
+            raise ValueError(f"extra_tokens must be >= 0, got {extra_tokens}")
+        self.extra_tok_embeddings = nn.Embedding(extra_tokens, c.dim) if extra_tokens else None
+        if self.extra_tok_embeddings is not None:
+            nn.init.normal_(self.extra_tok_embeddings.weight, std=c.init_std)
         self.set_trainable(trainable)
 
     @property
     def cfg(self) -> LMConfig:
         """The LM's config (so LM utilities such as `generate` and `KVCache.for_model` apply)."""
         return self.lm.cfg
+
+    @property
+    def input_vocab_size(self) -> int:
+        """Number of token ids the model embeds: the LM's vocabulary plus the extra tokens."""
+        n_extra = 0 if self.extra_tok_embeddings is None else self.extra_tok_embeddings.num_embeddings
+        return self.lm.cfg.vocab_size + n_extra
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> (B, T, D): ids below V from the LM's table, V.. from the extra embeddings."""
+        if self.extra_tok_embeddings is None:
+            return self.lm.embed(tokens)
+        V, n = self.lm.cfg.vocab_size, self.input_vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= n):
+            bad = tokens[(tokens < 0) | (tokens >= n)]
+            raise ValueError(f"token id {int(bad[0])} is outside [0, {n}) (LM vocabulary {V} + extra tokens)")
+        extra = tokens >= V
+        h = self.lm.tok_embeddings(tokens.masked_fill(extra, 0))  # (B, T, D)
+        return torch.where(extra[..., None], self.extra_tok_embeddings((tokens - V).clamp(min=0)), h)
 
     def set_trainable(self, trainable: tuple[str, ...]) -> None:
         """requires_grad per part; the LM is always frozen."""
@@ -134,7 +183,7 @@ class MultimodalLM(nn.Module):
             kv=kv,
             n_media_tokens=media.shape[1],
             tokens_per_tile=self.image_encoder.num_tokens_per_tile,
-            extra={"tile_mask": aspect_ratio_mask},
+            extra={"tile_mask": aspect_ratio_mask, "aspect_ratio_ids": aspect_ratio_ids},
         )
 
     # ---- forward ------------------------------------------------------------------------------------
@@ -154,7 +203,7 @@ class MultimodalLM(nn.Module):
         """Logits (B, T, V). Media come as pixels (encoded here) or as a precomputed `MediaContext`."""
         if media is None and pixel_values is not None:
             media = self.encode_media(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        h = self.lm.embed(tokens)
+        h = self.embed(tokens)
         B, T, _ = h.shape
         ctx = self.lm.context(
             B, T, device=h.device, positions=positions, attention_mask=attention_mask, cache=cache
@@ -173,10 +222,15 @@ class MultimodalLM(nn.Module):
                     B, T, -1
                 )  # decoding: see what the prompt's end saw
             elif self.image_token_id is not None:  # the paper's rule, from the image tokens in the text
-                n_tiles = media.extra["tile_mask"].sum(-1).tolist()  # (B, N_img) real tiles per image
+                tile_mask = media.extra["tile_mask"]  # (B, N_img, max_tiles)
+                n_tiles = tile_mask.sum(-1).tolist()  # real tiles per image
+                ids = media.extra.get("aspect_ratio_ids")
+                if ids is not None:  # padding images (id 0, as MllamaProcessor pads rows) have no image token
+                    n_tiles = [[n for n, i in zip(r, ri) if i != 0] for r, ri in zip(n_tiles, ids.tolist())]
                 cam = cross_attention_mask_from_tokens(
-                    tokens, self.image_token_id, n_tiles, media.extra["tile_mask"].shape[-1]
+                    tokens, self.image_token_id, n_tiles, tile_mask.shape[-1]
                 )
+                cam = F.pad(cam, (0, 0, 0, tile_mask.shape[1] - cam.shape[2]))  # (B, T, N_img, max_tiles)
                 xmask = expand_cross_attention_mask(cam, media.tokens_per_tile)
             else:
                 raise ValueError(
@@ -190,3 +244,49 @@ class MultimodalLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.lm.head(h)
+
+    def forward_hf(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for `MllamaProcessor`'s tensors, as `MllamaForConditionalGeneration.forward`.
+
+        Without `pixel_values` the cross-attention layers are skipped (text only), as transformers. Without a
+        `cross_attention_mask` the processor's mask is derived from the `<|image|>` tokens (transformers' SDPA
+        path would instead apply a causal mask to the cross-attention, a default no processor output hits).
+        Text rows whose mask row is all zero (tokens before the first image) follow `hf_row_compat`: False
+        (default) gives them no cross-attention output, as Meta's reference; True reproduces transformers
+        (they attend to every media token and only the FFN part is zeroed, transformers issue #39379). Both
+        agree on every row that sees an image, but a causal LM carries a difference at those rows into the
+        later tokens of the same sequence.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if pixel_values is None:
+            return self(input_ids, attention_mask=attention_mask)
+        if aspect_ratio_ids is None or aspect_ratio_mask is None:
+            raise ValueError(
+                "pixel_values need aspect_ratio_ids and aspect_ratio_mask (MllamaProcessor output)"
+            )
+        if cross_attention_mask is None and self.image_token_id is None:
+            raise ValueError("pass cross_attention_mask: this model has no image_token_id to derive it from")
+        want = (*input_ids.shape, *pixel_values.shape[1:3])
+        if cross_attention_mask is not None and tuple(cross_attention_mask.shape) != want:
+            raise ValueError(
+                f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}, expected {want} "
+                "(B, T, images, max_tiles)"
+            )
+        return self(
+            input_ids,
+            pixel_values=pixel_values,
+            aspect_ratio_ids=aspect_ratio_ids,
+            aspect_ratio_mask=aspect_ratio_mask,
+            cross_attention_mask=cross_attention_mask,
+            attention_mask=attention_mask,
+        )
