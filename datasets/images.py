@@ -392,6 +392,11 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def unsafe_member_name(name: str) -> bool:
+    """True for a tar member name that is absolute or climbs out of its folder ("../x.png", "/etc/x.png")."""
+    return name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/")
+
+
 def _read_groups(
     shard: Path, stats: SkipStats, max_member_bytes: int
 ) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -411,6 +416,9 @@ def _read_groups(
                         yield key, group
                     key, group = split[0], {}
                 ext = split[1]
+                if unsafe_member_name(member.name):  # never extracted anyway: members are read in memory
+                    group["_unsafe"] = f"member name {member.name!r} points outside the shard's folder"
+                    continue
                 if member.size > max_member_bytes:
                     group["_too_large"] = f"member {member.name} has {member.size} bytes > {max_member_bytes}"
                     continue
@@ -457,6 +465,8 @@ def iter_webdataset(
         for key, group in _read_groups(shard, stats, max_member_bytes):
             source = f"{shard}:{key}"
             try:
+                if "_unsafe" in group:
+                    raise BadSample("unsafe_name", group["_unsafe"])
                 if "_too_large" in group:
                     raise BadSample("too_large", group["_too_large"])
                 image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)

@@ -39,6 +39,7 @@ transformers' Mllama names lives in `load_mllama_vision_state_dict` at the end o
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -334,7 +335,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # arbitrary objects (code) in the pickle: refused, never run
+        raise ValueError(
+            f"{path}: refused to load, the file holds more than tensors (weights_only=True rejected it: "
+            f"{str(e).splitlines()[0]}); convert it to .safetensors"
+        ) from None
     for wrapper in ("state_dict", "model"):  # timm's training checkpoints wrap the weights
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
@@ -355,6 +362,11 @@ def _check_and_load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: s
         f"key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(expected[k].shape)}"
         for k in sorted(set(sd) & set(expected))
         if sd[k].shape != expected[k].shape
+    ]
+    errors += [
+        f"key {k!r} has dtype {sd[k].dtype}, expected a floating dtype like {expected[k].dtype}"
+        for k in sorted(set(sd) & set(expected))
+        if expected[k].is_floating_point() and not sd[k].is_floating_point()
     ]
     if errors:
         raise ValueError(f"{source} does not fit {type(module).__name__}: " + "; ".join(errors))

@@ -256,6 +256,9 @@ def config_to_hf(cfg: LMConfig, dtype: torch.dtype = torch.float32) -> dict[str,
     }
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype names of weights
+
+
 # ---- loading ------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> Any:
     try:
@@ -322,6 +325,12 @@ def load_hf(
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != expected[key]:
                     raise ValueError(f"tensor {key!r} in {file} has shape {shape}, expected {expected[key]}")
+                stored = f.get_slice(key).get_dtype()
+                if stored not in FLOAT_DTYPES:
+                    raise ValueError(
+                        f"tensor {key!r} in {file} has dtype {stored}, expected a float dtype "
+                        f"({', '.join(FLOAT_DTYPES)})"
+                    )
                 hf_sd[key] = f.get_tensor(key).to(device=device, dtype=dtype)
 
     model.load_state_dict(hf_to_mm_state_dict(hf_sd, cfg), strict=True, assign=True)

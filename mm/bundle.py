@@ -6,7 +6,8 @@
                               fingerprints at start and end
 
 `load_bundle` refuses an LM whose fingerprint differs from the recorded one; `verify_frozen` is the check
-behind `mm verify-frozen`. The LM is an HF Llama directory, or (`"lm_format": "hf_mllama"`) the language model
+behind `mm verify-frozen`. A video-stage bundle also names the image-stage bundle it builds on
+(`image_bundle`) and the fingerprint of that frozen image path; `verify_frozen` checks both. The LM is an HF Llama directory, or (`"lm_format": "hf_mllama"`) the language model
 inside a Llama 3.2 Vision directory the stage started from.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from mm.checkpoint import load_tensors, save_tensors, write_json
-from mm.freeze import FrozenLMChanged, assert_no_lm_tensors, fingerprint
+from mm.freeze import FrozenLMChanged, assert_no_lm_tensors, fingerprint, fingerprint_tensors
 from mm.lm import Tokenizer, load_hf
 
 CONFIG = "mm_config.json"
@@ -90,6 +91,8 @@ def load_adapter_weights(model: torch.nn.Module, bundle: Path) -> None:
             raise ValueError(
                 f"{bundle / WEIGHTS}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
             )
+        if own[k].dtype != v.dtype:
+            raise ValueError(f"{bundle / WEIGHTS}: {k} has dtype {v.dtype}, expected {own[k].dtype}")
     model.load_state_dict(tensors, strict=False)
 
 
@@ -109,9 +112,47 @@ def verify_frozen(bundle: str | Path) -> tuple[bool, str]:
         problems.append(
             f"the stage changed the LM: fingerprint {start[:16]}... at start, {end[:16]}... at end"
         )
+    detail = f"LM at {lm_path} is untouched (sha256 {fp})"
+    if cfg.get("image_bundle"):
+        image_problems, image_detail = _image_path_problems(bundle, cfg)
+        problems += image_problems
+        detail += f"; {image_detail}"
     if problems:
         return False, "; ".join(problems)
-    return True, f"LM at {lm_path} is untouched (sha256 {fp})"
+    return True, detail
+
+
+def resolve_image_bundle(bundle: Path, cfg: dict[str, Any]) -> Path:
+    """The image-stage bundle a video bundle builds on (relative paths are relative to the bundle)."""
+    p = Path(cfg["image_bundle"])
+    return p if p.is_absolute() else (Path(bundle) / p).resolve()
+
+
+def image_path_fingerprint(image_bundle: str | Path) -> str:
+    """Fingerprint of a frozen image path: every tensor of the image-stage bundle (encoder, cross-attention)."""
+    return fingerprint_tensors(load_tensors(Path(image_bundle) / WEIGHTS))
+
+
+def _image_path_problems(bundle: Path, cfg: dict[str, Any]) -> tuple[list[str], str]:
+    """What differs between a video bundle's recorded image path and the image bundle it names now."""
+    image = resolve_image_bundle(bundle, cfg)
+    if not (image / WEIGHTS).is_file():
+        return [f"the image-stage bundle {image} it builds on is missing ({WEIGHTS} not found)"], ""
+    problems = []
+    fp = image_path_fingerprint(image)
+    if fp != cfg["image_fingerprint"]:
+        problems.append(
+            f"image path at {image} now has fingerprint {fp[:16]}..., recorded {cfg['image_fingerprint'][:16]}..."
+        )
+    start, end = cfg.get("image_fingerprint_start"), cfg.get("image_fingerprint_end")
+    if start is not None and end is not None and start != end:
+        problems.append(
+            f"the stage changed the image path: fingerprint {start[:16]}... at start, {end[:16]}... at end"
+        )
+    image_lm = read_config(image).get("lm_fingerprint")
+    if image_lm != cfg["lm_fingerprint"]:
+        problems.append(f"the image-stage bundle {image} belongs to another LM ({str(image_lm)[:16]}...)")
+    return problems, f"image path at {image} is untouched (sha256 {fp})"
 
 
 def load_tokenizer(bundle: Path, cfg: dict[str, Any]) -> Tokenizer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -158,9 +159,14 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
     opt_file = path / "optimizer.pt"
-    optimizer = (
-        torch.load(opt_file, map_location=map_location, weights_only=True) if opt_file.is_file() else None
-    )
+    optimizer = None
+    if opt_file.is_file():
+        try:
+            optimizer = torch.load(opt_file, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:  # objects beyond tensors and numbers: refused, never run
+            raise ValueError(
+                f"{opt_file}: refused to load, it holds more than tensors and numbers ({str(e).splitlines()[0]})"
+            ) from None
     return {
         "model": load_tensors(path / "model.safetensors"),
         "optimizer": optimizer,
