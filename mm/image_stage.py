@@ -30,10 +30,11 @@ from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.shapes import IMAGE_PROMPT
 from mm.datasets.streams import ManifestStream, ShardStream, open_stream
-from mm.datasets.tiling import TileTransform
+from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, freeze
 from mm.lm import Tokenizer, load_hf
+from mm.lm.hf import config_from_hf
 from mm.multimodal import MultimodalLM
 from mm.train import Task, Trainer, setup_run
 
@@ -229,6 +230,41 @@ def start_from_hf_mllama(cfg: ImageStageConfig, device: torch.device) -> tuple[M
     return model, tok
 
 
+def check_image_stage_config(cfg: ImageStageConfig) -> None:
+    """Refuse impossible combinations, naming the key and the allowed values (reads only the LM's config.json)."""
+    enc, data = cfg.image_encoder, cfg.data
+    grids = supported_aspect_ratios(enc.max_tiles)
+    if len(grids) > enc.max_aspect_ratio_id:
+        raise ValueError(
+            f"image_encoder.max_tiles={enc.max_tiles} has {len(grids)} tile grids, beyond the aspect-ratio list "
+            f"of image_encoder.max_aspect_ratio_id={enc.max_aspect_ratio_id}; allowed max_tiles: "
+            f"{[n for n in range(1, 17) if len(supported_aspect_ratios(n)) <= enc.max_aspect_ratio_id]}"
+        )
+    if not 1 <= data.max_tiles <= enc.max_tiles:
+        raise ValueError(
+            f"data.max_tiles={data.max_tiles} is outside the encoder's tile grids; allowed: 1..{enc.max_tiles} "
+            f"(image_encoder.max_tiles)"
+        )
+    if data.tile_size != enc.tile_size:
+        raise ValueError(
+            f"data.tile_size={data.tile_size} differs from image_encoder.tile_size={enc.tile_size}; they must match"
+        )
+    if cfg.init_from_hf_mllama or not cfg.lm:
+        return
+    config_json = Path(cfg.lm) / "config.json"
+    if not config_json.is_file():
+        return  # load_hf names the missing file
+    n_layers = config_from_hf(json.loads(config_json.read_text()), source=str(config_json)).n_layers
+    if cfg.xattn.layers:
+        bad = [i for i in cfg.xattn.layers if not 0 <= int(i) < n_layers]
+        if bad:
+            raise ValueError(f"xattn.layers {bad} are not LM layers; allowed: 0..{n_layers - 1} ({cfg.lm})")
+    elif not 1 <= cfg.xattn.every <= n_layers:
+        raise ValueError(
+            f"xattn.every={cfg.xattn.every} does not fit the LM's {n_layers} layers; allowed: 1..{n_layers}"
+        )
+
+
 def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str, Any]:
     """Train one image stage and write OUT/final (adapter bundle) and OUT/summary.json."""
     if cfg.stage not in IMAGE_STAGES:
@@ -237,6 +273,7 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
         raise ValueError("`lm` must name the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
     if not cfg.data.train:
         raise ValueError("no training data: pass --data MANIFEST.jsonl|SHARD.tar ... or set data.train")
+    check_image_stage_config(cfg)  # before any weights or data are read
     tr = cfg.train
     device = setup_run(tr)
     out = Path(cfg.out)

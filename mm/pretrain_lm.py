@@ -170,6 +170,12 @@ def build_tokenizer(cfg: LMPretrainConfig, out: Path, sources: list[TextSource],
 
 def run_pretrain_lm(cfg: LMPretrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run the whole recipe described by `cfg`; returns the summary written to OUT/summary.json."""
+    try:  # the model section first: a bad shape is reported before any data is read
+        cfg.model.build()
+    except ValueError as e:
+        raise ValueError(
+            f"model (preset={cfg.model.preset!r}, overrides={dict(cfg.model.overrides)}): {e}"
+        ) from None
     if not cfg.data:
         raise ValueError("no training data: pass --data PATH ... or set `data` in the config")
     for s in cfg.data + cfg.heldout:
