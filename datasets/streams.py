@@ -16,7 +16,7 @@ from .images import ImageTextDataset, ImageTextShards
 
 # Decoded, tiled samples kept in memory across the stages of one process (e.g. the demo), keyed by
 # (manifest, transform); only used when a stream is opened with cache=True.
-_CACHE: dict[tuple[str, str], dict[int, dict[str, Any] | None]] = {}
+_CACHE: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
 
 
 class ManifestStream:
@@ -36,9 +36,13 @@ class ManifestStream:
     def _load(self, idx: int) -> dict[str, Any] | None:
         if self._cache is None:
             return self.dataset.load(idx)
-        if idx not in self._cache:
-            self._cache[idx] = self.dataset.load(idx)
-        return self._cache[idx]
+        if idx in self._cache:
+            self.dataset.stats.ok()  # counted as if decoded, like the uncached path
+            return self._cache[idx]
+        sample = self.dataset.load(idx)
+        if sample is not None:  # bad entries are not cached: each stream's dataset counts its own skips
+            self._cache[idx] = sample
+        return sample
 
     def next(self) -> dict[str, Any]:
         """The next usable sample."""

@@ -115,7 +115,7 @@ def test_read_manifest_resolves_paths_and_keeps_metadata(tmp_path, caplog):
         read_manifest(tmp_path / "nope.jsonl")
 
 
-def test_bad_inputs_are_skipped_with_exact_counts(mixed, caplog):
+def test_bad_inputs_are_skipped_with_exact_counts(mixed, caplog, faults):
     with caplog.at_level(logging.WARNING):
         ds = ImageTextDataset(mixed, TileTransform(TILE, 4), max_bad_fraction=1.0)
     assert "dropped 2 of 14 entries whose image file is missing" in caplog.text
@@ -136,6 +136,7 @@ def test_bad_inputs_are_skipped_with_exact_counts(mixed, caplog):
     # ds[i] moves on to the next usable entry so batches keep their size.
     sample = ds[7]  # corrupt.png -> truncated.jpg, empty.png, bomb.png, big.png are bad -> wraps to rgb.png
     assert sample["index"] == 0 and sample["text"] == "caption of rgb.png"
+    faults.record("corrupt", ds.stats.n_skipped + len(ds.missing), what="image files (PNG, JPEG, missing)")
 
 
 def test_samples_hold_tiles_text_and_source(mixed):
@@ -272,7 +273,10 @@ def shards(tmp_path):
     write_shard(
         tmp_path / "s-00001.tar",
         [
-            ("../evil.png", png_bytes(color=(0, 255, 0))),  # never written anywhere
+            (
+                "../evil.png",
+                png_bytes(color=(0, 255, 0)),
+            ),  # a name outside the folder: skipped, never written
             ("../evil.txt", b"a green one"),
             ("005.txt", b"text without image"),
             ("006.seg.png", png_bytes()),  # not an image extension we read
@@ -290,17 +294,16 @@ def shards(tmp_path):
     return tmp_path
 
 
-def test_webdataset_shards_with_exact_skip_counts(shards, tmp_path):
+def test_webdataset_shards_with_exact_skip_counts(shards, tmp_path, faults):
     stats = SkipStats(max_bad_fraction=1.0)
     samples = list(iter_webdataset(str(shards / "s-*.tar"), TileTransform(TILE, 4), stats=stats))
     assert [s["text"] for s in samples] == [
         "a red one",
         "from json",
-        "a green one",
         "small",
         "truncated shard 0",
     ]
-    assert [s["key"] for s in samples] == ["000", "sub/001", "../evil", "006", "000"]
+    assert [s["key"] for s in samples] == ["000", "sub/001", "006", "000"]
     assert samples[0]["source"] == f"{shards / 's-00000.tar'}:000"
     assert samples[1]["meta"] == {"text": "from json", "id": 1}
     assert samples[0]["tiles"].shape == (2, 3, TILE, TILE)  # 24x16 -> 1x2 tiles of 16
@@ -310,20 +313,22 @@ def test_webdataset_shards_with_exact_skip_counts(shards, tmp_path):
         "bad_text": 1,
         "no_image": 1,
         "broken_shard": 1,
+        "unsafe_name": 1,
     }
     assert stats.tried == 10
     assert stats.examples["broken_shard"] == [str(shards / "s-00002.tar")]
     assert not (tmp_path.parent / "evil.png").exists() and not (tmp_path / "evil.png").exists()
+    faults.record("corrupt", stats.n_skipped, what="image shard samples")
 
 
 def test_shards_bad_fraction_and_oversized_members(shards):
     stats = SkipStats(max_bad_fraction=0.05, min_tried=10, what="samples of shards")
-    with pytest.raises(TooManyBadSamples, match="5 of 10 samples of shards"):
+    with pytest.raises(TooManyBadSamples, match="6 of 10 samples of shards"):
         list(iter_webdataset(sorted(shards.glob("s-*.tar")), stats=stats))
     # Members over max_member_bytes are not read (the PNGs here have 77-85 bytes, the captions < 20).
     stats = SkipStats(max_bad_fraction=1.0)
     out = list(iter_webdataset(shards / "s-00001.tar", stats=stats, max_member_bytes=50))
-    assert out == [] and dict(stats.skipped) == {"too_large": 2, "no_image": 1}
+    assert out == [] and dict(stats.skipped) == {"unsafe_name": 1, "too_large": 1, "no_image": 1}
 
 
 def test_expand_shards(shards):
@@ -351,7 +356,7 @@ def test_image_text_shards_split_and_shuffle(shards):
     assert sorted(ranks[0] + ranks[1]) == paths and len(ranks[0]) == 1
     ds = ImageTextShards(paths, shuffle=False, max_bad_fraction=1.0)
     loader = DataLoader(ds, batch_size=None, num_workers=0)
-    assert [s["text"] for s in loader] == ["a red one", "from json", "a green one", "small"]
-    assert ds.stats.n_skipped == 4
+    assert [s["text"] for s in loader] == ["a red one", "from json", "small"]
+    assert ds.stats.n_skipped == 5
     with pytest.raises(ValueError, match="rank"):
         ImageTextShards(paths, rank=2, world_size=2)
