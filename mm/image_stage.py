@@ -363,7 +363,13 @@ def evaluate_captions(
         preds = caption_images(
             model, tok, transform, images, prompt=cfg.data.prompt, max_tiles=cfg.data.max_tiles
         )
-        res[Path(m).stem] = exact_match_report(preds, [r.text for r in recs])
+        res[Path(m).stem] = {
+            **exact_match_report(preds, [r.text for r in recs]),
+            "examples": [
+                {"image": str(r.image), "text": r.text, "pred": p}
+                for r, p in zip(recs[:16], preds, strict=False)
+            ],
+        }
     return res
 
 

@@ -1,0 +1,241 @@
+"""The demo's human-readable report: `OUT/report.md` with PNG figures in `OUT/figures/`.
+
+Built from `OUT/report.json` and the stages' `metrics.jsonl`: loss curves per stage, a grid of held-out images
+with predicted and true captions, strips of held-out videos with their captions, a WER table with example
+transcripts, the LM fingerprint before and after, wall time per stage, and the machine it ran on. Sections
+whose modality was not run are left out. Figures use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mm.report")
+
+STAGE_ORDER = (
+    "lm-pretrain",
+    "clip-pretrain",
+    "image-pretrain",
+    "image-anneal",
+    "video",
+    "bestrq-pretrain",
+    "speech",
+)
+
+
+def _plt() -> Any:
+    """matplotlib.pyplot on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_losses(metrics: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) of a stage's metrics.jsonl (records without a loss are skipped)."""
+    steps, losses = [], []
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec and "step" in rec:
+            steps.append(int(rec["step"]))
+            losses.append(float(rec["loss"]))
+    return steps, losses
+
+
+def loss_curves_figure(out: Path, path: Path) -> list[str]:
+    """One panel per stage that has OUT/<stage>/metrics.jsonl; returns the stages drawn."""
+    stages = [s for s in STAGE_ORDER if (out / s / "metrics.jsonl").is_file()]
+    stages += sorted(
+        p.parent.name for p in out.glob("*/metrics.jsonl") if p.parent.name not in stages
+    )  # any other stage
+    if not stages:
+        return []
+    plt = _plt()
+    cols = min(3, len(stages))
+    rows = (len(stages) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, stage in zip(axes.flat, stages, strict=False):
+        steps, losses = read_losses(out / stage / "metrics.jsonl")
+        ax.plot(steps, losses, lw=1.2)
+        ax.set_title(stage, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(stages) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return stages
+
+
+def _wrap(text: str, width: int = 26) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    return "\n".join([*lines, line])
+
+
+def caption_grid_figure(examples: list[dict[str, Any]], path: Path, cols: int = 4) -> int:
+    """Images with predicted (green if exact, red if not) and true captions; returns the number drawn."""
+    from PIL import Image
+
+    shown = [e for e in examples if Path(e["image"]).is_file()][: cols * 3]
+    if not shown:
+        return 0
+    plt = _plt()
+    rows = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.4 * rows), squeeze=False)
+    for ax, e in zip(axes.flat, shown, strict=False):
+        with Image.open(e["image"]) as im:
+            ax.imshow(im.convert("RGB"))
+        ok = e["pred"] == e["text"]
+        ax.set_title(f"pred: {_wrap(e['pred'])}", fontsize=7.5, color="green" if ok else "red")
+        ax.set_xlabel(f"true: {_wrap(e['text'])}", fontsize=7.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(shown)
+
+
+def video_strips_figure(
+    examples: list[dict[str, Any]], path: Path, n_videos: int = 4, n_frames: int = 6
+) -> int:
+    """A row of evenly spaced frames per video, titled with predicted and true captions; returns rows drawn."""
+    import numpy as np
+
+    rows = []
+    for e in examples:
+        if len(rows) == n_videos:
+            break
+        try:
+            from decord import VideoReader, cpu
+
+            vr = VideoReader(str(e["video"]), ctx=cpu(0))
+            idx = np.linspace(0, len(vr) - 1, n_frames).round().astype(int).tolist()
+            rows.append((e, vr.get_batch(idx).asnumpy()))
+        except Exception as err:  # a missing or unreadable clip: leave it out of the figure
+            log.warning("report: cannot read %s (%s)", e.get("video"), err)
+    if not rows:
+        return 0
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), n_frames, figsize=(1.6 * n_frames, 1.9 * len(rows)), squeeze=False)
+    for r, (e, frames) in enumerate(rows):
+        for c in range(n_frames):
+            ax = axes[r][c]
+            ax.imshow(frames[c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ok = e["pred"] == e["text"]
+        axes[r][0].set_title(
+            f"pred: {e['pred']}   |   true: {e['text']}",
+            fontsize=8,
+            loc="left",
+            color="green" if ok else "red",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(rows)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _stage_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(stage, wall seconds, reused) from every part of the report that lists stages."""
+    rows = []
+    if "lm" in report:
+        rows.append(("lm-pretrain", report["lm"].get("wall_time_s"), report["lm"].get("reused")))
+    for part in ("image", "video", "speech"):
+        for stage, rec in report.get(part, {}).get("stages", {}).items():
+            rows.append((stage, rec.get("wall_time_s"), rec.get("reused")))
+    return rows
+
+
+def write_report(out: Path, report: dict[str, Any]) -> Path:
+    """Write OUT/report.md and OUT/figures/*.png for a demo report; returns the Markdown file."""
+    out = Path(out)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    md = ["# mm demo report", ""]
+    m = report.get("machine", {})
+    md += [
+        f"Machine: {m.get('processor', '?')}, {m.get('threads', '?')} threads, {m.get('platform', '?')}; "
+        f"torch {m.get('torch', '?')}. Total wall time {_fmt(report.get('wall_time_s'), 0)} s.",
+        "",
+        "## Headline figures",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
+    for key in ("image", "video", "speech"):
+        for k, v in report.get(key, {}).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                md.append(f"| {key}.{k} | {_fmt(v)} |")
+    if "lm" in report:
+        md.append(f"| lm.heldout_ppl | {_fmt(report['lm'].get('heldout_ppl'))} |")
+    md.append(f"| lm_frozen | {report.get('lm_frozen')} |")
+    md += ["", "## Stages", "", "| stage | wall time (s) | reused |", "| --- | --- | --- |"]
+    md += [f"| {s} | {_fmt(t, 1)} | {r} |" for s, t, r in _stage_rows(report)]
+    fp = report.get("lm_fingerprint", {})
+    if fp:
+        md += [
+            "",
+            "## The frozen LM",
+            "",
+            f"- fingerprint after LM pretraining: `{fp.get('before')}`",
+            f"- fingerprint after every multimodal stage: `{fp.get('after')}`",
+            f"- identical: **{fp.get('before') == fp.get('after')}**",
+        ]
+    stages = loss_curves_figure(out, figs / "loss_curves.png")
+    if stages:
+        md += ["", "## Loss curves", "", "![loss curves](figures/loss_curves.png)"]
+    image_examples = report.get("image", {}).get("examples", [])
+    if caption_grid_figure(image_examples, figs / "image_captions.png"):
+        md += [
+            "",
+            "## Held-out images",
+            "",
+            "Predicted caption above each image (green: exact match), true caption below.",
+            "",
+            "![held-out images](figures/image_captions.png)",
+        ]
+    video_examples = report.get("video", {}).get("examples", [])
+    if video_strips_figure(video_examples, figs / "video_strips.png"):
+        md += ["", "## Held-out videos", "", "![held-out videos](figures/video_strips.png)"]
+    speech = report.get("speech", {})
+    if speech:
+        md += ["", "## Speech recognition", "", "| split | WER |", "| --- | --- |"]
+        md += [f"| {k[4:]} | {_fmt(v)} |" for k, v in speech.items() if k.startswith("wer_")]
+        examples = speech.get("examples", [])[:8]
+        if examples:
+            md += ["", "| reference | transcript |", "| --- | --- |"]
+            md += [f"| {e['text']} | {e['pred']} |" for e in examples]
+    if "lm" in report and report["lm"].get("completions"):
+        md += ["", "## LM completions (greedy)", ""]
+        md += [f"- `{v}`" for v in report["lm"]["completions"].values()]
+    path = out / "report.md"
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
