@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test demo lint format clean
 
+# espeak-ng speaks the shapes world for the speech stage (`mm data synth --kind speech`); installed when missing.
 venv: $(STAMP)
+	@command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng) \
+		|| echo "mm: could not install espeak-ng; the speech data needs it: sudo apt-get install espeak-ng" >&2
 
 # Re-installs only when pyproject.toml changed (the stamp is older than it).
 $(STAMP): pyproject.toml

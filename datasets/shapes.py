@@ -13,6 +13,9 @@ the frozen LM already knows them):
 - `ASR_PROMPT` = "Repeat after me in English: " (the paper's ASR prompt), e.g.
   `Repeat after me in English: there is a small green triangle.`; in the speech stage the speech embeddings
   sit between the prompt and the transcript, in the text corpus the transcript follows the prompt directly.
+  The corpus also holds repeat lines (`COPY_FRACTION` of them), a sentence, then the prompt and the same
+  sentence: `there is a small green triangle. Repeat after me in English: there is a small green triangle.`,
+  which teach the LM to copy from its context (what the speech stage relies on).
 
 Held-out colour-shape pairs (`HELDOUT_PAIRS`) never occur in image, video or speech training data but do occur
 in the text corpus (compositional generalisation is measured on them).
@@ -20,6 +23,9 @@ in the text corpus (compositional generalisation is measured on them).
 Images (`synth_shapes`): splits `train` and `heldout` (new images of training pairs only; the main figure) and
 `heldout_pairs` (every image holds at least one held-out pair), written as PNGs, a JSONL manifest and
 WebDataset tar shards (`mm.datasets.images` reads both).
+
+Videos (`synth_motion`): one object moving in a straight line left, right, up or down; H.264 mp4 clips with
+the same splits, manifest and shard layout (`mm.datasets.video` reads both).
 """
 
 from __future__ import annotations
@@ -42,26 +48,34 @@ __all__ = [
     "ASR_PROMPT",
     "COLORS",
     "COLOR_SHAPE_PAIRS",
+    "COPY_FRACTION",
     "DEFAULT_IMAGE_COUNTS",
+    "DEFAULT_MOTION_COUNTS",
     "DEFAULT_TEXT_LINES",
     "DIRECTIONS",
     "HELDOUT_PAIRS",
     "IMAGE_PROMPT",
     "IMAGE_SPLITS",
+    "MOTION_FPS",
     "SHAPES",
     "SIZES",
     "SPLITS",
     "TRAIN_PAIRS",
     "VIDEO_PROMPT",
+    "MotionClip",
     "Scene",
     "SceneObject",
     "caption",
+    "draw_object",
+    "encode_mp4",
     "is_heldout",
     "motion_caption",
+    "motion_clip",
     "object_phrase",
     "random_scene",
     "random_sentence",
     "render_scene",
+    "synth_motion",
     "synth_shapes",
     "synth_text",
 ]
@@ -93,6 +107,11 @@ TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in COLOR_SHAPE_PAIRS if
 IMAGE_PROMPT = "Caption: "
 VIDEO_PROMPT = "Video: "
 ASR_PROMPT = "Repeat after me in English: "
+
+# Share of corpus lines that repeat a sentence after `ASR_PROMPT` ("{sentence} Repeat after me in English:
+# {sentence}"): without them the corpus never repeats anything within a line, so the LM never learns to copy
+# from its context, and embeddings spliced into its input (the speech stage) cannot steer what it writes.
+COPY_FRACTION = 0.12
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 # Default corpus sizes (lines) for the demo: enough for a tiny LM to learn the grammar.
@@ -184,7 +203,10 @@ def random_sentence(
 
 
 def _random_line(rng: random.Random, pair: tuple[str, str] | None = None) -> str:
-    """One line (document) of the text corpus, in one of the prompt formats or a plain sentence."""
+    """One line (document) of the text corpus: a repeat line, a line in one of the prompt formats, or a sentence."""
+    if rng.random() < COPY_FRACTION:  # in-context copying: a sentence, the ASR prompt, the same sentence
+        sentence = random_sentence(rng, pair=pair)
+        return f"{sentence} {ASR_PROMPT}{sentence}"
     r = rng.random()
     if r < 0.35:  # image caption with the stage's prompt, one or two objects
         objects = [_random_object(rng, True, pair)]
@@ -223,7 +245,8 @@ def synth_text(
     """Write the LM text corpus to `out_dir/text/{split}.txt` (one document per line) and return its path.
 
     Lines are image captions (one or two objects, with or without `IMAGE_PROMPT`), video captions (with or
-    without `VIDEO_PROMPT`), and plain sentences (with or without `ASR_PROMPT`), drawn with
+    without `VIDEO_PROMPT`), plain sentences (with or without `ASR_PROMPT`), and repeat lines (about
+    `COPY_FRACTION` of them: `{sentence} {ASR_PROMPT}{sentence}`, the same sentence twice), drawn with
     `random.Random` seeded from (seed, split): the same (n, seed, split) gives identical bytes, and the
     heldout split is a fresh sample of the same distribution. The world is small, so many heldout lines also
     occur in train; it measures the LM's fit to the grammar, not novelty. When n >= 18, every colour-shape
@@ -343,15 +366,20 @@ def render_scene(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (scene.width, scene.height), scene.background)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        x0, y0, x1, y1 = obj.bbox
-        fill = COLORS[obj.color]
-        if obj.shape == "circle":
-            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        else:  # triangle: apex at the top centre, base along the bottom edge
-            draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
+        draw_object(draw, obj.color, obj.shape, obj.bbox)
     return image
+
+
+def draw_object(draw: ImageDraw.ImageDraw, color: str, shape: str, bbox: tuple[int, int, int, int]) -> None:
+    """Fill one circle/square/triangle into its box (left, top, right, bottom), right/bottom exclusive."""
+    x0, y0, x1, y1 = bbox
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:  # triangle: apex at the top centre, base along the bottom edge
+        draw.polygon([(x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)], fill=fill)
 
 
 def _scene_for(seed: int, split: str, i: int) -> Scene:
@@ -437,6 +465,186 @@ def synth_shapes(
                     lines.append(json.dumps({"image": f"{split}/{name}.png", **meta}))
                     _tar_add(tar, f"{name}.png", png)
                     _tar_add(tar, f"{name}.txt", scene.caption.encode("utf-8"))
+                    _tar_add(
+                        tar, f"{name}.json", json.dumps({"split": split, "index": i, **meta}).encode("utf-8")
+                    )
+            os.replace(tmp, shard)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    manifest = root / f"{split}.jsonl"
+    _write_lines(manifest, lines)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------- videos
+
+# Default clip counts per split for the demo.
+DEFAULT_MOTION_COUNTS: dict[str, int] = {"train": 2000, "heldout": 200, "heldout_pairs": 120}
+MOTION_FPS = 8
+_MOTION_FRAMES = (8, 16)  # frames per clip
+_MOTION_SIDE = (64, 128)  # square frame side in px (even: H.264 4:2:0 needs even sides)
+_MOTION_OBJECT = (0.20, 0.30)  # object side / frame side
+_MOTION_TRAVEL = (0.4, 1.0)  # distance travelled / the most the frame allows
+
+
+@dataclass(frozen=True)
+class MotionClip:
+    """One clip of the world: frame side, background, object, its straight path and the frame count."""
+
+    side: int
+    n_frames: int
+    background: tuple[int, int, int]
+    color: str
+    shape: str
+    direction: str
+    object_side: int
+    start: tuple[int, int]  # top-left corner of the object's box in the first frame
+    end: tuple[int, int]  # ... and in the last frame
+
+    @property
+    def caption(self) -> str:
+        """The caption, e.g. "a red circle moves left"."""
+        return motion_caption(self.color, self.shape, self.direction)
+
+    def box(self, k: int) -> tuple[int, int, int, int]:
+        """The object's box in frame k (linear interpolation from start to end, rounded to px)."""
+        t = k / max(1, self.n_frames - 1)
+        x = round(self.start[0] + (self.end[0] - self.start[0]) * t)
+        y = round(self.start[1] + (self.end[1] - self.start[1]) * t)
+        return (x, y, x + self.object_side, y + self.object_side)
+
+    def frames(self) -> list[Image.Image]:
+        """The clip's frames as RGB images."""
+        out = []
+        for k in range(self.n_frames):
+            image = Image.new("RGB", (self.side, self.side), self.background)
+            draw_object(ImageDraw.Draw(image), self.color, self.shape, self.box(k))
+            out.append(image)
+        return out
+
+    def as_dict(self) -> dict:
+        """JSON form of the clip's parameters."""
+        return {
+            "text": self.caption,
+            "color": self.color,
+            "shape": self.shape,
+            "direction": self.direction,
+            "side": self.side,
+            "n_frames": self.n_frames,
+            "fps": MOTION_FPS,
+            "background": list(self.background),
+            "object_side": self.object_side,
+            "start": list(self.start),
+            "end": list(self.end),
+        }
+
+
+def motion_clip(rng: random.Random, pair: tuple[str, str], direction: str) -> MotionClip:
+    """Draw a clip of (colour, shape) moving in `direction`: size, path and length from `rng`."""
+    _check(direction, DIRECTIONS, "direction")
+    side = 2 * rng.randint(_MOTION_SIDE[0] // 2, _MOTION_SIDE[1] // 2)
+    n_frames = rng.randint(*_MOTION_FRAMES)
+    background = (rng.randint(200, 255), rng.randint(200, 255), rng.randint(200, 255))
+    obj = round(rng.uniform(*_MOTION_OBJECT) * side)
+    room = side - obj  # the box's top-left coordinate lies in [0, room]
+    travel = round(rng.uniform(*_MOTION_TRAVEL) * room)
+    a = rng.randint(0, room - travel)  # along the motion axis: from a to a + travel (or back)
+    b = rng.randint(0, room)  # across it: fixed
+    first, last = (a, a + travel) if direction in ("right", "down") else (a + travel, a)
+    if direction in ("left", "right"):
+        start, end = (first, b), (last, b)
+    else:
+        start, end = (b, first), (b, last)
+    return MotionClip(side, n_frames, background, pair[0], pair[1], direction, obj, start, end)
+
+
+def _motion_for(seed: int, split: str, i: int) -> MotionClip:
+    """Clip i of a split: its own RNG, so the first k clips do not depend on n."""
+    rng = random.Random(f"mm.shapes.motion/{split}/{seed}/{i}")
+    if split == "heldout_pairs":
+        pair = HELDOUT_PAIRS[i % len(HELDOUT_PAIRS)]
+    else:
+        pair = rng.choice(TRAIN_PAIRS)
+    return motion_clip(rng, pair, DIRECTIONS[i % len(DIRECTIONS)])
+
+
+def encode_mp4(frames: Sequence[Image.Image], fps: int = MOTION_FPS, crf: int = 18, gop: int = 0) -> bytes:
+    """Encode RGB frames of one even size as H.264 (libx264, yuv420p) in an mp4 container (PyAV).
+
+    `gop` > 0 sets the key-frame interval (0: libx264's default, 250).
+    """
+    import av  # PyAV: FFmpeg with libx264
+
+    if not frames:
+        raise ValueError("encode_mp4 needs at least one frame")
+    width, height = frames[0].size
+    if width % 2 or height % 2:
+        raise ValueError(f"H.264 4:2:0 needs even frame sides, got {width}x{height}")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # One thread: the same frames give the same bytes.
+        stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        if gop > 0:
+            stream.options = {**stream.options, "g": str(gop), "keyint_min": str(gop)}
+        for image in frames:
+            frame = av.VideoFrame.from_image(image.convert("RGB"))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def synth_motion(
+    out_dir: str | os.PathLike[str],
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "train",
+    shard_size: int = 1000,
+) -> Path:
+    """Write n moving-object clips of the world; return the manifest `out_dir/motion/{split}.jsonl`.
+
+    Each clip: 8-16 frames at 8 fps, square 64-128 px (even sides), plain light background, one object (side
+    20-30% of the frame) moving in a straight line; H.264 mp4 at `out_dir/motion/{split}/{i:06d}.mp4`, plus
+    WebDataset shards `out_dir/motion/{split}-{k:05d}.tar` (`.mp4`, `.txt` caption, `.json` with `text` and the
+    clip's parameters). Manifest lines: `video` (relative to the manifest's folder), `text` (e.g. "a red
+    circle moves left") and the parameters. Clip i moves `DIRECTIONS[i % 4]`; `train` and `heldout` draw
+    training pairs only, in `heldout_pairs` clip i shows `HELDOUT_PAIRS[i % 3]`. Same (n, seed, split), same
+    bytes (from a fresh process: with decord's FFmpeg loaded too, libx264 may differ in a few bits); files of an earlier, larger run of the split are removed. `n` defaults to
+    `DEFAULT_MOTION_COUNTS[split]`.
+    """
+    _check(split, IMAGE_SPLITS, "split")
+    if n is None:
+        n = DEFAULT_MOTION_COUNTS[split]
+    if n < 1 or shard_size < 1:
+        raise ValueError(f"n and shard_size must be at least 1, got n={n}, shard_size={shard_size}")
+    root = Path(out_dir) / "motion"
+    clip_dir = root / split
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(n / shard_size)
+    _remove_stale(clip_dir, r"(\d+)\.mp4", n)
+    _remove_stale(root, re.escape(split) + r"-(\d{5})\.tar", n_shards)
+    lines = []
+    for k in range(n_shards):
+        shard = root / f"{split}-{k:05d}.tar"
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{shard.name}.", suffix=".tmp")
+        try:
+            with (
+                os.fdopen(fd, "wb") as f,
+                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+            ):
+                for i in range(k * shard_size, min(n, (k + 1) * shard_size)):
+                    clip = _motion_for(seed, split, i)
+                    mp4 = encode_mp4(clip.frames())
+                    name = f"{i:06d}"
+                    (clip_dir / f"{name}.mp4").write_bytes(mp4)
+                    meta = clip.as_dict()
+                    lines.append(json.dumps({"video": f"{split}/{name}.mp4", **meta}))
+                    _tar_add(tar, f"{name}.mp4", mp4)
+                    _tar_add(tar, f"{name}.txt", clip.caption.encode("utf-8"))
                     _tar_add(
                         tar, f"{name}.json", json.dumps({"split": split, "index": i, **meta}).encode("utf-8")
                     )

@@ -90,7 +90,14 @@ def generate(
     padded = not bool(mask.all())
 
     cache = KVCache.for_model(model, B, total)
-    logits = model(tokens, positions=positions, attention_mask=mask if padded else None, cache=cache, **extra)
+    logits = model(
+        tokens,
+        positions=positions,
+        attention_mask=mask if padded else None,
+        cache=cache,
+        last_only=True,
+        **extra,
+    )
     next_pos = positions[:, -1] + 1
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -106,6 +113,6 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        logits = model(nxt[:, None], positions=next_pos[:, None], cache=cache, **extra)
+        logits = model(nxt[:, None], positions=next_pos[:, None], cache=cache, last_only=True, **extra)
         next_pos = next_pos + 1
     return out

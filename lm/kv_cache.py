@@ -24,6 +24,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+        self.has_padding = False  # some key so far is padding (then attention needs a mask)
 
     @classmethod
     def for_model(
@@ -40,6 +41,7 @@ class KVCache:
         """Record which of the T new positions are real tokens; return validity of all keys (B, length+T)."""
         if attention_mask is not None:
             self.valid[:, self.length : self.length + T] = attention_mask.bool()
+            self.has_padding = self.has_padding or not bool(attention_mask.all())
         else:
             self.valid[:, self.length : self.length + T] = True
         return self.valid[:, : self.length + T]
@@ -60,3 +62,4 @@ class KVCache:
         """Empty the cache without reallocating."""
         self.length = 0
         self.valid.fill_(True)
+        self.has_padding = False

@@ -76,8 +76,9 @@ class AttnContext:
 
     cos: torch.Tensor  # (B, T, hd/2)
     sin: torch.Tensor  # (B, T, hd/2)
-    mask: torch.Tensor | None  # bool (B, 1, T, S), True = may attend; None means plain causal
+    mask: torch.Tensor | None  # bool (B, 1, T, S), True = may attend; None: `is_causal` says which
     cache: KVCache | None = None
+    is_causal: bool = True  # with mask None: causal (T == S) or, False, every key (one new token, no padding)
 
 
 class Attention(nn.Module):
@@ -106,7 +107,7 @@ class Attention(nn.Module):
             k,
             v,
             attn_mask=ctx.mask,
-            is_causal=ctx.mask is None,
+            is_causal=ctx.mask is None and ctx.is_causal,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -247,16 +248,18 @@ class Transformer(nn.Module):
         cos, sin = angles.cos(), angles.sin()
 
         mask = None
+        key_valid = cache.update_valid(attention_mask, T) if cache is not None else None  # (B, S)
+        if doc_ids is None and cache is not None and not cache.has_padding and (start == 0 or T == 1):
+            # No padding anywhere: a prefill is plain causal and one new token sees every key, so SDPA
+            # needs no mask tensor (and takes its fused path).
+            return AttnContext(cos=cos, sin=sin, mask=None, cache=cache, is_causal=start == 0)
         if doc_ids is not None or attention_mask is not None or cache is not None:
             q_idx = torch.arange(start, start + T, device=device)
             k_idx = torch.arange(start + T, device=device)
             mask = (k_idx[None, :] <= q_idx[:, None]).expand(B, T, start + T)  # causal (B, T, S)
             if doc_ids is not None:
                 mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
-            key_valid = None
-            if cache is not None:
-                key_valid = cache.update_valid(attention_mask, T)  # (B, S)
-            elif attention_mask is not None:
+            if cache is None and attention_mask is not None:
                 key_valid = attention_mask.bool()
             if key_valid is not None:
                 # Padding keys are hidden; a padding query still sees itself, so no row is empty.
@@ -278,8 +281,10 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for tokens (B, T) or precomputed input embeddings (B, T, D)."""
+        """Logits (B, T, V) for tokens (B, T) or precomputed input embeddings (B, T, D); (B, 1, V) of the
+        last position only with `last_only` (generation needs no others)."""
         if (tokens is None) == (input_embeds is None):
             raise ValueError("pass exactly one of tokens or input_embeds")
         h = self.embed(tokens) if tokens is not None else input_embeds
@@ -297,4 +302,4 @@ class Transformer(nn.Module):
             h = layer(h, ctx)
         if cache is not None:
             cache.advance(T)
-        return self.head(h)
+        return self.head(h[:, -1:] if last_only else h)

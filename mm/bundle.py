@@ -6,9 +6,10 @@
                               fingerprints at start and end
 
 `load_bundle` refuses an LM whose fingerprint differs from the recorded one; `verify_frozen` is the check
-behind `mm verify-frozen`. A video-stage bundle also names the image-stage bundle it builds on
-(`image_bundle`) and the fingerprint of that frozen image path; `verify_frozen` checks both. The LM is an HF Llama directory, or (`"lm_format": "hf_mllama"`) the language model
-inside a Llama 3.2 Vision directory the stage started from.
+behind `mm verify-frozen`. The LM is an HF Llama directory, or (`"lm_format": "hf_mllama"`) the language model
+inside a Llama 3.2 Vision directory the stage started from. A video-stage bundle holds only the video tensors
+and also names the image-stage bundle it builds on (`image_bundle`) with the fingerprint of that frozen image
+path; `verify_frozen` checks the LM and the image path.
 """
 
 from __future__ import annotations

@@ -98,8 +98,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for o in args.overrides:
         if o.startswith("stage="):
             stage = o.split("=", 1)[1]
+    if stage == "speech":
+        return _train_speech(args)
+    from mm.video_stage import VIDEO_STAGES
+
+    if stage in VIDEO_STAGES:
+        return _train_video(args)
     if stage not in IMAGE_STAGES:
-        raise ValueError(f"{args.config}: stage={stage!r}; available stages: {list(IMAGE_STAGES)}")
+        raise ValueError(
+            f"{args.config}: stage={stage!r}; available stages: {list(IMAGE_STAGES + VIDEO_STAGES)}"
+        )
     cfg = load_config(ImageStageConfig, args.config, args.overrides)
     if args.data:
         cfg.data.train = list(args.data)
@@ -108,12 +116,102 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return _run_stage("train", lambda: run_image_stage(cfg, resume=args.resume), keys)
 
 
+def _train_video(args: argparse.Namespace) -> int:
+    """`mm train` for the video stage (LM and image path frozen)."""
+    from mm.config import load_config
+    from mm.video_stage import VideoStageConfig, run_video_stage
+
+    cfg = load_config(VideoStageConfig, args.config, args.overrides)
+    if args.data:
+        cfg.data.train = list(args.data)
+    _apply_run_args(cfg, args)
+    keys = ("step", "final_loss", "wall_time_s", "eval")
+    return _run_stage("train", lambda: run_video_stage(cfg, resume=args.resume), keys)
+
+
+def _train_speech(args: argparse.Namespace) -> int:
+    """`mm train` for the speech stage (LM frozen; speech encoder + adapter train)."""
+    from mm.config import load_config
+    from mm.speech_stage import SpeechStageConfig, run_speech_stage
+
+    cfg = load_config(SpeechStageConfig, args.config, args.overrides)
+    if args.data:
+        cfg.data.train = list(args.data)
+    _apply_run_args(cfg, args)
+    keys = ("step", "final_loss", "wall_time_s", "eval")
+    return _run_stage("train", lambda: run_speech_stage(cfg, resume=args.resume), keys)
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    """Transcribe audio files with a speech-stage bundle; one transcript per line, in input order."""
+    from mm.datasets.images import BadSample
+    from mm.speech_stage import load_speech_bundle, transcribe_features
+
+    model, tok, features, meta = load_speech_bundle(Path(args.checkpoint))
+    feats, bad = [], []
+    for path in args.audio:  # check every input first: stdout holds one line per input or nothing
+        try:
+            feats.append(features.load(path))
+        except BadSample as e:
+            bad.append(path)
+            print(f"mm transcribe: cannot use {path}: {e}", file=sys.stderr)
+    if bad:
+        return 2
+    prompt = args.prompt if args.prompt is not None else meta["prompt"]
+    for t in transcribe_features(model, tok, feats, prompt=prompt, batch_size=args.batch_size):
+        print(" ".join(t.splitlines()), flush=True)
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    """Describe videos with a video-stage bundle; one caption per line, in input order."""
+    from mm.datasets.images import BadSample
+    from mm.datasets.video import decode_clip
+    from mm.video_stage import describe_videos, load_video_bundle
+
+    model, tok, transform, meta = load_video_bundle(Path(args.checkpoint))
+    bad = []
+    for path in args.videos:  # check every input first: stdout holds one line per input or nothing
+        try:
+            decode_clip(path, 1)
+        except BadSample as e:
+            bad.append(path)
+            print(f"mm describe: cannot read {path}: {e}", file=sys.stderr)
+    if bad:
+        return 2
+    caps = describe_videos(model, tok, transform, meta, list(args.videos), batch_size=args.batch_size)
+    for c in caps:  # one line per input
+        print(" ".join(c.splitlines()), flush=True)
+    return 0
+
+
+def _config_kind(args: argparse.Namespace) -> str:
+    """The `kind:` of an encoder config (overrides win); CLIP configs have none."""
+    import yaml
+
+    raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
+    kind = str((raw or {}).get("kind", "clip"))
+    for o in args.overrides:
+        if o.startswith("kind="):
+            kind = o.split("=", 1)[1]
+    return kind
+
+
 def _cmd_pretrain_encoder(args: argparse.Namespace) -> int:
     """Run CLIP pretraining of the image encoder from a YAML config with overrides."""
     from mm.config import load_config
     from mm.encoder_pretrain import ClipPretrainConfig, run_encoder_pretrain
 
     _setup_logging()
+    if _config_kind(args) == "bestrq":  # a speech-encoder config (configs/encoders/bestrq_tiny.yaml)
+        from mm.speech_pretrain import BestRQPretrainConfig, run_bestrq_pretrain
+
+        bcfg = load_config(BestRQPretrainConfig, args.config, args.overrides)
+        if args.data:
+            bcfg.data.train = list(args.data)
+        _apply_run_args(bcfg, args)
+        keys = ("step", "final_loss", "wall_time_s", "final", "heldout")
+        return _run_stage("pretrain-encoder", lambda: run_bestrq_pretrain(bcfg, resume=args.resume), keys)
     cfg = load_config(ClipPretrainConfig, args.config, args.overrides)
     if args.data:
         cfg.data.train = list(args.data)
@@ -185,8 +283,16 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
         path = shapes.synth_text(args.out, n=args.n or None, seed=args.seed, split=args.split)
     elif args.kind == "shapes":
         path = shapes.synth_shapes(args.out, n=args.n or None, seed=args.seed, split=args.split)
+    elif args.kind == "motion":
+        path = shapes.synth_motion(args.out, n=args.n or None, seed=args.seed, split=args.split)
+    elif args.kind == "speech":
+        from mm.datasets.spoken_shapes import SPEECH_SPLITS, synth_speech
+
+        if args.split not in SPEECH_SPLITS:
+            raise ValueError(f"--split {args.split} is not a speech split; allowed: {list(SPEECH_SPLITS)}")
+        path = synth_speech(args.out, n=args.n or None, seed=args.seed, split=args.split)
     else:
-        raise ValueError(f"--kind {args.kind} is not available yet; available: text, shapes")
+        raise ValueError(f"--kind {args.kind} is not available yet; available: text, shapes, motion")
     print(path)
     return 0
 
@@ -215,8 +321,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"{im['heldout_pair_exact_match']:.3f} (held-out pairs); attribute accuracy {im['attribute_accuracy']:.3f}"
         )
         print(f"LM frozen: {im['lm_frozen']} ({im['lm_frozen_detail']})")
+    if "video" in report:
+        vd = report["video"]
+        st = vd["stage"]
+        print(
+            f"video: {st.get('step')} steps, {st['wall_time_s']:.0f} s"
+            + (" (reused)" if st["reused"] else "")
+        )
+        print(
+            f"video captions: exact match {vd['caption_exact_match']:.3f} (new clips), "
+            f"{vd['heldout_pair_exact_match']:.3f} (held-out pairs); direction accuracy {vd['direction_accuracy']:.3f}"
+        )
+        print(f"LM and image path frozen: {vd['frozen']} ({vd['frozen_detail']})")
+    if "speech" in report:
+        sp = report["speech"]
+        for name, st in sp["stages"].items():
+            print(
+                f"{name}: {st.get('step')} steps, {st['wall_time_s']:.0f} s"
+                + (" (reused)" if st["reused"] else "")
+            )
+        print(
+            f"speech WER: {sp['wer_heldout_sentences']:.3f} (held-out sentences), "
+            f"{sp['wer_heldout_voices']:.3f} (held-out voices)"
+        )
+        print(f"LM frozen: {sp['lm_frozen']} ({sp['lm_frozen_detail']})")
     print(f"report: {Path(args.out) / 'report.json'}")
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks side by side with transformers (table on stdout, JSON to --json)."""
+    from mm.bench import main as bench_main
+
+    return bench_main(args.json, quick=args.quick)
 
 
 def _add_run_args(p: argparse.ArgumentParser, config_help: str, data_help: str) -> None:
@@ -278,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="train a multimodal stage with the LM frozen (image-pretrain, image-anneal)",
+        help="train a multimodal stage with the LM frozen (image-pretrain, image-anneal, video)",
         description="Train a stage. Extra KEY=VALUE arguments override config keys, e.g. optim.lr=1e-4.",
     )
     _add_run_args(
@@ -293,6 +430,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("images", nargs="+")
     c.add_argument("--batch-size", type=int, default=32)
     c.set_defaults(func=_cmd_caption)
+
+    de = sub.add_parser("describe", help="describe videos with a video-stage checkpoint; one line per video")
+    de.add_argument("--checkpoint", required=True, help="a video-stage folder such as runs/demo/video/final")
+    de.add_argument("videos", nargs="+")
+    de.add_argument("--batch-size", type=int, default=32)
+    de.set_defaults(func=_cmd_describe)
+
+    tc = sub.add_parser(
+        "transcribe", help="transcribe audio with a speech-stage checkpoint; one line per file"
+    )
+    tc.add_argument("--checkpoint", required=True, help="a stage folder such as runs/demo/speech/final")
+    tc.add_argument("audio", nargs="+", help="audio files (.wav, .flac, .ogg; any rate and channel count)")
+    tc.add_argument(
+        "--prompt", default=None, help="instruction before the speech (default: the stage's ASR prompt)"
+    )
+    tc.add_argument("--batch-size", type=int, default=64)
+    tc.set_defaults(func=_cmd_transcribe)
 
     v = sub.add_parser(
         "verify-frozen", help="exit 0 if the LM of a stage checkpoint is untouched, 1 otherwise"
@@ -319,17 +473,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ds.add_argument(
         "--split",
-        choices=["train", "heldout", "heldout_pairs"],
+        choices=["train", "heldout", "heldout_pairs", "heldout_sentences", "heldout_voices"],
         default="train",
-        help="heldout: new samples of the training pairs; heldout_pairs: the held-out colour-shape pairs (shapes)",
+        help="heldout: new samples of the training pairs; heldout_pairs: the held-out colour-shape pairs "
+        "(shapes, motion)",
     )
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=_cmd_data_synth)
 
     dm = sub.add_parser("demo", help="run the embedded end-to-end demo (no downloads)")
-    dm.add_argument("--modality", choices=["lm", "image", "all"], default="all")
+    dm.add_argument("--modality", choices=["lm", "image", "video", "speech", "all"], default="all")
     dm.add_argument("--out", default="runs/demo")
     dm.set_defaults(func=_cmd_demo)
+    b = sub.add_parser("bench", help="benchmark training, generation, memory and MFU against transformers")
+    b.add_argument("--json", default=None, help="write the full record (ratios, repeats, machine) here")
+    b.add_argument("--quick", action="store_true", help="fewer repeats (under 3 minutes on 2 cores)")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

@@ -2,7 +2,8 @@
 
 Stages: synthesise the world, train the tokenizer and the tiny LM (`lm-pretrain`), pretrain the image
 encoder contrastively (`clip-pretrain`), then `image-pretrain` -> `image-anneal` with the LM frozen, caption
-the held-out splits and verify the LM fingerprint. Each stage's output lands in `OUT/<stage>/final`; a stage
+the held-out splits and verify the LM fingerprint; `video` then trains the temporal aggregator and the video
+cross-attention on the moving-shapes clips with the LM and the image path frozen. Each stage's output lands in `OUT/<stage>/final`; a stage
 whose inputs (its config and the content of its inputs) did not change since the last run is reused (hash in
 `OUT/<stage>/stage.json`), and an interrupted stage resumes from its last checkpoint.
 """
@@ -23,13 +24,16 @@ import torch
 from mm.checkpoint import write_json
 from mm.config import DataSourceConfig, LMPretrainConfig, config_to_yaml, load_config
 from mm.datasets import shapes
+from mm.freeze import fingerprint
 from mm.lm import Tokenizer, generate, load_hf
+from mm.report import stage_rows, write_report
 
 log = logging.getLogger("mm.demo")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PROMPTS = ["Caption: a large", "a small green", "Video: a purple", "there is a"]
 IMAGE_COUNTS = {"train": 4000, "heldout": 200, "heldout_pairs": 200}
+MOTION_COUNTS = {"train": 2000, "heldout": 200, "heldout_pairs": 120}
 
 
 def _hash(*parts: Any) -> str:
@@ -81,6 +85,7 @@ def run_lm_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     summary, reused = cached_stage(stage_dir, key, lambda resume: run_pretrain_lm(cfg, resume=resume))
     final = stage_dir / "final"
     model = load_hf(final).eval()
+    lm_fp = fingerprint(model)
     tok = Tokenizer.from_file(final)
     prompts = [tok.encode(p, bos=True) for p in DEMO_PROMPTS]
     outs = generate(model, prompts, max_new_tokens=16, stop_tokens=[tok.eos_id])
@@ -97,6 +102,7 @@ def run_lm_stage(out: Path, data_dir: Path) -> dict[str, Any]:
         "reused": reused,
         "completions": completions,
         "checkpoint": str(final),
+        "fingerprint": lm_fp,
     }
 
 
@@ -161,12 +167,50 @@ def run_image_stages(out: Path, data_dir: Path) -> dict[str, Any]:
     return report
 
 
+def run_video_stage_demo(out: Path, data_dir: Path) -> dict[str, Any]:
+    """The video stage on the moving-shapes clips, from the demo's image-anneal bundle; held-out figures."""
+    from mm.bundle import verify_frozen
+    from mm.video_stage import VideoStageConfig, run_video_stage
+
+    image_dir = out / "image-anneal" / "final"
+    mo = data_dir / "motion"
+    train, heldout, pairs = mo / "train.jsonl", mo / "heldout.jsonl", mo / "heldout_pairs.jsonl"
+    cfg = load_config(VideoStageConfig, REPO / "configs" / "stages" / "video_tiny.yaml")
+    cfg.init_from, cfg.out = str(image_dir), str(out / "video")
+    cfg.data.train, cfg.data.heldout = [str(train)], [str(heldout), str(pairs)]
+    key = _hash(config_to_yaml(cfg), image_dir, out / "lm-pretrain" / "final", train, heldout, pairs)
+    t0 = time.perf_counter()
+    s, reused = cached_stage(Path(cfg.out), key, lambda r: run_video_stage(cfg, resume=r))
+    stage = {"reused": reused, "wall_time_s": time.perf_counter() - t0, **_pick(s)}
+    if not reused:
+        stage["train_wall_time_s"] = s.get("wall_time_s")
+    ev = s.get("eval", {})
+    final = Path(cfg.out) / "final"
+    ok, msg = verify_frozen(final)
+    curve = _curve(Path(cfg.out) / "metrics.jsonl", "eval/heldout_exact_match")
+    curve.append({"step": s.get("step"), "value": ev.get("heldout", {}).get("exact_match")})
+    return {
+        "stage": stage,
+        "caption_exact_match": ev.get("heldout", {}).get("exact_match"),
+        "heldout_pair_exact_match": ev.get("heldout_pairs", {}).get("exact_match"),
+        "direction_accuracy": ev.get("heldout", {}).get("direction_accuracy"),
+        "color_accuracy": ev.get("heldout", {}).get("color_accuracy"),
+        "shape_accuracy": ev.get("heldout", {}).get("shape_accuracy"),
+        "heldout_pair_direction_accuracy": ev.get("heldout_pairs", {}).get("direction_accuracy"),
+        "exact_match_curve": curve,
+        "examples": ev.get("heldout", {}).get("examples", []),
+        "frozen": ok,
+        "frozen_detail": msg,
+        "checkpoint": str(final),
+    }
+
+
 def _pick(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("step", "final_loss", "eval", "retrieval", "data_skips")
     return {k: summary[k] for k in keys if k in summary}
 
 
-def synth_world(data_dir: Path, image: bool) -> None:
+def synth_world(data_dir: Path, image: bool, video: bool = False) -> None:
     """Write the parts of the shapes world the demo needs (kept if already there)."""
     for split in ("train", "heldout"):
         if not (data_dir / "text" / f"{split}.txt").is_file():
@@ -175,17 +219,33 @@ def synth_world(data_dir: Path, image: bool) -> None:
         for split, n in IMAGE_COUNTS.items():
             if not (data_dir / "shapes" / f"{split}.jsonl").is_file():
                 shapes.synth_shapes(data_dir, n=n, seed=0, split=split)
+    if video:
+        for split, n in MOTION_COUNTS.items():
+            if not (data_dir / "motion" / f"{split}.jsonl").is_file():
+                shapes.synth_motion(data_dir, n=n, seed=0, split=split)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
     """Run the demo stages for `modality` and write OUT/report.json."""
-    if modality not in ("lm", "image", "all"):
-        raise ValueError(f"--modality {modality}: available now: lm, image, all")
+    if modality not in ("lm", "image", "video", "speech", "all"):
+        raise ValueError(f"--modality {modality}: available now: lm, image, video, speech, all")
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
-    want_image = modality in ("image", "all")
-    synth_world(data_dir, want_image)
+    want_video = modality in ("video", "all")
+    want_image = modality == "image" or want_video  # the video stage starts from the image stages (cached)
+    synth_world(data_dir, want_image, want_video)
     report_file = out / "report.json"
     report: dict[str, Any] = json.loads(report_file.read_text()) if report_file.is_file() else {}
     report["machine"] = {
@@ -193,11 +253,33 @@ def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
     }
     report["lm"] = run_lm_stage(out, data_dir)
     if want_image:
         report["image"] = run_image_stages(out, data_dir)
         report["lm_frozen"] = report["image"]["lm_frozen"]
+    if want_video:
+        report["video"] = run_video_stage_demo(out, data_dir)
+        report["lm_frozen"] = report["lm_frozen"] and report["video"]["frozen"]
+    if modality in ("speech", "all"):  # encoder + adapter spliced into the cached LM's input
+        from mm.speech_demo import run_speech_stages
+
+        report["speech"] = run_speech_stages(out, data_dir)
+        report["lm_frozen"] = report.get("lm_frozen", True) and report["speech"]["lm_frozen"]
+    if want_image:
+        ev = report["image"].get("stages", {}).get("image-anneal", {}).get("eval", {})
+        report["image"]["examples"] = ev.get("heldout", {}).get("examples", [])
+    lm_final = out / "lm-pretrain" / "final"
+    report["lm_fingerprint"] = {
+        "before": report["lm"].get("fingerprint"),  # right after LM pretraining
+        "after": fingerprint(load_hf(lm_final)),  # now, after every multimodal stage
+    }
+    report["lm_frozen"] = report.get("lm_frozen", True) and (
+        report["lm_fingerprint"]["before"] == report["lm_fingerprint"]["after"]
+    )
+    report["wall_seconds"] = {stage: seconds for stage, seconds, _ in stage_rows(report)}
     report["wall_time_s"] = time.perf_counter() - t0
     write_json(report, report_file)
+    write_report(out, report)
     return report

@@ -1,11 +1,13 @@
 """The freeze policy and its proof: the LM fingerprint (sha256 over every LM tensor in a fixed order) taken at
 stage start and end, a check that no LM parameter is in the optimizer, and a guard that adapter checkpoints
-never hold LM weights.
+never hold LM weights. The video stage fingerprints the frozen image path (image encoder, image cross-attention)
+the same way (`fingerprint_tensors`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -15,8 +17,13 @@ LM_PREFIX = "lm."
 
 def fingerprint(module: nn.Module) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor of `module`'s state dict, sorted by name."""
+    return fingerprint_tensors(module.state_dict())
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of named tensors, sorted by name (`fingerprint` of a dict)."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(tensors.items()):
         if hasattr(t, "full_tensor"):  # FSDP-sharded: hash the whole tensor (a collective)
             t = t.full_tensor()
         t = t.detach().cpu().contiguous()

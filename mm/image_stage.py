@@ -233,6 +233,8 @@ def start_from_hf_mllama(cfg: ImageStageConfig, device: torch.device) -> tuple[M
 def check_image_stage_config(cfg: ImageStageConfig) -> None:
     """Refuse impossible combinations, naming the key and the allowed values (reads only the LM's config.json)."""
     enc, data = cfg.image_encoder, cfg.data
+    if cfg.init_from_hf_mllama:  # the encoder and the tiling come from the checkpoint (checked on loading)
+        return
     grids = supported_aspect_ratios(enc.max_tiles)
     if len(grids) > enc.max_aspect_ratio_id:
         raise ValueError(
@@ -249,7 +251,7 @@ def check_image_stage_config(cfg: ImageStageConfig) -> None:
         raise ValueError(
             f"data.tile_size={data.tile_size} differs from image_encoder.tile_size={enc.tile_size}; they must match"
         )
-    if cfg.init_from_hf_mllama or not cfg.lm:
+    if not cfg.lm:
         return
     config_json = Path(cfg.lm) / "config.json"
     if not config_json.is_file():

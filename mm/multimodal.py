@@ -7,6 +7,12 @@ tokens. With every gate at 0 the text logits equal the bare LM's exactly, with o
 generation the media's K/V for every cross-attention layer are computed once per prompt (`encode_media`) and
 passed to each step in a `MediaContext`, the media counterpart of the KV cache. `forward_hf` takes the tensors
 of transformers' `MllamaProcessor` (Llama 3.2 Vision checkpoints load through `mm.mllama`).
+
+Video (paper §7.5, `paper-notes.md` §4): with a `video_aggregator`, each frame goes through the image encoder,
+a `TemporalAggregator` merges every M consecutive frames into one effective frame, and video cross-attention
+blocks (the same gated block, their own `<|video|>` token and mask) sit before the image cross-attention block
+of the LM layers in `video_xattn_layers` (by default every 4th image cross-attention layer). With the video
+gates at 0 the model's outputs equal the image model's exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +29,10 @@ from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.lm import KVCache, Transformer
 from mm.lm.config import LMConfig
 
-PARTS = ("lm", "image_encoder", "image_xattn", "extra_tok_embeddings")
+PARTS = ("lm", "image_encoder", "image_xattn", "extra_tok_embeddings", "video_aggregator", "video_xattn")
+# Everything that maps an image (or a video frame) to the LM: frozen in the video stage.
+IMAGE_PATH_PARTS = ("image_encoder", "image_xattn", "extra_tok_embeddings")
+VIDEO_PARTS = ("video_aggregator", "video_xattn")
 
 
 @dataclass
@@ -57,6 +66,20 @@ def check_xattn_layers(layers: Sequence[int], n_layers: int) -> list[int]:
     return ids
 
 
+def video_xattn_layer_ids(image_layers: Sequence[int], every: int) -> list[int]:
+    """LM layers whose image cross-attention block gets a video block before it: every k-th image block."""
+    if every < 1:
+        raise ValueError(f"video cross-attention interval every={every} must be >= 1")
+    layers = sorted(image_layers)
+    ids = [i for k, i in enumerate(layers) if k % every == every - 1]
+    if not ids:
+        raise ValueError(
+            f"video cross-attention every {every} image cross-attention layers: there are only {len(layers)} "
+            f"image cross-attention layers ({layers}); choose every <= {len(layers)} or explicit layers"
+        )
+    return ids
+
+
 def expand_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int) -> torch.Tensor:
     """Mllama-format mask (B, T, N_img, max_tiles) -> per media token (B, T, N_img*max_tiles*P), bool."""
     B, T = mask.shape[:2]
@@ -69,7 +92,8 @@ class MultimodalLM(nn.Module):
     `xattn_layers` (LM layer indices) overrides the every-k-th placement. `extra_tokens` > 0 adds that many
     token embeddings after the LM's vocabulary (ids V .. V+extra_tokens-1; Llama 3.2 Vision has 8, `<|image|>`
     among them: Meta's `learnable_embedding`); they are outside the frozen LM and train when
-    "extra_tok_embeddings" is in `trainable`. Logits stay over the LM's V ids.
+    "extra_tok_embeddings" is in `trainable`. Logits stay over the LM's V ids. A `video_aggregator` adds the
+    video path (module docstring): "video_aggregator" and "video_xattn" are its trainable parts.
     """
 
     def __init__(
@@ -83,6 +107,9 @@ class MultimodalLM(nn.Module):
         trainable: tuple[str, ...] = ("image_encoder", "image_xattn"),
         image_token_id: int | None = None,
         extra_tokens: int = 0,
+        video_aggregator: nn.Module | None = None,
+        video_xattn_layers: Sequence[int] | None = None,
+        video_token_id: int | None = None,
     ) -> None:
         super().__init__()
         if "lm" in trainable:
@@ -118,6 +145,31 @@ class MultimodalLM(nn.Module):
         self.extra_tok_embeddings = nn.Embedding(extra_tokens, c.dim) if extra_tokens else None
         if self.extra_tok_embeddings is not None:
             nn.init.normal_(self.extra_tok_embeddings.weight, std=c.init_std)
+        self.video_aggregator = video_aggregator
+        self.video_token_id = video_token_id
+        self.video_xattn: nn.ModuleDict | None = None
+        self.video_xattn_layers: list[int] = []
+        if video_aggregator is not None:
+            if video_xattn_layers is None:
+                self.video_xattn_layers = video_xattn_layer_ids(self.xattn_layers, 4)
+            else:
+                self.video_xattn_layers = check_xattn_layers(video_xattn_layers, c.n_layers)
+            self.video_xattn = nn.ModuleDict(
+                {
+                    str(i): CrossAttentionBlock(
+                        c.dim,
+                        c.n_heads,
+                        c.n_kv_heads,
+                        c.hd,
+                        c.hidden_dim,
+                        c.norm_eps,
+                        hf_row_compat=hf_row_compat,
+                    )
+                    for i in self.video_xattn_layers
+                }
+            )
+        elif video_xattn_layers is not None:
+            raise ValueError("video_xattn_layers given without a video_aggregator")
         self.set_trainable(trainable)
 
     @property
@@ -155,9 +207,13 @@ class MultimodalLM(nn.Module):
         self.lm.eval()
 
     def train(self, mode: bool = True) -> MultimodalLM:
-        """Train mode for the trainable parts; the frozen LM stays in eval mode."""
+        """Train mode for the trainable parts; the frozen LM and every other frozen part stay in eval mode."""
         super().train(mode)
         self.lm.eval()
+        for name in PARTS[1:]:
+            part = getattr(self, name)
+            if part is not None and name not in self.trainable:
+                part.eval()
         return self
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -186,6 +242,85 @@ class MultimodalLM(nn.Module):
             extra={"tile_mask": aspect_ratio_mask, "aspect_ratio_ids": aspect_ratio_ids},
         )
 
+    def video_frame_features(
+        self,
+        video_frames: torch.Tensor,
+        video_aspect_ratio_ids: torch.Tensor,
+        video_aspect_ratio_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The image encoder on every frame: (B, F, T, 3, S, S), (B, F), (B, F, T) -> (B, F, T * P, D)."""
+        if self.image_encoder is None:
+            raise ValueError("this model has no image encoder")
+        return self.image_encoder(video_frames, video_aspect_ratio_ids, video_aspect_ratio_mask)
+
+    def encode_video(
+        self,
+        video_frames: torch.Tensor | None = None,
+        video_aspect_ratio_ids: torch.Tensor | None = None,
+        video_aspect_ratio_mask: torch.Tensor | None = None,
+        *,
+        frame_features: torch.Tensor | None = None,
+        tile_mask: torch.Tensor | None = None,
+    ) -> MediaContext:
+        """Frames (or their image-encoder features (B, F, T*P, D) with tile_mask (B, T)) -> aggregated video K/V."""
+        if self.video_aggregator is None or self.video_xattn is None:
+            raise ValueError("this model has no video path (build it with a video_aggregator)")
+        if frame_features is None:
+            if video_frames is None or video_aspect_ratio_ids is None or video_aspect_ratio_mask is None:
+                raise ValueError("encode_video needs video_frames with their aspect-ratio ids and mask")
+            frame_features = self.video_frame_features(
+                video_frames, video_aspect_ratio_ids, video_aspect_ratio_mask
+            )
+            tile_mask = video_aspect_ratio_mask[:, 0]  # every frame of a clip has the same grid
+        token_mask = None
+        if tile_mask is not None:
+            per_tile = frame_features.shape[2] // tile_mask.shape[1]
+            token_mask = tile_mask.bool().repeat_interleave(per_tile, dim=1)  # (B, T*P)
+        agg = self.video_aggregator(frame_features, token_mask)  # (B, G, L, D)
+        B, G, L, D = agg.shape
+        media = agg.reshape(B, G * L, D)
+        kv = {int(i): blk.media_kv(media) for i, blk in self.video_xattn.items()}
+        tiles = torch.ones(
+            B, 1, G, dtype=torch.long, device=media.device
+        )  # one "image" of G effective frames
+        return MediaContext(kv=kv, n_media_tokens=G * L, tokens_per_tile=L, extra={"tile_mask": tiles})
+
+    def _media_mask(
+        self,
+        tokens: torch.Tensor,
+        media: MediaContext,
+        cross_attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        token_id: int | None,
+        what: str,
+    ) -> torch.Tensor:
+        """Per media token mask (B, T, M): given, inherited while decoding, or derived from the media tokens."""
+        B, T = tokens.shape
+        if cross_attention_mask is not None:
+            xmask = expand_cross_attention_mask(cross_attention_mask, media.tokens_per_tile)
+            if xmask.shape[-1] != media.n_media_tokens:
+                raise ValueError(
+                    f"{what} cross-attention mask covers {xmask.shape[-1]} media tokens, the {what} has "
+                    f"{media.n_media_tokens}"
+                )
+        elif media.last_mask is not None and cache is not None and cache.length > 0:
+            xmask = media.last_mask[:, None, :].expand(B, T, -1)  # decoding: see what the prompt's end saw
+        elif token_id is not None:  # the paper's rule, from the media tokens in the text
+            tile_mask = media.extra["tile_mask"]  # (B, N_img, max_tiles)
+            n_tiles = tile_mask.sum(-1).tolist()  # real tiles per image
+            ids = media.extra.get("aspect_ratio_ids")
+            if ids is not None:  # padding images (id 0, as MllamaProcessor pads rows) have no image token
+                n_tiles = [[n for n, i in zip(r, ri) if i != 0] for r, ri in zip(n_tiles, ids.tolist())]
+            cam = cross_attention_mask_from_tokens(tokens, token_id, n_tiles, tile_mask.shape[-1])
+            cam = F.pad(cam, (0, 0, 0, tile_mask.shape[1] - cam.shape[2]))  # (B, T, N_img, max_tiles)
+            xmask = expand_cross_attention_mask(cam, media.tokens_per_tile)
+        else:
+            raise ValueError(
+                f"{what} given without a cross-attention mask and no {what} token id to derive it"
+            )
+        media.last_mask = xmask[:, -1]
+        return xmask
+
     # ---- forward ------------------------------------------------------------------------------------
     def forward(
         self,
@@ -199,51 +334,42 @@ class MultimodalLM(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        video_frames: torch.Tensor | None = None,
+        video_aspect_ratio_ids: torch.Tensor | None = None,
+        video_aspect_ratio_mask: torch.Tensor | None = None,
+        video_cross_attention_mask: torch.Tensor | None = None,
+        video: MediaContext | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, V). Media come as pixels (encoded here) or as a precomputed `MediaContext`."""
+        """Logits (B, T, V), or (B, 1, V) of the last position with `last_only`. Media (images; videos) come
+        as pixels (encoded here) or as a precomputed `MediaContext` (`media`; `video`, from `encode_video`)."""
         if media is None and pixel_values is not None:
             media = self.encode_media(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        if video is None and video_frames is not None:
+            video = self.encode_video(video_frames, video_aspect_ratio_ids, video_aspect_ratio_mask)
         h = self.embed(tokens)
         B, T, _ = h.shape
         ctx = self.lm.context(
             B, T, device=h.device, positions=positions, attention_mask=attention_mask, cache=cache
         )
-        xmask = None
+        xmask = vmask = None
         if media is not None:
-            if cross_attention_mask is not None:
-                xmask = expand_cross_attention_mask(cross_attention_mask, media.tokens_per_tile)
-                if xmask.shape[-1] != media.n_media_tokens:
-                    raise ValueError(
-                        f"cross_attention_mask covers {xmask.shape[-1]} media tokens, the media have "
-                        f"{media.n_media_tokens}"
-                    )
-            elif media.last_mask is not None and cache is not None and cache.length > 0:
-                xmask = media.last_mask[:, None, :].expand(
-                    B, T, -1
-                )  # decoding: see what the prompt's end saw
-            elif self.image_token_id is not None:  # the paper's rule, from the image tokens in the text
-                tile_mask = media.extra["tile_mask"]  # (B, N_img, max_tiles)
-                n_tiles = tile_mask.sum(-1).tolist()  # real tiles per image
-                ids = media.extra.get("aspect_ratio_ids")
-                if ids is not None:  # padding images (id 0, as MllamaProcessor pads rows) have no image token
-                    n_tiles = [[n for n, i in zip(r, ri) if i != 0] for r, ri in zip(n_tiles, ids.tolist())]
-                cam = cross_attention_mask_from_tokens(
-                    tokens, self.image_token_id, n_tiles, tile_mask.shape[-1]
-                )
-                cam = F.pad(cam, (0, 0, 0, tile_mask.shape[1] - cam.shape[2]))  # (B, T, N_img, max_tiles)
-                xmask = expand_cross_attention_mask(cam, media.tokens_per_tile)
-            else:
-                raise ValueError(
-                    "media given without a cross_attention_mask and no image_token_id to derive it"
-                )
-            media.last_mask = xmask[:, -1]
+            xmask = self._media_mask(tokens, media, cross_attention_mask, cache, self.image_token_id, "image")
+        if video is not None:
+            if self.video_xattn is None:
+                raise ValueError("video given to a model without a video path")
+            vmask = self._media_mask(
+                tokens, video, video_cross_attention_mask, cache, self.video_token_id, "video"
+            )
         for i, layer in enumerate(self.lm.layers):
+            if vmask is not None and str(i) in self.video_xattn:  # video block before the image block
+                h = self.video_xattn[str(i)](h, video.kv[i], vmask)
             if xmask is not None and str(i) in self.image_xattn:
                 h = self.image_xattn[str(i)](h, media.kv[i], xmask)
             h = layer(h, ctx)
         if cache is not None:
             cache.advance(T)
-        return self.lm.head(h)
+        return self.lm.head(h[:, -1:] if last_only else h)
 
     def forward_hf(
         self,

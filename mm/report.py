@@ -161,14 +161,17 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def _stage_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def stage_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(stage, wall seconds, reused) from every part of the report that lists stages."""
     rows = []
     if "lm" in report:
         rows.append(("lm-pretrain", report["lm"].get("wall_time_s"), report["lm"].get("reused")))
     for part in ("image", "video", "speech"):
-        for stage, rec in report.get(part, {}).get("stages", {}).items():
+        section = report.get(part, {})
+        for stage, rec in section.get("stages", {}).items():
             rows.append((stage, rec.get("wall_time_s"), rec.get("reused")))
+        if isinstance(section.get("stage"), dict):  # a one-stage part (video)
+            rows.append((part, section["stage"].get("wall_time_s"), section["stage"].get("reused")))
     return rows
 
 
@@ -180,7 +183,7 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
     md = ["# mm demo report", ""]
     m = report.get("machine", {})
     md += [
-        f"Machine: {m.get('processor', '?')}, {m.get('threads', '?')} threads, {m.get('platform', '?')}; "
+        f"Machine: {m.get('cpu', m.get('processor', '?'))}, {m.get('threads', '?')} threads, {m.get('platform', '?')}; "
         f"torch {m.get('torch', '?')}. Total wall time {_fmt(report.get('wall_time_s'), 0)} s.",
         "",
         "## Headline figures",
@@ -196,7 +199,7 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
         md.append(f"| lm.heldout_ppl | {_fmt(report['lm'].get('heldout_ppl'))} |")
     md.append(f"| lm_frozen | {report.get('lm_frozen')} |")
     md += ["", "## Stages", "", "| stage | wall time (s) | reused |", "| --- | --- | --- |"]
-    md += [f"| {s} | {_fmt(t, 1)} | {r} |" for s, t, r in _stage_rows(report)]
+    md += [f"| {s} | {_fmt(t, 1)} | {r} |" for s, t, r in stage_rows(report)]
     fp = report.get("lm_fingerprint", {})
     if fp:
         md += [
@@ -227,10 +230,16 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
     if speech:
         md += ["", "## Speech recognition", "", "| split | WER |", "| --- | --- |"]
         md += [f"| {k[4:]} | {_fmt(v)} |" for k, v in speech.items() if k.startswith("wer_")]
-        examples = speech.get("examples", [])[:8]
-        if examples:
-            md += ["", "| reference | transcript |", "| --- | --- |"]
-            md += [f"| {e['text']} | {e['pred']} |" for e in examples]
+        examples = speech.get("examples") or {}
+        if isinstance(examples, list):
+            examples = {"heldout": examples}
+        rows = [(split, e) for split, es in examples.items() for e in (es or [])[:4]]
+        if rows:
+            md += ["", "| split | reference | transcript |", "| --- | --- | --- |"]
+            md += [
+                f"| {split} | {e.get('ref', e.get('text'))} | {e.get('hyp', e.get('pred'))} |"
+                for split, e in rows
+            ]
     if "lm" in report and report["lm"].get("completions"):
         md += ["", "## LM completions (greedy)", ""]
         md += [f"- `{v}`" for v in report["lm"]["completions"].values()]

@@ -103,7 +103,11 @@ _SENT = (
     rf"|{_ART}{_COLOR} {_SHAPE} is (?:left of|right of|above|below) {_ART}{_COLOR} {_SHAPE}\."
     rf"|{_OBJ} and {_OBJ}\.)"
 )
-_LINE = re.compile(rf"(?:Caption: )?{_CAP}|(?:Video: )?{_MOTION}|(?:Repeat after me in English: )?{_SENT}")
+# A repeat line: a sentence, the ASR prompt, the same sentence (group 1 = the sentence).
+_REPEAT = re.compile(rf"({_SENT}) Repeat after me in English: \1")
+_LINE = re.compile(
+    rf"(?:Caption: )?{_CAP}|(?:Video: )?{_MOTION}|(?:Repeat after me in English: )?{_SENT}|{_REPEAT.pattern}"
+)
 
 
 def test_text_corpus_grammar_prompts_and_heldout_pairs(tmp_path):
@@ -123,6 +127,23 @@ def test_text_corpus_grammar_prompts_and_heldout_pairs(tmp_path):
         assert sum(f"{color} {shape}" in line for line in lines) > 20, (color, shape)
         assert any(line.startswith(IMAGE_PROMPT) and f"{color} {shape}" in line for line in lines)
         assert any(line.startswith(VIDEO_PROMPT) and f"{color} {shape}" in line for line in lines)
+
+
+def test_text_corpus_teaches_copying(tmp_path):
+    """About COPY_FRACTION of the lines repeat one sentence after the ASR prompt, word for word."""
+    lines = synth_text(tmp_path, n=3000, seed=0).read_text(encoding="utf-8").splitlines()
+    repeats = [line for line in lines if _REPEAT.fullmatch(line)]
+    assert abs(len(repeats) / len(lines) - shapes.COPY_FRACTION) < 0.03, len(repeats)
+    assert 0.08 <= shapes.COPY_FRACTION <= 0.2
+    for line in repeats:
+        first, second = line.split(" " + ASR_PROMPT)
+        assert first == second and first.endswith(".")
+    # Repeats are varied (not one memorised line), and other lines never repeat the same sentence twice.
+    assert len(set(repeats)) > len(repeats) // 2
+    assert not [line for line in lines if line not in repeats and line.count(".") > 1]
+    # The held-out pairs are repeated too (the LM learns to copy them as well).
+    for color, shape in HELDOUT_PAIRS:
+        assert any(f"{color} {shape}" in line for line in repeats), (color, shape)
 
 
 def test_small_corpus_still_covers_every_pair(tmp_path):

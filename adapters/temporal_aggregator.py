@@ -1,0 +1,131 @@
+"""Temporal aggregator of the video adapter: a perceiver resampler that merges every M consecutive frames into
+one effective frame (Llama 3 paper §7.5; `paper-notes.md` §4; the resampler follows Flamingo's
+`PerceiverResampler`, Alayrac et al. 2022, and open_flamingo's `helpers.py`).
+
+    frames (B, F, N, D)  N tokens per frame (the image encoder's output, in the LM width D)
+    -> LayerNorm + time embedding[f]  (learned, one per frame position f < max_frames; the norm puts the frame
+                                       tokens on the embeddings' scale whatever the encoder's output scale)
+    -> groups of M consecutive frames: (B*G, M*N, D), G = F / M
+    -> learned latents (L, D) attend to concat(group tokens, latents), then an FFN; `depth` times
+    -> LayerNorm -> (B, G, L, D): G effective frames of L tokens each
+
+The paper merges 16 frames into 1 in pretraining and 32 into 1 (64 frames -> 2) in fine-tuning. A token mask
+(B, N) hides padding tiles (clips whose grid has fewer tiles than `max_tiles`); the latents are always visible.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(media, latents): q from the latents, k/v from both (Flamingo)."""
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * n_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(
+        self, media: torch.Tensor, latents: torch.Tensor, media_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """media (B, N, D), latents (B, L, D), media_mask bool (B, N) True = real -> (B, L, D)."""
+        B, N, _ = media.shape
+        L = latents.shape[1]
+        media, latents = self.norm_media(media), self.norm_latents(latents)
+        q = self.wq(latents).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        kv = self.wkv(torch.cat([media, latents], dim=1)).view(B, N + L, 2, self.n_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, H, N+L, hd)
+        mask = None
+        if media_mask is not None:
+            mask = torch.cat([media_mask, media_mask.new_ones(B, L)], dim=1)[
+                :, None, None, :
+            ]  # (B, 1, 1, N+L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class PerceiverFeedForward(nn.Module):
+    """LayerNorm -> Linear -> GELU -> Linear (Flamingo's FeedForward)."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.w1 = nn.Linear(dim, mult * dim, bias=False)
+        self.w2 = nn.Linear(mult * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D)."""
+        return self.w2(F.gelu(self.w1(self.norm(x))))
+
+
+class TemporalAggregator(nn.Module):
+    """Perceiver resampler over time: every `merge` consecutive frames -> `n_latents` tokens (see module doc)."""
+
+    def __init__(
+        self,
+        dim: int,
+        merge: int,
+        *,
+        n_latents: int = 64,
+        depth: int = 2,
+        n_heads: int = 8,
+        head_dim: int | None = None,
+        ffn_mult: int = 4,
+        max_frames: int = 64,
+    ) -> None:
+        super().__init__()
+        if merge < 1 or max_frames < 1 or n_latents < 1 or depth < 1:
+            raise ValueError(
+                f"merge, max_frames, n_latents and depth must be >= 1, got merge={merge}, "
+                f"max_frames={max_frames}, n_latents={n_latents}, depth={depth}"
+            )
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"n_heads={n_heads} must divide dim={dim} (or give head_dim)")
+            head_dim = dim // n_heads
+        self.dim, self.merge, self.max_frames = dim, merge, max_frames
+        self.latents = nn.Parameter(torch.randn(n_latents, dim))
+        self.norm_frames = nn.LayerNorm(dim)
+        self.time_embed = nn.Parameter(torch.randn(max_frames, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, n_heads, head_dim), PerceiverFeedForward(dim, ffn_mult)])
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    @property
+    def n_latents(self) -> int:
+        """Tokens per effective frame."""
+        return self.latents.shape[0]
+
+    def n_groups(self, n_frames: int) -> int:
+        """Effective frames of a clip of `n_frames` frames."""
+        if n_frames % self.merge or not 1 <= n_frames <= self.max_frames:
+            raise ValueError(
+                f"{n_frames} frames: expected a multiple of merge={self.merge} in [1, max_frames={self.max_frames}]"
+            )
+        return n_frames // self.merge
+
+    def forward(self, frames: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """frames (B, F, N, D), token_mask bool (B, N) True = real token -> (B, F / merge, n_latents, D)."""
+        B, Fr, N, D = frames.shape
+        G, M = self.n_groups(Fr), self.merge
+        x = self.norm_frames(frames) + self.time_embed[:Fr, None, :].to(frames.dtype)  # (B, F, N, D)
+        x = x.reshape(B * G, M * N, D)  # consecutive frames of a group side by side
+        mask = None
+        if token_mask is not None:
+            if tuple(token_mask.shape) != (B, N):
+                raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, expected {(B, N)}")
+            mask = token_mask.bool().repeat(1, M).repeat_interleave(G, dim=0)  # (B*G, M*N)
+        lat = self.latents.to(frames.dtype).expand(B * G, -1, -1)  # (B*G, L, D)
+        for attn, ffn in self.layers:
+            lat = lat + attn(x, lat, mask)
+            lat = lat + ffn(lat)
+        return self.norm(lat).view(B, G, self.n_latents, D)

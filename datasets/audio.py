@@ -1,0 +1,523 @@
+"""Audio-text pairs: JSONL manifests and WebDataset shards of audio, decoded with soundfile, turned into 80-dim
+log-mel features with torchaudio (Llama 3 paper §7.6; `paper-notes.md` §5: "80-dim log-mel features, 10 ms hop").
+
+Storage mirrors the image pairs (`mm.datasets.images`):
+
+- A JSONL manifest, one record per line: `{"audio": "train/000001.wav", "text": "the circle is red."}`, with an
+  optional `prompt` (the instruction before the speech, e.g. `Translate the following sentence into French: `
+  for speech translation; default: the stage's ASR prompt). `audio` is relative to the manifest's folder (or
+  absolute); other fields are kept as `meta`.
+- WebDataset tar shards: members grouped by key, audio (`.wav` or `.flac`) plus the text (`.txt`, or `.json` with
+  a string `text` and an optional `prompt`). Members are read into memory, never extracted.
+
+Features (`AudioFeatures`): decode (any soundfile format; we accept .wav/.flac/.ogg), downmix multi-channel audio
+to mono by averaging, resample to 16 kHz (`torchaudio.functional.resample`), 80 mel bins, 25 ms window, 10 ms hop,
+log(mel + 1e-6), then per-utterance mean/variance normalisation of each bin (CMVN: removes the channel and
+speaker's average spectrum). Audio longer than `max_seconds` is cropped to its first `max_seconds` (`crop`) or
+rejected (`reject`). `spec_augment` (SpecAugment, Park et al. 2019) masks frequency bands and time spans.
+
+Bad input follows the image policy (`SkipStats`): a missing, zero-byte, corrupt or truncated file, a format
+soundfile cannot read or an extension we do not accept, audio shorter than `min_seconds`, a silent file (peak
+below `silence_peak`) or an over-long one (with `reject`) is skipped, counted per reason and logged with its
+path; a skipped fraction above `max_bad_fraction` (after `min_tried` samples) stops the run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from .images import DEFAULT_MAX_MEMBER_BYTES, BadSample, SkipStats, _derive_seed, _read_groups, expand_shards
+from .streams import ManifestStream, ShardStream
+from .text import IGNORE_INDEX
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "SAMPLE_RATE",
+    "AudioFeatures",
+    "AudioTextDataset",
+    "AudioTextRecord",
+    "AudioTextShards",
+    "SpeechCollator",
+    "decode_audio",
+    "iter_audio_webdataset",
+    "open_audio_stream",
+    "read_audio_manifest",
+    "spec_augment",
+]
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg")
+_MAX_EXAMPLES = 5
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+def decode_audio(source: str | os.PathLike[str] | bytes, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Decode audio (path or bytes) to a mono float32 waveform at `sample_rate`; raise BadSample if unusable."""
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        ext = path.suffix.lower().lstrip(".")
+        if ext not in AUDIO_EXTENSIONS:
+            raise BadSample("unsupported", f"extension .{ext}; accepted: {', '.join(AUDIO_EXTENSIONS)}")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BadSample("missing", "file does not exist") from None
+        except OSError as e:
+            raise BadSample("unreadable", f"{type(e).__name__}: {e}") from None
+    else:
+        data = source
+    if len(data) == 0:
+        raise BadSample("empty", "zero-byte file")
+    try:
+        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (n, channels)
+    except Exception as e:  # sf.LibsndfileError (corrupt, truncated header, unknown format), RuntimeError
+        raise BadSample("corrupt", f"{type(e).__name__}: {e}") from None
+    if wave.shape[0] == 0:
+        raise BadSample("empty", "no audio frames")
+    if not np.isfinite(wave).all():
+        raise BadSample("corrupt", "non-finite samples")
+    mono = torch.from_numpy(np.ascontiguousarray(wave.mean(axis=1)))  # downmix: average the channels
+    if sr != sample_rate:
+        mono = torchaudio.functional.resample(mono, sr, sample_rate)
+    return mono
+
+
+@dataclass
+class AudioFeatures:
+    """Waveform -> normalised 80-dim log-mel features (T, n_mels) at a 10 ms hop, with the length policy."""
+
+    n_mels: int = 80
+    max_seconds: float = 20.0
+    too_long: str = "crop"  # crop | reject
+    min_seconds: float = 0.1
+    silence_peak: float = 1e-4  # peak |amplitude| below this counts as a silent file
+    normalize: bool = True  # per-utterance mean/variance normalisation per mel bin
+
+    def __post_init__(self) -> None:
+        if self.too_long not in ("crop", "reject"):
+            raise ValueError(f"too_long={self.too_long!r}; allowed: crop, reject")
+        self._mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=SAMPLE_RATE, n_fft=400, win_length=400, hop_length=160, n_mels=self.n_mels
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"AudioFeatures(n_mels={self.n_mels}, max_seconds={self.max_seconds}, too_long={self.too_long}, "
+            f"min_seconds={self.min_seconds}, silence_peak={self.silence_peak}, normalize={self.normalize})"
+        )
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        """Mono 16 kHz waveform (n,) -> features (T, n_mels); raise BadSample for silent/short/long audio."""
+        seconds = wave.numel() / SAMPLE_RATE
+        if seconds < self.min_seconds:
+            raise BadSample("too_short", f"{seconds:.3f} s < min_seconds={self.min_seconds}")
+        if float(wave.abs().max()) < self.silence_peak:
+            raise BadSample("silent", f"peak amplitude {float(wave.abs().max()):.2e} < {self.silence_peak}")
+        if seconds > self.max_seconds:
+            if self.too_long == "reject":
+                raise BadSample("too_long", f"{seconds:.2f} s > max_seconds={self.max_seconds}")
+            wave = wave[: int(self.max_seconds * SAMPLE_RATE)]
+        with torch.no_grad():
+            feats = (self._mel(wave.float()) + 1e-6).log().T  # (T, n_mels)
+            if self.normalize:
+                feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
+        return feats.contiguous()
+
+    def load(self, source: str | os.PathLike[str] | bytes) -> torch.Tensor:
+        """Decode and featurise one file (path or bytes)."""
+        return self(decode_audio(source))
+
+
+def spec_augment(
+    feats: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    freq_masks: int = 2,
+    freq_width: int = 10,
+    time_masks: int = 2,
+    time_width: float = 0.05,
+) -> torch.Tensor:
+    """SpecAugment on (T, F) features: `freq_masks` bands of up to `freq_width` bins and `time_masks` spans of
+    up to `time_width` x T frames set to 0 (the normalised mean); returns a new tensor."""
+    out = feats.clone()
+    T, F = out.shape
+    for _ in range(freq_masks):
+        w = int(torch.randint(0, freq_width + 1, (1,), generator=generator))
+        f0 = int(torch.randint(0, max(1, F - w), (1,), generator=generator))
+        out[:, f0 : f0 + w] = 0
+    max_t = max(1, int(time_width * T))
+    for _ in range(time_masks):
+        w = int(torch.randint(0, max_t + 1, (1,), generator=generator))
+        t0 = int(torch.randint(0, max(1, T - w), (1,), generator=generator))
+        out[t0 : t0 + w] = 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ manifests
+
+
+@dataclass(frozen=True)
+class AudioTextRecord:
+    """One manifest entry: the audio's resolved path, its text, the optional prompt and other fields."""
+
+    audio: Path
+    text: str
+    prompt: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _record_problem(rec: Any, require_text: bool = True) -> str | None:
+    """Why a parsed manifest line is unusable, or None."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    if not isinstance(rec.get("audio"), str) or not rec["audio"]:
+        return "no 'audio' string"
+    if require_text and (not isinstance(rec.get("text"), str) or not rec["text"].strip()):
+        return "no non-empty 'text' string"
+    if not isinstance(rec.get("text", ""), str):
+        return "'text' is not a string"
+    if rec.get("prompt") is not None and not isinstance(rec["prompt"], str):
+        return "'prompt' is not a string"
+    return None
+
+
+def read_audio_manifest(path: str | os.PathLike[str], require_text: bool = True) -> list[AudioTextRecord]:
+    """Records of a JSONL audio manifest (`require_text=False`: unlabeled audio); malformed lines are skipped
+    with a warning naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio-text manifest {path} does not exist")
+    records, bad = [], 0
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                reason: str | None = f"not JSON ({e.msg})"
+            else:
+                reason = _record_problem(rec, require_text)
+            if reason is not None:
+                bad += 1
+                if bad <= _MAX_EXAMPLES:
+                    logger.warning("%s:%d: skipped manifest record: %s", path, lineno, reason)
+                continue
+            audio = Path(rec["audio"])
+            meta = {k: v for k, v in rec.items() if k not in ("audio", "text", "prompt")}
+            audio = audio if audio.is_absolute() else path.parent / audio
+            records.append(AudioTextRecord(audio, rec.get("text", "").strip(), rec.get("prompt"), meta))
+    if bad:
+        logger.warning("%s: skipped %d malformed records (need 'audio' and a non-empty 'text')", path, bad)
+    return records
+
+
+class AudioTextDataset(Dataset):
+    """Map-style dataset over a JSONL audio manifest: `ds[i]` -> dict(features (T, 80), text, prompt, source, index).
+
+    `load(i)` returns None for an unusable entry (counted once in `stats`); `ds[i]` moves on to the next usable
+    entry. `sample_order(seed, epoch)` is the training order (`ManifestStream` keeps the position).
+    """
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike[str],
+        features: AudioFeatures | None = None,
+        *,
+        max_bad_fraction: float = 0.05,
+        min_tried: int = 20,
+        require_text: bool = True,
+    ) -> None:
+        self.manifest = Path(manifest)
+        records = read_audio_manifest(self.manifest, require_text)
+        missing = [r.audio for r in records if not r.audio.is_file()]
+        if missing:
+            logger.warning(
+                "%s: dropped %d of %d entries whose audio file is missing (first: %s)",
+                self.manifest,
+                len(missing),
+                len(records),
+                ", ".join(str(p) for p in missing[:_MAX_EXAMPLES]),
+            )
+            gone = set(missing)
+            records = [r for r in records if r.audio not in gone]
+        if not records:
+            raise ValueError(f"audio-text manifest {self.manifest} has no usable entries")
+        self.records = records
+        self.missing = [str(p) for p in missing]
+        self.transform = features or AudioFeatures()  # `transform`: the name streams key their cache on
+        self.stats = SkipStats(max_bad_fraction, min_tried, what=f"clips of manifest {self.manifest}")
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, i: int) -> dict[str, Any] | None:
+        """Sample of entry i, or None if it is unusable (counted in `stats` the first time)."""
+        if i in self._bad:
+            return None
+        record = self.records[i]
+        try:
+            feats = self.transform.load(record.audio)
+        except BadSample as e:
+            self._bad.add(i)
+            self.stats.skip(e.reason, str(record.audio), e.detail)
+            return None
+        self.stats.ok()
+        return {
+            "features": feats,
+            "text": record.text,
+            "prompt": record.prompt,
+            "source": str(record.audio),
+            "index": i,
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.records)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} entries")
+        for k in range(n):
+            sample = self.load((i + k) % n)
+            if sample is not None:
+                return sample
+        raise ValueError(
+            f"audio-text manifest {self.manifest}: every entry was skipped ({self.stats.as_dict()})"
+        )
+
+    def sample_order(self, seed: int, epoch: int) -> list[int]:
+        """A permutation of the entries, fixed by (seed, epoch)."""
+        order = list(range(len(self.records)))
+        random.Random(_derive_seed("mm.audio.order", seed, epoch)).shuffle(order)
+        return order
+
+
+# --------------------------------------------------------------------------------------------------- shards
+
+
+def _group_text_prompt(group: dict[str, Any], require_text: bool = True) -> tuple[str, str | None]:
+    """(text, prompt) of a shard group: `.txt`, else `.json` `text`; the prompt only from `.json`."""
+    rec: Any = None
+    if "json" in group:
+        try:
+            rec = json.loads(group["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadSample("bad_text", f".json is not JSON ({e})") from None
+    prompt = rec.get("prompt") if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) else None
+    if "txt" in group:
+        text = group["txt"].decode("utf-8", errors="replace").strip()
+        if text:
+            return text, prompt
+    if isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"].strip():
+        return rec["text"].strip(), prompt
+    if not require_text:
+        return "", prompt
+    raise BadSample("no_text", "no non-empty .txt and no .json with a 'text' string")
+
+
+def iter_audio_webdataset(
+    shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    features: AudioFeatures | None = None,
+    *,
+    stats: SkipStats | None = None,
+    max_bad_fraction: float = 0.05,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    require_text: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Samples of audio WebDataset shards in stored order: dict(features, text, prompt, source="shard:key", key)."""
+    features = features or AudioFeatures()
+    paths = expand_shards(shards)
+    if stats is None:
+        stats = SkipStats(max_bad_fraction, what="clips of shards")
+    for shard in paths:
+        for key, group in _read_groups(shard, stats, max_member_bytes):
+            source = f"{shard}:{key}"
+            try:
+                if "_too_large" in group:
+                    raise BadSample("too_large", group["_too_large"])
+                ext = next((e for e in AUDIO_EXTENSIONS if e in group), None)
+                if ext is None:
+                    raise BadSample(
+                        "no_audio", f"members {sorted(group)} hold no {'/'.join(AUDIO_EXTENSIONS)}"
+                    )
+                text, prompt = _group_text_prompt(group, require_text)
+                feats = features(decode_audio(group[ext]))
+            except BadSample as e:
+                stats.skip(e.reason, source, e.detail)
+                continue
+            stats.ok()
+            yield {"features": feats, "text": text, "prompt": prompt, "source": source, "key": key}
+
+
+class AudioTextShards(IterableDataset):
+    """Audio WebDataset shards as an IterableDataset: shard order shuffled per epoch, split over ranks/workers."""
+
+    def __init__(
+        self,
+        shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        features: AudioFeatures | None = None,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        max_bad_fraction: float = 0.05,
+        require_text: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.shards = expand_shards(shards)
+        self.require_text = require_text
+        self.features = features or AudioFeatures()
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.epoch = 0
+        self.stats = SkipStats(max_bad_fraction, what="clips of shards")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shard order the next iteration uses."""
+        self.epoch = epoch
+
+    def shard_order(self, epoch: int | None = None, worker: int = 0, num_workers: int = 1) -> list[Path]:
+        """The shards this rank's `worker` reads in `epoch`, in reading order."""
+        order = list(self.shards)
+        if self.shuffle:
+            e = self.epoch if epoch is None else epoch
+            random.Random(_derive_seed("mm.audio.shards", self.seed, e)).shuffle(order)
+        total = self.world_size * num_workers
+        return order[self.rank * num_workers + worker :: total]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        shards = self.shard_order(self.epoch, worker, num_workers)
+        if not shards:
+            logger.warning("rank %d worker %d has no audio shard", self.rank, worker)
+            return iter(())
+        return iter_audio_webdataset(shards, self.features, stats=self.stats, require_text=self.require_text)
+
+
+def open_audio_stream(
+    paths: Sequence[str],
+    features: AudioFeatures,
+    *,
+    seed: int = 0,
+    max_bad_fraction: float = 0.05,
+    cache: bool = False,
+    require_text: bool = True,
+) -> ManifestStream | ShardStream:
+    """A resumable stream over one JSONL manifest (optionally cached in memory), or over shards;
+    `require_text=False` for unlabeled audio (BEST-RQ)."""
+    if not paths:
+        raise ValueError("no training data given")
+    if len(paths) == 1 and Path(paths[0]).suffix in (".jsonl", ".json"):
+        dataset = AudioTextDataset(
+            paths[0], features, max_bad_fraction=max_bad_fraction, require_text=require_text
+        )
+        return ManifestStream(dataset, seed, cache=cache)  # type: ignore[arg-type]
+    if any(Path(p).suffix in (".jsonl", ".json") for p in paths):
+        raise ValueError(f"give one JSONL manifest, or WebDataset shards; got {list(paths)}")
+    shards = AudioTextShards(
+        list(paths), features, seed=seed, max_bad_fraction=max_bad_fraction, require_text=require_text
+    )
+    return ShardStream(shards)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------- collate
+
+
+class SpeechCollator:
+    """Samples -> a speech-stage batch. Row layout (paper §7.6, speech spliced in as token embeddings):
+
+        <|begin_of_text|> prompt <|speech_start|> [n speech slots] <|speech_end|> text <|end_of_text|> pad...
+
+    `n` = the number of adapter outputs for the clip (`n_slots(T)`); the slots hold `pad_id` in `tokens` and are
+    marked in `speech_mask`. `labels[t]` is the token at t+1 where that is a text token or `<|end_of_text|>`, -100
+    elsewhere. The prompt's trailing whitespace is tokenized with the text (as the LM corpus has it). Returns tokens, labels,
+    speech_mask (B, L), features (B, T_max, 80) zero-padded and feature_lengths (B,).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt: str,
+        n_slots: Any,
+        *,
+        augment: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.tok, self.prompt, self.n_slots = tokenizer, prompt, n_slots
+        self.augment = augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _prompt(self, prompt: str | None) -> tuple[str, str]:
+        """(prompt head, trailing whitespace): the whitespace is tokenized with the text, as in the LM corpus."""
+        p = self.prompt if prompt is None else prompt
+        head = p.rstrip()
+        return head, p[len(head) :]
+
+    def prefix(self, prompt: str | None, n: int) -> tuple[list[int], list[bool]]:
+        """Token ids and slot flags of `<bos> prompt <|speech_start|> [n slots] <|speech_end|>`."""
+        tok = self.tok
+        ids = [*tok.encode(self._prompt(prompt)[0], bos=True), tok.speech_start_id]
+        flags = [False] * len(ids) + [True] * n + [False]
+        return [*ids, *([tok.pad_id] * n), tok.speech_end_id], flags
+
+    def text_ids(self, prompt: str | None, text: str) -> list[int]:
+        """Token ids of the target text as it follows the speech (without the end token)."""
+        return self.tok.encode(self._prompt(prompt)[1] + text.strip())
+
+    def features(self, samples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-padded features (B, T_max, F) and lengths (B,) (SpecAugment applied when configured)."""
+        feats = [s["features"].float() for s in samples]
+        if self.augment is not None:
+            feats = [spec_augment(f, self.generator, **self.augment) for f in feats]
+        lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
+        out = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
+        for b, f in enumerate(feats):
+            out[b, : f.shape[0]] = f
+        return out, lengths
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate one training batch."""
+        feats, lengths = self.features(samples)
+        rows, starts, masks = [], [], []
+        for s, n_frames in zip(samples, lengths.tolist(), strict=True):
+            ids, flags = self.prefix(s.get("prompt"), int(self.n_slots(n_frames)))
+            target = [*self.text_ids(s.get("prompt"), s["text"]), self.tok.eos_id]
+            rows.append(ids + target)
+            starts.append(len(ids))
+            masks.append(flags)
+        L = max(len(r) for r in rows)
+        B = len(rows)
+        tokens = torch.full((B, L), self.tok.pad_id, dtype=torch.long)
+        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+        smask = torch.zeros(B, L, dtype=torch.bool)
+        for b, (r, start, m) in enumerate(zip(rows, starts, masks, strict=True)):
+            t = torch.tensor(r)
+            tokens[b, : len(r)] = t
+            labels[b, start - 1 : len(r) - 1] = t[start:]  # position t predicts token t+1
+            smask[b, : len(m)] = torch.tensor(m)
+        return {
+            "tokens": tokens,
+            "labels": labels,
+            "speech_mask": smask,
+            "features": feats,
+            "feature_lengths": lengths,
+        }

@@ -1,0 +1,44 @@
+"""The perceiver-resampler temporal aggregator: every M consecutive frames become one effective frame of L
+latent tokens; groups are independent; frame order matters (time embeddings); padding tokens are ignored."""
+
+import pytest
+import torch
+
+from mm.adapters import TemporalAggregator
+
+
+def test_merges_every_m_frames_into_one_effective_frame():
+    agg = TemporalAggregator(16, merge=4, n_latents=5, depth=2, n_heads=4, max_frames=16).eval()
+    x = torch.randn(2, 8, 6, 16)
+    out = agg(x)
+    assert out.shape == (2, 2, 5, 16) and agg.n_groups(8) == 2
+    with pytest.raises(ValueError, match="multiple of merge=4"):
+        agg(torch.randn(1, 6, 6, 16))
+    with pytest.raises(ValueError, match="max_frames=16"):
+        agg.n_groups(20)
+
+
+def test_groups_are_independent_and_frame_order_matters():
+    agg = TemporalAggregator(16, merge=4, n_latents=3, depth=1, n_heads=2).eval()
+    x = torch.randn(1, 8, 6, 16)
+    with torch.no_grad():
+        out = agg(x)
+        y = x.clone()
+        y[:, 4:] = torch.randn(1, 4, 6, 16)  # change only the second group's frames
+        out_y = agg(y)
+        torch.testing.assert_close(out_y[:, 0], out[:, 0], rtol=0, atol=1e-6)
+        assert not torch.allclose(out_y[:, 1], out[:, 1])
+        rev = agg(x.flip(1))  # the same frames in the opposite order
+        assert not torch.allclose(rev[:, 1], out[:, 0], atol=1e-4)
+
+
+def test_padding_tokens_do_not_change_the_output():
+    agg = TemporalAggregator(16, merge=2, n_latents=3, depth=2, n_heads=2).eval()
+    x = torch.randn(2, 4, 6, 16)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    with torch.no_grad():
+        out = agg(x, mask)
+        y = x.clone()
+        y[1, :, 3:] = 1e3 * torch.randn(4, 3, 16)  # garbage in the padding tokens of sample 1
+        torch.testing.assert_close(agg(y, mask), out, rtol=0, atol=1e-5)
+        torch.testing.assert_close(agg(x[1:, :, :3]), out[1:], rtol=0, atol=1e-5)

@@ -1,0 +1,189 @@
+"""A real (tiny) speech path on the spoken shapes world: BEST-RQ pretraining through `mm pretrain-encoder` (the
+frozen projection/codebooks stay bit-identical and are saved; targets of the saved encoder are reproducible),
+then the `speech` stage through `mm train` from that encoder: the LM stays bit-identical, the bundle holds no LM
+tensor, `mm verify-frozen` passes and fails on an LM altered by one value, `mm transcribe` prints one line per
+file (and refuses a bad file), bad audio in the training manifest is skipped and counted, and a transcript of
+the trained model equals the one from the reloaded bundle."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mm.checkpoint import load_tensors
+from mm.datasets.spoken_shapes import synth_speech
+from mm.freeze import FrozenLMChanged, fingerprint
+from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
+from mm.speech_pretrain import load_bestrq
+from mm.speech_stage import load_speech_bundle, normalize_text, word_error_rate
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+SHAPE = [
+    "speech_encoder.dim=32",
+    "speech_encoder.n_layers=1",
+    "speech_encoder.n_heads=2",
+    "speech_encoder.ffn_dim=64",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("speechworld")
+    tok = Tokenizer.from_file(corpus["tokenizer"])
+    torch.manual_seed(0)
+    save_hf(Transformer(preset("nano", vocab_size=tok.vocab_size)), root / "lm")
+    tok.save(root / "lm")
+    train = synth_speech(root, n=12, split="train")
+    held = synth_speech(root, n=3, split="heldout_voices")
+    # Two bad files appended to the training manifest: a corrupt one and a silent one.
+    (root / "speech" / "bad.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    silent = root / "speech" / "silent.wav"
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(silent, np.zeros(8000, dtype=np.float32), 16000)
+    lines = train.read_text().splitlines()
+    lines += [
+        json.dumps({"audio": "bad.wav", "text": "x."}),
+        json.dumps({"audio": "silent.wav", "text": "y."}),
+    ]
+    (root / "speech" / "train_bad.jsonl").write_text("\n".join(lines) + "\n")
+    return {"root": root, "lm": root / "lm", "train": root / "speech" / "train_bad.jsonl", "held": held}
+
+
+def mm(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "mm", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speechrun")
+    common = ["train.batch_size=4", "train.save_every=2", "train.peak_flops=1e9", "train.num_threads=1"]
+    r = mm(
+        "pretrain-encoder",
+        "--config",
+        ROOT / "configs/encoders/bestrq_tiny.yaml",
+        "--data",
+        world["train"],
+        "--out",
+        out / "bestrq",
+        "--max-steps",
+        3,
+        *SHAPE,
+        *common,
+        f"data.heldout=[{world['held']}]",
+        "data.max_bad_fraction=0.5",
+        "eval_samples=3",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    lm_files = {p.name: p.read_bytes() for p in world["lm"].iterdir()}
+    before = {k: v.clone() for k, v in load_hf(world["lm"]).state_dict().items()}
+    r = mm(
+        "train",
+        "--config",
+        ROOT / "configs/stages/speech_tiny.yaml",
+        "--data",
+        world["train"],
+        "--out",
+        out / "speech",
+        "--max-steps",
+        3,
+        *SHAPE,
+        *common,
+        f"lm={world['lm']}",
+        f"encoder_weights={out / 'bestrq/final/encoder.safetensors'}",
+        "adapter.dim=32",
+        "adapter.n_heads=2",
+        "adapter.ffn_dim=64",
+        f"data.heldout=[{world['held']}]",
+        "data.max_bad_fraction=0.5",
+        "eval_samples=3",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {"out": out, "before": before, "lm_files": lm_files}
+
+
+def test_bestrq_output_keeps_the_frozen_quantizer_and_reproducible_targets(trained):
+    final = trained["out"] / "bestrq" / "final"
+    saved = load_tensors(final / "encoder.safetensors")
+    model = load_bestrq(final)
+    from mm.encoders.speech import BestRQ, SpeechEncoder
+
+    init = BestRQ(SpeechEncoder(model.encoder.cfg), model.cfg)  # same seed -> the projection it started from
+    assert torch.equal(saved["projection"], init.projection) and torch.equal(
+        saved["codebooks"], init.codebooks
+    )
+    x = torch.randn(1, 40, 80)
+    stacked = model.encoder.stacker.stacked(x)
+    assert torch.equal(model.targets(stacked), load_bestrq(final).targets(stacked))
+    summary = json.loads((trained["out"] / "bestrq" / "summary.json").read_text())
+    assert summary["data_skips"]["skipped_by_reason"] == {"corrupt": 1, "silent": 1}
+    assert set(summary["heldout"]["heldout_voices"]) == {"masked_loss", "code_accuracy", "n"}
+    assert len((trained["out"] / "bestrq" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_speech_stage_keeps_lm_bit_identical_and_bundle_free_of_lm(world, trained):
+    after = load_hf(world["lm"]).state_dict()
+    for k, v in trained["before"].items():
+        assert torch.equal(v, after[k]), k
+    assert {p.name: p.read_bytes() for p in world["lm"].iterdir()} == trained["lm_files"]
+    final = trained["out"] / "speech" / "final"
+    tensors = load_tensors(final / "adapter.safetensors")
+    assert tensors and not any(k.startswith("lm.") for k in tensors)
+    assert {k.split(".")[0] for k in tensors} == {"speech_encoder", "speech_adapter"}
+    meta = json.loads((final / "mm_config.json").read_text())
+    assert meta["lm_fingerprint_start"] == meta["lm_fingerprint_end"] == fingerprint(load_hf(world["lm"]))
+    summary = json.loads((trained["out"] / "speech" / "summary.json").read_text())
+    assert summary["data_skips"]["skipped_by_reason"] == {"corrupt": 1, "silent": 1}
+    ev = summary["eval"]["heldout_voices"]
+    assert ev["n"] == 3 and 0 <= ev["wer"] and len(ev["wer_per_voice"]) == 3
+
+
+def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tmp_path):
+    final = trained["out"] / "speech" / "final"
+    r = mm("verify-frozen", final)
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+    lm2 = tmp_path / "lm2"
+    shutil.copytree(world["lm"], lm2)
+    sd = load_file(str(lm2 / "model.safetensors"))
+    sd["model.layers.0.mlp.down_proj.weight"][0, 0] += 1e-3
+    save_file(sd, str(lm2 / "model.safetensors"), metadata={"format": "pt"})
+    b2 = tmp_path / "bundle"
+    shutil.copytree(final, b2)
+    meta = json.loads((b2 / "mm_config.json").read_text())
+    meta["lm_path"] = str(lm2)
+    (b2 / "mm_config.json").write_text(json.dumps(meta))
+    r = mm("verify-frozen", b2)
+    assert r.returncode == 1 and "CHANGED" in r.stdout
+    with pytest.raises(FrozenLMChanged, match="refusing"):
+        load_speech_bundle(b2)
+
+
+def test_transcribe_cli_one_line_per_file_and_matches_the_bundle(world, trained, tmp_path):
+    final = trained["out"] / "speech" / "final"
+    clips = sorted((world["root"] / "speech" / "heldout_voices").glob("*.wav"))
+    r = mm("transcribe", "--checkpoint", final, *clips, clips[0])
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4 and lines[0] == lines[3]
+    from mm.speech_stage import transcribe_features
+
+    model, tok, features, meta = load_speech_bundle(final)
+    assert (
+        transcribe_features(model, tok, [features.load(c) for c in clips], prompt=meta["prompt"]) == lines[:3]
+    )
+    r = mm("transcribe", "--checkpoint", final, clips[0], world["root"] / "speech" / "bad.wav")
+    assert r.returncode == 2 and r.stdout == "" and "bad.wav" in r.stderr
+
+
+def test_wer_normalisation():
+    assert normalize_text("The Circle, is RED.") == "the circle is red"
+    assert word_error_rate(["the circle is red."], ["The circle is red"]) == 0.0
+    assert word_error_rate(["the circle is red."], ["the square is red"]) == 0.25
