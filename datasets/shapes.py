@@ -111,7 +111,7 @@ ASR_PROMPT = "Repeat after me in English: "
 # Share of corpus lines that repeat a sentence after `ASR_PROMPT` ("{sentence} Repeat after me in English:
 # {sentence}"): without them the corpus never repeats anything within a line, so the LM never learns to copy
 # from its context, and embeddings spliced into its input (the speech stage) cannot steer what it writes.
-COPY_FRACTION = 0.12
+COPY_FRACTION = 0.25
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 # Default corpus sizes (lines) for the demo: enough for a tiny LM to learn the grammar.

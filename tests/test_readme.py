@@ -4,9 +4,9 @@ targets exist; Python blocks compile. The quick commands run for real in a scrat
 
 import re
 import shlex
-import textwrap
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest

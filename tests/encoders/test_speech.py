@@ -2,12 +2,23 @@
 saved with the encoder and never updated, deterministic targets, loss on masked frames only, masked loss falls)
 and the speech adapter (conv k3 s2 -> rotary layer -> linear; padding does not change real outputs)."""
 
+import pytest
 import torch
 from torchaudio.models import Conformer
 
 from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from mm.checkpoint import load_tensors, save_tensors
 from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig, span_mask
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast on a quiet machine and far faster on a busy one (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 ENC = SpeechEncoderConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, conv_kernel=7, dropout=0.0)
 

@@ -6,6 +6,7 @@ file (and refuses a bad file), bad audio in the training manifest is skipped and
 the trained model equals the one from the reloaded bundle."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,18 @@ def world(tmp_path_factory, corpus):
 
 
 def mm(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "mm", *map(str, args)], capture_output=True, text=True)
+    # One thread: the models are tiny, and OpenMP threads spin badly when the machine is busy.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([BIN / "mm", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process work (bundle reloads, transcription) on one thread, as the subprocesses."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
