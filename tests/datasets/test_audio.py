@@ -75,7 +75,7 @@ def test_spec_augment_masks_bands_and_spans_deterministically():
     assert torch.equal(a, b) and (a == 0).any() and not (x == 0).any()
 
 
-def test_bad_audio_is_skipped_counted_and_logged_with_its_path(tmp_path, caplog):
+def test_bad_audio_is_skipped_counted_and_logged_with_its_path(tmp_path, caplog, faults):
     good = wav_bytes(tone(0.5, 22050), 22050)
     files = {
         "good0.wav": good,
@@ -99,9 +99,10 @@ def test_bad_audio_is_skipped_counted_and_logged_with_its_path(tmp_path, caplog)
     assert st["tried"] == 7 and st["skipped"] == 5
     assert st["skipped_by_reason"] == {"corrupt": 2, "empty": 1, "silent": 1, "unsupported": 1}
     assert str(tmp_path / "silent.wav") in caplog.text and str(tmp_path / "clip.mp3") in caplog.text
+    faults.record("corrupt", st["skipped"], what="wav (corrupt, truncated, empty, silent, unsupported)")
 
 
-def test_shards_read_wav_flac_text_and_prompt_and_skip_bad_members(tmp_path):
+def test_shards_read_wav_flac_text_and_prompt_and_skip_bad_members(tmp_path, faults):
     shard = tmp_path / "s-00000.tar"
     with tarfile.open(shard, "w") as tar:
         for name, data in [
@@ -128,6 +129,7 @@ def test_shards_read_wav_flac_text_and_prompt_and_skip_bad_members(tmp_path):
     ]
     assert got[0]["features"].shape == (41, 80)
     assert stats.skipped["corrupt"] == 1
+    faults.record("corrupt", stats.n_skipped, what="audio shard member (flac/wav tar)")
 
 
 def test_collator_splices_slots_between_speech_tokens_and_labels_only_the_text(tmp_path):
@@ -138,10 +140,14 @@ def test_collator_splices_slots_between_speech_tokens_and_labels_only_the_text(t
     toks, labels, mask = b["tokens"][0], b["labels"][0], b["speech_mask"][0]
     start = toks.tolist().index(tok.speech_start_id)
     end = toks.tolist().index(tok.speech_end_id)
+    assert start == 1 and toks[0] == tok.bos_id  # the speech first, then the prompt (as the corpus's repeats)
     assert mask.sum() == 13 == end - start - 1 and mask[start + 1 : end].all()
+    prompt = tok.encode(" " + ASR_PROMPT.rstrip())
+    assert toks[end + 1 : end + 1 + len(prompt)].tolist() == prompt
     text = tok.encode(" the circle is red.") + [tok.eos_id]
-    assert labels[end : end + len(text)].tolist() == text  # position t predicts token t + 1
-    assert (labels[:end] == -100).all()
+    p = end + len(prompt)  # the prompt's last token predicts the first text token
+    assert labels[p : p + len(text)].tolist() == text  # position t predicts token t + 1
+    assert (labels[:p] == -100).all()
     assert b["speech_mask"][1].sum() == 8 and b["feature_lengths"].tolist() == [100, 60]
 
 

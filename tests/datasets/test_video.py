@@ -93,7 +93,7 @@ def zero_frame_mp4() -> bytes:
     return data
 
 
-def test_bad_videos_are_skipped_counted_and_logged_with_their_path(tmp_path, caplog):
+def test_bad_videos_are_skipped_counted_and_logged_with_their_path(tmp_path, caplog, faults):
     good = numbered_clip(9)
     files = {
         "good1.mp4": good,
@@ -131,6 +131,11 @@ def test_bad_videos_are_skipped_counted_and_logged_with_their_path(tmp_path, cap
     for data in (b"", b"garbage" * 10, zero_frame_mp4()):
         with pytest.raises(BadSample):
             decode_clip(data, 4)
+    faults.record(
+        "corrupt",
+        stats["skipped"] + len(ds.missing),
+        what="mp4 (empty, not video, truncated, zero-frame, missing)",
+    )
 
 
 def test_shards_and_manifest_hold_the_same_clips(world):

@@ -122,6 +122,7 @@ def trained(world, tmp_path_factory):
     return {"out": out, "before": before, "lm_files": lm_files}
 
 
+@pytest.mark.slow  # the module's end-to-end run (BEST-RQ + speech stage via the CLI)
 def test_bestrq_output_keeps_the_frozen_quantizer_and_reproducible_targets(trained):
     final = trained["out"] / "bestrq" / "final"
     saved = load_tensors(final / "encoder.safetensors")
@@ -141,7 +142,8 @@ def test_bestrq_output_keeps_the_frozen_quantizer_and_reproducible_targets(train
     assert len((trained["out"] / "bestrq" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-def test_speech_stage_keeps_lm_bit_identical_and_bundle_free_of_lm(world, trained):
+@pytest.mark.slow
+def test_speech_stage_keeps_lm_bit_identical_and_bundle_free_of_lm(world, trained, faults):
     after = load_hf(world["lm"]).state_dict()
     for k, v in trained["before"].items():
         assert torch.equal(v, after[k]), k
@@ -154,10 +156,12 @@ def test_speech_stage_keeps_lm_bit_identical_and_bundle_free_of_lm(world, traine
     assert meta["lm_fingerprint_start"] == meta["lm_fingerprint_end"] == fingerprint(load_hf(world["lm"]))
     summary = json.loads((trained["out"] / "speech" / "summary.json").read_text())
     assert summary["data_skips"]["skipped_by_reason"] == {"corrupt": 1, "silent": 1}
+    faults.record("corrupt", 2, what="wav in a speech-stage run")
     ev = summary["eval"]["heldout_voices"]
     assert ev["n"] == 3 and 0 <= ev["wer"] and len(ev["wer_per_voice"]) == 3
 
 
+@pytest.mark.slow
 def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tmp_path):
     final = trained["out"] / "speech" / "final"
     r = mm("verify-frozen", final)
@@ -178,6 +182,7 @@ def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tm
         load_speech_bundle(b2)
 
 
+@pytest.mark.slow
 def test_transcribe_cli_one_line_per_file_and_matches_the_bundle(world, trained, tmp_path):
     final = trained["out"] / "speech" / "final"
     clips = sorted((world["root"] / "speech" / "heldout_voices").glob("*.wav"))
