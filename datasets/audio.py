@@ -445,7 +445,11 @@ def open_audio_stream(
 class SpeechCollator:
     """Samples -> a speech-stage batch. Row layout (paper §7.6, speech spliced in as token embeddings):
 
-        <|begin_of_text|> prompt <|speech_start|> [n speech slots] <|speech_end|> text <|end_of_text|> pad...
+        <|begin_of_text|> <|speech_start|> [n speech slots] <|speech_end|> prompt text <|end_of_text|> pad...
+
+    The speech comes first and the prompt follows it, as the LM text corpus's repeat lines have it
+    (`{sentence} Repeat after me in English: {sentence}`, `mm.datasets.shapes`): the frozen LM has learned there
+    to copy what precedes the prompt, and the speech embeddings take the first sentence's place.
 
     `n` = the number of adapter outputs for the clip (`n_slots(T)`); the slots hold `pad_id` in `tokens` and are
     marked in `speech_mask`. `labels[t]` is the token at t+1 where that is a text token or `<|end_of_text|>`, -100
@@ -473,14 +477,15 @@ class SpeechCollator:
         return head, p[len(head) :]
 
     def prefix(self, prompt: str | None, n: int) -> tuple[list[int], list[bool]]:
-        """Token ids and slot flags of `<bos> prompt <|speech_start|> [n slots] <|speech_end|>`."""
+        """Token ids and slot flags of `<bos> <|speech_start|> [n slots] <|speech_end|> prompt`."""
         tok = self.tok
-        ids = [*tok.encode(self._prompt(prompt)[0], bos=True), tok.speech_start_id]
-        flags = [False] * len(ids) + [True] * n + [False]
-        return [*ids, *([tok.pad_id] * n), tok.speech_end_id], flags
+        # " prompt": in the corpus the prompt follows the repeated sentence after a space.
+        after = [tok.speech_end_id, *tok.encode(" " + self._prompt(prompt)[0])]
+        flags = [False, False] + [True] * n + [False] * len(after)
+        return [tok.bos_id, tok.speech_start_id, *([tok.pad_id] * n), *after], flags
 
     def text_ids(self, prompt: str | None, text: str) -> list[int]:
-        """Token ids of the target text as it follows the speech (without the end token)."""
+        """Token ids of the target text as it follows the prompt (without the end token)."""
         return self.tok.encode(self._prompt(prompt)[1] + text.strip())
 
     def features(self, samples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:

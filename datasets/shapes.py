@@ -11,11 +11,11 @@ the frozen LM already knows them):
 - `IMAGE_PROMPT` = "Caption: ", e.g. `Caption: a large red circle and a small blue square`.
 - `VIDEO_PROMPT` = "Video: ", e.g. `Video: a red circle moves left`.
 - `ASR_PROMPT` = "Repeat after me in English: " (the paper's ASR prompt), e.g.
-  `Repeat after me in English: there is a small green triangle.`; in the speech stage the speech embeddings
-  sit between the prompt and the transcript, in the text corpus the transcript follows the prompt directly.
-  The corpus also holds repeat lines (`COPY_FRACTION` of them), a sentence, then the prompt and the same
-  sentence: `there is a small green triangle. Repeat after me in English: there is a small green triangle.`,
-  which teach the LM to copy from its context (what the speech stage relies on).
+  `Repeat after me in English: there is a small green triangle.`. The corpus also holds repeat lines
+  (`COPY_FRACTION` of them): a sentence, then the prompt and the same sentence,
+  `there is a small green triangle. Repeat after me in English: there is a small green triangle.`, which teach
+  the LM to copy from its context. The speech stage relies on it: its rows are the speech embeddings (in the
+  first sentence's place), then the prompt and the transcript.
 
 Held-out colour-shape pairs (`HELDOUT_PAIRS`) never occur in image, video or speech training data but do occur
 in the text corpus (compositional generalisation is measured on them).

@@ -4,7 +4,7 @@ adapter's outputs are spliced into the LM input as token embeddings between `<|s
 the word error rate.
 
 `SpeechLM(lm, encoder, adapter)`: trains `encoder` and `adapter`, never `lm`. A row is
-`<bos> prompt <|speech_start|> [speech slots] <|speech_end|> text <eos>` (`mm.datasets.audio.SpeechCollator`);
+`<bos> <|speech_start|> [speech slots] <|speech_end|> prompt text <eos>` (`mm.datasets.audio.SpeechCollator`);
 the slots' token embeddings are replaced by the adapter outputs, one per 80 ms of audio.
 
 WER (`word_error_rate`): jiwer's word error rate after `normalize_text` on both sides: lower case, every
