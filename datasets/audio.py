@@ -38,9 +38,17 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from .images import DEFAULT_MAX_MEMBER_BYTES, BadSample, SkipStats, _derive_seed, _read_groups, expand_shards
+from .images import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    BadSample,
+    ManifestSamples,
+    SkipStats,
+    _derive_seed,
+    _read_groups,
+    expand_shards,
+)
 from .streams import ManifestStream, ShardStream
 from .text import IGNORE_INDEX
 
@@ -230,7 +238,7 @@ def read_audio_manifest(path: str | os.PathLike[str], require_text: bool = True)
     return records
 
 
-class AudioTextDataset(Dataset):
+class AudioTextDataset(ManifestSamples):
     """Map-style dataset over a JSONL audio manifest: `ds[i]` -> dict(features (T, 80), text, prompt, source, index).
 
     `load(i)` returns None for an unusable entry (counted once in `stats`); `ds[i]` moves on to the next usable
@@ -267,46 +275,16 @@ class AudioTextDataset(Dataset):
         self.stats = SkipStats(max_bad_fraction, min_tried, what=f"clips of manifest {self.manifest}")
         self._bad: set[int] = set()
 
-    def __len__(self) -> int:
-        return len(self.records)
+    kind = "audio-text"
+    order_tag = "mm.audio.order"
 
-    def load(self, i: int) -> dict[str, Any] | None:
-        """Sample of entry i, or None if it is unusable (counted in `stats` the first time)."""
-        if i in self._bad:
-            return None
-        record = self.records[i]
-        try:
-            feats = self.transform.load(record.audio)
-        except BadSample as e:
-            self._bad.add(i)
-            self.stats.skip(e.reason, str(record.audio), e.detail)
-            return None
-        self.stats.ok()
-        return {
-            "features": feats,
-            "text": record.text,
-            "prompt": record.prompt,
-            "source": str(record.audio),
-            "index": i,
-        }
+    def _source(self, record: AudioTextRecord) -> Path:
+        """The audio file."""
+        return record.audio
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self.records)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} entries")
-        for k in range(n):
-            sample = self.load((i + k) % n)
-            if sample is not None:
-                return sample
-        raise ValueError(
-            f"audio-text manifest {self.manifest}: every entry was skipped ({self.stats.as_dict()})"
-        )
-
-    def sample_order(self, seed: int, epoch: int) -> list[int]:
-        """A permutation of the entries, fixed by (seed, epoch)."""
-        order = list(range(len(self.records)))
-        random.Random(_derive_seed("mm.audio.order", seed, epoch)).shuffle(order)
-        return order
+    def _decode(self, record: AudioTextRecord) -> dict[str, Any]:
+        """Log-mel features of the clip, and the record's prompt (None: the stage's default)."""
+        return {"features": self.transform.load(record.audio), "prompt": record.prompt}
 
 
 # --------------------------------------------------------------------------------------------------- shards

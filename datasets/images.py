@@ -251,7 +251,61 @@ def _record_problem(rec: Any) -> str | None:
     return None
 
 
-class ImageTextDataset(Dataset):
+class ManifestSamples(Dataset):
+    """Shared behaviour of the manifest datasets (image, video, audio): `load(i)` -> sample or None (a bad entry is
+    counted in `stats` once and remembered), `ds[i]` moves on to the next usable entry, and a seeded epoch order.
+    Subclasses set `records`, `manifest`, `stats`, `_bad`, `kind` and `order_tag`, and implement `_source` and
+    `_decode` (which raises BadSample for an unusable entry)."""
+
+    kind = "media-text"
+    order_tag = "mm.order"
+
+    def _source(self, record: Any) -> Path:
+        """The media file of a record."""
+        raise NotImplementedError
+
+    def _decode(self, record: Any) -> dict[str, Any]:
+        """The sample of a record (without text, source and index); raise BadSample if unusable."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, i: int) -> dict[str, Any] | None:
+        """Sample of entry i, or None if it is unusable (counted in `stats` the first time)."""
+        if i in self._bad:
+            return None
+        record = self.records[i]
+        try:
+            sample = self._decode(record)
+        except BadSample as e:
+            self._bad.add(i)
+            self.stats.skip(e.reason, str(self._source(record)), e.detail)
+            return None
+        self.stats.ok()
+        sample.update(text=record.text, source=str(self._source(record)), index=i)
+        return sample
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.records)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} entries")
+        for k in range(n):
+            sample = self.load((i + k) % n)
+            if sample is not None:
+                return sample
+        raise ValueError(
+            f"{self.kind} manifest {self.manifest}: every entry was skipped ({self.stats.as_dict()})"
+        )
+
+    def sample_order(self, seed: int, epoch: int) -> list[int]:
+        """A permutation of the entries, fixed by (seed, epoch)."""
+        order = list(range(len(self.records)))
+        random.Random(_derive_seed(self.order_tag, seed, epoch)).shuffle(order)
+        return order
+
+
+class ImageTextDataset(ManifestSamples):
     """Map-style dataset over a JSONL manifest: `ds[i]` -> dict(tiles, aspect_ratio_id, aspect_ratio, text, ...).
 
     With a `TileTransform` each sample holds `tiles` (n_tiles, 3, S, S), `aspect_ratio_id`, `aspect_ratio`; with
@@ -296,47 +350,22 @@ class ImageTextDataset(Dataset):
         self.stats = SkipStats(max_bad_fraction, min_tried, what=f"samples of manifest {self.manifest}")
         self._bad: set[int] = set()
 
-    def __len__(self) -> int:
-        return len(self.records)
+    kind = "image-text"
+    order_tag = "mm.images.order"
 
-    def load(self, i: int) -> dict[str, Any] | None:
-        """Sample of entry i, or None if it is unusable (counted in `stats` the first time)."""
-        if i in self._bad:
-            return None
-        record = self.records[i]
+    def _source(self, record: ImageTextRecord) -> Path:
+        """The image file."""
+        return record.image
+
+    def _decode(self, record: ImageTextRecord) -> dict[str, Any]:
+        """Read, decode and transform the image."""
         try:
-            try:
-                data = record.image.read_bytes()
-            except FileNotFoundError:
-                raise BadSample("missing", "file disappeared after the manifest was read") from None
-            except OSError as e:
-                raise BadSample("unreadable", f"{type(e).__name__}: {e}") from None
-            sample = _make_sample(decode_image(data, self.max_pixels), self.transform)
-        except BadSample as e:
-            self._bad.add(i)
-            self.stats.skip(e.reason, str(record.image), e.detail)
-            return None
-        self.stats.ok()
-        sample.update(text=record.text, source=str(record.image), index=i)
-        return sample
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self.records)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} entries")
-        for k in range(n):
-            sample = self.load((i + k) % n)
-            if sample is not None:
-                return sample
-        raise ValueError(
-            f"image-text manifest {self.manifest}: every entry was skipped ({self.stats.as_dict()})"
-        )
-
-    def sample_order(self, seed: int, epoch: int) -> list[int]:
-        """A permutation of the entries, fixed by (seed, epoch)."""
-        order = list(range(len(self.records)))
-        random.Random(_derive_seed("mm.images.order", seed, epoch)).shuffle(order)
-        return order
+            data = record.image.read_bytes()
+        except FileNotFoundError:
+            raise BadSample("missing", "file disappeared after the manifest was read") from None
+        except OSError as e:
+            raise BadSample("unreadable", f"{type(e).__name__}: {e}") from None
+        return _make_sample(decode_image(data, self.max_pixels), self.transform)
 
 
 # --------------------------------------------------------------------------------------------------- shards

@@ -37,13 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .collate import cross_attention_mask_from_tokens
 from .images import (
     DEFAULT_MAX_MEMBER_BYTES,
     DEFAULT_MAX_PIXELS,
     BadSample,
+    ManifestSamples,
     SkipStats,
     _derive_seed,
     _group_text,
@@ -270,7 +271,7 @@ def read_video_manifest(path: str | os.PathLike[str]) -> list[VideoTextRecord]:
     return records
 
 
-class VideoTextDataset(Dataset):
+class VideoTextDataset(ManifestSamples):
     """Map-style dataset over a JSONL video manifest: `ds[i]` -> dict(frames, aspect_ratio_id, text, ...).
 
     With a `TileTransform` each sample holds `frames` (n_frames, n_tiles, 3, S, S), `aspect_ratio_id` and
@@ -314,41 +315,16 @@ class VideoTextDataset(Dataset):
         self.stats = SkipStats(max_bad_fraction, min_tried, what=f"clips of manifest {self.manifest}")
         self._bad: set[int] = set()
 
-    def __len__(self) -> int:
-        return len(self.records)
+    kind = "video-text"
+    order_tag = "mm.video.order"
 
-    def load(self, i: int) -> dict[str, Any] | None:
-        """Sample of entry i, or None if it is unusable (counted in `stats` the first time)."""
-        if i in self._bad:
-            return None
-        record = self.records[i]
-        try:
-            sample = _clip_sample(record.video, self.transform, self.n_frames, self.max_pixels)
-        except BadSample as e:
-            self._bad.add(i)
-            self.stats.skip(e.reason, str(record.video), e.detail)
-            return None
-        self.stats.ok()
-        sample.update(text=record.text, source=str(record.video), index=i)
-        return sample
+    def _source(self, record: VideoTextRecord) -> Path:
+        """The video file."""
+        return record.video
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self.records)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} entries")
-        for k in range(n):
-            sample = self.load((i + k) % n)
-            if sample is not None:
-                return sample
-        raise ValueError(
-            f"video-text manifest {self.manifest}: every entry was skipped ({self.stats.as_dict()})"
-        )
-
-    def sample_order(self, seed: int, epoch: int) -> list[int]:
-        """A permutation of the entries, fixed by (seed, epoch)."""
-        order = list(range(len(self.records)))
-        random.Random(_derive_seed("mm.video.order", seed, epoch)).shuffle(order)
-        return order
+    def _decode(self, record: VideoTextRecord) -> dict[str, Any]:
+        """Sample, decode and tile the clip's frames."""
+        return _clip_sample(record.video, self.transform, self.n_frames, self.max_pixels)
 
 
 # --------------------------------------------------------------------------------------------------- shards
