@@ -32,6 +32,11 @@ class SpeechAdapterConfig:
     # spliced vectors far larger than token embeddings swamp what the frozen LM's layers add to the residual
     # stream at their positions, so the LM cannot read them as it reads tokens.
     match_embedding_rms: bool = True
+    # Auxiliary CTC loss on the adapter outputs against the transcript's LM tokens (0 = off). The CTC classes are
+    # the frozen LM's token embeddings plus a learned blank vector, scored by cosine similarity with a learned
+    # scale (`ctc_logits`): the outputs are pulled towards the embeddings of the words spoken, in order, which is
+    # what the frozen LM has learned to copy after the ASR prompt. The ASR loss alone learns this slowly.
+    ctc_weight: float = 0.0
 
 
 class RotaryEncoderLayer(nn.Module):
@@ -77,6 +82,17 @@ class SpeechAdapter(nn.Module):
         self.out_norm = RMSNorm(out_dim) if cfg.match_embedding_rms else None
         # Fixed output scale (saved with the weights); the RMSNorm's learnable gain starts at 1 around it.
         self.register_buffer("out_scale", torch.ones(()))
+        if cfg.ctc_weight < 0:
+            raise ValueError(f"SpeechAdapterConfig.ctc_weight must be >= 0, got {cfg.ctc_weight}")
+        self.ctc_blank = nn.Parameter(torch.randn(out_dim) * 0.02) if cfg.ctc_weight else None
+        self.ctc_log_scale = nn.Parameter(torch.tensor(2.3)) if cfg.ctc_weight else None  # exp -> about 10
+
+    def ctc_logits(self, speech: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+        """CTC class scores (B, S, V + 1) of adapter outputs (B, S, D) against the LM's (V, D) embeddings + blank (V)."""
+        if self.ctc_blank is None or self.ctc_log_scale is None:
+            raise ValueError("this adapter has no CTC head (SpeechAdapterConfig.ctc_weight is 0)")
+        table = torch.cat([token_embeddings.to(speech.dtype), self.ctc_blank[None].to(speech.dtype)])
+        return F.normalize(speech, dim=-1) @ F.normalize(table, dim=-1).T * self.ctc_log_scale.exp()
 
     @torch.no_grad()
     def set_output_rms(self, rms: float) -> None:

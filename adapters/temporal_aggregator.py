@@ -5,6 +5,10 @@ one effective frame (Llama 3 paper §7.5; `paper-notes.md` §4; the resampler fo
     frames (B, F, N, D)  N tokens per frame (the image encoder's output, in the LM width D)
     -> LayerNorm + time embedding[f]  (learned, one per frame position f < max_frames; the norm puts the frame
                                        tokens on the embeddings' scale whatever the encoder's output scale)
+                 + space embedding[n] (learned, one per token position n < max_tokens; optional, max_tokens > 0):
+                                       the latents then see where a token sits in its frame, not only what it
+                                       holds, so motion (the same object at other positions over time) is
+                                       readable from the pooled latents
     -> groups of M consecutive frames: (B*G, M*N, D), G = F / M
     -> learned latents (L, D) attend to concat(group tokens, latents), then an FFN; `depth` times
     -> LayerNorm -> (B, G, L, D): G effective frames of L tokens each
@@ -79,12 +83,13 @@ class TemporalAggregator(nn.Module):
         head_dim: int | None = None,
         ffn_mult: int = 4,
         max_frames: int = 64,
+        max_tokens: int = 0,
     ) -> None:
         super().__init__()
-        if merge < 1 or max_frames < 1 or n_latents < 1 or depth < 1:
+        if merge < 1 or max_frames < 1 or n_latents < 1 or depth < 1 or max_tokens < 0:
             raise ValueError(
-                f"merge, max_frames, n_latents and depth must be >= 1, got merge={merge}, "
-                f"max_frames={max_frames}, n_latents={n_latents}, depth={depth}"
+                f"merge, max_frames, n_latents and depth must be >= 1 and max_tokens >= 0, got merge={merge}, "
+                f"max_frames={max_frames}, n_latents={n_latents}, depth={depth}, max_tokens={max_tokens}"
             )
         if head_dim is None:
             if dim % n_heads:
@@ -94,6 +99,7 @@ class TemporalAggregator(nn.Module):
         self.latents = nn.Parameter(torch.randn(n_latents, dim))
         self.norm_frames = nn.LayerNorm(dim)
         self.time_embed = nn.Parameter(torch.randn(max_frames, dim))
+        self.space_embed = nn.Parameter(torch.randn(max_tokens, dim)) if max_tokens else None
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, n_heads, head_dim), PerceiverFeedForward(dim, ffn_mult)])
             for _ in range(depth)
@@ -118,6 +124,10 @@ class TemporalAggregator(nn.Module):
         B, Fr, N, D = frames.shape
         G, M = self.n_groups(Fr), self.merge
         x = self.norm_frames(frames) + self.time_embed[:Fr, None, :].to(frames.dtype)  # (B, F, N, D)
+        if self.space_embed is not None:
+            if N > self.space_embed.shape[0]:
+                raise ValueError(f"{N} tokens per frame: more than max_tokens={self.space_embed.shape[0]}")
+            x = x + self.space_embed[:N].to(frames.dtype)
         x = x.reshape(B * G, M * N, D)  # consecutive frames of a group side by side
         mask = None
         if token_mask is not None:

@@ -432,7 +432,8 @@ class SpeechCollator:
     `n` = the number of adapter outputs for the clip (`n_slots(T)`); the slots hold `pad_id` in `tokens` and are
     marked in `speech_mask`. `labels[t]` is the token at t+1 where that is a text token or `<|end_of_text|>`, -100
     elsewhere. The prompt's trailing whitespace is tokenized with the text (as the LM corpus has it). Returns tokens, labels,
-    speech_mask (B, L), features (B, T_max, 80) zero-padded and feature_lengths (B,).
+    speech_mask (B, L), features (B, T_max, 80) zero-padded and feature_lengths (B,), and the CTC targets: the
+    transcript's token ids (B, S_max) zero-padded with ctc_lengths (B,) (0 for rows whose prompt is not the ASR one).
     """
 
     def __init__(
@@ -480,8 +481,12 @@ class SpeechCollator:
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate one training batch."""
         feats, lengths = self.features(samples)
-        rows, starts, masks = [], [], []
+        rows, starts, masks, ctc = [], [], [], []
         for s, n_frames in zip(samples, lengths.tolist(), strict=True):
+            # CTC targets: the transcript as the LM corpus starts a repeat line with it (ASR rows only; a row
+            # with another prompt, e.g. translation, has none: length 0)
+            asr = s.get("prompt") is None or s.get("prompt") == self.prompt
+            ctc.append(self.tok.encode(s["text"].strip()) if asr else [])
             ids, flags = self.prefix(s.get("prompt"), int(self.n_slots(n_frames)))
             target = [*self.text_ids(s.get("prompt"), s["text"]), self.tok.eos_id]
             rows.append(ids + target)
@@ -497,10 +502,15 @@ class SpeechCollator:
             tokens[b, : len(r)] = t
             labels[b, start - 1 : len(r) - 1] = t[start:]  # position t predicts token t+1
             smask[b, : len(m)] = torch.tensor(m)
+        ctc_targets = torch.zeros(B, max(1, max(len(c) for c in ctc)), dtype=torch.long)
+        for b, c in enumerate(ctc):
+            ctc_targets[b, : len(c)] = torch.tensor(c, dtype=torch.long)
         return {
             "tokens": tokens,
             "labels": labels,
             "speech_mask": smask,
             "features": feats,
             "feature_lengths": lengths,
+            "ctc_targets": ctc_targets,
+            "ctc_lengths": torch.tensor([len(c) for c in ctc], dtype=torch.long),
         }

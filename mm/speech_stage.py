@@ -173,10 +173,12 @@ class SpeechLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Any = None,
         last_only: bool = False,
-    ) -> torch.Tensor:
+        return_speech: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) (or (B, 1, V) of the last position with `last_only`). Training: `features`, `feature_lengths`, `speech_mask`. Generation: a precomputed
         `speech` context, spliced on the forward over the whole prompt (the first one, cache empty)."""
         h = self.lm.embed(tokens)
+        sp = counts = None
         if features is not None:
             sp, counts = self.encode_speech(features, feature_lengths)
             h = self.splice(h, speech_mask, sp, counts)
@@ -187,7 +189,33 @@ class SpeechLM(nn.Module):
         ):
             h = torch.where(speech.mask[..., None], speech.embeds.to(h.dtype), h)
         kw = {"last_only": True} if last_only else {}  # only passed when asked: older LMs lack the flag
-        return self.lm(input_embeds=h, positions=positions, attention_mask=attention_mask, cache=cache, **kw)
+        logits = self.lm(
+            input_embeds=h, positions=positions, attention_mask=attention_mask, cache=cache, **kw
+        )
+        if return_speech:  # training with the CTC loss: the adapter outputs (B, S, D) and their counts (B,)
+            if sp is None or counts is None:
+                raise ValueError("return_speech needs `features` and `feature_lengths`")
+            return logits, sp, counts
+        return logits
+
+    def ctc_loss(
+        self, speech: torch.Tensor, counts: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
+    ) -> torch.Tensor:
+        """Summed CTC loss of the adapter outputs against the transcripts' LM tokens (rows of length 0 skipped)."""
+        rows = target_lengths > 0
+        if not bool(rows.any()):
+            return speech.sum() * 0.0
+        logits = self.speech_adapter.ctc_logits(speech[rows], self.lm.tok_embeddings.weight)
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (S, B, V + 1)
+        return F.ctc_loss(
+            log_probs,
+            targets[rows],
+            counts[rows],
+            target_lengths[rows],
+            blank=logits.shape[-1] - 1,
+            reduction="sum",
+            zero_infinity=True,
+        )
 
 
 def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
@@ -238,17 +266,25 @@ class SpeechTask(Task):
         return self.collator([self.stream.next() for _ in range(batch_size)])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over the text tokens."""
-        logits = self.model(
+        """Summed cross-entropy over the text tokens (+ `ctc_weight` x the summed CTC loss when configured)."""
+        ctc_weight = self.model.speech_adapter.cfg.ctc_weight
+        out = self.model(
             batch["tokens"],
             features=batch["features"],
             feature_lengths=batch["feature_lengths"],
             speech_mask=batch["speech_mask"],
+            return_speech=bool(ctc_weight),
         )
+        logits = out[0] if ctc_weight else out
         labels = batch["labels"]
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
+        if ctc_weight:
+            _, sp, counts = out
+            loss = loss + ctc_weight * self.model.ctc_loss(
+                sp, counts, batch["ctc_targets"], batch["ctc_lengths"]
+            )
         return loss, (labels != -100).sum()
 
     def data_state(self) -> dict[str, Any]:

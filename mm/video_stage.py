@@ -65,6 +65,9 @@ class AggregatorConfig:
     n_heads: int = 8
     ffn_mult: int = 4
     max_frames: int = 64  # time embeddings
+    spatial: bool = (
+        True  # a learned embedding per token position of a frame (where the object is, for motion)
+    )
 
 
 @dataclass
@@ -121,6 +124,7 @@ def attach_video(
 ) -> MultimodalLM:
     """The image model plus a fresh video path (aggregator + video cross-attention before `layers`)."""
     c = image_model.cfg
+    enc = image_model.image_encoder
     n_extra = (
         0 if image_model.extra_tok_embeddings is None else image_model.extra_tok_embeddings.num_embeddings
     )
@@ -132,6 +136,7 @@ def attach_video(
         n_heads=agg.n_heads,
         ffn_mult=agg.ffn_mult,
         max_frames=agg.max_frames,
+        max_tokens=(enc.cfg.max_tiles * enc.num_tokens_per_tile) if agg.spatial else 0,
     )
     model = MultimodalLM(
         image_model.lm,

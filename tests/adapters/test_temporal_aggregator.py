@@ -42,3 +42,17 @@ def test_padding_tokens_do_not_change_the_output():
         y[1, :, 3:] = 1e3 * torch.randn(4, 3, 16)  # garbage in the padding tokens of sample 1
         torch.testing.assert_close(agg(y, mask), out, rtol=0, atol=1e-5)
         torch.testing.assert_close(agg(x[1:, :, :3]), out[1:], rtol=0, atol=1e-5)
+
+
+def test_space_embedding_makes_token_position_visible():
+    """Without it the latents pool a frame's tokens as a set; with it, the same object at another place differs."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 6, 16)
+    moved = x.roll(2, dims=2)  # every frame's tokens shifted by two positions: same contents, new places
+    plain = TemporalAggregator(16, merge=4, n_latents=3, depth=2, n_heads=2).eval()
+    spatial = TemporalAggregator(16, merge=4, n_latents=3, depth=2, n_heads=2, max_tokens=8).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(moved), plain(x), rtol=0, atol=1e-5)
+        assert (spatial(moved) - spatial(x)).abs().max() > 1e-2
+        with pytest.raises(ValueError, match="max_tokens=8"):
+            spatial(torch.randn(1, 4, 9, 16))

@@ -204,3 +204,50 @@ def test_wer_normalisation():
     assert normalize_text("The Circle, is RED.") == "the circle is red"
     assert word_error_rate(["the circle is red."], ["The circle is red"]) == 0.0
     assert word_error_rate(["the circle is red."], ["the square is red"]) == 0.25
+
+
+def test_ctc_head_scores_the_transcript_tokens_in_order(corpus):
+    """The auxiliary CTC loss: low when the adapter outputs are the transcript's token embeddings in order (blanks
+    between), high for the same vectors reversed; the collator's CTC targets are the transcript as the LM corpus
+    starts a repeat line, and empty for a row with another prompt."""
+    from mm.adapters.speech import SpeechAdapterConfig
+    from mm.datasets.audio import SpeechCollator
+    from mm.datasets.shapes import ASR_PROMPT
+    from mm.encoders.speech import SpeechEncoderConfig
+    from mm.speech_stage import SpeechStageConfig, build_speech_model
+
+    tok = Tokenizer.from_file(corpus["tokenizer"])
+    torch.manual_seed(0)
+    lm = Transformer(preset("nano", vocab_size=tok.vocab_size))
+    cfg = SpeechStageConfig(
+        speech_encoder=SpeechEncoderConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64),
+        adapter=SpeechAdapterConfig(dim=32, n_heads=2, ffn_dim=64, ctc_weight=0.5),
+    )
+    model = build_speech_model(cfg, lm)
+    text = "the red circle is left of a blue square."
+    ids = tok.encode(text)
+    collator = SpeechCollator(tok, ASR_PROMPT, lambda n: 3)
+    feats = torch.randn(20, 80)
+    batch = collator(
+        [{"features": feats, "text": text}, {"features": feats, "text": "x", "prompt": "Say it:"}]
+    )
+    assert batch["ctc_lengths"].tolist() == [len(ids), 0]
+    assert batch["ctc_targets"][0, : len(ids)].tolist() == ids
+    emb = lm.tok_embeddings.weight.detach()
+    blank = model.speech_adapter.ctc_blank.detach()
+
+    def frames(seq: list[int]) -> torch.Tensor:
+        rows = []
+        for i in seq:
+            rows += [emb[i], blank]
+        return torch.stack(rows)[None]
+
+    n = torch.tensor([2 * len(ids)])
+    target, lengths = torch.tensor([ids]), torch.tensor([len(ids)])
+    with torch.no_grad():
+        model.speech_adapter.ctc_log_scale.fill_(3.0)
+        good = model.ctc_loss(frames(ids), n, target, lengths)
+        bad = model.ctc_loss(frames(ids[::-1]), n, target, lengths)
+        none = model.ctc_loss(frames(ids), n, target, torch.tensor([0]))
+    assert float(good) < 0.5 * float(bad), (float(good), float(bad))
+    assert float(none) == 0.0
