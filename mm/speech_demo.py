@@ -94,6 +94,11 @@ def run_speech_stages(out: Path, data_dir: Path) -> dict[str, Any]:
     report["wer_per_voice"] = ev.get("heldout_voices", {}).get("wer_per_voice")
     report["exact_match_heldout_sentences"] = ev.get("heldout_sentences", {}).get("exact_match")
     report["exact_match_heldout_voices"] = ev.get("heldout_voices", {}).get("exact_match")
+    # Where the errors come from: the audio side alone (the adapter's CTC head, greedy) and the frozen LM
+    # repeating the same sentences given as text (the ceiling of transcripts that the LM writes).
+    report["ctc_wer_heldout_sentences"] = ev.get("heldout_sentences", {}).get("ctc_wer")
+    report["ctc_wer_heldout_voices"] = ev.get("heldout_voices", {}).get("ctc_wer")
+    report["lm_copy_wer_heldout_sentences"] = ev.get("heldout_sentences", {}).get("lm_copy_wer")
     report["examples"] = {k: v.get("examples") for k, v in ev.items()}
     final = Path(cfg.out) / "final"
     ok, msg = verify_frozen(final)

@@ -382,7 +382,44 @@ def evaluate_wer(
             per[v] = word_error_rate([refs[i] for i in idx], [hyps[i] for i in idx])
         res["wer_per_voice"] = per
     res["examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:5]]
+    if model.speech_adapter.ctc_blank is not None:  # what the audio side alone recognises (no LM)
+        res["ctc_wer"] = word_error_rate(refs, ctc_transcripts(model, tok, feats))
+    res["lm_copy_wer"] = word_error_rate(refs, copy_transcripts(model.lm, tok, refs, prompt))
     return res
+
+
+@torch.no_grad()
+def ctc_transcripts(
+    model: SpeechLM, tok: Tokenizer, feats: list[torch.Tensor], batch_size: int = 64
+) -> list[str]:
+    """Greedy CTC transcripts of the adapter's CTC head (repeats merged, blanks dropped): the audio side alone."""
+    model.eval()
+    device = next(model.parameters()).device
+    collator = SpeechCollator(tok, ASR_PROMPT, model.n_slots)
+    table = model.lm.tok_embeddings.weight
+    out: list[str] = []
+    for s in range(0, len(feats), batch_size):
+        x, lengths = collator.features([{"features": f} for f in feats[s : s + batch_size]])
+        sp, counts = model.encode_speech(x.to(device), lengths.to(device))
+        best = model.speech_adapter.ctc_logits(sp, table).argmax(-1)  # (B, S); blank = V
+        for row, n in zip(best.tolist(), counts.tolist(), strict=True):
+            ids = [t for k, t in enumerate(row[:n]) if t != table.shape[0] and (k == 0 or t != row[k - 1])]
+            out.append(" ".join(tok.decode(ids).split()))
+    return out
+
+
+@torch.no_grad()
+def copy_transcripts(
+    lm: Transformer, tok: Tokenizer, texts: list[str], prompt: str = ASR_PROMPT
+) -> list[str]:
+    """The frozen LM repeating each text given as text (`{text} {prompt}`): the ceiling of the speech path."""
+    lm.eval()
+    prompts = [[tok.bos_id, *tok.encode(f"{t.strip()} {prompt.rstrip()}")] for t in texts]
+    out: list[str] = []
+    for s in range(0, len(prompts), 64):
+        new = generate(lm, prompts[s : s + 64], 32, stop_tokens=[tok.eos_id, tok.eot_id], pad_id=tok.pad_id)
+        out.extend(" ".join(tok.decode(t).split()) for t in new)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- run
