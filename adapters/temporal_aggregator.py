@@ -9,6 +9,13 @@ one effective frame (Llama 3 paper §7.5; `paper-notes.md` §4; the resampler fo
                                        the latents then see where a token sits in its frame, not only what it
                                        holds, so motion (the same object at other positions over time) is
                                        readable from the pooled latents
+                 + W_motion (x[f] - x[f-1]) (optional, motion=True; 0 for the first frame; W_motion starts at 0):
+                                       what changed at each token since the previous frame. Attention that
+                                       selects tokens by place then sums these differences over time, which
+                                       telescopes to "last minus first frame" there: the direction of motion
+                                       becomes one latent's linear read-out instead of a comparison between
+                                       latents (measured: through the frozen LM the latents of the plain
+                                       aggregator never learned direction)
     -> groups of M consecutive frames: (B*G, M*N, D), G = F / M
     -> learned latents (L, D) attend to concat(group tokens, latents), then an FFN; `depth` times
     -> LayerNorm -> (B, G, L, D): G effective frames of L tokens each
@@ -84,6 +91,7 @@ class TemporalAggregator(nn.Module):
         ffn_mult: int = 4,
         max_frames: int = 64,
         max_tokens: int = 0,
+        motion: bool = False,
     ) -> None:
         super().__init__()
         if merge < 1 or max_frames < 1 or n_latents < 1 or depth < 1 or max_tokens < 0:
@@ -100,6 +108,9 @@ class TemporalAggregator(nn.Module):
         self.norm_frames = nn.LayerNorm(dim)
         self.time_embed = nn.Parameter(torch.randn(max_frames, dim))
         self.space_embed = nn.Parameter(torch.randn(max_tokens, dim)) if max_tokens else None
+        self.motion = nn.Linear(dim, dim, bias=False) if motion else None
+        if self.motion is not None:
+            nn.init.zeros_(self.motion.weight)  # starts as the plain aggregator
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, n_heads, head_dim), PerceiverFeedForward(dim, ffn_mult)])
             for _ in range(depth)
@@ -123,7 +134,10 @@ class TemporalAggregator(nn.Module):
         """frames (B, F, N, D), token_mask bool (B, N) True = real token -> (B, F / merge, n_latents, D)."""
         B, Fr, N, D = frames.shape
         G, M = self.n_groups(Fr), self.merge
-        x = self.norm_frames(frames) + self.time_embed[:Fr, None, :].to(frames.dtype)  # (B, F, N, D)
+        normed = self.norm_frames(frames)
+        x = normed + self.time_embed[:Fr, None, :].to(frames.dtype)  # (B, F, N, D)
+        if self.motion is not None:
+            x = x + self.motion(F.pad(normed[:, 1:] - normed[:, :-1], (0, 0, 0, 0, 1, 0)))
         if self.space_embed is not None:
             if N > self.space_embed.shape[0]:
                 raise ValueError(f"{N} tokens per frame: more than max_tokens={self.space_embed.shape[0]}")

@@ -111,7 +111,10 @@ ASR_PROMPT = "Repeat after me in English: "
 # Share of corpus lines that repeat a sentence after `ASR_PROMPT` ("{sentence} Repeat after me in English:
 # {sentence}"): without them the corpus never repeats anything within a line, so the LM never learns to copy
 # from its context, and embeddings spliced into its input (the speech stage) cannot steer what it writes.
-COPY_FRACTION = 0.25
+# Measured with the demo LM (configs/lm/tiny.yaml), repeating 200 held-out sentences given as text: 25% of the
+# lines and 500 steps copy the form but not the words (WER 0.28, no sentence exact); 50% and 500 steps: WER 0.21;
+# 50% and 1,500 steps: WER 0.00, every sentence exact (the copying mechanism forms between 1,000 and 1,500 steps).
+COPY_FRACTION = 0.5
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 # Default corpus sizes (lines) for the demo: enough for a tiny LM to learn the grammar.

@@ -228,8 +228,26 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
         md += ["", "## Held-out videos", "", "![held-out videos](figures/video_strips.png)"]
     speech = report.get("speech", {})
     if speech:
-        md += ["", "## Speech recognition", "", "| split | WER |", "| --- | --- |"]
-        md += [f"| {k[4:]} | {_fmt(v)} |" for k, v in speech.items() if k.startswith("wer_")]
+        md += [
+            "",
+            "## Speech recognition",
+            "",
+            "WER of the transcripts the frozen LM writes after the speech; beside it, the audio side alone (the"
+            " adapter's CTC head, greedy) and the LM repeating the same sentences given as text.",
+            "",
+            "| split | WER | audio side alone (CTC) | LM repeating the text |",
+            "| --- | --- | --- | --- |",
+        ]
+        for split in ("heldout_sentences", "heldout_voices"):
+            if f"wer_{split}" in speech:
+                md.append(
+                    f"| {split} | {_fmt(speech.get(f'wer_{split}'))} | {_fmt(speech.get(f'ctc_wer_{split}'))}"
+                    f" | {_fmt(speech.get(f'lm_copy_wer_{split}'))} |"
+                )
+        per_voice = speech.get("wer_per_voice") or {}
+        if per_voice:
+            md += ["", "| held-out voice | WER |", "| --- | --- |"]
+            md += [f"| {voice} | {_fmt(w)} |" for voice, w in per_voice.items()]
         examples = speech.get("examples") or {}
         if isinstance(examples, list):
             examples = {"heldout": examples}

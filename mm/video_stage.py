@@ -65,9 +65,8 @@ class AggregatorConfig:
     n_heads: int = 8
     ffn_mult: int = 4
     max_frames: int = 64  # time embeddings
-    spatial: bool = (
-        True  # a learned embedding per token position of a frame (where the object is, for motion)
-    )
+    spatial: bool = True  # a learned embedding per token position of a frame (where the object is)
+    motion: bool = True  # + a learned projection of each token's change since the previous frame
 
 
 @dataclass
@@ -137,6 +136,7 @@ def attach_video(
         ffn_mult=agg.ffn_mult,
         max_frames=agg.max_frames,
         max_tokens=(enc.cfg.max_tiles * enc.num_tokens_per_tile) if agg.spatial else 0,
+        motion=agg.motion,
     )
     model = MultimodalLM(
         image_model.lm,

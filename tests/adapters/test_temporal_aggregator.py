@@ -56,3 +56,21 @@ def test_space_embedding_makes_token_position_visible():
         assert (spatial(moved) - spatial(x)).abs().max() > 1e-2
         with pytest.raises(ValueError, match="max_tokens=8"):
             spatial(torch.randn(1, 4, 9, 16))
+
+
+def test_motion_term_sees_only_changes_between_frames():
+    """motion=True starts as the plain aggregator (zero projection); trained, it changes the output of a moving
+    clip but not of a static one (the frame differences are zero there)."""
+    torch.manual_seed(0)
+    agg = TemporalAggregator(16, merge=4, n_latents=3, depth=2, n_heads=2, max_tokens=6, motion=True).eval()
+    moving = torch.randn(1, 4, 6, 16)
+    static = moving[:, :1].expand(1, 4, 6, 16).clone()
+    with torch.no_grad():
+        start = agg(moving), agg(static)
+        torch.nn.init.normal_(agg.motion.weight)
+        after = agg(moving), agg(static)
+        agg.motion = None  # the same weights without the motion term
+        plain = agg(moving), agg(static)
+    torch.testing.assert_close(start[0], plain[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after[1], plain[1], rtol=0, atol=1e-6)
+    assert (after[0] - plain[0]).abs().max() > 1e-2
