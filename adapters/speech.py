@@ -37,6 +37,12 @@ class SpeechAdapterConfig:
     # scale (`ctc_logits`): the outputs are pulled towards the embeddings of the words spoken, in order, which is
     # what the frozen LM has learned to copy after the ASR prompt. The ASR loss alone learns this slowly.
     ctc_weight: float = 0.0
+    # CTC compression (needs ctc_weight > 0): the LM sees only the frames where the CTC head's greedy label is a
+    # word piece that starts (not blank, not a repeat), so the spliced sequence reads like the transcript's token
+    # embeddings. With blanks in between, the LM's copying (find the current token earlier in the context, write
+    # what followed it) lands on blanks and repeats. In training the other frames are hidden from attention and
+    # skipped by the positions; in transcription they are left out.
+    ctc_compress: bool = False
 
 
 class RotaryEncoderLayer(nn.Module):
@@ -84,6 +90,8 @@ class SpeechAdapter(nn.Module):
         self.register_buffer("out_scale", torch.ones(()))
         if cfg.ctc_weight < 0:
             raise ValueError(f"SpeechAdapterConfig.ctc_weight must be >= 0, got {cfg.ctc_weight}")
+        if cfg.ctc_compress and not cfg.ctc_weight:
+            raise ValueError("SpeechAdapterConfig.ctc_compress needs the CTC head: set ctc_weight > 0")
         self.ctc_blank = nn.Parameter(torch.randn(out_dim) * 0.02) if cfg.ctc_weight else None
         self.ctc_log_scale = nn.Parameter(torch.tensor(2.3)) if cfg.ctc_weight else None  # exp -> about 10
 

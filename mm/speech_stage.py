@@ -182,6 +182,13 @@ class SpeechLM(nn.Module):
         if features is not None:
             sp, counts = self.encode_speech(features, feature_lengths)
             h = self.splice(h, speech_mask, sp, counts)
+            if self.speech_adapter.cfg.ctc_compress:  # hide the blank/repeat frames, close the position gaps
+                keep = self.kept_frames(sp, counts)
+                valid = torch.ones_like(speech_mask)
+                in_row = torch.arange(sp.shape[1], device=sp.device)[None, :] < counts[:, None]
+                valid[speech_mask] = keep[in_row]
+                attention_mask = valid if attention_mask is None else attention_mask & valid
+                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         elif (
             speech is not None
             and (cache is None or cache.length == 0)
@@ -197,6 +204,23 @@ class SpeechLM(nn.Module):
                 raise ValueError("return_speech needs `features` and `feature_lengths`")
             return logits, sp, counts
         return logits
+
+    @torch.no_grad()
+    def kept_frames(self, speech: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(B, S) True at the frames CTC compression keeps: greedy label not blank and not the previous frame's.
+
+        A row whose frames are all blank keeps its least blank frame, so no clip loses all its speech."""
+        logits = self.speech_adapter.ctc_logits(speech, self.lm.tok_embeddings.weight)
+        best = logits.argmax(-1)  # (B, S)
+        blank = logits.shape[-1] - 1
+        prev = F.pad(best[:, :-1], (1, 0), value=blank)
+        in_row = torch.arange(best.shape[1], device=best.device)[None, :] < counts[:, None]
+        keep = (best != blank) & (best != prev) & in_row
+        empty = ~keep.any(1)
+        if bool(empty.any()):
+            blank_logp = logits.float().log_softmax(-1)[..., blank].masked_fill(~in_row, float("inf"))
+            keep[empty, blank_logp[empty].argmin(1)] = True
+        return keep
 
     def ctc_loss(
         self, speech: torch.Tensor, counts: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
@@ -334,6 +358,10 @@ def transcribe_features(
         chunk = [{"features": f} for f in feats[s : s + batch_size]]
         x, lengths = collator.features(chunk)
         sp, counts = model.encode_speech(x.to(device), lengths.to(device))
+        if model.speech_adapter.cfg.ctc_compress:  # only the kept frames, moved to the front of each row
+            keep = model.kept_frames(sp, counts)
+            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+            sp, counts = torch.gather(sp, 1, order[..., None].expand_as(sp)), keep.sum(1)
         prompts, flags = zip(*(collator.prefix(None, int(c)) for c in counts.tolist()), strict=True)
         T = max(len(p) for p in prompts)
         mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)

@@ -134,7 +134,9 @@ def test_text_corpus_teaches_copying(tmp_path):
     lines = synth_text(tmp_path, n=3000, seed=0).read_text(encoding="utf-8").splitlines()
     repeats = [line for line in lines if _REPEAT.fullmatch(line)]
     assert abs(len(repeats) / len(lines) - shapes.COPY_FRACTION) < 0.03, len(repeats)
-    assert 0.1 <= shapes.COPY_FRACTION <= 0.5  # enough to teach copying; the prompt formats keep half the lines
+    assert (
+        0.1 <= shapes.COPY_FRACTION <= 0.5
+    )  # enough to teach copying; the prompt formats keep half the lines
     for line in repeats:
         first, second = line.split(" " + ASR_PROMPT)
         assert first == second and first.endswith(".")

@@ -251,3 +251,48 @@ def test_ctc_head_scores_the_transcript_tokens_in_order(corpus):
         none = model.ctc_loss(frames(ids), n, target, torch.tensor([0]))
     assert float(good) < 0.5 * float(bad), (float(good), float(bad))
     assert float(none) == 0.0
+
+
+def test_ctc_compression_in_training_equals_leaving_the_frames_out(corpus):
+    """Training hides the frames CTC compression drops (attention mask, closed position gaps): the text logits
+    equal those of the row built with only the kept frames, as transcription builds it."""
+    from mm.adapters.speech import SpeechAdapterConfig
+    from mm.datasets.audio import SpeechCollator
+    from mm.datasets.shapes import ASR_PROMPT
+    from mm.encoders.speech import SpeechEncoderConfig
+    from mm.speech_stage import SpeechStageConfig, build_speech_model
+
+    tok = Tokenizer.from_file(corpus["tokenizer"])
+    torch.manual_seed(0)
+    lm = Transformer(preset("nano", vocab_size=tok.vocab_size))
+    cfg = SpeechStageConfig(
+        speech_encoder=SpeechEncoderConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64),
+        adapter=SpeechAdapterConfig(dim=32, n_heads=2, ffn_dim=64, ctc_weight=0.5, ctc_compress=True),
+    )
+    model = build_speech_model(cfg, lm).eval()
+    with torch.no_grad():  # make the blank win on about half the frames
+        model.speech_adapter.ctc_blank.copy_(lm.tok_embeddings.weight[5])
+    collator = SpeechCollator(tok, ASR_PROMPT, model.n_slots)
+    samples = [
+        {"features": torch.randn(n, 80), "text": t} for n, t in ((160, "the circle is red."), (96, "i see."))
+    ]
+    batch = collator(samples)
+    with torch.no_grad():
+        logits, sp, counts = model(
+            batch["tokens"],
+            features=batch["features"],
+            feature_lengths=batch["feature_lengths"],
+            speech_mask=batch["speech_mask"],
+            return_speech=True,
+        )
+        keep = model.kept_frames(sp, counts)
+        assert 0 < int(keep[0].sum()) < int(counts[0]), (keep[0].sum(), counts[0])
+        for b, s in enumerate(samples):
+            kept = sp[b, : int(counts[b])][keep[b, : int(counts[b])]]
+            ids, flags = collator.prefix(None, kept.shape[0])
+            row = ids + collator.text_ids(None, s["text"]) + [tok.eos_id]
+            h = lm.embed(torch.tensor([row]))
+            h[0, torch.tensor(flags + [False] * (len(row) - len(flags)))] = kept
+            alone = lm(input_embeds=h)[0, len(ids) - 1 :]  # from the last prompt token on
+            text_pos = (batch["labels"][b] != -100).nonzero().flatten()  # the same positions in the batch row
+            torch.testing.assert_close(logits[b, text_pos], alone[: len(text_pos)], rtol=1e-5, atol=1e-5)
