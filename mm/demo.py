@@ -57,17 +57,20 @@ def cached_stage(
     prev = json.loads(marker.read_text()) if marker.is_file() else {}
     if prev.get("hash") == key and prev.get("complete") and (stage_dir / "summary.json").is_file():
         log.info("%s: inputs unchanged, reusing %s", stage_dir.name, stage_dir / "final")
-        return json.loads((stage_dir / "summary.json").read_text()), True
+        summary = json.loads((stage_dir / "summary.json").read_text())
+        return {**summary, "stage_seconds": prev.get("seconds")}, True
     resume = prev.get("hash") == key
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json({"hash": key, "complete": False}, marker)
+    t0 = time.perf_counter()
     summary = run(resume)
     if summary.get("stopped", "max_steps") != "max_steps":
         raise KeyboardInterrupt(
             f"{stage_dir.name} stopped by {summary['stopped']}; re-run `mm demo` to resume"
         )
-    write_json({"hash": key, "complete": True}, marker)
-    return summary, False
+    seconds = time.perf_counter() - t0  # the run that finished it (a resumed run: its own part only)
+    write_json({"hash": key, "complete": True, "seconds": seconds}, marker)
+    return {**summary, "stage_seconds": seconds}, False
 
 
 def run_lm_stage(out: Path, data_dir: Path) -> dict[str, Any]:
@@ -99,6 +102,7 @@ def run_lm_stage(out: Path, data_dir: Path) -> dict[str, Any]:
         "steps": summary["step"],
         "params": summary.get("params"),
         "wall_time_s": summary.get("wall_time_s"),
+        "stage_seconds": summary.get("stage_seconds"),
         "reused": reused,
         "completions": completions,
         "checkpoint": str(final),
@@ -206,7 +210,7 @@ def run_video_stage_demo(out: Path, data_dir: Path) -> dict[str, Any]:
 
 
 def _pick(summary: dict[str, Any]) -> dict[str, Any]:
-    keys = ("step", "final_loss", "eval", "retrieval", "data_skips")
+    keys = ("step", "final_loss", "eval", "retrieval", "data_skips", "stage_seconds")
     return {k: summary[k] for k in keys if k in summary}
 
 
@@ -278,7 +282,11 @@ def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
     report["lm_frozen"] = report.get("lm_frozen", True) and (
         report["lm_fingerprint"]["before"] == report["lm_fingerprint"]["after"]
     )
-    report["wall_seconds"] = {stage: seconds for stage, seconds, _ in stage_rows(report)}
+    rows = stage_rows(report)
+    report["wall_seconds"] = {
+        stage: computed for stage, _, computed, _ in rows
+    }  # when the stage was computed
+    report["this_run_seconds"] = {stage: this_run for stage, this_run, _, _ in rows}
     report["wall_time_s"] = time.perf_counter() - t0
     write_json(report, report_file)
     write_report(out, report)

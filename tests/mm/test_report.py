@@ -30,12 +30,13 @@ def test_report_sections_and_figures(tmp_path):
         "lm": {
             "heldout_ppl": 2.3,
             "wall_time_s": 70.0,
+            "stage_seconds": 71.0,
             "reused": False,
             "completions": {"a": "a red circle"},
         },
         "image": {
             "caption_exact_match": 0.4,
-            "stages": {"image-pretrain": {"wall_time_s": 80.0, "reused": True}},
+            "stages": {"image-pretrain": {"wall_time_s": 0.5, "stage_seconds": 80.0, "reused": True}},
             "examples": examples,
         },
         "lm_frozen": True,
@@ -43,7 +44,9 @@ def test_report_sections_and_figures(tmp_path):
     }
     md = write_report(tmp_path, report).read_text()
     assert "| image.caption_exact_match | 0.400 |" in md
-    assert "| image-pretrain | 80.0 | True |" in md
+    assert "| image-pretrain | 80.0 | 0.5 | True |" in md  # computed in 80 s earlier, reused in this run
+    assert "| lm-pretrain | 71.0 | 71.0 | False |" in md
+    assert "This run: 321 s; computing every stage took 151 s." in md
     assert "identical: **True**" in md
     assert "![loss curves](figures/loss_curves.png)" in md and "![held-out images]" in md
     assert "Held-out videos" not in md and "Speech recognition" not in md  # not run: no section
