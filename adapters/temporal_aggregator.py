@@ -92,6 +92,7 @@ class TemporalAggregator(nn.Module):
         max_frames: int = 64,
         max_tokens: int = 0,
         motion: bool = False,
+        text_align: bool = False,
     ) -> None:
         super().__init__()
         if merge < 1 or max_frames < 1 or n_latents < 1 or depth < 1 or max_tokens < 0:
@@ -109,6 +110,9 @@ class TemporalAggregator(nn.Module):
         self.time_embed = nn.Parameter(torch.randn(max_frames, dim))
         self.space_embed = nn.Parameter(torch.randn(max_tokens, dim)) if max_tokens else None
         self.motion = nn.Linear(dim, dim, bias=False) if motion else None
+        # Video-text alignment head (`align_logits`): pooled latents -> the space of the LM's token embeddings.
+        self.align = nn.Linear(dim, dim, bias=False) if text_align else None
+        self.align_log_scale = nn.Parameter(torch.tensor(2.3)) if text_align else None  # exp -> about 10
         if self.motion is not None:
             nn.init.zeros_(self.motion.weight)  # starts as the plain aggregator
         self.layers = nn.ModuleList(
@@ -116,6 +120,13 @@ class TemporalAggregator(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
+
+    def align_logits(self, aggregated: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities (B, B) x learned scale of clips' mean latents (B, G, L, D) and texts (B, D)."""
+        if self.align is None or self.align_log_scale is None:
+            raise ValueError("this aggregator has no alignment head (build it with text_align=True)")
+        v = F.normalize(self.align(aggregated.mean((1, 2))), dim=-1)
+        return v @ F.normalize(text.to(v.dtype), dim=-1).T * self.align_log_scale.exp()
 
     @property
     def n_latents(self) -> int:

@@ -283,7 +283,9 @@ class MultimodalLM(nn.Module):
         tiles = torch.ones(
             B, 1, G, dtype=torch.long, device=media.device
         )  # one "image" of G effective frames
-        return MediaContext(kv=kv, n_media_tokens=G * L, tokens_per_tile=L, extra={"tile_mask": tiles})
+        return MediaContext(
+            kv=kv, n_media_tokens=G * L, tokens_per_tile=L, extra={"tile_mask": tiles, "aggregated": agg}
+        )
 
     def _media_mask(
         self,

@@ -67,6 +67,13 @@ class AggregatorConfig:
     max_frames: int = 64  # time embeddings
     spatial: bool = True  # a learned embedding per token position of a frame (where the object is)
     motion: bool = True  # + a learned projection of each token's change since the previous frame
+    # Weight of a video-text contrastive loss in the video stage (0 = off): each clip's mean latent (through a
+    # learned projection) against the mean of the frozen LM's token embeddings of every caption in the batch
+    # (identical captions count as positives). The caption loss reaches the aggregator only through the gated
+    # cross-attention, and what it asks of the latents is learned slowly there: measured, the latents never
+    # came to encode the direction of motion, although the frozen LM reads it (direction 0.995) from an
+    # aggregator that does. The contrastive loss asks for it directly, from the same video-text pairs.
+    contrastive: float = 0.0
 
 
 @dataclass
@@ -137,6 +144,7 @@ def attach_video(
         max_frames=agg.max_frames,
         max_tokens=(enc.cfg.max_tiles * enc.num_tokens_per_tile) if agg.spatial else 0,
         motion=agg.motion,
+        text_align=agg.contrastive > 0,
     )
     model = MultimodalLM(
         image_model.lm,
@@ -248,6 +256,7 @@ class VideoCaptionTask(Task):
         n_frames: int,
         name: str,
         curve: tuple[list[dict[str, Any]], list[str]] | None = None,
+        contrastive: float = 0.0,
     ) -> None:
         self.model, self.stream, self.collator, self.features, self.name = (
             model,
@@ -258,6 +267,9 @@ class VideoCaptionTask(Task):
         )
         self.batch_size, self.n_frames = batch_size, n_frames
         self.curve = curve  # (samples, references) scored by `evaluate`
+        self.contrastive = (
+            contrastive  # weight of the video-text contrastive loss (AggregatorConfig.contrastive)
+        )
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Only the video parts (never the LM or the image path)."""
@@ -292,7 +304,22 @@ class VideoCaptionTask(Task):
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
-        return loss, (labels != -100).sum()
+        n_tokens = (labels != -100).sum()
+        weight = self.contrastive if self.model.video_aggregator.align is not None else 0.0
+        if weight:  # per clip, scaled to the token count: the trainer divides the sum by n_tokens
+            loss = loss + weight * self.contrastive_loss(video.extra["aggregated"], labels) * n_tokens
+        return loss, n_tokens
+
+    def contrastive_loss(self, aggregated: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean video-text InfoNCE (both directions) of a batch; identical captions are shared positives."""
+        lm = self.model.lm
+        real = labels != -100
+        emb = lm.tok_embeddings(labels.clamp(min=0)).detach() * real[..., None]
+        text = emb.sum(1) / real.sum(1, keepdim=True).clamp(min=1)  # (B, D) mean caption embedding
+        logits = self.model.video_aggregator.align_logits(aggregated, text).float()
+        same = (labels[:, None, :] == labels[None, :, :]).all(-1).float()  # (B, B) identical captions
+        target = same / same.sum(1, keepdim=True)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T))
 
     def evaluate(self) -> dict[str, float]:
         """Exact match and direction accuracy on the learning-curve clips."""
@@ -486,6 +513,7 @@ def run_video_stage(cfg: VideoStageConfig, *, resume: bool = False) -> dict[str,
         n_frames=cfg.data.n_frames,
         name=cfg.stage,
         curve=curve,
+        contrastive=agg.contrastive,
     )
     record = {
         "yaml": config_to_yaml(cfg),

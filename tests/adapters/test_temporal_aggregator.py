@@ -74,3 +74,30 @@ def test_motion_term_sees_only_changes_between_frames():
     torch.testing.assert_close(start[0], plain[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(after[1], plain[1], rtol=0, atol=1e-6)
     assert (after[0] - plain[0]).abs().max() > 1e-2
+
+
+def test_video_text_contrastive_loss_prefers_the_matching_captions():
+    """The video stage's contrastive term: low when each clip's pooled latents point at its own caption's mean
+    token embedding, high when they point at other captions; identical captions share the positive."""
+    from types import SimpleNamespace
+
+    from mm.video_stage import VideoCaptionTask
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(20, 16)
+    agg = TemporalAggregator(16, merge=1, n_latents=2, depth=1, n_heads=2, text_align=True)
+    with torch.no_grad():
+        agg.align.weight.copy_(torch.eye(16))
+        agg.align_log_scale.fill_(3.0)
+    task = VideoCaptionTask.__new__(VideoCaptionTask)
+    task.model = SimpleNamespace(lm=SimpleNamespace(tok_embeddings=emb), video_aggregator=agg)
+    labels = torch.tensor([[3, 4, -100], [5, 6, 7], [3, 4, -100], [8, 9, -100]])  # rows 0 and 2: same caption
+    real = labels != -100
+    text = (emb(labels.clamp(min=0)) * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+    matched = text.detach()[:, None, None, :].expand(4, 1, 2, 16)
+    with torch.no_grad():
+        good = task.contrastive_loss(matched, labels)
+        bad = task.contrastive_loss(matched[[1, 3, 1, 0]], labels)
+    assert float(good) < 0.5 * float(bad), (float(good), float(bad))
+    # rows 0 and 2 are one caption: a clip of it scores both equally, so the loss cannot reach 0 but is minimal
+    assert float(good) > 0.0
