@@ -101,6 +101,7 @@ def run_speech_stages(out: Path, data_dir: Path) -> dict[str, Any]:
     report["ctc_wer_heldout_sentences"] = ev.get("heldout_sentences", {}).get("ctc_wer")
     report["ctc_wer_heldout_voices"] = ev.get("heldout_voices", {}).get("ctc_wer")
     report["lm_copy_wer_heldout_sentences"] = ev.get("heldout_sentences", {}).get("lm_copy_wer")
+    report["lm_copy_wer_heldout_voices"] = ev.get("heldout_voices", {}).get("lm_copy_wer")
     report["examples"] = {k: v.get("examples") for k, v in ev.items()}
     final = Path(cfg.out) / "final"
     ok, msg = verify_frozen(final)
