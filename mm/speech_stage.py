@@ -206,16 +206,26 @@ class SpeechLM(nn.Module):
         return logits
 
     @torch.no_grad()
-    def kept_frames(self, speech: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """(B, S) True at the frames CTC compression keeps: greedy label not blank and not the previous frame's.
-
-        A row whose frames are all blank keeps its least blank frame, so no clip loses all its speech."""
+    def ctc_greedy(
+        self, speech: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy CTC of adapter outputs: CTC logits (B, S, V + 1), labels (B, S), and (B, S) True where a label
+        starts (not blank, not the previous frame's label, within the clip's `counts` frames)."""
         logits = self.speech_adapter.ctc_logits(speech, self.lm.tok_embeddings.weight)
-        best = logits.argmax(-1)  # (B, S)
+        best = logits.argmax(-1)
         blank = logits.shape[-1] - 1
         prev = F.pad(best[:, :-1], (1, 0), value=blank)
         in_row = torch.arange(best.shape[1], device=best.device)[None, :] < counts[:, None]
-        keep = (best != blank) & (best != prev) & in_row
+        return logits, best, (best != blank) & (best != prev) & in_row
+
+    @torch.no_grad()
+    def kept_frames(self, speech: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(B, S) True at the frames CTC compression keeps: where a greedy CTC label starts (`ctc_greedy`).
+
+        A row whose frames are all blank keeps its least blank frame, so no clip loses all its speech."""
+        logits, _, keep = self.ctc_greedy(speech, counts)
+        blank = logits.shape[-1] - 1
+        in_row = torch.arange(keep.shape[1], device=keep.device)[None, :] < counts[:, None]
         empty = ~keep.any(1)
         if bool(empty.any()):
             blank_logp = logits.float().log_softmax(-1)[..., blank].masked_fill(~in_row, float("inf"))
@@ -424,15 +434,12 @@ def ctc_transcripts(
     model.eval()
     device = next(model.parameters()).device
     collator = SpeechCollator(tok, ASR_PROMPT, model.n_slots)
-    table = model.lm.tok_embeddings.weight
     out: list[str] = []
     for s in range(0, len(feats), batch_size):
         x, lengths = collator.features([{"features": f} for f in feats[s : s + batch_size]])
         sp, counts = model.encode_speech(x.to(device), lengths.to(device))
-        best = model.speech_adapter.ctc_logits(sp, table).argmax(-1)  # (B, S); blank = V
-        for row, n in zip(best.tolist(), counts.tolist(), strict=True):
-            ids = [t for k, t in enumerate(row[:n]) if t != table.shape[0] and (k == 0 or t != row[k - 1])]
-            out.append(" ".join(tok.decode(ids).split()))
+        _, best, starts = model.ctc_greedy(sp, counts)
+        out.extend(" ".join(tok.decode(b[k].tolist()).split()) for b, k in zip(best, starts, strict=True))
     return out
 
 

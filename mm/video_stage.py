@@ -75,6 +75,10 @@ class AggregatorConfig:
     # aggregator that does. The contrastive loss asks for it directly, from the same video-text pairs.
     contrastive: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.contrastive < 0:
+            raise ValueError(f"aggregator.contrastive must be >= 0 (0 = off), got {self.contrastive}")
+
 
 @dataclass
 class VideoXAttnConfig:
@@ -267,9 +271,8 @@ class VideoCaptionTask(Task):
         )
         self.batch_size, self.n_frames = batch_size, n_frames
         self.curve = curve  # (samples, references) scored by `evaluate`
-        self.contrastive = (
-            contrastive  # weight of the video-text contrastive loss (AggregatorConfig.contrastive)
-        )
+        # weight of the video-text contrastive loss (AggregatorConfig.contrastive)
+        self.contrastive = contrastive
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Only the video parts (never the LM or the image path)."""

@@ -249,8 +249,10 @@ def test_ctc_head_scores_the_transcript_tokens_in_order(corpus):
         good = model.ctc_loss(frames(ids), n, target, lengths)
         bad = model.ctc_loss(frames(ids[::-1]), n, target, lengths)
         none = model.ctc_loss(frames(ids), n, target, torch.tensor([0]))
+        _, best, starts = model.ctc_greedy(frames(ids), n)
     assert float(good) < 0.5 * float(bad), (float(good), float(bad))
     assert float(none) == 0.0
+    assert best[0][starts[0]].tolist() == ids  # greedy CTC decodes the transcript's tokens back
 
 
 def test_ctc_compression_in_training_equals_leaving_the_frames_out(corpus):
