@@ -145,19 +145,32 @@ class CLIPModel(nn.Module):
 
 
 def clip_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric cross-entropy of scale * img @ txt.T with pairs on the diagonal (inputs L2-normalised here).
 
     `logit_scale` is the multiplier itself (CLIPModel.scale(), i.e. exp of the parameter), not its log.
+    `positives` (B, B) bool, diagonal set: every marked pair counts as a match (multi-positive loss,
+    -log of the softmax mass on the positives), so identical captions in a batch are not pushed apart.
     """
     image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
     logits = logit_scale * image_emb @ text_emb.T  # (B, B): row i = image i against every text
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    if positives is None:
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    if not bool(positives.diagonal().all()):
+        raise ValueError("clip_loss: positives must include every pair on the diagonal")
+
+    def multi(lg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return (lg.logsumexp(-1) - lg.masked_fill(~pos, float("-inf")).logsumexp(-1)).mean()
+
+    return (multi(logits, positives) + multi(logits.T, positives.T)) / 2
 
 
-def _same_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def same_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """(B, B) bool: captions i and j are the same token sequence (padding ignored)."""
     ids = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), -1)
     return (ids[:, None, :] == ids[None, :, :]).all(-1)
@@ -188,7 +201,7 @@ def zero_shot_retrieval_accuracy(
     finally:
         model.train(was_training)
     sim = image_emb @ text_emb.T  # (B, B)
-    same = _same_caption(texts, attention_mask).to(sim.device)  # (B, B)
+    same = same_caption(texts, attention_mask).to(sim.device)  # (B, B)
     idx = torch.arange(sim.shape[0], device=sim.device)
     i2t = same[idx, sim.argmax(1)].float().mean()
     t2i = same[sim.argmax(0), idx].float().mean()

@@ -50,11 +50,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from timm.layers import LayerNorm
+from timm.layers import LayerNorm, LayerNorm2d
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from torch import nn
 
 MASK_MODES = ("strict", "mllama")
+STEMS = ("patch", "conv")
 
 
 @dataclass
@@ -80,6 +81,10 @@ class ImageEncoderConfig:
     out_dim: int = 4096  # LM width
     mask_mode: str = "strict"  # "strict" or "mllama" (see module docstring)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # further create_model kwargs
+    # "patch": timm's patch embedding (one patch_size x patch_size conv, as the paper's ViT-H/14);
+    # "conv": a stack of stride-2 3x3 convolutions in its place (`ConvStem`), for small objects in small tiles
+    stem: str = "patch"
+    stem_channels: tuple[int, ...] = ()  # conv stem widths, one per stride-2 conv (default: up to embed_dim)
 
     def __post_init__(self) -> None:
         self.intermediate_layers = tuple(int(i) for i in self.intermediate_layers)
@@ -92,6 +97,19 @@ class ImageEncoderConfig:
         for name in ("max_tiles", "max_aspect_ratio_id", "out_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ImageEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.stem_channels = tuple(int(c) for c in self.stem_channels)
+        if self.stem not in STEMS:
+            raise ValueError(f"ImageEncoderConfig.stem={self.stem!r}; expected one of {STEMS}")
+        n_convs = self.patch_size.bit_length() - 1
+        if self.stem == "conv" and (self.patch_size != 1 << n_convs or n_convs < 1):
+            raise ValueError(
+                f"ImageEncoderConfig.patch_size={self.patch_size}: the conv stem needs a power of two >= 2"
+            )
+        if self.stem_channels and len(self.stem_channels) != n_convs:
+            raise ValueError(
+                f"ImageEncoderConfig.stem_channels={list(self.stem_channels)}: expected {n_convs} widths, one per "
+                f"stride-2 conv of patch_size={self.patch_size}"
+            )
         if self.n_global_layers < 0:
             raise ValueError(f"ImageEncoderConfig.n_global_layers must be >= 0, got {self.n_global_layers}")
 
@@ -136,6 +154,33 @@ class GatedBlock(nn.Module):
         return h + self.gate_ffn.tanh() * b.drop_path2(b.ls2(b.mlp(b.norm2(h))))
 
 
+class ConvStem(nn.Module):
+    """Convolutional patch embedding ("Early Convolutions Help Transformers See Better", Xiao et al. 2021).
+
+    log2(patch_size) blocks of [3x3 conv, stride 2 -> channel LayerNorm -> GELU], then a 1x1 conv to the ViT
+    width: (B, 3, S, S) -> (B, D, S / patch_size, S / patch_size), the shape of timm's patch projection, so it
+    takes the place of `vit.patch_embed.proj`. Each token then sees a neighbourhood of overlapping receptive
+    fields instead of one disjoint patch, which lets a small ViT tell shapes apart at a few pixels' size.
+    """
+
+    def __init__(self, patch_size: int, embed_dim: int, channels: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        n = patch_size.bit_length() - 1
+        if not channels:  # double per stage, ending at embed_dim (at least 16 wide)
+            channels = tuple(max(16, embed_dim >> (n - 1 - i)) for i in range(n))
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), LayerNorm2d(c), nn.GELU()]
+            c_in = c
+        layers.append(nn.Conv2d(c_in, embed_dim, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D, S / patch_size, S / patch_size)."""
+        return self.layers(x)
+
+
 def create_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
     """The timm VisionTransformer of `cfg` (random init, no classifier head, no pooling)."""
     overrides = {
@@ -164,6 +209,8 @@ def create_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
         raise ValueError(
             f"timm model {cfg.timm_name!r}: dynamic_img_size and patch dropout are not supported"
         )
+    if cfg.stem == "conv":
+        vit.patch_embed.proj = ConvStem(cfg.patch_size, vit.embed_dim, cfg.stem_channels)
     return vit
 
 

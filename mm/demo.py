@@ -3,7 +3,9 @@
 Stages: synthesise the world, train the tokenizer and the tiny LM (`lm-pretrain`), pretrain the image
 encoder contrastively (`clip-pretrain`), then `image-pretrain` -> `image-anneal` with the LM frozen, caption
 the held-out splits and verify the LM fingerprint; `video` then trains the temporal aggregator and the video
-cross-attention on the moving-shapes clips with the LM and the image path frozen. Each stage's output lands in `OUT/<stage>/final`; a stage
+cross-attention on the moving-shapes clips with the LM and the image path frozen. The image-anneal bundle
+also captions robustness variants of the image world (JPEG, anti-aliased, unusual sizes; `report.json`
+`image.robustness`). Each stage's output lands in `OUT/<stage>/final`; a stage
 whose inputs (its config and the content of its inputs) did not change since the last run is reused (hash in
 `OUT/<stage>/stage.json`), and an interrupted stage resumes from its last checkpoint.
 """
@@ -34,6 +36,21 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_PROMPTS = ["Caption: a large", "a small green", "Video: a purple", "there is a"]
 IMAGE_COUNTS = {"train": 4000, "heldout": 200, "heldout_pairs": 200}
 MOTION_COUNTS = {"train": 2000, "heldout": 200, "heldout_pairs": 120}
+# Robustness variants of the image world (`shapes.synth_shapes_variants`), captioned by the image-anneal bundle.
+VARIANT_COUNTS = {"jpeg": 100, "antialias": 100, "sizes": 100}
+# Per-attribute figures copied from the stages' evaluations into report.json.
+IMAGE_ATTRIBUTE_KEYS = (
+    "exact_match",
+    "color_accuracy",
+    "shape_accuracy",
+    "size_accuracy",
+    "count_accuracy",
+    "order_accuracy",
+    "order_n",
+    "well_formed",
+    "n",
+)
+VIDEO_ATTRIBUTE_KEYS = ("exact_match", "color_accuracy", "shape_accuracy", "direction_accuracy", "n")
 
 
 def _hash(*parts: Any) -> str:
@@ -120,8 +137,60 @@ def _curve(metrics: Path, key: str) -> list[dict[str, Any]]:
     return out
 
 
+def _attributes(ev: dict[str, Any], keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The per-attribute figures (`keys`) of each held-out split of a stage's evaluation."""
+    return {split: {k: r[k] for k in keys if k in r} for split, r in ev.items() if isinstance(r, dict)}
+
+
+def _final_curve(metrics: Path, key: str, step: Any, final: Any) -> list[dict[str, Any]]:
+    """A stage's logged eval curve (`key` in its metrics.jsonl) ending with its final evaluation at `step`."""
+    curve = _curve(metrics, key)
+    curve.append({"step": step, "value": final})
+    return curve
+
+
+def run_image_robustness(bundle: Path, data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Caption the robustness variants with an image bundle: `caption_attribute_report` per variant kind.
+
+    The first `VARIANT_COUNTS[kind]` images of `DATA/shapes/variants_{kind}.jsonl`; the result is kept in
+    `bundle/../robustness.json` with a hash of the bundle and the variants, and reused while both are unchanged.
+    """
+    from mm.caption import caption_images, load_rgb
+    from mm.datasets.images import read_manifest
+    from mm.image_stage import load_image_bundle
+
+    sh = data_dir / "shapes"
+    manifests = {kind: sh / f"variants_{kind}.jsonl" for kind in VARIANT_COUNTS}
+    for m in manifests.values():
+        if not m.is_file():
+            raise FileNotFoundError(f"robustness variants {m} do not exist (written by `synth_world`)")
+    variant_dirs = [sh / f"variants_{kind}" for kind in VARIANT_COUNTS]
+    key = _hash("robustness", sorted(VARIANT_COUNTS.items()), bundle, *manifests.values(), *variant_dirs)
+    cache = bundle.parent / "robustness.json"
+    if cache.is_file():
+        prev = json.loads(cache.read_text())
+        if prev.get("hash") == key and isinstance(prev.get("result"), dict):
+            log.info("image robustness: bundle and variants unchanged, reusing %s", cache)
+            return prev["result"]
+    t0 = time.perf_counter()
+    model, tok, transform, meta = load_image_bundle(bundle)
+    result = {}
+    for kind, m in manifests.items():
+        recs = read_manifest(m)[: VARIANT_COUNTS[kind]]
+        images = [load_rgb(r.image) for r in recs]
+        preds = caption_images(
+            model, tok, transform, images, prompt=meta["prompt"], max_tiles=meta["max_tiles"]
+        )
+        result[kind] = shapes.caption_attribute_report(preds, [r.text for r in recs])
+        log.info(
+            "image robustness: %s exact match %.3f (%d images)", kind, result[kind]["exact_match"], len(recs)
+        )
+    write_json({"hash": key, "result": result, "seconds": time.perf_counter() - t0}, cache)
+    return result
+
+
 def run_image_stages(out: Path, data_dir: Path) -> dict[str, Any]:
-    """clip-pretrain -> image-pretrain -> image-anneal on the shapes world; captions of the held-out splits."""
+    """clip-pretrain -> image-pretrain -> image-anneal; held-out captions, attributes, curves, robustness."""
     from mm.bundle import verify_frozen
     from mm.encoder_pretrain import ClipPretrainConfig, run_encoder_pretrain
     from mm.image_stage import ImageStageConfig, run_image_stage
@@ -164,7 +233,20 @@ def run_image_stages(out: Path, data_dir: Path) -> dict[str, Any]:
     report["heldout_pair_exact_match"] = ev.get("heldout_pairs", {}).get("exact_match")
     report["attribute_accuracy"] = ev.get("heldout", {}).get("attribute_accuracy")
     report["heldout_pair_attribute_accuracy"] = ev.get("heldout_pairs", {}).get("attribute_accuracy")
+    report["attributes"] = _attributes(ev, IMAGE_ATTRIBUTE_KEYS)
+    report["exact_match_curves"] = {
+        stage: _final_curve(
+            out / stage / "metrics.jsonl",
+            "eval/heldout_exact_match",
+            rec.get("step"),
+            rec.get("eval", {}).get("heldout", {}).get("exact_match"),
+        )
+        for stage, rec in report["stages"].items()
+        if stage != "clip-pretrain"
+    }
     ok, msg = verify_frozen(Path(init_from))
+    # The bundle refuses a changed LM: captions of the variants only while it is untouched.
+    report["robustness"] = run_image_robustness(Path(init_from), data_dir) if ok else {}
     report["lm_frozen"] = ok
     report["lm_frozen_detail"] = msg
     report["checkpoint"] = init_from
@@ -191,8 +273,12 @@ def run_video_stage_demo(out: Path, data_dir: Path) -> dict[str, Any]:
     ev = s.get("eval", {})
     final = Path(cfg.out) / "final"
     ok, msg = verify_frozen(final)
-    curve = _curve(Path(cfg.out) / "metrics.jsonl", "eval/heldout_exact_match")
-    curve.append({"step": s.get("step"), "value": ev.get("heldout", {}).get("exact_match")})
+    curve = _final_curve(
+        Path(cfg.out) / "metrics.jsonl",
+        "eval/heldout_exact_match",
+        s.get("step"),
+        ev.get("heldout", {}).get("exact_match"),
+    )
     return {
         "stage": stage,
         "caption_exact_match": ev.get("heldout", {}).get("exact_match"),
@@ -201,6 +287,7 @@ def run_video_stage_demo(out: Path, data_dir: Path) -> dict[str, Any]:
         "color_accuracy": ev.get("heldout", {}).get("color_accuracy"),
         "shape_accuracy": ev.get("heldout", {}).get("shape_accuracy"),
         "heldout_pair_direction_accuracy": ev.get("heldout_pairs", {}).get("direction_accuracy"),
+        "attributes": _attributes(ev, VIDEO_ATTRIBUTE_KEYS),
         "exact_match_curve": curve,
         "examples": ev.get("heldout", {}).get("examples", []),
         "frozen": ok,
@@ -223,6 +310,9 @@ def synth_world(data_dir: Path, image: bool, video: bool = False) -> None:
         for split, n in IMAGE_COUNTS.items():
             if not (data_dir / "shapes" / f"{split}.jsonl").is_file():
                 shapes.synth_shapes(data_dir, n=n, seed=0, split=split)
+        for kind, n in VARIANT_COUNTS.items():
+            if not (data_dir / "shapes" / f"variants_{kind}.jsonl").is_file():
+                shapes.synth_shapes_variants(data_dir, n=n, seed=0, kind=kind)
     if video:
         for split, n in MOTION_COUNTS.items():
             if not (data_dir / "motion" / f"{split}.jsonl").is_file():

@@ -28,7 +28,7 @@ from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset
 from mm.datasets.streams import ManifestStream, ShardStream
 from mm.datasets.tiling import TileTransform
-from mm.encoders.clip import CLIPModel, TextTower, clip_loss, zero_shot_retrieval_accuracy
+from mm.encoders.clip import CLIPModel, TextTower, clip_loss, same_caption, zero_shot_retrieval_accuracy
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.image_stage import ImageDataConfig, open_image_stream
 from mm.lm import Tokenizer, preset
@@ -67,6 +67,9 @@ class ClipPretrainConfig:
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 64
     image_pool: str = "mean"  # mean | cls
+    # true: identical captions in a batch count as matches (a small world repeats captions); false: CLIP's
+    # one-positive loss, which pushes apart images whose captions are the same
+    multi_positive: bool = False
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
@@ -111,9 +114,16 @@ class ClipTask(Task):
     """CLIP loss on image-text pairs; a seeded epoch order over the manifest, resumable."""
 
     def __init__(
-        self, model: CLIPModel, stream: ManifestStream | ShardStream, batcher: ClipBatcher, *, batch_size: int
+        self,
+        model: CLIPModel,
+        stream: ManifestStream | ShardStream,
+        batcher: ClipBatcher,
+        *,
+        batch_size: int,
+        multi_positive: bool = False,
     ) -> None:
         self.model, self.stream, self.batcher = model, stream, batcher
+        self.multi_positive = multi_positive
         self.name = STAGE
         self.batch_size = batch_size
 
@@ -141,7 +151,8 @@ class ClipTask(Task):
             attention_mask=batch["attention_mask"],
         )
         n = batch["input_ids"].shape[0]
-        loss = clip_loss(image_emb.float(), text_emb.float(), scale.float())
+        positives = same_caption(batch["input_ids"], batch["attention_mask"]) if self.multi_positive else None
+        loss = clip_loss(image_emb.float(), text_emb.float(), scale.float(), positives)
         return loss * n, torch.tensor(n, device=loss.device)
 
     def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
@@ -211,7 +222,7 @@ def run_encoder_pretrain(cfg: ClipPretrainConfig, *, resume: bool = False) -> di
     model = build_clip_model(cfg, tok.vocab_size).to(device)
     transform, stream = open_image_stream(cfg.data, cfg.image_encoder, tr.seed)
     batcher = ClipBatcher(tok, cfg.data.max_tiles, cfg.text.max_len)
-    task = ClipTask(model, stream, batcher, batch_size=tr.batch_size)
+    task = ClipTask(model, stream, batcher, batch_size=tr.batch_size, multi_positive=cfg.multi_positive)
     trainer = Trainer(task, tr, cfg.optim, out, config_record={"yaml": config_to_yaml(cfg)})
     if dist_utils.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)

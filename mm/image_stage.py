@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from mm import distributed as dist_utils
+from mm.adapters.caption_head import CaptionSlotHead, caption_slot_targets
 from mm.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.caption import caption_images
 from mm.checkpoint import latest_checkpoint, load_tensors, write_json
 from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.collate import ImageCaptionCollator
-from mm.datasets.shapes import IMAGE_PROMPT
+from mm.datasets.shapes import IMAGE_PROMPT, caption_attribute_report, parse_caption
 from mm.datasets.streams import ManifestStream, ShardStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
@@ -66,6 +67,20 @@ class XAttnConfig:
 
 
 @dataclass
+class CaptionHeadConfig:
+    """The auxiliary caption head on the media tokens (`adapters.CaptionSlotHead`; training only)."""
+
+    weight: float = 0.0  # its loss is added to the caption loss with this weight (0 = no head)
+    n_slots: int = 16  # caption tokens it names (the shapes world's longest caption has 11 + the end token)
+    depth: int = 2
+    n_heads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"caption_head.weight must be >= 0 (0 = off), got {self.weight}")
+
+
+@dataclass
 class ImageStageConfig:
     """`mm train` for an image stage."""
 
@@ -77,10 +92,12 @@ class ImageStageConfig:
     encoder_weights: str | None = None  # image encoder weights (e.g. from `mm pretrain-encoder`)
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    caption_head: CaptionHeadConfig = field(default_factory=CaptionHeadConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # captions scored at the end (0 = none)
+    curve_samples: int = 64  # images of the first held-out manifest captioned every train.eval_every steps
     out: str = "runs/image"
 
 
@@ -95,9 +112,13 @@ class ImageCaptionTask(Task):
         *,
         batch_size: int,
         name: str,
+        head_weight: float = 0.0,
+        curve: tuple[TileTransform, list[Any], list[str]] | None = None,
     ) -> None:
         self.model, self.stream, self.collator, self.name = model, stream, collator, name
+        self.curve = curve  # (transform, images, captions) of the learning curve
         self.batch_size = batch_size
+        self.head_weight = head_weight if model.image_aux is not None else 0.0
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Only the trainable parts (never the LM)."""
@@ -112,19 +133,42 @@ class ImageCaptionTask(Task):
         return self.collator([self.stream.next() for _ in range(batch_size)])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over caption tokens."""
+        """Summed cross-entropy over caption tokens (+ the weighted caption-head loss, per caption token)."""
+        media = self.model.encode_media(
+            batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
+        )
         logits = self.model(
-            batch["tokens"],
-            pixel_values=batch["pixel_values"],
-            aspect_ratio_ids=batch["aspect_ratio_ids"],
-            aspect_ratio_mask=batch["aspect_ratio_mask"],
-            cross_attention_mask=batch["cross_attention_mask"],
+            batch["tokens"], media=media, cross_attention_mask=batch["cross_attention_mask"]
         )  # rows are right-padded: causal attention keeps pads out of real tokens, no key mask needed
         labels = batch["labels"]
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
+        if self.head_weight and "media" in media.extra:
+            head = self.model.image_aux
+            per_tile = media.tokens_per_tile
+            real = batch["aspect_ratio_mask"].bool().repeat_interleave(per_tile, dim=-1).flatten(1)  # (B, M)
+            slot_logits = head(media.extra["media"], real, self.model.lm.tok_embeddings.weight)
+            targets = caption_slot_targets(labels, head.n_slots)
+            loss = loss + self.head_weight * head.loss(slot_logits, targets)
         return loss, (labels != -100).sum()
+
+    def evaluate(self) -> dict[str, float]:
+        """Exact match and per-attribute accuracy on the learning-curve images (`curve_samples`)."""
+        if not self.curve:
+            return {}
+        transform, images, refs = self.curve
+        preds = caption_images(
+            self.model,
+            self.collator.tokenizer,
+            transform,
+            images,
+            prompt=self.collator.prompt,
+            max_tiles=self.collator.max_tiles,
+        )
+        self.model.train()
+        r = caption_attribute_report(preds, refs)
+        return {f"heldout_{k}": float(v) for k, v in r.items() if k not in ("n", "order_n")}
 
     def data_state(self) -> dict[str, Any]:
         """Position in the sample stream."""
@@ -134,6 +178,21 @@ class ImageCaptionTask(Task):
         """Continue the sample stream."""
         if state:
             self.stream.load_state_dict(state)
+
+
+def curve_images(
+    cfg: ImageStageConfig, transform: TileTransform
+) -> tuple[TileTransform, list[Any], list[str]] | None:
+    """The learning-curve images: the first `curve_samples` of the first held-out manifest (world captions)."""
+    if not (cfg.train.eval_every and cfg.curve_samples and cfg.data.heldout):
+        return None
+    from mm.caption import load_rgb
+    from mm.datasets.images import read_manifest
+
+    recs = read_manifest(cfg.data.heldout[0])[: cfg.curve_samples]
+    if not all(parse_caption(r.text) is not None for r in recs):
+        return None
+    return transform, [load_rgb(r.image) for r in recs], [r.text for r in recs]
 
 
 def open_image_stream(
@@ -196,7 +255,20 @@ def build_model(cfg: ImageStageConfig, lm: torch.nn.Module, tok: Tokenizer) -> M
         xattn_layers=cfg.xattn.layers,
         hf_row_compat=cfg.xattn.hf_row_compat,
         image_token_id=tok.image_id,
+        **caption_head_parts(cfg.caption_head, lm.cfg.dim),
     )
+
+
+def caption_head_parts(head: CaptionHeadConfig | dict[str, Any] | None, dim: int) -> dict[str, Any]:
+    """MultimodalLM kwargs for the auxiliary caption head (none when its weight is 0)."""
+    if isinstance(head, dict):
+        head = CaptionHeadConfig(**head)
+    if head is None or not head.weight:
+        return {}
+    return {
+        "image_aux": CaptionSlotHead(dim, head.n_slots, head.depth, head.n_heads),
+        "trainable": ("image_encoder", "image_xattn", "image_aux"),
+    }
 
 
 def start_from_hf_mllama(cfg: ImageStageConfig, device: torch.device) -> tuple[MultimodalLM, Tokenizer]:
@@ -312,7 +384,15 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
         )
     transform, stream = open_image_stream(cfg.data, cfg.image_encoder, tr.seed, transform)
     collator = ImageCaptionCollator(tok, prompt=cfg.data.prompt, max_tiles=cfg.data.max_tiles)
-    task = ImageCaptionTask(model, stream, collator, batch_size=tr.batch_size, name=cfg.stage)
+    task = ImageCaptionTask(
+        model,
+        stream,
+        collator,
+        batch_size=tr.batch_size,
+        name=cfg.stage,
+        head_weight=cfg.caption_head.weight,
+        curve=curve_images(cfg, transform),
+    )
     meta_record = {"yaml": config_to_yaml(cfg), "lm_fingerprint": fp_start, "lm_path": str(lm_path)}
     trainer = Trainer(task, tr, cfg.optim, out, config_record=meta_record)
     assert_not_in_optimizer(lm, trainer.optimizer)
@@ -335,6 +415,7 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
         "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else None,
         "image_encoder": {**dataclass_dict(cfg.image_encoder), "weights": None},
         "xattn": dataclass_dict(cfg.xattn),
+        "caption_head": dataclass_dict(cfg.caption_head),
         "tile_size": cfg.data.tile_size,
         "max_tiles": cfg.data.max_tiles,
         "prompt": cfg.data.prompt,
@@ -365,8 +446,13 @@ def evaluate_captions(
         preds = caption_images(
             model, tok, transform, images, prompt=cfg.data.prompt, max_tiles=cfg.data.max_tiles
         )
+        refs = [r.text for r in recs]
+        world = all(
+            parse_caption(t) is not None for t in refs
+        )  # shapes-world captions: per-attribute figures
         res[Path(m).stem] = {
-            **exact_match_report(preds, [r.text for r in recs]),
+            **exact_match_report(preds, refs),
+            **(caption_attribute_report(preds, refs) if world else {}),
             "examples": [
                 {"image": str(r.image), "text": r.text, "pred": p}
                 for r, p in zip(recs[:16], preds, strict=False)
@@ -399,6 +485,7 @@ def load_image_bundle(path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransfor
         hf_row_compat=meta["xattn"]["hf_row_compat"],
         image_token_id=tok.image_id,
         extra_tokens=MLLAMA_EXTRA_TOKENS if mllama else 0,
+        **caption_head_parts(meta.get("caption_head"), lm.cfg.dim),
     )
     load_adapter_weights(model, path)
     if mllama:

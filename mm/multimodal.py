@@ -29,9 +29,17 @@ from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.lm import KVCache, Transformer
 from mm.lm.config import LMConfig
 
-PARTS = ("lm", "image_encoder", "image_xattn", "extra_tok_embeddings", "video_aggregator", "video_xattn")
+PARTS = (
+    "lm",
+    "image_encoder",
+    "image_xattn",
+    "extra_tok_embeddings",
+    "image_aux",
+    "video_aggregator",
+    "video_xattn",
+)
 # Everything that maps an image (or a video frame) to the LM: frozen in the video stage.
-IMAGE_PATH_PARTS = ("image_encoder", "image_xattn", "extra_tok_embeddings")
+IMAGE_PATH_PARTS = ("image_encoder", "image_xattn", "extra_tok_embeddings", "image_aux")
 VIDEO_PARTS = ("video_aggregator", "video_xattn")
 
 
@@ -110,6 +118,7 @@ class MultimodalLM(nn.Module):
         video_aggregator: nn.Module | None = None,
         video_xattn_layers: Sequence[int] | None = None,
         video_token_id: int | None = None,
+        image_aux: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if "lm" in trainable:
@@ -145,6 +154,7 @@ class MultimodalLM(nn.Module):
         self.extra_tok_embeddings = nn.Embedding(extra_tokens, c.dim) if extra_tokens else None
         if self.extra_tok_embeddings is not None:
             nn.init.normal_(self.extra_tok_embeddings.weight, std=c.init_std)
+        self.image_aux = image_aux  # training-only head on the media tokens (adapters.CaptionSlotHead)
         self.video_aggregator = video_aggregator
         self.video_token_id = video_token_id
         self.video_xattn: nn.ModuleDict | None = None
@@ -235,11 +245,14 @@ class MultimodalLM(nn.Module):
         B = media.shape[0]
         media = media.reshape(B, -1, media.shape[-1])
         kv = {int(i): blk.media_kv(media) for i, blk in self.image_xattn.items()}
+        extra = {"tile_mask": aspect_ratio_mask, "aspect_ratio_ids": aspect_ratio_ids}
+        if self.image_aux is not None and self.training:  # the auxiliary head reads the media tokens
+            extra["media"] = media
         return MediaContext(
             kv=kv,
             n_media_tokens=media.shape[1],
             tokens_per_tile=self.image_encoder.num_tokens_per_tile,
-            extra={"tile_mask": aspect_ratio_mask, "aspect_ratio_ids": aspect_ratio_ids},
+            extra=extra,
         )
 
     def video_frame_features(

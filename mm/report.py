@@ -1,9 +1,11 @@
 """The demo's human-readable report: `OUT/report.md` with PNG figures in `OUT/figures/`.
 
-Built from `OUT/report.json` and the stages' `metrics.jsonl`: loss curves per stage, a grid of held-out images
-with predicted and true captions, strips of held-out videos with their captions, a WER table with example
-transcripts, the LM fingerprint before and after, wall time per stage, and the machine it ran on. Sections
-whose modality was not run are left out. Figures use matplotlib's Agg backend (no display needed).
+Built from `OUT/report.json` and the stages' `metrics.jsonl`: loss curves per stage, exact-match learning
+curves of the image and video stages, a grid of held-out images with predicted and true captions, per-attribute
+tables of the image and video captions, a robustness table (the image-anneal bundle on JPEG, anti-aliased and
+unusually sized images), strips of held-out videos with their captions, a WER table with example transcripts,
+the LM fingerprint before and after, wall time per stage, and the machine it ran on. Sections whose modality
+was not run are left out. Figures use matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -153,6 +155,93 @@ def video_strips_figure(
     return len(rows)
 
 
+def exact_match_curves_figure(curves: dict[str, list[dict[str, Any]]], path: Path) -> int:
+    """Exact match against step, one line per stage (`{stage: [{step, value}, ...]}`); returns lines drawn."""
+    points = {
+        stage: [
+            (c["step"], c["value"]) for c in curve if c.get("step") is not None and c.get("value") is not None
+        ]
+        for stage, curve in curves.items()
+    }
+    points = {stage: sorted(p) for stage, p in points.items() if p}
+    if not points:
+        return 0
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for stage, p in points.items():
+        ax.plot([x for x, _ in p], [y for _, y in p], marker="o", ms=3, lw=1.2, label=stage)
+    ax.set_xlabel("step (of each stage)", fontsize=8)
+    ax.set_ylabel("held-out exact match", fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(points)
+
+
+# (key in a caption_attribute_report / motion_report, column heading)
+IMAGE_ATTRIBUTE_COLUMNS = (
+    ("exact_match", "exact match"),
+    ("color_accuracy", "colour"),
+    ("shape_accuracy", "shape"),
+    ("size_accuracy", "size"),
+    ("count_accuracy", "count"),
+    ("order_accuracy", "left-right order"),
+    ("well_formed", "well-formed"),
+)
+VIDEO_ATTRIBUTE_COLUMNS = (
+    ("exact_match", "exact match"),
+    ("color_accuracy", "colour"),
+    ("shape_accuracy", "shape"),
+    ("direction_accuracy", "direction"),
+)
+VARIANT_DESCRIPTIONS = {
+    "jpeg": "JPEG at quality 40-85",
+    "antialias": "drawn at 4x and downsampled (anti-aliased edges)",
+    "sizes": "exact 1:1 and 4:1, sizes off the training buckets, object sides at the ends of their ranges",
+}
+
+
+def _cell(x: Any) -> str:
+    """A table cell: "-" for a missing figure."""
+    return "-" if x is None else _fmt(x)
+
+
+def attribute_table(
+    rows: dict[str, dict[str, Any]], columns: tuple[tuple[str, str], ...], first: str, count: str
+) -> list[str]:
+    """Markdown table: one row per name in `rows`, one column per (key, heading), then the sample count."""
+    head = [first, *(h for _, h in columns), count]
+    md = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, r in rows.items():
+        cells = [_cell(r.get(k)) for k, _ in columns]
+        keys = [k for k, _ in columns]
+        if "order_accuracy" in keys and r.get("order_n") is not None:  # how many captions it was scored on
+            i = keys.index("order_accuracy")
+            cells[i] = f"{cells[i]} ({r['order_n']})" if r["order_n"] else "-"
+        md.append("| " + " | ".join([name, *cells, _cell(r.get("n"))]) + " |")
+    return md
+
+
+def curve_table(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown table of learning curves: one row per step, one column per stage ("-" where not evaluated)."""
+    stages = [s for s, c in curves.items() if c]
+    if not stages:
+        return []
+    by_step: dict[Any, dict[str, Any]] = {}
+    for stage in stages:
+        for c in curves[stage]:
+            if c.get("step") is not None:
+                by_step.setdefault(c["step"], {})[stage] = c.get("value")
+    md = ["| step | " + " | ".join(stages) + " |", "|" + " --- |" * (len(stages) + 1)]
+    for step in sorted(by_step):
+        md.append(f"| {step} | " + " | ".join(_cell(by_step[step].get(s)) for s in stages) + " |")
+    return md
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, bool) or x is None:
         return str(x)
@@ -228,8 +317,23 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
     stages = loss_curves_figure(out, figs / "loss_curves.png")
     if stages:
         md += ["", "## Loss curves", "", "![loss curves](figures/loss_curves.png)"]
-    image_examples = report.get("image", {}).get("examples", [])
-    if caption_grid_figure(image_examples, figs / "image_captions.png"):
+    image, video = report.get("image", {}), report.get("video", {})
+    curves = dict(image.get("exact_match_curves") or {})
+    if video.get("exact_match_curve"):
+        curves["video"] = video["exact_match_curve"]
+    if any(curves.values()):
+        md += [
+            "",
+            "## Learning curves (held-out exact match)",
+            "",
+            "Exact match of the held-out captions during each stage (every `train.eval_every` steps, on the first"
+            " held-out images); the last point of a stage is its final evaluation.",
+            "",
+        ]
+        if exact_match_curves_figure(curves, figs / "exact_match_curves.png"):
+            md += ["![exact match against step](figures/exact_match_curves.png)", ""]
+        md += curve_table(curves)
+    if caption_grid_figure(image.get("examples", []), figs / "image_captions.png"):
         md += [
             "",
             "## Held-out images",
@@ -238,9 +342,37 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
             "",
             "![held-out images](figures/image_captions.png)",
         ]
-    video_examples = report.get("video", {}).get("examples", [])
-    if video_strips_figure(video_examples, figs / "video_strips.png"):
+    if image.get("attributes"):
+        md += [
+            "",
+            "## Image captions per attribute",
+            "",
+            "Colour, shape and size: share of true objects whose word in the same left-to-right slot is right;"
+            " count: the number of objects is right; left-right order: two-object captions naming the right two"
+            " objects (how many in brackets) that put them in the right order; well-formed: captions of the"
+            " world's grammar.",
+            "",
+        ]
+        md += attribute_table(image["attributes"], IMAGE_ATTRIBUTE_COLUMNS, "split", "images")
+    if image.get("robustness"):
+        md += [
+            "",
+            "## Robustness (image-anneal on images drawn differently)",
+            "",
+            "New scenes of the training colour-shape pairs, drawn in ways the training images never are; the"
+            " first row is the held-out split, drawn as in training, for comparison.",
+            "",
+        ]
+        md += [f"- {kind}: {VARIANT_DESCRIPTIONS.get(kind, kind)}" for kind in image["robustness"]]
+        rows = dict(image["robustness"])
+        if "heldout" in (image.get("attributes") or {}):
+            rows = {"heldout (drawn as in training)": image["attributes"]["heldout"], **rows}
+        md += ["", *attribute_table(rows, IMAGE_ATTRIBUTE_COLUMNS, "images", "n")]
+    if video_strips_figure(video.get("examples", []), figs / "video_strips.png"):
         md += ["", "## Held-out videos", "", "![held-out videos](figures/video_strips.png)"]
+    if video.get("attributes"):
+        md += ["", "## Video captions per attribute", ""]
+        md += attribute_table(video["attributes"], VIDEO_ATTRIBUTE_COLUMNS, "split", "clips")
     speech = report.get("speech", {})
     if speech:
         md += [

@@ -14,10 +14,17 @@ from mm.datasets.shapes import (
     DEFAULT_IMAGE_COUNTS,
     HELDOUT_PAIRS,
     IMAGE_SPLITS,
+    SHAPES,
+    SIZES,
+    TRAIN_PAIRS,
+    VARIANT_KINDS,
+    Scene,
+    SceneObject,
     caption,
     random_scene,
     render_scene,
     synth_shapes,
+    synth_shapes_variants,
 )
 from mm.datasets.tiling import TileTransform
 
@@ -153,3 +160,139 @@ def test_random_scene_and_arguments(tmp_path):
         synth_shapes(tmp_path, n=1, split="test")
     with pytest.raises(ValueError, match="n and shard_size"):
         synth_shapes(tmp_path, n=0)
+
+
+# ------------------------------------------------------------------------------------- robustness variants
+
+NV = 32
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    out = tmp_path_factory.mktemp("variants")
+    return out, {kind: synth_shapes_variants(out, n=NV, seed=0, kind=kind) for kind in VARIANT_KINDS}
+
+
+def scene_of(rec):
+    objs = tuple(SceneObject(o["size"], o["color"], o["shape"], tuple(o["bbox"])) for o in rec["objects"])
+    return Scene(rec["width"], rec["height"], tuple(rec["background"]), objs)
+
+
+def nearest_colour(pixel):
+    return min(COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLORS[c], pixel)))
+
+
+def test_variants_stay_within_the_world(variants):
+    out, manifests = variants
+    for kind, manifest in manifests.items():
+        assert manifest == out / "shapes" / f"variants_{kind}.jsonl"
+        recs = records(manifest)
+        assert len(recs) == NV and recs[0]["image"].startswith(f"variants_{kind}/000000.")
+        words = {"color": set(), "shape": set(), "size": set(), "count": set()}
+        for rec in recs:
+            assert rec["variant"]["kind"] == kind
+            image = np.asarray(Image.open(manifest.parent / rec["image"]).convert("RGB"))
+            h, w = image.shape[:2]
+            assert (w, h) == (rec["width"], rec["height"]) and 64 <= w <= 256 and 64 <= h <= 256
+            assert max(w, h) / min(w, h) <= 4.0
+            assert all(200 <= c <= 255 for c in rec["background"])
+            objs = rec["objects"]
+            assert 1 <= len(objs) <= 2
+            assert rec["text"] == caption([(o["size"], o["color"], o["shape"]) for o in objs])
+            words["count"].add(len(objs))
+            short = min(w, h)
+            for o in objs:
+                assert (o["color"], o["shape"]) in TRAIN_PAIRS, (kind, rec["image"])
+                for key in ("color", "shape", "size"):
+                    words[key].add(o[key])
+                x0, y0, x1, y1 = o["bbox"]
+                assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and x1 - x0 == y1 - y0
+                lo, hi = (0.15, 0.25) if o["size"] == "small" else (0.35, 0.50)
+                slack = (
+                    1e-9 if kind == "sizes" else 0.5
+                )  # the generator rounds; "sizes" picks whole px inside
+                assert lo * short - slack <= x1 - x0 <= hi * short + slack, (kind, rec["image"], o)
+                # The object's colour is the one nearest the box centre (JPEG and filtering move it a little).
+                assert nearest_colour(image[(y0 + y1) // 2, (x0 + x1) // 2].tolist()) == o["color"]
+            if len(objs) == 2:
+                a, b = objs[0]["bbox"], objs[1]["bbox"]
+                assert (b[0] + b[2]) / 2 - (a[0] + a[2]) / 2 >= max(4, (a[2] - a[0] + b[2] - b[0]) / 4)
+                assert a[2] + 2 <= b[0] or b[2] + 2 <= a[0] or a[3] + 2 <= b[1] or b[3] + 2 <= a[1]
+        # Never fewer colours, shapes, sizes or object counts than the world has.
+        assert words == {"color": set(COLORS), "shape": set(SHAPES), "size": set(SIZES), "count": {1, 2}}, (
+            kind
+        )
+        # They read like any manifest (JPEG included), nothing skipped.
+        ds = ImageTextDataset(manifest, TileTransform(32, 4))
+        assert [ds[i]["text"] for i in range(3)] == [r["text"] for r in recs[:3]] and ds.stats.n_skipped == 0
+
+
+def test_variants_are_drawn_differently(variants, world):
+    _, manifests = variants
+    for kind, manifest in manifests.items():
+        for rec in records(manifest):
+            path = manifest.parent / rec["image"]
+            with Image.open(path) as im:
+                assert im.format == ("JPEG" if kind == "jpeg" else "PNG")
+                image = np.asarray(im.convert("RGB")).astype(int)
+            plain = np.asarray(render_scene(scene_of(rec))).astype(int)
+            diff = np.abs(image - plain)
+            palette = [*COLORS.values(), tuple(rec["background"])]
+            exact = np.any([np.all(image == c, axis=-1) for c in palette], axis=0)
+            if kind == "sizes":  # drawn as the generator draws; only the sizes are new
+                assert diff.max() == 0
+                continue
+            # The same scene (small mean difference) but not the same pixels; edges blend (off-palette pixels).
+            assert 0 < diff.mean() < 8 and not exact.all(), (kind, rec["image"])
+            if kind == "jpeg":
+                assert 40 <= rec["variant"]["quality"] <= 85
+            else:
+                v = rec["variant"]
+                assert v["supersample"] == 4 and v["resample"] in ("box", "lanczos")
+                assert all(0.25 <= abs(d) <= 0.75 for shift in v["shift_px"] for d in shift)
+    aa = [r["variant"]["resample"] for r in records(manifests["antialias"])]
+    assert {"box", "lanczos"} <= set(aa)
+    # Sizes: exact 1:1 (64x64 and 256x256 among them), exact 4:1 and 1:4, sizes off the generator's buckets.
+    sizes = [(r["width"], r["height"]) for r in records(manifests["sizes"])]
+    assert (256, 64) in sizes and (64, 256) in sizes
+    assert {(64, 64), (256, 256)} & set(sizes) and sum(w == h for w, h in sizes) >= NV // 8 * 2
+    off_bucket = 0
+    for i, (w, h) in enumerate(sizes):
+        low = 1 + 0.75 * (i % 4)  # the generator's bucket i % 8: orientation and ratio range
+        landscape = i % 8 < 4
+        ratio = max(w, h) / min(w, h)
+        off_bucket += (w >= h) != landscape or not (low - 0.02 <= ratio <= low + 0.77)
+    assert off_bucket >= NV // 4
+    # Object sides near the ends of their size word's range (lowest or highest fifth, up to whole px).
+    for rec in records(manifests["sizes"]):
+        short = min(rec["width"], rec["height"])
+        for o in rec["objects"]:
+            lo, hi = (0.15, 0.25) if o["size"] == "small" else (0.35, 0.50)
+            pos = ((o["bbox"][2] - o["bbox"][0]) - lo * short) / ((hi - lo) * short)
+            assert pos <= 0.3 or pos >= 0.7, (rec["image"], o, pos)
+    # New scenes: not those of the world's splits.
+    _, splits = world
+    split_objects = [r["objects"] for m in splits.values() for r in records(m)]
+    for manifest in manifests.values():
+        assert not any(r["objects"] in split_objects for r in records(manifest))
+
+
+def test_variants_deterministic_and_arguments(variants, tmp_path):
+    out, manifests = variants
+    for kind, manifest in manifests.items():
+        again = synth_shapes_variants(tmp_path, n=6, seed=0, kind=kind)
+        assert again.read_text().splitlines() == manifest.read_text().splitlines()[:6]
+        for rec in records(again):
+            assert (again.parent / rec["image"]).read_bytes() == (manifest.parent / rec["image"]).read_bytes()
+        other = synth_shapes_variants(tmp_path / "b", n=6, seed=1, kind=kind)
+        assert other.read_text() != again.read_text()
+    # A smaller run removes the larger run's extra files.
+    synth_shapes_variants(tmp_path, n=2, seed=0, kind="jpeg")
+    assert sorted(p.name for p in (tmp_path / "shapes" / "variants_jpeg").iterdir()) == [
+        "000000.jpg",
+        "000001.jpg",
+    ]
+    with pytest.raises(ValueError, match="unknown variant kind 'blur'"):
+        synth_shapes_variants(tmp_path, n=1, kind="blur")
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        synth_shapes_variants(tmp_path, n=0, kind="sizes")

@@ -145,3 +145,24 @@ def test_a_few_steps_on_coloured_squares_lower_the_loss_and_align_pairs():
     after = zero_shot_retrieval_accuracy(model, images, ids, attention_mask=mask)
     assert before["image_to_text"] < 0.5
     assert after == {"image_to_text": 1.0, "text_to_image": 1.0}
+
+
+def test_multi_positive_loss_equals_clip_without_duplicates_and_keeps_duplicates_together():
+    torch.manual_seed(0)
+    img, txt = torch.randn(6, 8), torch.randn(6, 8)
+    eye = torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(clip_loss(img, txt, 10.0, eye), clip_loss(img, txt, 10.0))
+    # images 0 and 1 share a caption: text 1 is as right for image 0 as text 0 is
+    txt[1] = txt[0]
+    pos = eye.clone()
+    pos[0, 1] = pos[1, 0] = True
+    assert clip_loss(img, txt, 10.0, pos) < clip_loss(img, txt, 10.0)
+    # the one-positive loss pushes image 0 away from its duplicate caption; the multi-positive one does not
+    a = img.clone().requires_grad_(True)
+    clip_loss(a, txt, 10.0).backward()
+    b = img.clone().requires_grad_(True)
+    clip_loss(b, txt, 10.0, pos).backward()
+    t1 = torch.nn.functional.normalize(txt[1], dim=-1)
+    assert float(a.grad[0] @ t1) > float(b.grad[0] @ t1)
+    with pytest.raises(ValueError, match="diagonal"):
+        clip_loss(img, txt, 10.0, torch.zeros(6, 6, dtype=torch.bool))

@@ -215,3 +215,33 @@ def test_matches_transformers_mllama_vision_model():
             k: v for k, v in hf.state_dict().items() if not k.startswith("transformer.layers.2.self_attn.k")
         }
         load_mllama_vision_state_dict(enc, sd)
+
+
+def test_conv_stem_replaces_the_patch_projection_and_keeps_the_token_grid():
+    from mm.encoders.image import ConvStem
+
+    enc = tiny_encoder(stem="conv", tile_size=64, patch_size=16)
+    assert isinstance(enc.vit.patch_embed.proj, ConvStem)
+    assert enc.num_tokens_per_tile == (64 // 16) ** 2 + 1
+    x = torch.randn(2, 3, 64, 64)
+    out = enc(*single_tile(x))
+    assert out.shape == (2, 1, 17, 16)
+    # locality: a pixel change in the top-left corner moves the top-left patch token, not the far corner's
+    y = x.clone()
+    y[:, :, :4, :4] += 1.0
+    tokens = enc.vit.patch_embed(torch.cat([x, y]))  # (4, 16, D)
+    diff = (tokens[2:] - tokens[:2]).abs().sum(-1)  # (2, 16)
+    assert (diff[:, 0] > 1e-3).all() and (diff[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(stem="resnet"), "stem"),
+        (dict(stem="conv", tile_size=36, patch_size=12), "power of two"),
+        (dict(stem="conv", stem_channels=(8, 16)), "expected 3 widths"),
+    ],
+)
+def test_conv_stem_config_is_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ImageEncoderConfig(**{**TINY, **kw})

@@ -240,3 +240,69 @@ def test_exact_match_report_counts_attributes_by_slot():
     )
     assert r["exact_match"] == pytest.approx(1 / 3)
     assert r["attribute_accuracy"] == pytest.approx((3 + 5 + 2) / (3 + 6 + 3))
+
+
+def test_caption_attribute_report_per_attribute():
+    from mm.datasets.shapes import caption_attribute_report, parse_caption
+
+    assert parse_caption("a large red circle and a small blue square") == [
+        ("large", "red", "circle"),
+        ("small", "blue", "square"),
+    ]
+    assert parse_caption("a large red") is None
+    refs = [
+        "a large red circle",
+        "a small blue square and a large red circle",
+        "a small blue square and a large red circle",
+        "a small yellow triangle",
+    ]
+    preds = [
+        "a large red circle",
+        "a large red circle and a small blue square",  # both objects, wrong order
+        "a small blue square and a small blue square",  # the first object twice
+        "a small yellow triangle and a large red circle",  # one object too many
+    ]
+    r = caption_attribute_report(preds, refs)
+    assert r["exact_match"] == pytest.approx(1 / 4)
+    assert r["count_accuracy"] == pytest.approx(3 / 4)
+    # 6 reference objects (1 | 2 3 | 4 5 | 6): every attribute right in slots 1, 4 and 6 only
+    for key in ("size_accuracy", "color_accuracy", "shape_accuracy"):
+        assert r[key] == pytest.approx(3 / 6)
+    assert (r["order_n"], r["order_accuracy"]) == (1, 0.0)
+    with pytest.raises(ValueError, match="not a caption"):
+        caption_attribute_report(["x"], ["a red circle"])
+
+
+def test_caption_head_targets_and_loss_reach_the_image_encoder(world, tmp_path):
+    from mm.adapters.caption_head import CaptionSlotHead, caption_slot_targets
+    from mm.datasets.collate import ImageCaptionCollator
+    from mm.image_stage import ImageCaptionTask, build_model, open_image_stream
+    from mm.lm import Tokenizer
+
+    labels = torch.tensor([[-100, -100, 5, 6, 7, -100], [-100, 9, 8, -100, -100, -100]])
+    assert caption_slot_targets(labels, 4).tolist() == [[5, 6, 7, -100], [9, 8, -100, -100]]
+
+    cfg = stage_cfg(world, tmp_path)
+    cfg.caption_head.weight = 0.5
+    tok = Tokenizer.from_file(world["lm"])
+    lm = load_hf(world["lm"])
+    model = build_model(cfg, lm, tok)
+    assert isinstance(model.image_aux, CaptionSlotHead)
+    assert "image_aux" in model.trainable and not any(p.requires_grad for p in model.lm.parameters())
+    transform, stream = open_image_stream(cfg.data, cfg.image_encoder, 0)
+    collator = ImageCaptionCollator(tok, max_tiles=cfg.data.max_tiles)
+    batch = collator([stream.next() for _ in range(4)])
+    with_head = ImageCaptionTask(model, stream, collator, batch_size=4, name="t", head_weight=0.5)
+    without = ImageCaptionTask(model, stream, collator, batch_size=4, name="t", head_weight=0.0)
+    model.train()
+    loss_h, n = with_head.loss(batch)
+    loss_0, _ = without.loss(batch)
+    assert float(loss_h.detach()) > float(loss_0.detach())  # the head adds its cross-entropy
+    # with every cross-attention gate at 0 only the head's loss reaches the encoder
+    model.zero_grad()
+    loss_0.backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.image_encoder.parameters())
+    model.zero_grad()
+    with_head.loss(batch)[0].backward()
+    assert float(model.image_encoder.project.weight.grad.abs().sum()) > 0
+    assert float(model.image_aux.slots.grad.abs().sum()) > 0

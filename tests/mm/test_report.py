@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from mm.datasets.shapes import synth_shapes
-from mm.report import caption_grid_figure, read_losses, write_report
+from mm.report import caption_grid_figure, exact_match_curves_figure, read_losses, write_report
 
 
 def test_report_sections_and_figures(tmp_path):
@@ -50,6 +50,12 @@ def test_report_sections_and_figures(tmp_path):
     assert "identical: **True**" in md
     assert "![loss curves](figures/loss_curves.png)" in md and "![held-out images]" in md
     assert "Held-out videos" not in md and "Speech recognition" not in md  # not run: no section
+    for section in (
+        "per attribute",
+        "## Robustness",
+        "## Learning curves",
+    ):  # no figures for them: no section
+        assert section not in md
     for name in ("loss_curves.png", "image_captions.png"):
         with Image.open(tmp_path / "figures" / name) as im:
             assert im.size[0] > 400 and im.size[1] > 200
@@ -59,4 +65,102 @@ def test_report_sections_and_figures(tmp_path):
             [{"image": str(tmp_path / "none.png"), "text": "a", "pred": "a"}], tmp_path / "x.png"
         )
         == 0
+    )
+
+
+def image_figures(em, color, shape, size, count, order, order_n, n):
+    return {
+        "exact_match": em,
+        "color_accuracy": color,
+        "shape_accuracy": shape,
+        "size_accuracy": size,
+        "count_accuracy": count,
+        "order_accuracy": order,
+        "order_n": order_n,
+        "well_formed": 0.995,
+        "n": n,
+    }
+
+
+def test_report_attribute_robustness_and_curve_sections(tmp_path):
+    report = {
+        "image": {
+            "caption_exact_match": 0.61,
+            "attributes": {
+                "heldout": image_figures(0.61, 0.93, 0.88, 0.97, 0.99, 0.875, 40, 200),
+                "heldout_pairs": image_figures(0.12, 0.71, 0.64, 0.96, 0.98, 0.5, 30, 200),
+            },
+            "robustness": {
+                "jpeg": image_figures(0.55, 0.91, 0.86, 0.95, 0.97, 0.8, 20, 100),
+                "antialias": image_figures(0.47, 0.89, 0.84, 0.94, 0.96, 0.0, 0, 100),
+                "sizes": image_figures(0.33, 0.81, 0.77, 0.62, 0.93, 0.75, 16, 100),
+            },
+            "exact_match_curves": {
+                "image-pretrain": [{"step": 100, "value": 0.05}, {"step": 200, "value": 0.21}],
+                "image-anneal": [
+                    {"step": 100, "value": 0.44},
+                    {"step": 250, "value": 0.52},
+                    {"step": 300, "value": 0.61},
+                ],
+            },
+        },
+        "video": {
+            "caption_exact_match": 0.71,
+            "attributes": {
+                "heldout": {
+                    "exact_match": 0.71,
+                    "color_accuracy": 0.96,
+                    "shape_accuracy": 0.94,
+                    "direction_accuracy": 0.99,
+                    "n": 200,
+                },
+                "heldout_pairs": {"exact_match": 0.08, "direction_accuracy": 0.97, "n": 120},
+            },
+            "exact_match_curve": [{"step": 300, "value": 0.66}, {"step": 900, "value": 0.71}],
+        },
+    }
+    md = write_report(tmp_path, report).read_text()
+    lines = md.splitlines()
+
+    def section(title):
+        start = lines.index(title)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        return lines[start:end]
+
+    image = section("## Image captions per attribute")
+    assert (
+        "| split | exact match | colour | shape | size | count | left-right order | well-formed | images |"
+        in image
+    )
+    assert "| heldout | 0.610 | 0.930 | 0.880 | 0.970 | 0.990 | 0.875 (40) | 0.995 | 200 |" in image
+    assert "| heldout_pairs | 0.120 | 0.710 | 0.640 | 0.960 | 0.980 | 0.500 (30) | 0.995 | 200 |" in image
+    robust = section("## Robustness (image-anneal on images drawn differently)")
+    assert (
+        "| heldout (drawn as in training) | 0.610 | 0.930 | 0.880 | 0.970 | 0.990 | 0.875 (40) | 0.995 | 200 |"
+        in robust
+    )
+    assert "| jpeg | 0.550 | 0.910 | 0.860 | 0.950 | 0.970 | 0.800 (20) | 0.995 | 100 |" in robust
+    assert (
+        "| antialias | 0.470 | 0.890 | 0.840 | 0.940 | 0.960 | - | 0.995 | 100 |" in robust
+    )  # no pair to order
+    assert "| sizes | 0.330 | 0.810 | 0.770 | 0.620 | 0.930 | 0.750 (16) | 0.995 | 100 |" in robust
+    assert any(line.startswith("- jpeg: JPEG at quality 40-85") for line in robust)
+    video = section("## Video captions per attribute")
+    assert "| split | exact match | colour | shape | direction | clips |" in video
+    assert "| heldout | 0.710 | 0.960 | 0.940 | 0.990 | 200 |" in video
+    assert "| heldout_pairs | 0.080 | - | - | 0.970 | 120 |" in video  # missing figures shown as "-"
+    curves = section("## Learning curves (held-out exact match)")
+    assert "![exact match against step](figures/exact_match_curves.png)" in curves
+    assert "| step | image-pretrain | image-anneal | video |" in curves
+    assert "| 100 | 0.050 | 0.440 | - |" in curves
+    assert "| 200 | 0.210 | - | - |" in curves
+    assert "| 300 | - | 0.610 | 0.660 |" in curves
+    assert "| 900 | - | - | 0.710 |" in curves
+    with Image.open(tmp_path / "figures" / "exact_match_curves.png") as im:
+        assert im.size[0] > 400 and im.size[1] > 200
+    # Headline figures still list only the numbers at the top of each part.
+    assert "| image.caption_exact_match | 0.610 |" in md and "| video.caption_exact_match | 0.710 |" in md
+    empty = {"image-pretrain": [{"step": 5, "value": None}]}
+    assert (
+        exact_match_curves_figure(empty, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
     )
