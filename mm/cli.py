@@ -349,6 +349,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    """Stage-by-stage probe of an image-stage bundle: a table on stdout, the full record to --json."""
+    import torch
+
+    from mm.probe import format_table, run_probe
+
+    _setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_probe(
+        args.checkpoint,
+        args.train,
+        args.heldout,
+        n_train=args.n_train,
+        n_heldout=args.n_heldout,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result), flush=True)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks side by side with transformers (table on stdout, JSON to --json)."""
     from mm.bench import main as bench_main
@@ -447,6 +472,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tc.add_argument("--batch-size", type=int, default=64)
     tc.set_defaults(func=_cmd_transcribe)
+
+    pr = sub.add_parser(
+        "probe",
+        help="probe where image information is lost: encoder, projection, cross-attention, captions, LM",
+    )
+    pr.add_argument(
+        "--checkpoint", required=True, help="an image-stage folder such as runs/demo/image-anneal/final"
+    )
+    pr.add_argument(
+        "--train", required=True, help="JSONL manifest of shapes-world images the probes train on"
+    )
+    pr.add_argument(
+        "--heldout", required=True, help="JSONL manifest of the held-out images they are scored on"
+    )
+    pr.add_argument("--n-train", type=int, default=1500)
+    pr.add_argument("--n-heldout", type=int, default=300)
+    pr.add_argument("--steps", type=int, default=400, help="AdamW steps of each probe")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--threads", type=int, default=2, help="torch threads (0 = torch's default)")
+    pr.add_argument("--json", default=None, help="write the full record here")
+    pr.set_defaults(func=_cmd_probe)
 
     v = sub.add_parser(
         "verify-frozen", help="exit 0 if the LM of a stage checkpoint is untouched, 1 otherwise"
