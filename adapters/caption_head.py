@@ -36,6 +36,9 @@ class CaptionSlotHead(nn.Module):
         )
         self.decoder = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
         self.log_scale = nn.Parameter(torch.tensor(2.3))  # exp -> about 10, as the speech CTC head
+        # bag of words: each channel's largest value over the real media tokens -> which words the caption holds
+        self.bow_proj = nn.Linear(dim, dim)
+        self.bow_log_scale = nn.Parameter(torch.tensor(2.3))
 
     @property
     def n_slots(self) -> int:
@@ -51,6 +54,14 @@ class CaptionSlotHead(nn.Module):
         out = self.decoder(queries, self.media_norm(media), memory_key_padding_mask=~media_mask)
         table = F.normalize(token_embeddings.to(out.dtype), dim=-1)
         return F.normalize(out, dim=-1) @ table.T * self.log_scale.exp()
+
+    def bag_of_words_logits(
+        self, media: torch.Tensor, media_mask: torch.Tensor, token_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """media (B, M, D), media_mask (B, M), table (V, D) -> (B, V): max over real tokens, then cosine."""
+        pooled = media.masked_fill(~media_mask[..., None], torch.finfo(media.dtype).min).amax(1)  # (B, D)
+        out = F.normalize(self.bow_proj(pooled), dim=-1)
+        return out @ F.normalize(token_embeddings.to(out.dtype), dim=-1).T * self.bow_log_scale.exp()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of logits (B, S, V) against targets (B, S) (-100 = no token there)."""

@@ -24,7 +24,7 @@ from mm.lm import LMConfig, Transformer
 
 from .image import ImageEncoder
 
-IMAGE_POOLS = ("mean", "cls")
+IMAGE_POOLS = ("mean", "cls", "max")
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -71,7 +71,13 @@ class TextTower(nn.Module):
 class CLIPModel(nn.Module):
     """Image encoder + text tower with a shared embedding space and a learnable temperature."""
 
-    def __init__(self, image_encoder: ImageEncoder, text_tower: TextTower, image_pool: str = "mean") -> None:
+    def __init__(
+        self,
+        image_encoder: ImageEncoder,
+        text_tower: TextTower,
+        image_pool: str = "mean",
+        bag_of_words: int = 0,
+    ) -> None:
         super().__init__()
         if image_pool not in IMAGE_POOLS:
             raise ValueError(f"image_pool={image_pool!r}; expected one of {IMAGE_POOLS}")
@@ -86,6 +92,9 @@ class CLIPModel(nn.Module):
         self.image_proj = nn.Linear(image_encoder.features_dim, self.embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=image_encoder.features_dim**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log of the inverse temperature
+        # optional caption bag-of-words head (vocabulary size; 0 = none): pooled image features -> which token
+        # ids the caption holds (`bag_of_words_loss`)
+        self.bow_head = nn.Linear(image_encoder.features_dim, bag_of_words) if bag_of_words else None
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at 100 (CLIP's cap on the inverse temperature)."""
@@ -97,10 +106,23 @@ class CLIPModel(nn.Module):
         aspect_ratio_ids: torch.Tensor | None = None,
         aspect_ratio_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Unit image embeddings (B, E) for one image per sample: (B, 3, S, S) or tiles (B, T, 3, S, S).
+        """Unit image embeddings (B, E) for one image per sample: (B, 3, S, S) or tiles (B, T, 3, S, S)."""
+        return F.normalize(
+            self.image_proj(self.pool_image(pixel_values, aspect_ratio_ids, aspect_ratio_mask)), dim=-1
+        )
+
+    def pool_image(
+        self,
+        pixel_values: torch.Tensor,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled encoder features (B, F) (before `image_proj`) of one image per sample.
 
         aspect_ratio_ids (B,) may be omitted for single tiles (id 1 = 1x1); aspect_ratio_mask (B, T)
-        defaults to all tiles real. Pooling averages only over real tiles.
+        defaults to all tiles real. Pooling (`image_pool`) reads only real tiles: "mean" averages every token,
+        "cls" averages the class tokens, "max" takes each channel's largest value over all tokens (a feature
+        that fires on one small object anywhere in the image is not diluted by the background around it).
         """
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None]  # (B, 1, 3, S, S)
@@ -119,10 +141,14 @@ class CLIPModel(nn.Module):
         feats = self.image_encoder.forward_features(
             pixel_values[:, None], aspect_ratio_ids[:, None], aspect_ratio_mask[:, None]
         )[:, 0]  # (B, T, n, F)
-        per_tile = feats.mean(2) if self.image_pool == "mean" else feats[:, :, 0]  # (B, T, F)
         w = aspect_ratio_mask.to(feats.dtype)[..., None]  # (B, T, 1)
-        pooled = (per_tile * w).sum(1) / w.sum(1).clamp(min=1)  # (B, F)
-        return F.normalize(self.image_proj(pooled), dim=-1)
+        if self.image_pool == "max":  # each channel's largest value over the real tiles' tokens
+            real = aspect_ratio_mask.bool()[:, :, None, None]  # (B, T, 1, 1)
+            pooled = feats.masked_fill(~real, torch.finfo(feats.dtype).min).amax(dim=(1, 2))  # (B, F)
+        else:
+            per_tile = feats.mean(2) if self.image_pool == "mean" else feats[:, :, 0]  # (B, T, F)
+            pooled = (per_tile * w).sum(1) / w.sum(1).clamp(min=1)  # (B, F)
+        return pooled
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -168,6 +194,20 @@ def clip_loss(
         return (lg.logsumexp(-1) - lg.masked_fill(~pos, float("-inf")).logsumexp(-1)).mean()
 
     return (multi(logits, positives) + multi(logits.T, positives.T)) / 2
+
+
+def bag_of_words_loss(logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, V) against each caption's token ids spread evenly (a soft target).
+
+    `keep` (B, T) bool marks the ids that count (caption tokens: not bos, eos or padding). An image-level
+    objective: which words the caption holds, in any order (shape, colour and size detectors learn from it fast).
+    """
+    B, V = logits.shape
+    target = torch.zeros(B, V, device=logits.device, dtype=logits.dtype)
+    target.scatter_add_(1, input_ids.clamp(0, V - 1), keep.to(logits.dtype))
+    target = (target > 0).to(logits.dtype)
+    target = target / target.sum(-1, keepdim=True).clamp(min=1)
+    return -(target * logits.log_softmax(-1)).sum(-1).mean()
 
 
 def same_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

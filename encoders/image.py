@@ -56,7 +56,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, init_weight
 from torch import nn
 
 MASK_MODES = ("strict", "mllama")
-STEMS = ("patch", "conv")
+STEMS = ("patch", "conv", "cnn")
 
 
 @dataclass
@@ -83,9 +83,12 @@ class ImageEncoderConfig:
     mask_mode: str = "strict"  # "strict" or "mllama" (see module docstring)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # further create_model kwargs
     # "patch": timm's patch embedding (one patch_size x patch_size conv, as the paper's ViT-H/14);
-    # "conv": a stack of stride-2 3x3 convolutions in its place (`ConvStem`), for small objects in small tiles
+    # "conv": a stack of stride-2 3x3 convolutions in its place (`ConvStem`);
+    # "cnn": full-resolution 3x3 convolutions, each followed by a 2x2 max pool (`ConvStem(pool=True)`), a small
+    # classic CNN in place of the patch projection: the one stem that learned the world's shapes quickly here
     stem: str = "patch"
     stem_channels: tuple[int, ...] = ()  # conv stem widths, one per stride-2 conv (default: up to embed_dim)
+    stem_depth: int = 1  # 3x3 convs per conv-stem stage (the first of each halves the resolution)
     # true: every output token also gets a learned embedding of where it sits on the whole image's canvas
     # (Fourier features of its centre's x and y across the tile grid, `CanvasPosition`), so a cross-attention
     # query can prefer the leftmost object with a logit that falls with x; the ViT's own position embeddings
@@ -107,7 +110,7 @@ class ImageEncoderConfig:
         if self.stem not in STEMS:
             raise ValueError(f"ImageEncoderConfig.stem={self.stem!r}; expected one of {STEMS}")
         n_convs = self.patch_size.bit_length() - 1
-        if self.stem == "conv" and (self.patch_size != 1 << n_convs or n_convs < 1):
+        if self.stem != "patch" and (self.patch_size != 1 << n_convs or n_convs < 1):
             raise ValueError(
                 f"ImageEncoderConfig.patch_size={self.patch_size}: the conv stem needs a power of two >= 2"
             )
@@ -174,17 +177,32 @@ class ConvStem(nn.Module):
     sample's features depend on its batch.
     """
 
-    def __init__(self, patch_size: int, embed_dim: int, channels: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        patch_size: int,
+        embed_dim: int,
+        channels: tuple[int, ...] = (),
+        depth: int = 1,
+        pool: bool = False,
+    ) -> None:
         super().__init__()
         n = patch_size.bit_length() - 1
         if not channels:  # double per stage, ending at embed_dim (at least 16 wide)
             channels = tuple(max(16, embed_dim >> (n - 1 - i)) for i in range(n))
         layers: list[nn.Module] = []
         c_in = 3
+        if pool:  # [3x3 conv (stride 1) -> ReLU -> 2x2 max pool] per stage, no norm
+            for c in channels:
+                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+                c_in = c
+            channels = ()
         for i, c in enumerate(channels):
-            norm: list[nn.Module] = [LayerNorm2d(c)] if i else []
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=i == 0), *norm, nn.GELU()]
-            c_in = c
+            for j in range(depth):  # the first conv of a stage halves the resolution, the others keep it
+                first = i == 0 and j == 0
+                norm: list[nn.Module] = [] if first else [LayerNorm2d(c)]
+                stride = 2 if j == 0 else 1
+                layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=first), *norm, nn.GELU()]
+                c_in = c
         layers.append(nn.Conv2d(c_in, embed_dim, 1))
         self.layers = nn.Sequential(*layers)
 
@@ -260,7 +278,9 @@ def create_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
             f"timm model {cfg.timm_name!r}: dynamic_img_size and patch dropout are not supported"
         )
     if cfg.stem == "conv":
-        vit.patch_embed.proj = ConvStem(cfg.patch_size, vit.embed_dim, cfg.stem_channels)
+        vit.patch_embed.proj = ConvStem(cfg.patch_size, vit.embed_dim, cfg.stem_channels, cfg.stem_depth)
+    elif cfg.stem == "cnn":
+        vit.patch_embed.proj = ConvStem(cfg.patch_size, vit.embed_dim, cfg.stem_channels, pool=True)
     return vit
 
 

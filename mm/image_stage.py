@@ -32,6 +32,7 @@ from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.shapes import IMAGE_PROMPT, caption_attribute_report, parse_caption
 from mm.datasets.streams import ManifestStream, ShardStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
+from mm.encoders.clip import bag_of_words_loss
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, freeze
 from mm.lm import Tokenizer, load_hf
@@ -74,8 +75,13 @@ class CaptionHeadConfig:
     n_slots: int = 16  # caption tokens it names (the shapes world's longest caption has 11 + the end token)
     depth: int = 2
     n_heads: int = 4
+    # weight of a caption bag-of-words loss on the max-pooled media tokens (which words the caption holds),
+    # per caption token; needs the head (weight > 0)
+    bag_of_words: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.bag_of_words < 0:
+            raise ValueError(f"caption_head.bag_of_words must be >= 0 (0 = off), got {self.bag_of_words}")
         if self.weight < 0:
             raise ValueError(f"caption_head.weight must be >= 0 (0 = off), got {self.weight}")
 
@@ -113,12 +119,14 @@ class ImageCaptionTask(Task):
         batch_size: int,
         name: str,
         head_weight: float = 0.0,
+        bow_weight: float = 0.0,
         curve: tuple[TileTransform, list[Any], list[str]] | None = None,
     ) -> None:
         self.model, self.stream, self.collator, self.name = model, stream, collator, name
         self.curve = curve  # (transform, images, captions) of the learning curve
         self.batch_size = batch_size
         self.head_weight = head_weight if model.image_aux is not None else 0.0
+        self.bow_weight = bow_weight if model.image_aux is not None else 0.0
 
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Only the trainable parts (never the LM)."""
@@ -151,6 +159,14 @@ class ImageCaptionTask(Task):
             slot_logits = head(media.extra["media"], real, self.model.lm.tok_embeddings.weight)
             targets = caption_slot_targets(labels, head.n_slots)
             loss = loss + self.head_weight * head.loss(slot_logits, targets)
+            if self.bow_weight:
+                table = self.model.lm.tok_embeddings.weight
+                bow = head.bag_of_words_logits(media.extra["media"], real, table)
+                keep = (labels != -100) & (labels != self.collator.tokenizer.eos_id)
+                n_tok = (labels != -100).sum(1).float().mean()
+                loss = loss + self.bow_weight * bag_of_words_loss(bow.float(), labels, keep) * n_tok * len(
+                    labels
+                )
         return loss, (labels != -100).sum()
 
     def evaluate(self) -> dict[str, float]:
@@ -391,6 +407,7 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
         batch_size=tr.batch_size,
         name=cfg.stage,
         head_weight=cfg.caption_head.weight,
+        bow_weight=cfg.caption_head.bag_of_words,
         curve=curve_images(cfg, transform),
     )
     meta_record = {"yaml": config_to_yaml(cfg), "lm_fingerprint": fp_start, "lm_path": str(lm_path)}

@@ -166,3 +166,33 @@ def test_multi_positive_loss_equals_clip_without_duplicates_and_keeps_duplicates
     assert float(a.grad[0] @ t1) > float(b.grad[0] @ t1)
     with pytest.raises(ValueError, match="diagonal"):
         clip_loss(img, txt, 10.0, torch.zeros(6, 6, dtype=torch.bool))
+
+
+def test_max_pooling_reads_the_largest_value_of_real_tiles_only():
+    torch.manual_seed(0)
+    model = tiny_clip(max_tiles=2, image_pool="max").eval()
+    enc = model.image_encoder
+    pix = torch.randn(2, 2, 3, 16, 16)
+    ids = torch.tensor([2, 2])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    with torch.no_grad():
+        emb = model.encode_image(pix, ids, mask)
+        feats = enc.forward_features(pix[:, None], ids[:, None], mask[:, None])[:, 0]  # (B, T, n, F)
+        want0 = feats[0].amax(dim=(0, 1))
+        want1 = feats[1, :1].amax(dim=(0, 1))  # the padding tile is never read
+        want = torch.nn.functional.normalize(model.image_proj(torch.stack([want0, want1])), dim=-1)
+    torch.testing.assert_close(emb, want)
+
+
+def test_bag_of_words_loss_targets_the_caption_words_only():
+    from mm.encoders.clip import bag_of_words_loss
+
+    ids = torch.tensor([[0, 3, 4, 4, 9], [0, 5, 9, 1, 1]])  # bos=0, eos=9, pad=1
+    keep = (ids != 0) & (ids != 9) & (ids != 1)
+    want = torch.zeros(2, 10)
+    want[0, [3, 4]] = 10.0  # caption 0 holds words 3 and 4 (4 twice: still one word)
+    want[1, 5] = 10.0
+    good = bag_of_words_loss(want, ids, keep)
+    assert float(good) == pytest.approx(float(-torch.log_softmax(want[0], -1)[3]) / 2 + 0.0, abs=0.05)
+    wrong = bag_of_words_loss(want.roll(1, dims=-1), ids, keep)
+    assert float(wrong) > float(good) + 5

@@ -234,6 +234,19 @@ def test_conv_stem_replaces_the_patch_projection_and_keeps_the_token_grid():
     assert (diff[:, 0] > 1e-3).all() and (diff[:, -1] == 0).all()
 
 
+def test_cnn_stem_is_a_pooled_cnn_with_the_patch_grid():
+    from mm.encoders.image import ConvStem
+
+    enc = tiny_encoder(stem="cnn", tile_size=64, patch_size=16, stem_channels=(8, 8, 16, 16))
+    stem = enc.vit.patch_embed.proj
+    assert isinstance(stem, ConvStem)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in stem.modules()) == 4
+    assert [m.stride for m in stem.modules() if isinstance(m, torch.nn.Conv2d)][:4] == [(1, 1)] * 4
+    x = torch.randn(2, 3, 64, 64)
+    assert stem(x).shape == (2, 32, 4, 4)
+    assert enc(*single_tile(x)).shape == (2, 1, 17, 16)
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
