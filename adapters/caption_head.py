@@ -35,10 +35,10 @@ class CaptionSlotHead(nn.Module):
             dim, n_heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True, norm_first=True
         )
         self.decoder = nn.TransformerDecoder(layer, depth, norm=nn.LayerNorm(dim))
-        self.log_scale = nn.Parameter(torch.tensor(2.3))  # exp -> about 10, as the speech CTC head
+        self.log_scale = nn.Parameter(torch.full((1,), 2.3))  # exp -> about 10, as the speech CTC head
         # bag of words: each channel's largest value over the real media tokens -> which words the caption holds
         self.bow_proj = nn.Linear(dim, dim)
-        self.bow_log_scale = nn.Parameter(torch.tensor(2.3))
+        self.bow_log_scale = nn.Parameter(torch.full((1,), 2.3))
 
     @property
     def n_slots(self) -> int:

@@ -196,8 +196,11 @@ def clip_loss(
     return (multi(logits, positives) + multi(logits.T, positives.T)) / 2
 
 
-def bag_of_words_loss(logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (B, V) against each caption's token ids spread evenly (a soft target).
+def bag_of_words_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of logits (B, V) against each caption's token ids spread evenly (a soft target): the mean
+    over rows, or per row (B,) with reduction="none".
 
     `keep` (B, T) bool marks the ids that count (caption tokens: not bos, eos or padding). An image-level
     objective: which words the caption holds, in any order (shape, colour and size detectors learn from it fast).
@@ -207,7 +210,8 @@ def bag_of_words_loss(logits: torch.Tensor, input_ids: torch.Tensor, keep: torch
     target.scatter_add_(1, input_ids.clamp(0, V - 1), keep.to(logits.dtype))
     target = (target > 0).to(logits.dtype)
     target = target / target.sum(-1, keepdim=True).clamp(min=1)
-    return -(target * logits.log_softmax(-1)).sum(-1).mean()
+    per_row = -(target * logits.log_softmax(-1)).sum(-1)
+    return per_row if reduction == "none" else per_row.mean()
 
 
 def same_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

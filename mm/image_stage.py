@@ -163,10 +163,9 @@ class ImageCaptionTask(Task):
                 table = self.model.lm.tok_embeddings.weight
                 bow = head.bag_of_words_logits(media.extra["media"], real, table)
                 keep = (labels != -100) & (labels != self.collator.tokenizer.eos_id)
-                n_tok = (labels != -100).sum(1).float().mean()
-                loss = loss + self.bow_weight * bag_of_words_loss(bow.float(), labels, keep) * n_tok * len(
-                    labels
-                )
+                per_row = bag_of_words_loss(bow.float(), labels, keep, reduction="none")  # (B,)
+                # weighted by each row's caption tokens: a sum over rows, as the caption loss (splits add up)
+                loss = loss + self.bow_weight * (per_row * (labels != -100).sum(1)).sum()
         return loss, (labels != -100).sum()
 
     def evaluate(self) -> dict[str, float]:
@@ -395,9 +394,12 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
                 raise FrozenLMChanged(f"{ck} belongs to an LM with another fingerprint than {lm_path}")
     if dist_utils.world_size() > 1:  # FSDP2 from outside the model code: LM layers, adapters, encoder, root
         blocks = [*lm.layers, *model.image_xattn.values(), model.image_encoder]
-        dist_utils.apply_fsdp(
-            model, blocks, extra_forward_methods={"media_kv": list(model.image_xattn.values())}
-        )
+        extra = {"media_kv": list(model.image_xattn.values()), "encode_media": [model]}
+        if model.image_aux is not None:
+            blocks.append(model.image_aux)
+            extra["bag_of_words_logits"] = [model.image_aux]
+        # the loss encodes the media first (the caption head reads them), then runs the forward
+        dist_utils.apply_fsdp(model, blocks, extra_forward_methods=extra)
     transform, stream = open_image_stream(cfg.data, cfg.image_encoder, tr.seed, transform)
     collator = ImageCaptionCollator(tok, prompt=cfg.data.prompt, max_tiles=cfg.data.max_tiles)
     task = ImageCaptionTask(

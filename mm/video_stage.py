@@ -161,6 +161,7 @@ def attach_video(
         video_aggregator=aggregator,
         video_xattn_layers=layers,
         video_token_id=tok.video_id,
+        image_aux=image_model.image_aux,  # the image stage's training-only head: kept, frozen, to match its bundle
     )
     model.image_xattn.load_state_dict(image_model.image_xattn.state_dict())
     if n_extra:

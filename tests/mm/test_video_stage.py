@@ -131,7 +131,7 @@ def test_video_gates_at_zero_equal_the_image_model_exactly(world):
     ds = VideoTextDataset(world["heldout"], transform, n_frames=4)
     batch = col([ds[0], ds[1]])
     images = {
-        "pixel_values": torch.randn(2, 1, meta["max_tiles"], 3, 32, 32),
+        "pixel_values": torch.randn(2, 1, meta["max_tiles"], 3, meta["tile_size"], meta["tile_size"]),
         "aspect_ratio_ids": torch.ones(2, 1, dtype=torch.long),
         "aspect_ratio_mask": torch.ones(2, 1, meta["max_tiles"], dtype=torch.long),
         "cross_attention_mask": torch.ones(
