@@ -86,7 +86,11 @@ def test_checkpoints_hold_only_trainable_parts_and_the_lm_identity(trained):
     assert [p.name for p in ckpts] == ["step_00000002", "step_00000004"]
     ck = load_checkpoint(ckpts[-1])
     assert ck["model"] and not any(k.startswith("lm.") for k in ck["model"])
-    assert {k.split(".")[0] for k in ck["model"]} == {"image_encoder", "image_xattn", "image_aux"}  # + the head
+    assert {k.split(".")[0] for k in ck["model"]} == {
+        "image_encoder",
+        "image_xattn",
+        "image_aux",
+    }  # + the head
     assert ck["trainer"]["config"]["lm_fingerprint"] == trained["summary"]["lm_fingerprint_start"]
     opt_keys = set(ck["optimizer"]["state"])
     assert opt_keys and not any(k.startswith("lm.") for k in opt_keys)
