@@ -48,7 +48,7 @@ CASES = [
         ["image_encoder.max_tiles=6"],
         ["max_aspect_ratio_id=8", "allowed max_tiles: [1, 2, 3, 4]"],
     ),
-    ("train", IMAGE_CFG, ["data.tile_size=48"], ["data.tile_size=48", "image_encoder.tile_size=32"]),
+    ("train", IMAGE_CFG, ["data.tile_size=48"], ["data.tile_size=48", "image_encoder.tile_size=64"]),
     ("train", IMAGE_CFG, ["train.batch_size=many"], ["'train.batch_size'", "'many'"]),
     ("train", IMAGE_CFG, ["image_encoder.mask_mode=loose"], ["mask_mode='loose'", "'strict', 'mllama'"]),
     ("pretrain-encoder", CLIP_CFG, ["optim.warmup=3"], ["'optim.warmup'", "'warmup_steps'"]),
