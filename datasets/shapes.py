@@ -38,7 +38,7 @@ import random
 import re
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -401,14 +401,32 @@ def random_scene(
     if forced is not None:
         chosen[rng.randrange(n_objects)] = forced
     sizes = [rng.choice(SIZES) for _ in range(n_objects)]
+
+    def side(size: str, short: int) -> int:  # anywhere within the size word's range
+        return max(2, round(rng.uniform(*_OBJECT_SIDE[size]) * short))
+
+    return _placed_scene(rng, width, height, background, chosen, sizes, side)
+
+
+def _placed_scene(
+    rng: random.Random,
+    width: int,
+    height: int,
+    background: tuple[int, int, int],
+    chosen: Sequence[tuple[str, str]],
+    sizes: Sequence[str],
+    side: Callable[[str, int], int],
+) -> Scene:
+    """Place the objects (sides from `side(size, shorter image side)`) apart from each other, left to right."""
+    n_objects = len(chosen)
     short = min(width, height)
     for attempt in range(_MAX_PLACEMENT_TRIES):
-        if attempt % 50 == 0:  # (re)draw the sides within each size word's range
-            sides = [max(2, round(rng.uniform(*_OBJECT_SIDE[size]) * short)) for size in sizes]
+        if attempt % 50 == 0:  # (re)draw the sides: two large objects may not fit at the first sides drawn
+            sides = [side(size, short) for size in sizes]
         boxes = []
-        for side in sides:
-            x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
-            boxes.append((x0, y0, x0 + side, y0 + side))
+        for s in sides:
+            x0, y0 = rng.randint(0, width - s), rng.randint(0, height - s)
+            boxes.append((x0, y0, x0 + s, y0 + s))
         if n_objects == 1 or _separated(boxes[0], boxes[1]):
             break
     else:
@@ -757,21 +775,9 @@ def _edge_scene(rng: random.Random, width: int, height: int) -> Scene:
     n_objects = rng.choice((1, 2))
     chosen = [rng.choice(TRAIN_PAIRS) for _ in range(n_objects)]
     sizes = [rng.choice(SIZES) for _ in range(n_objects)]
-    short = min(width, height)
-    for attempt in range(_MAX_PLACEMENT_TRIES):
-        if attempt % 50 == 0:  # (re)draw the sides: two large objects at 50% do not fit in a square
-            sides = [_edge_side(rng, size, short) for size in sizes]
-        boxes = []
-        for side in sides:
-            x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
-            boxes.append((x0, y0, x0 + side, y0 + side))
-        if n_objects == 1 or _separated(boxes[0], boxes[1]):
-            break
-    else:
-        raise RuntimeError(f"could not place {n_objects} objects in a {width}x{height} image")
-    objects = [SceneObject(sz, c, sh, box) for sz, (c, sh), box in zip(sizes, chosen, boxes)]
-    objects.sort(key=lambda o: o.center_x)
-    return Scene(width, height, background, tuple(objects))
+    return _placed_scene(
+        rng, width, height, background, chosen, sizes, lambda size, short: _edge_side(rng, size, short)
+    )
 
 
 def _variant_image(seed: int, kind: str, i: int) -> tuple[Scene, bytes, str, dict]:

@@ -88,7 +88,6 @@ class ImageEncoderConfig:
     # classic CNN in place of the patch projection: the one stem that learned the world's shapes quickly here
     stem: str = "patch"
     stem_channels: tuple[int, ...] = ()  # conv stem widths, one per stride-2 conv (default: up to embed_dim)
-    stem_depth: int = 1  # 3x3 convs per conv-stem stage (the first of each halves the resolution)
     # true: every output token also gets a learned embedding of where it sits on the whole image's canvas
     # (Fourier features of its centre's x and y across the tile grid, `CanvasPosition`), so a cross-attention
     # query can prefer the leftmost object with a logit that falls with x; the ViT's own position embeddings
@@ -182,7 +181,6 @@ class ConvStem(nn.Module):
         patch_size: int,
         embed_dim: int,
         channels: tuple[int, ...] = (),
-        depth: int = 1,
         pool: bool = False,
     ) -> None:
         super().__init__()
@@ -197,12 +195,9 @@ class ConvStem(nn.Module):
                 c_in = c
             channels = ()
         for i, c in enumerate(channels):
-            for j in range(depth):  # the first conv of a stage halves the resolution, the others keep it
-                first = i == 0 and j == 0
-                norm: list[nn.Module] = [] if first else [LayerNorm2d(c)]
-                stride = 2 if j == 0 else 1
-                layers += [nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=first), *norm, nn.GELU()]
-                c_in = c
+            norm: list[nn.Module] = [LayerNorm2d(c)] if i else []
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=i == 0), *norm, nn.GELU()]
+            c_in = c
         layers.append(nn.Conv2d(c_in, embed_dim, 1))
         self.layers = nn.Sequential(*layers)
 
@@ -278,7 +273,7 @@ def create_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
             f"timm model {cfg.timm_name!r}: dynamic_img_size and patch dropout are not supported"
         )
     if cfg.stem == "conv":
-        vit.patch_embed.proj = ConvStem(cfg.patch_size, vit.embed_dim, cfg.stem_channels, cfg.stem_depth)
+        vit.patch_embed.proj = ConvStem(cfg.patch_size, vit.embed_dim, cfg.stem_channels)
     elif cfg.stem == "cnn":
         vit.patch_embed.proj = ConvStem(cfg.patch_size, vit.embed_dim, cfg.stem_channels, pool=True)
     return vit

@@ -258,3 +258,16 @@ def test_cnn_stem_is_a_pooled_cnn_with_the_patch_grid():
 def test_conv_stem_config_is_checked(kw, match):
     with pytest.raises(ValueError, match=match):
         ImageEncoderConfig(**{**TINY, **kw})
+
+
+@pytest.mark.parametrize("max_tiles", [1, 2, 4, 6])
+def test_canvas_positions_follow_the_tiling_grid_order(max_tiles):
+    from mm.datasets.tiling import supported_aspect_ratios
+    from mm.encoders.image import tile_grids
+
+    # encoders may not import datasets: the aspect-ratio id -> grid rule is written in both rooms
+    assert tile_grids(max_tiles) == supported_aspect_ratios(max_tiles)
+    enc = tiny_encoder(canvas_position=True, max_tiles=4)
+    xy = enc.canvas_position.coords  # (ids, tiles, tokens, 2)
+    right = 1 + tile_grids(4).index((1, 2))  # two tiles side by side: the second tile is the right half
+    assert float(xy[right, 0, 1:, 0].max()) < 0.5 < float(xy[right, 1, 1:, 0].min())

@@ -310,3 +310,11 @@ def test_caption_head_targets_and_loss_reach_the_image_encoder(world, tmp_path):
     with_head.loss(batch)[0].backward()
     assert float(model.image_encoder.project.weight.grad.abs().sum()) > 0
     assert float(model.image_aux.slots.grad.abs().sum()) > 0
+    assert model.image_aux.bow_proj.weight.grad is None  # bag of words off: its projection is unused
+    # the bag-of-words term adds to the loss and trains its projection
+    bow = ImageCaptionTask(model, stream, collator, batch_size=4, name="t", head_weight=0.5, bow_weight=1.0)
+    model.zero_grad()
+    loss_b, _ = bow.loss(batch)
+    assert float(loss_b.detach()) > float(loss_h.detach())
+    loss_b.backward()
+    assert float(model.image_aux.bow_proj.weight.grad.abs().sum()) > 0
