@@ -2,6 +2,6 @@
 
 import sys
 
-from mm.cli import main
+from mm.app.cli import main
 
 sys.exit(main())

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mm.cli import build_parser
-from mm.config import load_config
+from mm.app.cli import build_parser
+from mm.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -41,31 +41,31 @@ MM_COMMANDS = [c for c in commands() if re.match(r"^(torchrun .* -m )?mm ", c)]
 
 def config_class(command: str, config: Path) -> type | None:
     """The typed config class a command loads its YAML into."""
-    from mm.config import LMPretrainConfig
+    from mm.training.config import LMPretrainConfig
 
     text = config.read_text()
     if command == "pretrain-lm":
         return LMPretrainConfig
     if command == "pretrain-encoder":
         if re.search(r"^kind:\s*bestrq", text, flags=re.M):
-            from mm.speech_pretrain import BestRQPretrainConfig
+            from mm.stages.bestrq_pretrain import BestRQPretrainConfig
 
             return BestRQPretrainConfig
-        from mm.encoder_pretrain import ClipPretrainConfig
+        from mm.stages.clip_pretrain import ClipPretrainConfig
 
         return ClipPretrainConfig
     stage = re.search(r"^stage:\s*(\S+)", text, flags=re.M)
     stage = stage.group(1) if stage else "image-pretrain"
     if stage.startswith("image"):
-        from mm.image_stage import ImageStageConfig
+        from mm.stages.image import ImageStageConfig
 
         return ImageStageConfig
     if stage == "video":
-        from mm.video_stage import VideoStageConfig
+        from mm.stages.video import VideoStageConfig
 
         return VideoStageConfig
     if stage == "speech":
-        from mm.speech_stage import SpeechStageConfig
+        from mm.stages.speech import SpeechStageConfig
 
         return SpeechStageConfig
     return None

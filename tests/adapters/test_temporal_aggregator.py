@@ -81,7 +81,7 @@ def test_video_text_contrastive_loss_prefers_the_matching_captions():
     token embedding, high when they point at other captions; identical captions share the positive."""
     from types import SimpleNamespace
 
-    from mm.video_stage import VideoCaptionTask
+    from mm.stages.video import VideoCaptionTask
 
     torch.manual_seed(0)
     emb = torch.nn.Embedding(20, 16)
@@ -101,7 +101,7 @@ def test_video_text_contrastive_loss_prefers_the_matching_captions():
     assert float(good) < 0.5 * float(bad), (float(good), float(bad))
     # rows 0 and 2 are one caption: a clip of it scores both equally, so the loss cannot reach 0 but is minimal
     assert float(good) > 0.0
-    from mm.video_stage import AggregatorConfig
+    from mm.stages.video import AggregatorConfig
 
     with pytest.raises(ValueError, match="aggregator.contrastive must be >= 0"):
         AggregatorConfig(contrastive=-0.5)

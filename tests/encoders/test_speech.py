@@ -7,8 +7,8 @@ import torch
 from torchaudio.models import Conformer
 
 from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
-from mm.checkpoint import load_tensors, save_tensors
 from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig, span_mask
+from mm.training.checkpoint import load_tensors, save_tensors
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mm.cli import main
+from mm.app.cli import main
 from mm.lm import Transformer, preset, save_hf
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mm.config import load_config
 from mm.datasets.images import TooManyBadSamples
 from mm.datasets.shapes import synth_shapes
-from mm.image_stage import ImageStageConfig, run_image_stage
 from mm.lm import Tokenizer, Transformer, preset, save_hf
+from mm.stages.image import ImageStageConfig, run_image_stage
+from mm.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 60

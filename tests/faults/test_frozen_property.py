@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mm.bundle import verify_frozen
-from mm.config import load_config
 from mm.datasets.shapes import synth_shapes
-from mm.freeze import FrozenLMChanged
-from mm.image_stage import ImageStageConfig, load_image_bundle, run_image_stage
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
+from mm.stages.image import ImageStageConfig, load_image_bundle, run_image_stage
+from mm.training.bundle import verify_frozen
+from mm.training.config import load_config
+from mm.training.freeze import FrozenLMChanged
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from mm.bundle import load_adapter_weights
-from mm.checkpoint import load_checkpoint, save_checkpoint
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset, SkipStats, iter_webdataset
 from mm.datasets.tiling import TileTransform
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig, load_timm_weights
 from mm.lm import SPECIAL_TOKENS, Tokenizer, Transformer, load_hf, preset, save_hf
-from mm.multimodal import MultimodalLM
+from mm.models.multimodal import MultimodalLM
+from mm.training.bundle import load_adapter_weights
+from mm.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 class _RunsCode:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mm.datasets.shapes import synth_shapes
 from mm.lm import Tokenizer, Transformer, preset, save_hf
+from mm.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -110,7 +110,7 @@ def test_sigkill_at_a_random_step_of_lm_pretraining_resumes_identically(seed, lm
 
 SLOW_WRITE = """
 import os, sys, time
-import mm.checkpoint as ck
+import mm.training.checkpoint as ck
 real = ck.save_tensors
 def slow(tensors, path, metadata=None):
     real(tensors, path, metadata)
@@ -118,7 +118,7 @@ def slow(tensors, path, metadata=None):
         open(os.environ["MM_TEST_MARKER"], "w").close()  # half of the checkpoint is on disk
         time.sleep(60)
 ck.save_tensors = slow
-from mm.cli import main
+from mm.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -203,9 +203,9 @@ def test_sigkill_during_an_adapter_stage_resumes_identically(image_world, tmp_pa
 def test_full_disk_during_an_adapter_stage_keeps_the_previous_checkpoint(
     image_world, tmp_path, monkeypatch, faults
 ):
-    import mm.checkpoint as ck
-    from mm.config import load_config
-    from mm.image_stage import ImageStageConfig, run_image_stage
+    import mm.training.checkpoint as ck
+    from mm.stages.image import ImageStageConfig, run_image_stage
+    from mm.training.config import load_config
 
     w = image_world
     cfg = load_config(

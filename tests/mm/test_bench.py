@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mm.bench import RATIO_KEYS, checks, format_table, run_bench, tiny_config
+from mm.app.bench import RATIO_KEYS, checks, format_table, run_bench, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.checkpoint import load_tensors
-from mm.config import load_config
 from mm.datasets.shapes import synth_shapes
-from mm.encoder_pretrain import ClipPretrainConfig, build_clip_model, run_encoder_pretrain
 from mm.encoders.image import ImageEncoder
 from mm.lm import Tokenizer
-from mm.train import set_seed
+from mm.stages.clip_pretrain import ClipPretrainConfig, build_clip_model, run_encoder_pretrain
+from mm.training.checkpoint import load_tensors
+from mm.training.config import load_config
+from mm.training.trainer import set_seed
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

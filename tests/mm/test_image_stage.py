@@ -11,13 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mm.bundle import verify_frozen
-from mm.checkpoint import list_checkpoints, load_checkpoint
-from mm.config import load_config
 from mm.datasets.shapes import synth_shapes
-from mm.freeze import FrozenLMChanged, fingerprint
-from mm.image_stage import ImageStageConfig, load_image_bundle, run_image_stage
 from mm.lm import Transformer, load_hf, preset, save_hf
+from mm.stages.image import ImageStageConfig, load_image_bundle, run_image_stage
+from mm.training.bundle import verify_frozen
+from mm.training.checkpoint import list_checkpoints, load_checkpoint
+from mm.training.config import load_config
+from mm.training.freeze import FrozenLMChanged, fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -236,7 +236,7 @@ def test_two_process_fsdp_image_stage_equals_one_process(world, tmp_path):
 
 
 def test_exact_match_report_counts_attributes_by_slot():
-    from mm.image_stage import exact_match_report
+    from mm.stages.image import exact_match_report
 
     r = exact_match_report(
         ["a large red circle", "a small blue square and a large red circle", "a small blue"],
@@ -280,8 +280,8 @@ def test_caption_attribute_report_per_attribute():
 def test_caption_head_targets_and_loss_reach_the_image_encoder(world, tmp_path):
     from mm.adapters.caption_head import CaptionSlotHead, caption_slot_targets
     from mm.datasets.collate import ImageCaptionCollator
-    from mm.image_stage import ImageCaptionTask, build_model, open_image_stream
     from mm.lm import Tokenizer
+    from mm.stages.image import ImageCaptionTask, build_model, open_image_stream
 
     labels = torch.tensor([[-100, -100, 5, 6, 7, -100], [-100, 9, 8, -100, -100, -100]])
     assert caption_slot_targets(labels, 4).tolist() == [[5, 6, 7, -100], [9, 8, -100, -100]]

@@ -1,4 +1,4 @@
-"""Llama 3.2 Vision checkpoints (mm.mllama): tiny random `MllamaForConditionalGeneration` models built and saved
+"""Llama 3.2 Vision checkpoints (mm.models.mllama): tiny random `MllamaForConditionalGeneration` models built and saved
 by transformers load into `MultimodalLM` with float32 logits parity (all-ones masks, and processor-built masks
 with `hf_row_compat`), the default differs only through rows that see no image, greedy generation equals
 transformers', `save_hf_mllama` round-trips, bad checkpoints are refused with the key named, and `mm train`
@@ -17,9 +17,8 @@ from safetensors.torch import load_file, save_file
 from mm import load_hf_mllama, save_hf_mllama
 from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.datasets.tiling import CLIP_MEAN, CLIP_STD
-from mm.freeze import fingerprint
 from mm.lm import generate
-from mm.mllama import (
+from mm.models.mllama import (
     MllamaCheckpointError,
     load_hf_mllama_lm,
     load_hf_mllama_transform,
@@ -27,6 +26,7 @@ from mm.mllama import (
     xattn_layers_from_mllama,
     xattn_layers_to_mllama,
 )
+from mm.training.freeze import fingerprint
 
 VOCAB = 120
 IMG = VOCAB  # <|image|>: the first of the 8 extra tokens, as in Llama 3.2 Vision (128256 = vocab_size)
@@ -158,7 +158,7 @@ def test_layer_placement_maps_mllama_text_layers_to_lm_layers():
 
 def test_extra_token_embeddings_and_explicit_placement():
     from mm.lm import Transformer, preset
-    from mm.multimodal import MultimodalLM
+    from mm.models.multimodal import MultimodalLM
 
     lm = Transformer(preset("nano", n_layers=4)).eval()
     V = lm.cfg.vocab_size
@@ -377,12 +377,12 @@ def test_bad_checkpoints_are_refused_naming_key_found_and_expected(ckpt, tmp_pat
 def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_path, capsys):
     from transformers import MllamaForConditionalGeneration
 
-    from mm.bundle import verify_frozen
-    from mm.checkpoint import list_checkpoints, load_checkpoint
-    from mm.cli import main
+    from mm.app.cli import main
     from mm.datasets.shapes import synth_shapes
-    from mm.image_stage import load_image_bundle
     from mm.lm import Tokenizer
+    from mm.stages.image import load_image_bundle
+    from mm.training.bundle import verify_frozen
+    from mm.training.checkpoint import list_checkpoints, load_checkpoint
 
     tok = Tokenizer.from_file(corpus["tokenizer"])
     vocab = tok.vocab_size - 8  # as Llama 3.2: <|image|> is one of the 8 ids after the LM's vocabulary

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from mm.freeze import assert_no_lm_tensors, fingerprint
 from mm.lm import KVCache, Transformer, generate, preset
-from mm.multimodal import MultimodalLM, xattn_layer_ids
+from mm.models.multimodal import MultimodalLM, xattn_layer_ids
+from mm.training.freeze import assert_no_lm_tensors, fingerprint
 
 
 class PixelEncoder(nn.Module):

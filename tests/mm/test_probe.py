@@ -7,14 +7,7 @@ import json
 import pytest
 import torch
 
-from mm.bundle import dataclass_dict, save_bundle
-from mm.caption import load_rgb
-from mm.datasets.shapes import IMAGE_PROMPT, synth_shapes
-from mm.encoders.image import ImageEncoder, ImageEncoderConfig
-from mm.freeze import fingerprint, freeze
-from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
-from mm.multimodal import MultimodalLM
-from mm.probe import (
+from mm.app.probe import (
     IGNORE,
     N_CLASSES,
     TARGETS,
@@ -27,6 +20,13 @@ from mm.probe import (
     word_spans,
     xattn_probe_accuracy,
 )
+from mm.datasets.shapes import IMAGE_PROMPT, synth_shapes
+from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
+from mm.models.caption import load_rgb
+from mm.models.multimodal import MultimodalLM
+from mm.training.bundle import dataclass_dict, save_bundle
+from mm.training.freeze import fingerprint, freeze
 
 
 def test_caption_targets_and_order_scoring():
@@ -164,7 +164,7 @@ def bundle(tmp_path_factory, corpus):
 def test_collect_positions_labels_and_zero_contribution_with_closed_gates(bundle):
     from mm.datasets.collate import ImageCaptionCollator
     from mm.datasets.images import read_manifest
-    from mm.image_stage import load_image_bundle
+    from mm.stages.image import load_image_bundle
 
     torch.set_num_threads(1)
     model, tok, transform, meta = load_image_bundle(bundle["final"])
@@ -211,7 +211,7 @@ def test_collect_positions_labels_and_zero_contribution_with_closed_gates(bundle
 
 
 def test_probe_cli_table_and_json(bundle, tmp_path, capsys):
-    from mm.cli import main
+    from mm.app.cli import main
 
     args = ["probe", "--checkpoint", str(bundle["final"]), "--train", str(bundle["train"])]
     args += ["--heldout", str(bundle["heldout"]), "--steps", "5", "--threads", "1"]

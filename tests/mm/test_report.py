@@ -4,8 +4,8 @@ import json
 
 from PIL import Image
 
+from mm.app.report import caption_grid_figure, exact_match_curves_figure, read_losses, write_report
 from mm.datasets.shapes import synth_shapes
-from mm.report import caption_grid_figure, exact_match_curves_figure, read_losses, write_report
 
 
 def test_report_sections_and_figures(tmp_path):

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mm.checkpoint import load_tensors
 from mm.datasets.spoken_shapes import synth_speech
-from mm.freeze import FrozenLMChanged, fingerprint
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
-from mm.speech_pretrain import load_bestrq
-from mm.speech_stage import load_speech_bundle, normalize_text, word_error_rate
+from mm.stages.bestrq_pretrain import load_bestrq
+from mm.stages.speech import load_speech_bundle, normalize_text, word_error_rate
+from mm.training.checkpoint import load_tensors
+from mm.training.freeze import FrozenLMChanged, fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -190,7 +190,7 @@ def test_transcribe_cli_one_line_per_file_and_matches_the_bundle(world, trained,
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert len(lines) == 4 and lines[0] == lines[3]
-    from mm.speech_stage import transcribe_features
+    from mm.stages.speech import transcribe_features
 
     model, tok, features, meta = load_speech_bundle(final)
     assert (
@@ -214,7 +214,7 @@ def test_ctc_head_scores_the_transcript_tokens_in_order(corpus):
     from mm.datasets.audio import SpeechCollator
     from mm.datasets.shapes import ASR_PROMPT
     from mm.encoders.speech import SpeechEncoderConfig
-    from mm.speech_stage import SpeechStageConfig, build_speech_model
+    from mm.stages.speech import SpeechStageConfig, build_speech_model
 
     tok = Tokenizer.from_file(corpus["tokenizer"])
     torch.manual_seed(0)
@@ -262,7 +262,7 @@ def test_ctc_compression_in_training_equals_leaving_the_frames_out(corpus):
     from mm.datasets.audio import SpeechCollator
     from mm.datasets.shapes import ASR_PROMPT
     from mm.encoders.speech import SpeechEncoderConfig
-    from mm.speech_stage import SpeechStageConfig, build_speech_model
+    from mm.stages.speech import SpeechStageConfig, build_speech_model
 
     tok = Tokenizer.from_file(corpus["tokenizer"])
     torch.manual_seed(0)

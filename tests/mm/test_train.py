@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.checkpoint import list_checkpoints, load_checkpoint, load_tensors, polyak_average
-from mm.config import (
+from mm.lm import RopeScaling, load_hf
+from mm.stages.lm_pretrain import run_pretrain_lm
+from mm.training.checkpoint import list_checkpoints, load_checkpoint, load_tensors, polyak_average
+from mm.training.config import (
     ConfigError,
     DataSourceConfig,
     LMPretrainConfig,
@@ -17,9 +19,7 @@ from mm.config import (
     RampStageConfig,
     load_config,
 )
-from mm.lm import RopeScaling, load_hf
-from mm.pretrain_lm import run_pretrain_lm
-from mm.train import Task, Trainer, TrainingDiverged, lr_at
+from mm.training.trainer import Task, Trainer, TrainingDiverged, lr_at
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,7 +191,7 @@ def test_full_disk_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     tr = LMPretrainConfig().train
     tr.max_steps, tr.save_every, tr.peak_flops = 4, 2, 1e9
     trainer = Trainer(task, tr, OptimConfig(lr=0.1, warmup_steps=0), tmp_path)
-    import mm.checkpoint as ckpt
+    import mm.training.checkpoint as ckpt
 
     real = ckpt.save_file
     calls = {"n": 0}

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.checkpoint import latest_checkpoint, load_checkpoint
 from mm.lm import load_hf
+from mm.training.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -13,15 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mm.bundle import verify_frozen
-from mm.checkpoint import list_checkpoints, load_checkpoint
-from mm.config import load_config
 from mm.datasets.shapes import synth_motion, synth_shapes
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
-from mm.image_stage import ImageStageConfig, load_image_bundle, run_image_stage
 from mm.lm import Tokenizer, Transformer, preset, save_hf
-from mm.multimodal import video_xattn_layer_ids
-from mm.video_stage import (
+from mm.models.multimodal import video_xattn_layer_ids
+from mm.stages.image import ImageStageConfig, load_image_bundle, run_image_stage
+from mm.stages.video import (
     AggregatorConfig,
     FrozenImagePathChanged,
     attach_video,
@@ -29,6 +26,9 @@ from mm.video_stage import (
     load_video_bundle,
     motion_report,
 )
+from mm.training.bundle import verify_frozen
+from mm.training.checkpoint import list_checkpoints, load_checkpoint
+from mm.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -48,8 +48,8 @@ def _apply_run_args(cfg: Any, args: argparse.Namespace) -> None:
 
 def _run_stage(command: str, run: Any, keys: tuple[str, ...]) -> int:
     """Run a training command; report a stop by signal (exit 130) or divergence (exit 3); print the summary."""
-    from mm import distributed
-    from mm.train import TrainingDiverged
+    from mm.training import distributed
+    from mm.training.trainer import TrainingDiverged
 
     try:
         summary = run()
@@ -71,8 +71,8 @@ def _run_stage(command: str, run: Any, keys: tuple[str, ...]) -> int:
 
 def _cmd_pretrain_lm(args: argparse.Namespace) -> int:
     """Run the LM pretraining recipe from a YAML config with overrides."""
-    from mm.config import DataSourceConfig, LMPretrainConfig, load_config
-    from mm.pretrain_lm import run_pretrain_lm
+    from mm.stages.lm_pretrain import run_pretrain_lm
+    from mm.training.config import DataSourceConfig, LMPretrainConfig, load_config
 
     _setup_logging()
     cfg = load_config(LMPretrainConfig, args.config, args.overrides)
@@ -87,8 +87,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """Run a multimodal stage (LM frozen) from a YAML config with overrides."""
     import yaml
 
-    from mm.config import load_config
-    from mm.image_stage import IMAGE_STAGES, ImageStageConfig, run_image_stage
+    from mm.stages.image import IMAGE_STAGES, ImageStageConfig, run_image_stage
+    from mm.training.config import load_config
 
     _setup_logging()
     raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
@@ -100,7 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             stage = o.split("=", 1)[1]
     if stage == "speech":
         return _train_speech(args)
-    from mm.video_stage import VIDEO_STAGES
+    from mm.stages.video import VIDEO_STAGES
 
     if stage in VIDEO_STAGES:
         return _train_video(args)
@@ -118,8 +118,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train_video(args: argparse.Namespace) -> int:
     """`mm train` for the video stage (LM and image path frozen)."""
-    from mm.config import load_config
-    from mm.video_stage import VideoStageConfig, run_video_stage
+    from mm.stages.video import VideoStageConfig, run_video_stage
+    from mm.training.config import load_config
 
     cfg = load_config(VideoStageConfig, args.config, args.overrides)
     if args.data:
@@ -131,8 +131,8 @@ def _train_video(args: argparse.Namespace) -> int:
 
 def _train_speech(args: argparse.Namespace) -> int:
     """`mm train` for the speech stage (LM frozen; speech encoder + adapter train)."""
-    from mm.config import load_config
-    from mm.speech_stage import SpeechStageConfig, run_speech_stage
+    from mm.stages.speech import SpeechStageConfig, run_speech_stage
+    from mm.training.config import load_config
 
     cfg = load_config(SpeechStageConfig, args.config, args.overrides)
     if args.data:
@@ -145,7 +145,7 @@ def _train_speech(args: argparse.Namespace) -> int:
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe audio files with a speech-stage bundle; one transcript per line, in input order."""
     from mm.datasets.images import BadSample
-    from mm.speech_stage import load_speech_bundle, transcribe_features
+    from mm.stages.speech import load_speech_bundle, transcribe_features
 
     model, tok, features, meta = load_speech_bundle(Path(args.checkpoint))
     feats, bad = [], []
@@ -167,7 +167,7 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     """Describe videos with a video-stage bundle; one caption per line, in input order."""
     from mm.datasets.images import BadSample
     from mm.datasets.video import decode_clip
-    from mm.video_stage import describe_videos, load_video_bundle
+    from mm.stages.video import describe_videos, load_video_bundle
 
     model, tok, transform, meta = load_video_bundle(Path(args.checkpoint))
     bad = []
@@ -199,12 +199,12 @@ def _config_kind(args: argparse.Namespace) -> str:
 
 def _cmd_pretrain_encoder(args: argparse.Namespace) -> int:
     """Run CLIP pretraining of the image encoder from a YAML config with overrides."""
-    from mm.config import load_config
-    from mm.encoder_pretrain import ClipPretrainConfig, run_encoder_pretrain
+    from mm.stages.clip_pretrain import ClipPretrainConfig, run_encoder_pretrain
+    from mm.training.config import load_config
 
     _setup_logging()
     if _config_kind(args) == "bestrq":  # a speech-encoder config (configs/encoders/bestrq_tiny.yaml)
-        from mm.speech_pretrain import BestRQPretrainConfig, run_bestrq_pretrain
+        from mm.stages.bestrq_pretrain import BestRQPretrainConfig, run_bestrq_pretrain
 
         bcfg = load_config(BestRQPretrainConfig, args.config, args.overrides)
         if args.data:
@@ -222,8 +222,8 @@ def _cmd_pretrain_encoder(args: argparse.Namespace) -> int:
 
 def _cmd_caption(args: argparse.Namespace) -> int:
     """Caption images with an image-stage bundle; one caption per line, in input order."""
-    from mm.caption import caption_images, load_rgb
-    from mm.image_stage import load_image_bundle
+    from mm.models.caption import caption_images, load_rgb
+    from mm.stages.image import load_image_bundle
 
     model, tok, transform, meta = load_image_bundle(Path(args.checkpoint))
     images, bad = [], []
@@ -251,7 +251,7 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 def _cmd_verify_frozen(args: argparse.Namespace) -> int:
     """Exit 0 when the LM a stage checkpoint names is bit-identical to the one it was trained against."""
-    from mm.bundle import verify_frozen
+    from mm.training.bundle import verify_frozen
 
     ok, msg = verify_frozen(Path(args.checkpoint))
     print(("OK: " if ok else "CHANGED: ") + msg)
@@ -299,7 +299,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The embedded end-to-end demo."""
-    from mm.demo import run_demo
+    from mm.app.demo import run_demo
 
     _setup_logging()
     report = run_demo(Path(args.out), modality=args.modality)
@@ -353,7 +353,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     """Stage-by-stage probe of an image-stage bundle: a table on stdout, the full record to --json."""
     import torch
 
-    from mm.probe import format_table, run_probe
+    from mm.app.probe import format_table, run_probe
 
     _setup_logging()
     if args.threads:
@@ -376,7 +376,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks side by side with transformers (table on stdout, JSON to --json)."""
-    from mm.bench import main as bench_main
+    from mm.app.bench import main as bench_main
 
     return bench_main(args.json, quick=args.quick)
 

@@ -25,21 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm import distributed as dist_utils
 from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
-from mm.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
-from mm.checkpoint import latest_checkpoint, load_tensors, write_json
-from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.audio import AudioFeatures, SpeechCollator, open_audio_stream, read_audio_manifest
 from mm.datasets.images import BadSample
 from mm.datasets.shapes import ASR_PROMPT
 from mm.datasets.streams import ManifestStream, ShardStream
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
-from mm.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, freeze
 from mm.lm import Tokenizer, Transformer, generate, load_hf
-from mm.train import Task, Trainer, setup_run
+from mm.training import distributed as dist_utils
+from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
+from mm.training.checkpoint import latest_checkpoint, load_tensors, write_json
+from mm.training.config import OptimConfig, TrainConfig, config_to_yaml
+from mm.training.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, freeze
+from mm.training.trainer import Task, Trainer, setup_run
 
-log = logging.getLogger("mm.speech_stage")
+log = logging.getLogger("mm.stages.speech")
 
 STAGE = "speech"
 
@@ -540,7 +540,7 @@ def run_speech_stage(cfg: SpeechStageConfig, *, resume: bool = False) -> dict[st
 
 def load_speech_bundle(path: Path) -> tuple[SpeechLM, Tokenizer, AudioFeatures, dict[str, Any]]:
     """Rebuild a trained speech model from its bundle (refusing an LM whose fingerprint changed)."""
-    from mm.bundle import load_lm_checked, load_tokenizer
+    from mm.training.bundle import load_lm_checked, load_tokenizer
 
     meta = read_config(path)
     if meta.get("stage") != STAGE:

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("mm.report")
+log = logging.getLogger("mm.app.report")
 
 STAGE_ORDER = (
     "lm-pretrain",

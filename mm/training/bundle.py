@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from mm.checkpoint import load_tensors, save_tensors, write_json
-from mm.freeze import FrozenLMChanged, assert_no_lm_tensors, fingerprint, fingerprint_tensors
 from mm.lm import Tokenizer, load_hf
+from mm.training.checkpoint import load_tensors, save_tensors, write_json
+from mm.training.freeze import FrozenLMChanged, assert_no_lm_tensors, fingerprint, fingerprint_tensors
 
 CONFIG = "mm_config.json"
 WEIGHTS = "adapter.safetensors"
@@ -60,7 +60,7 @@ def resolve_lm_path(bundle: Path, cfg: dict[str, Any]) -> Path:
 def load_lm(lm_path: Path, cfg: dict[str, Any]) -> torch.nn.Module:
     """The LM a bundle names: an HF Llama directory, or the LM of a Mllama directory (`lm_format`)."""
     if cfg.get("lm_format", "hf_llama") == "hf_mllama":
-        from mm.mllama import load_hf_mllama_lm
+        from mm.models.mllama import load_hf_mllama_lm
 
         return load_hf_mllama_lm(lm_path)
     return load_hf(lm_path)

@@ -6,7 +6,7 @@ no LM parameter, checkpoints and the final bundle hold only non-LM tensors plus 
 location. `image-anneal` starts from the `image-pretrain` bundle with more tiles and a re-warmed LR.
 
 `init_from_hf_mllama: DIR` continues training a Llama 3.2 Vision checkpoint (a transformers Mllama directory,
-`mm.mllama`): its LM is the frozen LM, its vision model, projection, cross-attention layers and 8 extra token
+`mm.models.mllama`): its LM is the frozen LM, its vision model, projection, cross-attention layers and 8 extra token
 embeddings train, its `preprocessor_config.json` sets the tiling; `lm`, `init_from` and `encoder_weights` stay
 unset, and the `image_encoder` / `xattn.every` sections are replaced by the checkpoint's.
 """
@@ -22,25 +22,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mm import distributed as dist_utils
 from mm.adapters.caption_head import CaptionSlotHead, caption_slot_targets
-from mm.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
-from mm.caption import caption_images
-from mm.checkpoint import latest_checkpoint, load_tensors, write_json
-from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.shapes import IMAGE_PROMPT, caption_attribute_report, parse_caption
 from mm.datasets.streams import ManifestStream, ShardStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.clip import bag_of_words_loss
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
-from mm.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, freeze
 from mm.lm import Tokenizer, load_hf
 from mm.lm.hf import config_from_hf
-from mm.multimodal import MultimodalLM
-from mm.train import Task, Trainer, setup_run
+from mm.models.caption import caption_images
+from mm.models.multimodal import MultimodalLM
+from mm.training import distributed as dist_utils
+from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
+from mm.training.checkpoint import latest_checkpoint, load_tensors, write_json
+from mm.training.config import OptimConfig, TrainConfig, config_to_yaml
+from mm.training.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, freeze
+from mm.training.trainer import Task, Trainer, setup_run
 
-log = logging.getLogger("mm.image_stage")
+log = logging.getLogger("mm.stages.image")
 
 IMAGE_STAGES = ("image-pretrain", "image-anneal")
 
@@ -201,8 +201,8 @@ def curve_images(
     """The learning-curve images: the first `curve_samples` of the first held-out manifest (world captions)."""
     if not (cfg.train.eval_every and cfg.curve_samples and cfg.data.heldout):
         return None
-    from mm.caption import load_rgb
     from mm.datasets.images import read_manifest
+    from mm.models.caption import load_rgb
 
     recs = read_manifest(cfg.data.heldout[0])[: cfg.curve_samples]
     if not all(parse_caption(r.text) is not None for r in recs):
@@ -288,7 +288,7 @@ def caption_head_parts(head: CaptionHeadConfig | dict[str, Any] | None, dim: int
 
 def start_from_hf_mllama(cfg: ImageStageConfig, device: torch.device) -> tuple[MultimodalLM, Tokenizer]:
     """The model and tokenizer of `init_from_hf_mllama`; `cfg` records the checkpoint's encoder and placement."""
-    from mm.mllama import load_hf_mllama
+    from mm.models.mllama import load_hf_mllama
 
     path = Path(cfg.init_from_hf_mllama).resolve()
     if cfg.lm or cfg.init_from or cfg.encoder_weights:
@@ -368,7 +368,7 @@ def run_image_stage(cfg: ImageStageConfig, *, resume: bool = False) -> dict[str,
     out = Path(cfg.out)
     transform = None
     if cfg.init_from_hf_mllama:
-        from mm.mllama import load_hf_mllama_transform
+        from mm.models.mllama import load_hf_mllama_transform
 
         model, tok = start_from_hf_mllama(cfg, device)
         lm, lm_path = model.lm, Path(cfg.init_from_hf_mllama).resolve()
@@ -455,8 +455,8 @@ def evaluate_captions(
     model: MultimodalLM, tok: Tokenizer, transform: TileTransform, cfg: ImageStageConfig, manifests: list[str]
 ) -> dict[str, Any]:
     """Caption the first `eval_samples` images of each held-out manifest; exact match and attributes."""
-    from mm.caption import load_rgb
     from mm.datasets.images import read_manifest
+    from mm.models.caption import load_rgb
 
     res = {}
     for m in manifests:
@@ -482,7 +482,7 @@ def evaluate_captions(
 
 def load_image_bundle(path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
     """Rebuild a trained image model from its bundle (refusing an LM whose fingerprint changed)."""
-    from mm.bundle import load_lm_checked, load_tokenizer, resolve_lm_path
+    from mm.training.bundle import load_lm_checked, load_tokenizer, resolve_lm_path
 
     meta = read_config(path)
     lm = load_lm_checked(path, meta)
@@ -491,7 +491,7 @@ def load_image_bundle(path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransfor
     enc_cfg = ImageEncoderConfig(**meta["image_encoder"])
     mllama = meta.get("lm_format") == "hf_mllama"
     if mllama:
-        from mm.mllama import MLLAMA_EXTRA_TOKENS, load_hf_mllama_transform, mllama_image_encoder
+        from mm.models.mllama import MLLAMA_EXTRA_TOKENS, load_hf_mllama_transform, mllama_image_encoder
 
         encoder = mllama_image_encoder(enc_cfg)
     else:

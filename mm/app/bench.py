@@ -472,7 +472,7 @@ def memory_probe(bc_json: str, path: str, kind: str) -> float:
     """In a fresh process: MiB of peak resident memory of `memory_steps` adapter steps, above the pre-model RSS."""
     import transformers.models.mllama.modeling_mllama  # noqa: F401  (code, not training memory: import first)
 
-    import mm.mllama  # noqa: F401
+    import mm.models.mllama  # noqa: F401
 
     bc = BenchConfig(**json.loads(bc_json))
     torch.manual_seed(0)
@@ -501,7 +501,7 @@ def peak_memory_mb(bc: BenchConfig, path: Path, kind: str) -> float:
     """Run `memory_probe` in a fresh Python process (mmap threshold fixed, so freed buffers leave RSS)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
     code = (
-        "import sys, torch; from mm.bench import memory_probe; "
+        "import sys, torch; from mm.app.bench import memory_probe; "
         f"torch.set_num_threads({torch.get_num_threads()}); "
         "print('PEAK_MB', memory_probe(sys.argv[1], sys.argv[2], sys.argv[3]))"
     )

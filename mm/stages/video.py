@@ -24,9 +24,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mm import distributed as dist_utils
 from mm.adapters import TemporalAggregator
-from mm.bundle import (
+from mm.datasets.shapes import VIDEO_PROMPT
+from mm.datasets.streams import ManifestStream, ShardStream
+from mm.datasets.tiling import TileTransform
+from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
+from mm.lm import Tokenizer, generate
+from mm.models.multimodal import IMAGE_PATH_PARTS, VIDEO_PARTS, MultimodalLM, video_xattn_layer_ids
+from mm.stages.image import load_image_bundle
+from mm.training import distributed as dist_utils
+from mm.training.bundle import (
     dataclass_dict,
     image_path_fingerprint,
     load_adapter_weights,
@@ -34,19 +41,12 @@ from mm.bundle import (
     resolve_image_bundle,
     save_bundle,
 )
-from mm.checkpoint import latest_checkpoint, write_json
-from mm.config import OptimConfig, TrainConfig, config_to_yaml
-from mm.datasets.shapes import VIDEO_PROMPT
-from mm.datasets.streams import ManifestStream, ShardStream
-from mm.datasets.tiling import TileTransform
-from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
-from mm.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, fingerprint_tensors
-from mm.image_stage import load_image_bundle
-from mm.lm import Tokenizer, generate
-from mm.multimodal import IMAGE_PATH_PARTS, VIDEO_PARTS, MultimodalLM, video_xattn_layer_ids
-from mm.train import Task, Trainer, setup_run
+from mm.training.checkpoint import latest_checkpoint, write_json
+from mm.training.config import OptimConfig, TrainConfig, config_to_yaml
+from mm.training.freeze import FrozenLMChanged, assert_not_in_optimizer, fingerprint, fingerprint_tensors
+from mm.training.trainer import Task, Trainer, setup_run
 
-log = logging.getLogger("mm.video_stage")
+log = logging.getLogger("mm.stages.video")
 
 VIDEO_STAGES = ("video",)
 

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mm import distributed as dist_utils
-from mm.checkpoint import polyak_average, write_json
-from mm.config import DataSourceConfig, LMPretrainConfig, config_to_yaml
 from mm.datasets.text import PackedText, TextSource, heldout_batches, read_documents
 from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
-from mm.train import Task, Trainer, setup_run
+from mm.training import distributed as dist_utils
+from mm.training.checkpoint import polyak_average, write_json
+from mm.training.config import DataSourceConfig, LMPretrainConfig, config_to_yaml
+from mm.training.trainer import Task, Trainer, setup_run
 
-log = logging.getLogger("mm.pretrain_lm")
+log = logging.getLogger("mm.stages.lm_pretrain")
 
 
 def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:

@@ -1,6 +1,6 @@
 """`mm pretrain-encoder` with a BEST-RQ config (`kind: bestrq`, e.g. configs/encoders/bestrq_tiny.yaml):
 self-supervised pretraining of the speech encoder on unlabeled audio (Llama 3 paper §7.6; `mm.encoders.speech`),
-on the one training loop (`mm.train.Trainer`).
+on the one training loop (`mm.training.trainer.Trainer`).
 
 Trained: the encoder and the BEST-RQ softmax heads. Never trained: the random projections and codebooks (buffers,
 not parameters; the optimizer never sees them). Outputs: `OUT/final/encoder.safetensors` holding `encoder.*`
@@ -19,16 +19,16 @@ from typing import Any
 
 import torch
 
-from mm import distributed as dist_utils
-from mm.checkpoint import load_tensors, save_tensors, write_json
-from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.audio import AudioTextDataset, SpeechCollator, open_audio_stream
 from mm.datasets.streams import ManifestStream, ShardStream
 from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig
-from mm.speech_stage import SpecAugmentConfig, SpeechFeaturesConfig
-from mm.train import Task, Trainer, setup_run
+from mm.stages.speech import SpecAugmentConfig, SpeechFeaturesConfig
+from mm.training import distributed as dist_utils
+from mm.training.checkpoint import load_tensors, save_tensors, write_json
+from mm.training.config import OptimConfig, TrainConfig, config_to_yaml
+from mm.training.trainer import Task, Trainer, setup_run
 
-log = logging.getLogger("mm.speech_pretrain")
+log = logging.getLogger("mm.stages.bestrq_pretrain")
 
 STAGE = "bestrq-pretrain"
 

@@ -1,5 +1,5 @@
 """`mm pretrain-encoder`: contrastive (CLIP) pretraining of the image encoder with a small text tower
-(Llama 3 paper section 7.2.1), on the one training loop (`mm.train.Trainer`).
+(Llama 3 paper section 7.2.1), on the one training loop (`mm.training.trainer.Trainer`).
 
 The CLIP model is the `ImageEncoder` (pre-projection features, pooled) + a small causal `TextTower`, trained
 with `clip_loss` on image-text pairs. The encoder's `project` (features -> LM width) is not used by the CLIP
@@ -22,9 +22,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mm import distributed as dist_utils
-from mm.checkpoint import save_tensors, write_json
-from mm.config import OptimConfig, TrainConfig, config_to_yaml
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset
 from mm.datasets.streams import ManifestStream, ShardStream
@@ -38,11 +35,14 @@ from mm.encoders.clip import (
     zero_shot_retrieval_accuracy,
 )
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
-from mm.image_stage import ImageDataConfig, open_image_stream
 from mm.lm import Tokenizer, preset
-from mm.train import Task, Trainer, setup_run
+from mm.stages.image import ImageDataConfig, open_image_stream
+from mm.training import distributed as dist_utils
+from mm.training.checkpoint import save_tensors, write_json
+from mm.training.config import OptimConfig, TrainConfig, config_to_yaml
+from mm.training.trainer import Task, Trainer, setup_run
 
-log = logging.getLogger("mm.encoder_pretrain")
+log = logging.getLogger("mm.stages.clip_pretrain")
 
 STAGE = "clip-pretrain"
 

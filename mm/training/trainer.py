@@ -28,11 +28,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mm import distributed as dist_utils
-from mm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
-from mm.config import OptimConfig, TrainConfig
+from mm.training import distributed as dist_utils
+from mm.training.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from mm.training.config import OptimConfig, TrainConfig
 
-log = logging.getLogger("mm.train")
+log = logging.getLogger("mm.training.trainer")
 
 
 class TrainingDiverged(RuntimeError):

@@ -48,7 +48,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mm.checkpoint import write_json
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.image import (
     ImageEncoder,
@@ -60,7 +59,8 @@ from mm.lm import Transformer
 from mm.lm.config import LMConfig
 from mm.lm.hf import config_from_hf, config_to_hf, hf_to_mm_state_dict, mm_to_hf_state_dict
 from mm.lm.model import rope_inv_freq
-from mm.multimodal import MultimodalLM
+from mm.models.multimodal import MultimodalLM
+from mm.training.checkpoint import write_json
 
 MLLAMA_EXTRA_TOKENS = 8  # MllamaTextModel.embed_tokens has vocab_size + 8 rows
 CONFIG_NAME = "config.json"

@@ -1,7 +1,7 @@
 """The speech part of `mm demo` (`--modality speech|all`): speak the shapes world with espeak-ng, pretrain the
 speech encoder with BEST-RQ (`bestrq-pretrain`), train the `speech` stage against the cached demo LM, and report
 the word error rate on held-out sentences and held-out voices plus both learning curves. Stages are cached by
-content hash like the other demo stages (`mm.demo.cached_stage`).
+content hash like the other demo stages (`mm.app.demo.cached_stage`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mm.config import config_to_yaml, load_config
+from mm.training.config import config_to_yaml, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def synth_speech_world(data_dir: Path) -> dict[str, float]:
@@ -44,10 +44,10 @@ def _curve(metrics: Path, key: str, every: int) -> list[dict[str, float]]:
 
 def run_speech_stages(out: Path, data_dir: Path) -> dict[str, Any]:
     """bestrq-pretrain -> speech on the spoken shapes world; WER on the held-out splits; LM frozen check."""
-    from mm.bundle import verify_frozen
-    from mm.demo import _hash, cached_stage
-    from mm.speech_pretrain import BestRQPretrainConfig, run_bestrq_pretrain
-    from mm.speech_stage import SpeechStageConfig, run_speech_stage
+    from mm.app.demo import _hash, cached_stage
+    from mm.stages.bestrq_pretrain import BestRQPretrainConfig, run_bestrq_pretrain
+    from mm.stages.speech import SpeechStageConfig, run_speech_stage
+    from mm.training.bundle import verify_frozen
 
     t_all = time.perf_counter()
     synth_s = synth_speech_world(data_dir)

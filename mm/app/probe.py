@@ -45,7 +45,7 @@ from torch import nn
 
 from mm.datasets.shapes import ASR_PROMPT, COLORS, SHAPES, SIZES, parse_caption
 
-log = logging.getLogger("mm.probe")
+log = logging.getLogger("mm.app.probe")
 
 ATTRS: tuple[str, ...] = ("size", "colour", "shape")
 VOCAB: dict[str, tuple[str, ...]] = {"size": SIZES, "colour": tuple(COLORS), "shape": SHAPES}
@@ -377,8 +377,8 @@ def collect(
 ) -> Collected:
     """Encoder features, projected tokens, xattn contributions and teacher-forced predictions of captioned
     images (one pass of encoder and model per batch)."""
-    from mm.caption import load_rgb
     from mm.datasets.collate import ImageCaptionCollator
+    from mm.models.caption import load_rgb
 
     model.eval()
     collator = ImageCaptionCollator(tok, prompt=meta["prompt"], max_tiles=meta["max_tiles"])
@@ -518,9 +518,9 @@ def run_probe(
     `n_scored[point][target]` (order: the rows scored), `train_accuracy` (probes on their own training set),
     `slot1_by_count`, `exact_match` (caption, lm_text, lm_text_no_period), `dims`, `xattn_mean_norm`, examples,
     `wall_seconds` per phase, and the run's settings."""
-    from mm.caption import caption_images, load_rgb
     from mm.datasets.images import read_manifest
-    from mm.image_stage import load_image_bundle
+    from mm.models.caption import caption_images, load_rgb
+    from mm.stages.image import load_image_bundle
 
     t_start = time.perf_counter()
     wall: dict[str, float] = {}

@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from mm.checkpoint import write_json
-from mm.config import DataSourceConfig, LMPretrainConfig, config_to_yaml, load_config
+from mm.app.report import stage_rows, write_report
 from mm.datasets import shapes
-from mm.freeze import fingerprint
 from mm.lm import Tokenizer, generate, load_hf
-from mm.report import stage_rows, write_report
+from mm.training.checkpoint import write_json
+from mm.training.config import DataSourceConfig, LMPretrainConfig, config_to_yaml, load_config
+from mm.training.freeze import fingerprint
 
-log = logging.getLogger("mm.demo")
+log = logging.getLogger("mm.app.demo")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_PROMPTS = ["Caption: a large", "a small green", "Video: a purple", "there is a"]
 IMAGE_COUNTS = {"train": 4000, "heldout": 200, "heldout_pairs": 200}
 MOTION_COUNTS = {"train": 2000, "heldout": 200, "heldout_pairs": 120}
@@ -92,7 +92,7 @@ def cached_stage(
 
 def run_lm_stage(out: Path, data_dir: Path) -> dict[str, Any]:
     """Train (or reuse) the demo LM and report held-out perplexity and greedy completions."""
-    from mm.pretrain_lm import run_pretrain_lm
+    from mm.stages.lm_pretrain import run_pretrain_lm
 
     cfg = load_config(LMPretrainConfig, REPO / "configs" / "lm" / "tiny.yaml")
     text = data_dir / "text"
@@ -155,9 +155,9 @@ def run_image_robustness(bundle: Path, data_dir: Path) -> dict[str, dict[str, An
     The first `VARIANT_COUNTS[kind]` images of `DATA/shapes/variants_{kind}.jsonl`; the result is kept in
     `bundle/../robustness.json` with a hash of the bundle and the variants, and reused while both are unchanged.
     """
-    from mm.caption import caption_images, load_rgb
     from mm.datasets.images import read_manifest
-    from mm.image_stage import load_image_bundle
+    from mm.models.caption import caption_images, load_rgb
+    from mm.stages.image import load_image_bundle
 
     sh = data_dir / "shapes"
     manifests = {kind: sh / f"variants_{kind}.jsonl" for kind in VARIANT_COUNTS}
@@ -191,9 +191,9 @@ def run_image_robustness(bundle: Path, data_dir: Path) -> dict[str, dict[str, An
 
 def run_image_stages(out: Path, data_dir: Path) -> dict[str, Any]:
     """clip-pretrain -> image-pretrain -> image-anneal; held-out captions, attributes, curves, robustness."""
-    from mm.bundle import verify_frozen
-    from mm.encoder_pretrain import ClipPretrainConfig, run_encoder_pretrain
-    from mm.image_stage import ImageStageConfig, run_image_stage
+    from mm.stages.clip_pretrain import ClipPretrainConfig, run_encoder_pretrain
+    from mm.stages.image import ImageStageConfig, run_image_stage
+    from mm.training.bundle import verify_frozen
 
     lm_dir = out / "lm-pretrain" / "final"
     sh = data_dir / "shapes"
@@ -255,8 +255,8 @@ def run_image_stages(out: Path, data_dir: Path) -> dict[str, Any]:
 
 def run_video_stage_demo(out: Path, data_dir: Path) -> dict[str, Any]:
     """The video stage on the moving-shapes clips, from the demo's image-anneal bundle; held-out figures."""
-    from mm.bundle import verify_frozen
-    from mm.video_stage import VideoStageConfig, run_video_stage
+    from mm.stages.video import VideoStageConfig, run_video_stage
+    from mm.training.bundle import verify_frozen
 
     image_dir = out / "image-anneal" / "final"
     mo = data_dir / "motion"
@@ -357,7 +357,7 @@ def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
         report["video"] = run_video_stage_demo(out, data_dir)
         report["lm_frozen"] = report["lm_frozen"] and report["video"]["frozen"]
     if modality in ("speech", "all"):  # encoder + adapter spliced into the cached LM's input
-        from mm.speech_demo import run_speech_stages
+        from mm.app.speech_demo import run_speech_stages
 
         report["speech"] = run_speech_stages(out, data_dir)
         report["lm_frozen"] = report.get("lm_frozen", True) and report["speech"]["lm_frozen"]
