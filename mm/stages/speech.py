@@ -31,7 +31,14 @@ from mm.datasets.images import BadSample
 from mm.datasets.shapes import ASR_PROMPT
 from mm.datasets.streams import ManifestStream, ShardStream
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
-from mm.lm import Tokenizer, Transformer, generate, load_hf
+from mm.lm import Tokenizer, Transformer, load_hf
+from mm.models.speech import (
+    SpeechLM,
+    copy_transcripts,
+    ctc_transcripts,
+    token_embedding_rms,
+    transcribe_features,
+)
 from mm.training import distributed as dist_utils
 from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import latest_checkpoint, load_tensors, write_json
@@ -105,153 +112,6 @@ class SpeechStageConfig:
 
 
 # --------------------------------------------------------------------------------------------- composition
-
-
-@dataclass
-class SpeechContext:
-    """Speech embeddings aligned with a prompt: `embeds` (B, T, D) are used where `mask` (B, T) is True."""
-
-    embeds: torch.Tensor
-    mask: torch.Tensor
-
-
-class SpeechLM(nn.Module):
-    """Frozen LM + speech encoder + speech adapter; `encoder` and `adapter` train, the LM never does."""
-
-    trainable = ("speech_encoder", "speech_adapter")
-
-    def __init__(self, lm: Transformer, encoder: SpeechEncoder, adapter: SpeechAdapter) -> None:
-        super().__init__()
-        self.lm, self.speech_encoder, self.speech_adapter = lm, encoder, adapter
-
-    @property
-    def cfg(self) -> Any:
-        """The LM's config (generation and the KV cache read it)."""
-        return self.lm.cfg
-
-    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Encoder and adapter parameters (never an `lm.` one)."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith("lm.")]
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Every non-LM tensor (what a stage bundle holds)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
-
-    def n_slots(self, n_frames: int) -> int:
-        """Speech embeddings for a clip of `n_frames` 10 ms feature frames."""
-        n = self.speech_encoder.out_lengths(torch.tensor([n_frames]))
-        return int(self.speech_adapter.out_lengths(n)[0])
-
-    def encode_speech(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (B, T, 80), lengths (B,) -> LM-width speech embeddings (B, S, D) and their counts (B,)."""
-        h, n = self.speech_encoder(feats, lengths)
-        return self.speech_adapter(h, n)
-
-    @staticmethod
-    def splice(
-        embeds: torch.Tensor, slots: torch.Tensor, speech: torch.Tensor, counts: torch.Tensor
-    ) -> torch.Tensor:
-        """Put row b's first counts[b] speech vectors, in order, at the True positions of slots[b]."""
-        valid = torch.arange(speech.shape[1], device=speech.device)[None, :] < counts[:, None]
-        if not torch.equal(slots.sum(1), counts):
-            raise ValueError(
-                f"speech slots per row {slots.sum(1).tolist()} != speech embeddings {counts.tolist()}"
-            )
-        out = embeds.clone()
-        out[slots] = speech[valid].to(embeds.dtype)
-        return out
-
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        *,
-        features: torch.Tensor | None = None,
-        feature_lengths: torch.Tensor | None = None,
-        speech_mask: torch.Tensor | None = None,
-        speech: SpeechContext | None = None,
-        positions: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: Any = None,
-        last_only: bool = False,
-        return_speech: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) (or (B, 1, V) of the last position with `last_only`). Training: `features`, `feature_lengths`, `speech_mask`. Generation: a precomputed
-        `speech` context, spliced on the forward over the whole prompt (the first one, cache empty)."""
-        h = self.lm.embed(tokens)
-        sp = counts = None
-        if features is not None:
-            sp, counts = self.encode_speech(features, feature_lengths)
-            h = self.splice(h, speech_mask, sp, counts)
-            if self.speech_adapter.cfg.ctc_compress:  # hide the blank/repeat frames, close the position gaps
-                keep = self.kept_frames(sp, counts)
-                valid = torch.ones_like(speech_mask)
-                in_row = torch.arange(sp.shape[1], device=sp.device)[None, :] < counts[:, None]
-                valid[speech_mask] = keep[in_row]
-                attention_mask = valid if attention_mask is None else attention_mask & valid
-                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        elif (
-            speech is not None
-            and (cache is None or cache.length == 0)
-            and tokens.shape[1] == speech.mask.shape[1]
-        ):
-            h = torch.where(speech.mask[..., None], speech.embeds.to(h.dtype), h)
-        kw = {"last_only": True} if last_only else {}  # only passed when asked: older LMs lack the flag
-        logits = self.lm(
-            input_embeds=h, positions=positions, attention_mask=attention_mask, cache=cache, **kw
-        )
-        if return_speech:  # training with the CTC loss: the adapter outputs (B, S, D) and their counts (B,)
-            if sp is None or counts is None:
-                raise ValueError("return_speech needs `features` and `feature_lengths`")
-            return logits, sp, counts
-        return logits
-
-    @torch.no_grad()
-    def ctc_greedy(
-        self, speech: torch.Tensor, counts: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Greedy CTC of adapter outputs: CTC logits (B, S, V + 1), labels (B, S), and (B, S) True where a label
-        starts (not blank, not the previous frame's label, within the clip's `counts` frames)."""
-        logits = self.speech_adapter.ctc_logits(speech, self.lm.tok_embeddings.weight)
-        best = logits.argmax(-1)
-        blank = logits.shape[-1] - 1
-        prev = F.pad(best[:, :-1], (1, 0), value=blank)
-        in_row = torch.arange(best.shape[1], device=best.device)[None, :] < counts[:, None]
-        return logits, best, (best != blank) & (best != prev) & in_row
-
-    @torch.no_grad()
-    def kept_frames(self, speech: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """(B, S) True at the frames CTC compression keeps: where a greedy CTC label starts (`ctc_greedy`).
-
-        A row whose frames are all blank keeps its least blank frame, so no clip loses all its speech."""
-        logits, _, keep = self.ctc_greedy(speech, counts)
-        blank = logits.shape[-1] - 1
-        in_row = torch.arange(keep.shape[1], device=keep.device)[None, :] < counts[:, None]
-        empty = ~keep.any(1)
-        if bool(empty.any()):
-            blank_logp = logits.float().log_softmax(-1)[..., blank].masked_fill(~in_row, float("inf"))
-            keep[empty, blank_logp[empty].argmin(1)] = True
-        return keep
-
-    def ctc_loss(
-        self, speech: torch.Tensor, counts: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
-    ) -> torch.Tensor:
-        """Summed CTC loss of the adapter outputs against the transcripts' LM tokens (rows of length 0 skipped)."""
-        rows = target_lengths > 0
-        if not bool(rows.any()):
-            return speech.sum() * 0.0
-        logits = self.speech_adapter.ctc_logits(speech[rows], self.lm.tok_embeddings.weight)
-        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (S, B, V + 1)
-        return F.ctc_loss(
-            log_probs,
-            targets[rows],
-            counts[rows],
-            target_lengths[rows],
-            blank=logits.shape[-1] - 1,
-            reduction="sum",
-            zero_infinity=True,
-        )
-
-
 def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
     """Frozen LM + speech encoder (+ BEST-RQ weights) + adapter."""
     encoder = SpeechEncoder(cfg.speech_encoder)
@@ -267,12 +127,6 @@ def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
     adapter = SpeechAdapter(cfg.speech_encoder.dim, lm.cfg.dim, cfg.adapter)
     adapter.set_output_rms(token_embedding_rms(lm))
     return SpeechLM(lm, encoder, adapter)
-
-
-@torch.no_grad()
-def token_embedding_rms(lm: Transformer) -> float:
-    """Root mean square of the LM's input token embeddings (the scale the speech embeddings start at)."""
-    return float(lm.tok_embeddings.weight.float().pow(2).mean().sqrt())
 
 
 # ----------------------------------------------------------------------------------------------------- task
@@ -331,9 +185,6 @@ class SpeechTask(Task):
             self.stream.load_state_dict(state)
 
 
-# ------------------------------------------------------------------------------------- transcription, WER
-
-
 def normalize_text(text: str) -> str:
     """Lower case; anything but letters, digits, apostrophes and whitespace -> space; whitespace collapsed."""
     return " ".join(re.sub(r"[^\w\s']|_", " ", text.lower()).split())
@@ -347,49 +198,6 @@ def word_error_rate(refs: list[str], hyps: list[str]) -> float:
     h = [normalize_text(t) for t in hyps]
     keep = [i for i, t in enumerate(r) if t]
     return float(jiwer.wer([r[i] for i in keep], [h[i] for i in keep]))
-
-
-@torch.no_grad()
-def transcribe_features(
-    model: SpeechLM,
-    tok: Tokenizer,
-    feats: list[torch.Tensor],
-    *,
-    prompt: str = ASR_PROMPT,
-    batch_size: int = 64,
-    max_new_tokens: int = 32,
-) -> list[str]:
-    """Greedy transcripts of feature matrices (T, 80), in input order."""
-    model.eval()
-    device = next(model.parameters()).device
-    collator = SpeechCollator(tok, prompt, model.n_slots)
-    out: list[str] = []
-    for s in range(0, len(feats), batch_size):
-        chunk = [{"features": f} for f in feats[s : s + batch_size]]
-        x, lengths = collator.features(chunk)
-        sp, counts = model.encode_speech(x.to(device), lengths.to(device))
-        if model.speech_adapter.cfg.ctc_compress:  # only the kept frames, moved to the front of each row
-            keep = model.kept_frames(sp, counts)
-            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
-            sp, counts = torch.gather(sp, 1, order[..., None].expand_as(sp)), keep.sum(1)
-        prompts, flags = zip(*(collator.prefix(None, int(c)) for c in counts.tolist()), strict=True)
-        T = max(len(p) for p in prompts)
-        mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
-        embeds = torch.zeros(len(prompts), T, sp.shape[-1], device=device)
-        for b, f in enumerate(flags):  # `generate` left-pads: row b starts at T - len(prompt)
-            start = T - len(f)
-            mask[b, start:] = torch.tensor(f, device=device)
-            embeds[b, start : start + len(f)][torch.tensor(f, device=device)] = sp[b, : int(counts[b])]
-        new = generate(
-            model,
-            list(prompts),
-            max_new_tokens,
-            stop_tokens=[tok.eos_id, tok.eot_id],
-            pad_id=tok.pad_id,
-            model_kwargs={"speech": SpeechContext(embeds, mask)},
-        )
-        out.extend(" ".join(tok.decode(t).split()) for t in new)
-    return out
 
 
 def evaluate_wer(
@@ -424,37 +232,6 @@ def evaluate_wer(
         res["ctc_wer"] = word_error_rate(refs, ctc_transcripts(model, tok, feats))
     res["lm_copy_wer"] = word_error_rate(refs, copy_transcripts(model.lm, tok, refs, prompt))
     return res
-
-
-@torch.no_grad()
-def ctc_transcripts(
-    model: SpeechLM, tok: Tokenizer, feats: list[torch.Tensor], batch_size: int = 64
-) -> list[str]:
-    """Greedy CTC transcripts of the adapter's CTC head (repeats merged, blanks dropped): the audio side alone."""
-    model.eval()
-    device = next(model.parameters()).device
-    collator = SpeechCollator(tok, ASR_PROMPT, model.n_slots)
-    out: list[str] = []
-    for s in range(0, len(feats), batch_size):
-        x, lengths = collator.features([{"features": f} for f in feats[s : s + batch_size]])
-        sp, counts = model.encode_speech(x.to(device), lengths.to(device))
-        _, best, starts = model.ctc_greedy(sp, counts)
-        out.extend(" ".join(tok.decode(b[k].tolist()).split()) for b, k in zip(best, starts, strict=True))
-    return out
-
-
-@torch.no_grad()
-def copy_transcripts(
-    lm: Transformer, tok: Tokenizer, texts: list[str], prompt: str = ASR_PROMPT
-) -> list[str]:
-    """The frozen LM repeating each text given as text (`{text} {prompt}`): the ceiling of the speech path."""
-    lm.eval()
-    prompts = [[tok.bos_id, *tok.encode(f"{t.strip()} {prompt.rstrip()}")] for t in texts]
-    out: list[str] = []
-    for s in range(0, len(prompts), 64):
-        new = generate(lm, prompts[s : s + 64], 32, stop_tokens=[tok.eos_id, tok.eot_id], pad_id=tok.pad_id)
-        out.extend(" ".join(tok.decode(t).split()) for t in new)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- run
