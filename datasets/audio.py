@@ -399,6 +399,8 @@ def open_audio_stream(
     max_bad_fraction: float = 0.05,
     cache: bool = False,
     require_text: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> ManifestStream | ShardStream:
     """A resumable stream over one JSONL manifest (optionally cached in memory), or over shards;
     `require_text=False` for unlabeled audio (BEST-RQ)."""
@@ -408,11 +410,17 @@ def open_audio_stream(
         dataset = AudioTextDataset(
             paths[0], features, max_bad_fraction=max_bad_fraction, require_text=require_text
         )
-        return ManifestStream(dataset, seed, cache=cache)  # type: ignore[arg-type]
+        return ManifestStream(dataset, seed, cache=cache, rank=rank, world=world)  # type: ignore[arg-type]
     if any(Path(p).suffix in (".jsonl", ".json") for p in paths):
         raise ValueError(f"give one JSONL manifest, or WebDataset shards; got {list(paths)}")
     shards = AudioTextShards(
-        list(paths), features, seed=seed, max_bad_fraction=max_bad_fraction, require_text=require_text
+        list(paths),
+        features,
+        seed=seed,
+        max_bad_fraction=max_bad_fraction,
+        require_text=require_text,
+        rank=rank,
+        world_size=world,
     )
     return ShardStream(shards)  # type: ignore[arg-type]
 

@@ -426,17 +426,25 @@ def open_video_stream(
     n_frames: int,
     seed: int = 0,
     max_bad_fraction: float = 0.05,
+    rank: int = 0,
+    world: int = 1,
 ) -> ManifestStream | ShardStream:
     """A resumable stream (`ManifestStream` / `ShardStream`) over one JSONL manifest, or over shards."""
     if not paths:
         raise ValueError("no training data given")
     if len(paths) == 1 and Path(paths[0]).suffix in (".jsonl", ".json"):
         dataset = VideoTextDataset(paths[0], transform, n_frames=n_frames, max_bad_fraction=max_bad_fraction)
-        return ManifestStream(dataset, seed)
+        return ManifestStream(dataset, seed, rank=rank, world=world)
     if any(Path(p).suffix in (".jsonl", ".json") for p in paths):
         raise ValueError(f"give one JSONL manifest, or WebDataset shards; got {list(paths)}")
     shards = VideoTextShards(
-        list(paths), transform, n_frames=n_frames, seed=seed, max_bad_fraction=max_bad_fraction
+        list(paths),
+        transform,
+        n_frames=n_frames,
+        seed=seed,
+        max_bad_fraction=max_bad_fraction,
+        rank=rank,
+        world_size=world,
     )
     return ShardStream(shards)
 
