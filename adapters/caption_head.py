@@ -15,9 +15,30 @@ head is trained with the image path and never used when captioning. Tokens past 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class CaptionHeadConfig:
+    """The auxiliary caption head on the media tokens (`adapters.CaptionSlotHead`; training only)."""
+
+    weight: float = 0.0  # its loss is added to the caption loss with this weight (0 = no head)
+    n_slots: int = 16  # caption tokens it names (the shapes world's longest caption has 11 + the end token)
+    depth: int = 2
+    n_heads: int = 4
+    # weight of a caption bag-of-words loss on the max-pooled media tokens (which words the caption holds),
+    # per caption token; needs the head (weight > 0)
+    bag_of_words: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bag_of_words < 0:
+            raise ValueError(f"caption_head.bag_of_words must be >= 0 (0 = off), got {self.bag_of_words}")
+        if self.weight < 0:
+            raise ValueError(f"caption_head.weight must be >= 0 (0 = off), got {self.weight}")
 
 
 class CaptionSlotHead(nn.Module):

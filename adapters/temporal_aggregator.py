@@ -26,9 +26,36 @@ The paper merges 16 frames into 1 in pretraining and 32 into 1 (64 frames -> 2) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class AggregatorConfig:
+    """The perceiver-resampler temporal aggregator."""
+
+    merge: int = 16  # frames merged into one effective frame (paper: 16 pretraining, 32 fine-tuning)
+    n_latents: int = 64  # tokens per effective frame
+    depth: int = 2
+    n_heads: int = 8
+    ffn_mult: int = 4
+    max_frames: int = 64  # time embeddings
+    spatial: bool = True  # a learned embedding per token position of a frame (where the object is)
+    motion: bool = True  # + a learned projection of each token's change since the previous frame
+    # Weight of a video-text contrastive loss in the video stage (0 = off): each clip's mean latent (through a
+    # learned projection) against the mean of the frozen LM's token embeddings of every caption in the batch
+    # (identical captions count as positives). The caption loss reaches the aggregator only through the gated
+    # cross-attention, and what it asks of the latents is learned slowly there: measured, the latents never
+    # came to encode the direction of motion, although the frozen LM reads it (direction 0.995) from an
+    # aggregator that does. The contrastive loss asks for it directly, from the same video-text pairs.
+    contrastive: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.contrastive < 0:
+            raise ValueError(f"aggregator.contrastive must be >= 0 (0 = off), got {self.contrastive}")
 
 
 class PerceiverAttention(nn.Module):

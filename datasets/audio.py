@@ -96,7 +96,7 @@ def decode_audio(source: str | os.PathLike[str] | bytes, sample_rate: int = SAMP
         raise BadSample("empty", "zero-byte file")
     try:
         wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (n, channels)
-    except Exception as e:  # sf.LibsndfileError (corrupt, truncated header, unknown format), RuntimeError
+    except (sf.SoundFileError, RuntimeError) as e:  # sf.LibsndfileError: corrupt, truncated, unknown format
         raise BadSample("corrupt", f"{type(e).__name__}: {e}") from None
     if wave.shape[0] == 0:
         raise BadSample("empty", "no audio frames")
@@ -454,8 +454,8 @@ class SpeechCollator:
         seed: int = 0,
     ) -> None:
         self.tok, self.prompt, self.n_slots = tokenizer, prompt, n_slots
-        self.augment = augment
-        self.generator = torch.Generator().manual_seed(seed)
+        self.augment, self.seed = augment, seed
+        self.generator = torch.Generator().manual_seed(seed)  # for samples without a stream position
 
     def _prompt(self, prompt: str | None) -> tuple[str, str]:
         """(prompt head, trailing whitespace): the whitespace is tokenized with the text, as in the LM corpus."""
@@ -475,11 +475,22 @@ class SpeechCollator:
         """Token ids of the target text as it follows the prompt (without the end token)."""
         return self.tok.encode(self._prompt(prompt)[1] + text.strip())
 
+    def sample_generator(self, sample: dict[str, Any]) -> torch.Generator:
+        """A sample's SpecAugment generator: seeded from (seed, its stream `position`), so its masks do not
+        depend on the batch it lands in or on the process that reads it; the collator's own generator for a
+        sample without a position."""
+        if "position" not in sample:
+            return self.generator
+        return torch.Generator().manual_seed(
+            _derive_seed("mm.specaugment", self.seed, int(sample["position"]))
+        )
+
     def features(self, samples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-padded features (B, T_max, F) and lengths (B,) (SpecAugment applied when configured)."""
+        """Zero-padded features (B, T_max, F) and lengths (B,) (SpecAugment applied when configured, per sample)."""
         feats = [s["features"].float() for s in samples]
         if self.augment is not None:
-            feats = [spec_augment(f, self.generator, **self.augment) for f in feats]
+            gens = [self.sample_generator(s) for s in samples]
+            feats = [spec_augment(f, g, **self.augment) for f, g in zip(feats, gens, strict=True)]
         lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
         out = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
         for b, f in enumerate(feats):

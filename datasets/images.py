@@ -38,7 +38,9 @@ import logging
 import os
 import random
 import re
+import struct
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +158,24 @@ class SkipStats:
         }
 
 
+# What PIL raises for bytes it cannot use (UnidentifiedImageError is an OSError; plugins raise SyntaxError for a
+# broken header or chunk, struct.error / EOFError for data that ends early, zlib.error for a corrupt stream).
+# Anything else (TypeError, AttributeError, ...) is a bug and propagates.
+_PIL_DATA_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+)
+# PIL's EXIF parser on a malformed EXIF block (tag tables indexed with bad offsets, rationals with 0 denominators).
+_EXIF_ERRORS: tuple[type[Exception], ...] = (*_PIL_DATA_ERRORS, KeyError, IndexError, TypeError, ZeroDivisionError)
+# What PIL raises when a decoded image cannot be converted (e.g. `convert("RGB")` of a mode it has no conversion
+# for: ValueError) or a lazily read part of the file fails (OSError) inside the transform.
+_PIL_CONVERT_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes safely (size checked from the header first); raise BadSample if unusable."""
     if len(data) == 0:
@@ -164,7 +184,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
         raise BadSample("too_large", str(e)) from None
-    except Exception as e:  # UnidentifiedImageError, or any error of a plugin parsing a broken header
+    except _PIL_DATA_ERRORS as e:  # UnidentifiedImageError, or a plugin's error parsing a broken header
         raise BadSample("corrupt", f"{type(e).__name__}: {e}") from None
     width, height = image.size
     if width * height == 0:
@@ -173,22 +193,27 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise BadSample("too_large", f"{width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
     try:
         image.load()
-    except Exception as e:  # truncated or corrupt pixel data: OSError, SyntaxError, ValueError, ...
+    except Image.DecompressionBombError as e:  # a plugin that learns the true size only while loading
+        raise BadSample("too_large", str(e)) from None
+    except _PIL_DATA_ERRORS as e:  # truncated or corrupt pixel data
         raise BadSample("corrupt", f"{type(e).__name__}: {e}") from None
     try:
         image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block: keep the image as stored
+    except _EXIF_ERRORS:  # a broken EXIF block (PIL's parser only; no code of ours runs here): keep the image
         pass
     return image
 
 
 def _make_sample(image: Image.Image, transform: Callable[[Image.Image], Any] | None) -> dict[str, Any]:
-    """The image part of a sample: a TiledImage's fields, or the transform's output under `image`."""
+    """The image part of a sample: a TiledImage's fields, or the transform's output under `image`.
+
+    Only PIL's errors for an image it cannot convert count as a bad sample ("transform"); any other error of the
+    transform (TypeError, AttributeError, ...) is a bug and propagates."""
     if transform is None:
         return {"image": image}
     try:
         out = transform(image)
-    except Exception as e:  # e.g. a colour mode PIL cannot convert
+    except _PIL_CONVERT_ERRORS as e:  # e.g. a colour mode PIL cannot convert to RGB
         raise BadSample("transform", f"{type(e).__name__}: {e}") from None
     if isinstance(out, TiledImage):
         return {"tiles": out.tiles, "aspect_ratio_id": out.aspect_ratio_id, "aspect_ratio": out.aspect_ratio}

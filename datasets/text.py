@@ -464,9 +464,16 @@ class PackedText:
             self._orders[i] = None
         return doc
 
-    def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next (batch_size, seq_len) batch of `tokens`, `labels` and `doc_ids` (see the class docstring)."""
+    def next_batch(
+        self, batch_size: int, seq_len: int, rank: int = 0, world: int = 1
+    ) -> dict[str, torch.Tensor]:
+        """The next (batch_size, seq_len) batch of `tokens`, `labels` and `doc_ids` (see the class docstring).
+
+        With `world` > 1, only process `rank`'s rows (rows rank * b .. (rank + 1) * b - 1, b = batch_size /
+        world) are cut into tensors; every process advances the token stream over the whole global batch."""
         _check_shape(batch_size, seq_len)
+        if batch_size % world or not 0 <= rank < world:
+            raise ValueError(f"batch_size={batch_size} is not divisible by world={world} (rank {rank})")
         need = batch_size * seq_len + 1
         have = len(self._buf_tokens)
         parts, flags = [self._buf_tokens], [self._buf_starts]
@@ -479,7 +486,9 @@ class PackedText:
             have += len(doc)
         stream = np.concatenate(parts).astype(np.int64, copy=False)
         starts = np.concatenate(flags)
-        batch = _make_rows(stream, starts, batch_size, seq_len)
+        per = batch_size // world
+        lo = rank * per * seq_len
+        batch = _make_rows(stream[lo:], starts[lo:], per, seq_len)
         consumed = batch_size * seq_len
         self._buf_tokens = stream[consumed:].copy()
         self._buf_starts = starts[consumed:].copy()

@@ -107,6 +107,7 @@ def decode_clip(
     """
     import decord  # imported on first use: it loads FFmpeg
 
+    errors = _decord_errors()
     if not 1 <= n_frames <= MAX_FRAMES:
         raise ValueError(f"n_frames must be in [1, {MAX_FRAMES}], got {n_frames}")
     if isinstance(source, bytes):
@@ -126,7 +127,7 @@ def decode_clip(
         handle = str(path)
     try:
         reader = decord.VideoReader(handle, ctx=decord.cpu(0), num_threads=1)
-    except Exception as e:  # decord raises DECORDError (a RuntimeError) for anything FFmpeg cannot open
+    except errors as e:  # RuntimeError("Error reading ...") or DECORDError for anything FFmpeg cannot open
         raise BadSample("not_video", f"cannot open as video: {str(e).splitlines()[0][:200]}") from None
     n_total = len(reader)
     if n_total == 0:
@@ -136,7 +137,7 @@ def decode_clip(
     if n_total > 2:
         try:
             stamps = np.asarray(reader.get_frame_timestamp(range(n_total)), dtype=np.float64)  # (n, 2)
-        except Exception:  # no usable timestamps: sample by index
+        except errors:  # no usable timestamps: sample by index
             stamps = None
         if stamps is not None and stamps.shape == (n_total, 2):
             durations = np.diff(stamps[:, 0])
@@ -148,7 +149,7 @@ def decode_clip(
     unique = sorted(set(indices))
     try:
         batch = reader.get_batch(unique).asnumpy()  # (len(unique), H, W, 3): only these frames are decoded
-    except Exception as e:
+    except errors as e:
         if "DECORDArrayCopyFromTo" not in str(e):  # truncated or corrupt frame data
             first = str(e).splitlines()[0][:200]
             raise BadSample("corrupt", f"cannot decode frames {unique[:4]}...: {first}") from None
@@ -169,6 +170,14 @@ def decode_clip(
     return frames, info
 
 
+def _decord_errors() -> tuple[type[Exception], ...]:
+    """What decord raises for a file FFmpeg cannot open or decode: its own `RuntimeError("Error reading ...")`,
+    `DECORDError` from a failed check in the C++ library, `DECORDLimitReachedError` (too many corrupt frames)."""
+    from decord._ffi.base import DECORDError, DECORDLimitReachedError
+
+    return (RuntimeError, DECORDError, DECORDLimitReachedError)
+
+
 def _decode_with_pyav(source: str | os.PathLike[str] | bytes, indices: list[int]) -> np.ndarray:
     """Frames at sorted `indices` (decode order, as decord counts them) as (n, H, W, 3) uint8, with PyAV."""
     import av
@@ -181,7 +190,7 @@ def _decode_with_pyav(source: str | os.PathLike[str] | bytes, indices: list[int]
                     out[k] = frame.to_ndarray(format="rgb24")
                 if k >= indices[-1]:
                     break
-    except Exception as e:  # av.error.FFmpegError and friends
+    except (av.error.FFmpegError, OSError) as e:  # corrupt or truncated data, unreadable file
         raise BadSample(
             "corrupt", f"cannot decode frames {indices[:4]}... ({type(e).__name__}: {e})"
         ) from None
@@ -191,13 +200,13 @@ def _decode_with_pyav(source: str | os.PathLike[str] | bytes, indices: list[int]
 
 
 def tile_clip(frames: np.ndarray, transform: Callable[[Image.Image], Any]) -> dict[str, Any]:
-    """Frames (F, H, W, 3) uint8 through the image transform -> `frames` (F, n_tiles, 3, S, S) and the grid."""
+    """Frames (F, H, W, 3) uint8 through the image transform -> `frames` (F, n_tiles, 3, S, S) and the grid.
+
+    The frames are decoded RGB arrays (bad files were refused by `decode_clip`): an error of the transform is a
+    bug, not bad data, and propagates."""
     tiled = []
     for frame in frames:
-        try:
-            out = transform(Image.fromarray(frame))
-        except Exception as e:
-            raise BadSample("transform", f"{type(e).__name__}: {e}") from None
+        out = transform(Image.fromarray(frame))
         if not isinstance(out, TiledImage):
             raise TypeError(f"the video transform must return a TiledImage, got {type(out).__name__}")
         tiled.append(out)

@@ -9,6 +9,13 @@ embeddings, logits = scale * image @ text.T with a learnable temperature (init 1
   pooled at the last real token (the EOS of a right-padded caption), then a linear projection.
 - `CLIPModel`: `ImageEncoder` pre-projection features pooled over the real tiles' tokens (mean, or the class
   token) -> linear projection; `forward` returns (image_emb, text_emb, scale) for `clip_loss`.
+
+Across processes (torchrun, data parallel): with `gather=True`, `clip_loss` contrasts this process's images
+with every process's texts and its texts with every process's images (`gather_rows`, autograd-aware), and
+`same_caption(..., gather=True)` marks identical captions over the whole global batch. With
+`reduction="sum"` each process returns the sum of the loss terms of its own rows; the sum over processes is
+the one-process summed loss, and a trainer that backpropagates `loss * world_size / global_rows` on each
+process and averages the gradients gets the one-process gradient of the mean loss.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import dataclasses
 import math
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -26,6 +35,49 @@ from .image import ImageEncoder
 
 IMAGE_POOLS = ("mean", "cls", "max")
 MAX_LOGIT_SCALE = 100.0
+REDUCTIONS = ("mean", "sum")
+
+
+def _process_group_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _gather_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(rows of every process concatenated in rank order, index of this process's first row there).
+
+    Processes may hold different row counts (each is padded to the largest for the collective and cut
+    back); the other dimensions must agree. Gradients flow back to every process's rows when `x` needs them.
+    """
+    if not _process_group_active():
+        return x, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    shapes = torch.zeros(world, x.ndim, dtype=torch.long, device=x.device)
+    shapes[rank] = torch.tensor(x.shape, dtype=torch.long)
+    dist.all_reduce(shapes, op=dist.ReduceOp.SUM)  # every process's shape, in rank order
+    if not bool((shapes[:, 1:] == shapes[rank, 1:]).all()):
+        raise ValueError(
+            f"gather_rows: processes hold rows of different shapes {[tuple(r) for r in shapes.tolist()]}; "
+            "only the row count (dimension 0) may differ"
+        )
+    rows = shapes[:, 0].tolist()
+    most = max(rows)
+    if x.shape[0] < most:
+        x_padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
+    else:
+        x_padded = x.contiguous()
+    if x.requires_grad and torch.is_grad_enabled():
+        # backward: each process's gradient for every gathered block, summed over processes, this rank's block
+        parts = list(dist_nn.all_gather(x_padded))
+    else:
+        parts = [torch.empty_like(x_padded) for _ in range(world)]
+        dist.all_gather(parts, x_padded)
+    gathered = torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)])
+    return gathered, sum(rows[:rank])
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of `x` concatenated in rank order, autograd-aware; `x` itself without a process group."""
+    return _gather_rows_at(x)[0]
 
 
 def _right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -175,48 +227,95 @@ def clip_loss(
     text_emb: torch.Tensor,
     logit_scale: torch.Tensor | float,
     positives: torch.Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    gather: bool = False,
 ) -> torch.Tensor:
     """Symmetric cross-entropy of scale * img @ txt.T with pairs on the diagonal (inputs L2-normalised here).
 
     `logit_scale` is the multiplier itself (CLIPModel.scale(), i.e. exp of the parameter), not its log.
     `positives` (B, B) bool, diagonal set: every marked pair counts as a match (multi-positive loss,
     -log of the softmax mass on the positives), so identical captions in a batch are not pushed apart.
+
+    The loss is (image->text term + text->image term) / 2 per pair, averaged over this call's pairs
+    (reduction="mean") or summed (reduction="sum"). gather=True (data parallel; identity without a process
+    group): image i of this process is contrasted with the texts of every process and text j with every
+    process's images (`gather_rows`, gradients reach the other processes' embeddings); `positives` is then
+    (N, N) over the gathered batch in rank order (`same_caption(..., gather=True)`), and the result covers
+    this process's pairs only: summed over processes, reduction="sum" gives the one-process summed loss.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"clip_loss: reduction={reduction!r}; expected one of {REDUCTIONS}")
+    n = image_emb.shape[0]
+    if text_emb.shape[0] != n:
+        raise ValueError(f"clip_loss: {n} images but {text_emb.shape[0]} texts")
     image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
-    logits = logit_scale * image_emb @ text_emb.T  # (B, B): row i = image i against every text
+    if gather and _process_group_active() and dist.get_world_size() > 1:
+        # one collective for both: (N, 2E) -> every process's images and texts
+        both, start = _gather_rows_at(torch.cat([image_emb, text_emb], dim=-1))
+        all_images, all_texts = both.split([image_emb.shape[-1], text_emb.shape[-1]], dim=-1)
+    else:
+        all_images, all_texts, start = image_emb, text_emb, 0
+    total = all_texts.shape[0]
+    logits = logit_scale * image_emb @ all_texts.T  # (B, N): row i = image i against every text
+
+    def text_logits() -> torch.Tensor:  # (B, N): row j = this process's text j against every image
+        # built after the image -> text term, as before, so one process keeps its exact gradients
+        return logits.T if True else logit_scale * text_emb @ all_images.T
+
     if positives is None:
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        labels = torch.arange(start, start + n, device=logits.device)
+        i2t = F.cross_entropy(logits, labels, reduction=reduction)
+        return (i2t + F.cross_entropy(text_logits(), labels, reduction=reduction)) / 2
+    if positives.shape != (total, total):
+        raise ValueError(
+            f"clip_loss: positives must be ({total}, {total}) (the gathered batch), got {tuple(positives.shape)}"
+        )
     if not bool(positives.diagonal().all()):
         raise ValueError("clip_loss: positives must include every pair on the diagonal")
+    positives = positives.to(logits.device)
 
     def multi(lg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return (lg.logsumexp(-1) - lg.masked_fill(~pos, float("-inf")).logsumexp(-1)).mean()
+        per_row = lg.logsumexp(-1) - lg.masked_fill(~pos, float("-inf")).logsumexp(-1)
+        return per_row.mean() if reduction == "mean" else per_row.sum()
 
-    return (multi(logits, positives) + multi(logits.T, positives.T)) / 2
+    rows = slice(start, start + n)
+    i2t = multi(logits, positives[rows])
+    return (i2t + multi(text_logits(), positives[:, rows].T)) / 2
 
 
 def bag_of_words_loss(
     logits: torch.Tensor, input_ids: torch.Tensor, keep: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
     """Cross-entropy of logits (B, V) against each caption's token ids spread evenly (a soft target): the mean
-    over rows, or per row (B,) with reduction="none".
+    over rows, their sum with reduction="sum", or per row (B,) with reduction="none".
 
     `keep` (B, T) bool marks the ids that count (caption tokens: not bos, eos or padding). An image-level
     objective: which words the caption holds, in any order (shape, colour and size detectors learn from it fast).
     """
+    if reduction not in (*REDUCTIONS, "none"):
+        raise ValueError(f"bag_of_words_loss: reduction={reduction!r}; expected mean, sum or none")
     B, V = logits.shape
     target = torch.zeros(B, V, device=logits.device, dtype=logits.dtype)
     target.scatter_add_(1, input_ids.clamp(0, V - 1), keep.to(logits.dtype))
     target = (target > 0).to(logits.dtype)
     target = target / target.sum(-1, keepdim=True).clamp(min=1)
     per_row = -(target * logits.log_softmax(-1)).sum(-1)
-    return per_row if reduction == "none" else per_row.mean()
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
-def same_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, B) bool: captions i and j are the same token sequence (padding ignored)."""
+def same_caption(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, gather: bool = False
+) -> torch.Tensor:
+    """(B, B) bool: captions i and j are the same token sequence (padding ignored); (N, N) over every process's
+    captions in rank order with gather=True (processes may pad to different lengths)."""
     ids = input_ids if attention_mask is None else input_ids.masked_fill(~attention_mask.bool(), -1)
+    if gather and _process_group_active():
+        length = torch.tensor([ids.shape[1]], dtype=torch.long, device=ids.device)
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        ids = gather_rows(F.pad(ids, (0, int(length) - ids.shape[1]), value=-1))
     return (ids[:, None, :] == ids[None, :, :]).all(-1)
 
 

@@ -7,7 +7,8 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+
+from mm.app import train_commands
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -36,116 +37,11 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _apply_run_args(cfg: Any, args: argparse.Namespace) -> None:
-    """--out, --max-steps and --save-every override the config of any run."""
-    if args.out:
-        cfg.out = args.out
-    if args.max_steps is not None:
-        cfg.train.max_steps = args.max_steps
-    if args.save_every is not None:
-        cfg.train.save_every = args.save_every
-
-
-def _run_stage(command: str, run: Any, keys: tuple[str, ...]) -> int:
-    """Run a training command; report a stop by signal (exit 130) or divergence (exit 3); print the summary."""
-    from mm.training import distributed
-    from mm.training.trainer import TrainingDiverged
-
-    try:
-        summary = run()
-    except TrainingDiverged as e:
-        print(f"mm {command}: {e}", file=sys.stderr)
-        return 3
-    finally:
-        distributed.shutdown()
-    if summary["stopped"] != "max_steps":
-        print(
-            f"mm {command}: stopped by {summary['stopped']} at step {summary['step']}; checkpoint saved, "
-            f"continue with --resume",
-            file=sys.stderr,
-        )
-        return 130
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
-    return 0
-
-
-def _cmd_pretrain_lm(args: argparse.Namespace) -> int:
-    """Run the LM pretraining recipe from a YAML config with overrides."""
-    from mm.stages.lm_pretrain import run_pretrain_lm
-    from mm.training.config import DataSourceConfig, LMPretrainConfig, load_config
-
-    _setup_logging()
-    cfg = load_config(LMPretrainConfig, args.config, args.overrides)
-    if args.data:
-        cfg.data = [DataSourceConfig(paths=list(args.data), name="data")]
-    _apply_run_args(cfg, args)
-    keys = ("step", "final_loss", "heldout_ppl", "wall_time_s", "final")
-    return _run_stage("pretrain-lm", lambda: run_pretrain_lm(cfg, resume=args.resume), keys)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    """Run a multimodal stage (LM frozen) from a YAML config with overrides."""
-    import yaml
-
-    from mm.stages.image import IMAGE_STAGES, ImageStageConfig, run_image_stage
-    from mm.training.config import load_config
-
-    _setup_logging()
-    raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
-    if raw is None:
-        raise FileNotFoundError(f"config file {args.config} does not exist or is empty")
-    stage = raw.get("stage", "image-pretrain")
-    for o in args.overrides:
-        if o.startswith("stage="):
-            stage = o.split("=", 1)[1]
-    if stage == "speech":
-        return _train_speech(args)
-    from mm.stages.video import VIDEO_STAGES
-
-    if stage in VIDEO_STAGES:
-        return _train_video(args)
-    if stage not in IMAGE_STAGES:
-        raise ValueError(
-            f"{args.config}: stage={stage!r}; available stages: {list(IMAGE_STAGES + VIDEO_STAGES)}"
-        )
-    cfg = load_config(ImageStageConfig, args.config, args.overrides)
-    if args.data:
-        cfg.data.train = list(args.data)
-    _apply_run_args(cfg, args)
-    keys = ("step", "final_loss", "wall_time_s", "eval")
-    return _run_stage("train", lambda: run_image_stage(cfg, resume=args.resume), keys)
-
-
-def _train_video(args: argparse.Namespace) -> int:
-    """`mm train` for the video stage (LM and image path frozen)."""
-    from mm.stages.video import VideoStageConfig, run_video_stage
-    from mm.training.config import load_config
-
-    cfg = load_config(VideoStageConfig, args.config, args.overrides)
-    if args.data:
-        cfg.data.train = list(args.data)
-    _apply_run_args(cfg, args)
-    keys = ("step", "final_loss", "wall_time_s", "eval")
-    return _run_stage("train", lambda: run_video_stage(cfg, resume=args.resume), keys)
-
-
-def _train_speech(args: argparse.Namespace) -> int:
-    """`mm train` for the speech stage (LM frozen; speech encoder + adapter train)."""
-    from mm.stages.speech import SpeechStageConfig, run_speech_stage
-    from mm.training.config import load_config
-
-    cfg = load_config(SpeechStageConfig, args.config, args.overrides)
-    if args.data:
-        cfg.data.train = list(args.data)
-    _apply_run_args(cfg, args)
-    keys = ("step", "final_loss", "wall_time_s", "eval")
-    return _run_stage("train", lambda: run_speech_stage(cfg, resume=args.resume), keys)
-
-
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe audio files with a speech-stage bundle; one transcript per line, in input order."""
     from mm.datasets.images import BadSample
-    from mm.stages.speech import load_speech_bundle, transcribe_features
+    from mm.models.loading import load_speech_bundle
+    from mm.models.speech import transcribe_features
 
     model, tok, features, meta = load_speech_bundle(Path(args.checkpoint))
     feats, bad = [], []
@@ -167,7 +63,8 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     """Describe videos with a video-stage bundle; one caption per line, in input order."""
     from mm.datasets.images import BadSample
     from mm.datasets.video import decode_clip
-    from mm.stages.video import describe_videos, load_video_bundle
+    from mm.models.loading import load_video_bundle
+    from mm.models.video import describe_videos
 
     model, tok, transform, meta = load_video_bundle(Path(args.checkpoint))
     bad = []
@@ -185,45 +82,10 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_kind(args: argparse.Namespace) -> str:
-    """The `kind:` of an encoder config (overrides win); CLIP configs have none."""
-    import yaml
-
-    raw = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
-    kind = str((raw or {}).get("kind", "clip"))
-    for o in args.overrides:
-        if o.startswith("kind="):
-            kind = o.split("=", 1)[1]
-    return kind
-
-
-def _cmd_pretrain_encoder(args: argparse.Namespace) -> int:
-    """Run CLIP pretraining of the image encoder from a YAML config with overrides."""
-    from mm.stages.clip_pretrain import ClipPretrainConfig, run_encoder_pretrain
-    from mm.training.config import load_config
-
-    _setup_logging()
-    if _config_kind(args) == "bestrq":  # a speech-encoder config (configs/encoders/bestrq_tiny.yaml)
-        from mm.stages.bestrq_pretrain import BestRQPretrainConfig, run_bestrq_pretrain
-
-        bcfg = load_config(BestRQPretrainConfig, args.config, args.overrides)
-        if args.data:
-            bcfg.data.train = list(args.data)
-        _apply_run_args(bcfg, args)
-        keys = ("step", "final_loss", "wall_time_s", "final", "heldout")
-        return _run_stage("pretrain-encoder", lambda: run_bestrq_pretrain(bcfg, resume=args.resume), keys)
-    cfg = load_config(ClipPretrainConfig, args.config, args.overrides)
-    if args.data:
-        cfg.data.train = list(args.data)
-    _apply_run_args(cfg, args)
-    keys = ("step", "final_loss", "wall_time_s", "final", "retrieval")
-    return _run_stage("pretrain-encoder", lambda: run_encoder_pretrain(cfg, resume=args.resume), keys)
-
-
 def _cmd_caption(args: argparse.Namespace) -> int:
     """Caption images with an image-stage bundle; one caption per line, in input order."""
     from mm.models.caption import caption_images, load_rgb
-    from mm.stages.image import load_image_bundle
+    from mm.models.loading import load_image_bundle
 
     model, tok, transform, meta = load_image_bundle(Path(args.checkpoint))
     images, bad = [], []
@@ -423,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(
         t, "YAML config (e.g. configs/lm/tiny.yaml)", "text files or folders (.txt, .md, .jsonl, .jsonl.gz)"
     )
-    t.set_defaults(func=_cmd_pretrain_lm)
+    t.set_defaults(func=train_commands.cmd_pretrain_lm)
 
     pe = sub.add_parser(
         "pretrain-encoder",
@@ -436,11 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         "YAML config (e.g. configs/encoders/clip_tiny.yaml)",
         "image-text pairs: a JSONL manifest or WebDataset shards (.tar)",
     )
-    pe.set_defaults(func=_cmd_pretrain_encoder)
+    pe.set_defaults(func=train_commands.cmd_pretrain_encoder)
 
     tr = sub.add_parser(
         "train",
-        help="train a multimodal stage with the LM frozen (image-pretrain, image-anneal, video)",
+        help="train any stage from its config (lm-pretrain, clip-pretrain, bestrq-pretrain, image-pretrain, "
+        "image-anneal, video, speech; the config's `stage:` key)",
         description="Train a stage. Extra KEY=VALUE arguments override config keys, e.g. optim.lr=1e-4.",
     )
     _add_run_args(
@@ -448,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         "YAML stage config (e.g. configs/stages/image_pretrain_tiny.yaml)",
         "training pairs: a JSONL manifest (.jsonl) or WebDataset shards (.tar)",
     )
-    tr.set_defaults(func=_cmd_train)
+    tr.set_defaults(func=train_commands.cmd_train)
 
     c = sub.add_parser("caption", help="caption images with an image-stage checkpoint; one line per image")
     c.add_argument("--checkpoint", required=True, help="a stage folder such as runs/demo/image-anneal/final")

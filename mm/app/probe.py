@@ -520,7 +520,7 @@ def run_probe(
     `wall_seconds` per phase, and the run's settings."""
     from mm.datasets.images import read_manifest
     from mm.models.caption import caption_images, load_rgb
-    from mm.stages.image import load_image_bundle
+    from mm.models.loading import load_image_bundle
 
     t_start = time.perf_counter()
     wall: dict[str, float] = {}

@@ -4,8 +4,9 @@ Built from `OUT/report.json` and the stages' `metrics.jsonl`: loss curves per st
 curves of the image and video stages, a grid of held-out images with predicted and true captions, per-attribute
 tables of the image and video captions, a robustness table (the image-anneal bundle on JPEG, anti-aliased and
 unusually sized images), strips of held-out videos with their captions, a WER table with example transcripts,
-the LM fingerprint before and after, wall time per stage, and the machine it ran on. Sections whose modality
-was not run are left out. Figures use matplotlib's Agg backend (no display needed).
+the LM fingerprint before and after, wall time per stage, and the machine it ran on. Parts of the report.json
+sections it does not hold are left out, and so are the loss curves of stages no section lists (a stage folder
+left from an earlier run). Figures use matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 log = logging.getLogger("mm.app.report")
 
+SECTIONS = ("lm", "image", "video", "speech")  # report.json's sections, in the order the demo runs them
 STAGE_ORDER = (
     "lm-pretrain",
     "clip-pretrain",
@@ -49,12 +51,15 @@ def read_losses(metrics: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def loss_curves_figure(out: Path, path: Path) -> list[str]:
-    """One panel per stage that has OUT/<stage>/metrics.jsonl; returns the stages drawn."""
+def loss_curves_figure(out: Path, path: Path, only: list[str] | None = None) -> list[str]:
+    """One panel per stage that has OUT/<stage>/metrics.jsonl (of the stages in `only`, if given); returns the
+    stages drawn."""
     stages = [s for s in STAGE_ORDER if (out / s / "metrics.jsonl").is_file()]
     stages += sorted(
         p.parent.name for p in out.glob("*/metrics.jsonl") if p.parent.name not in stages
     )  # any other stage
+    if only is not None:
+        stages = [s for s in stages if s in only]
     if not stages:
         return []
     plt = _plt()
@@ -251,22 +256,15 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 def stage_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
-    """(stage, seconds in this run, seconds when the stage was computed, reused) of every stage in the report."""
+    """(stage, seconds in this run, seconds when the stage was computed, reused) of every stage in the report.
+
+    Every section (`lm`, `image`, `video`, `speech`) lists its stages the same way, under `stages`.
+    """
     rows = []
-
-    def row(stage: str, rec: dict[str, Any], this_run: Any) -> tuple[str, Any, Any, Any]:
-        computed = rec.get("stage_seconds")
-        return (stage, this_run, this_run if computed is None else computed, rec.get("reused"))
-
-    if "lm" in report:
-        lm = report["lm"]
-        rows.append(row("lm-pretrain", lm, 0.0 if lm.get("reused") else lm.get("stage_seconds")))
-    for part in ("image", "video", "speech"):
-        section = report.get(part, {})
-        for stage, rec in section.get("stages", {}).items():
-            rows.append(row(stage, rec, rec.get("wall_time_s")))
-        if isinstance(section.get("stage"), dict):  # a one-stage part (video)
-            rows.append(row(part, section["stage"], section["stage"].get("wall_time_s")))
+    for part in SECTIONS:
+        for stage, rec in (report.get(part) or {}).get("stages", {}).items():
+            this_run, computed = rec.get("wall_time_s"), rec.get("stage_seconds")
+            rows.append((stage, this_run, this_run if computed is None else computed, rec.get("reused")))
     return rows
 
 
@@ -314,13 +312,13 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
             f"- fingerprint after every multimodal stage: `{fp.get('after')}`",
             f"- identical: **{fp.get('before') == fp.get('after')}**",
         ]
-    stages = loss_curves_figure(out, figs / "loss_curves.png")
+    stages = loss_curves_figure(out, figs / "loss_curves.png", only=[s for s, _, _, _ in stage_rows(report)])
     if stages:
         md += ["", "## Loss curves", "", "![loss curves](figures/loss_curves.png)"]
     image, video = report.get("image", {}), report.get("video", {})
-    curves = dict(image.get("exact_match_curves") or {})
-    if video.get("exact_match_curve"):
-        curves["video"] = video["exact_match_curve"]
+    curves = {}  # every section's `exact_match_curves` ({stage: curve}), in demo order
+    for part in SECTIONS:
+        curves.update((report.get(part) or {}).get("exact_match_curves") or {})
     if any(curves.values()):
         md += [
             "",

@@ -447,6 +447,22 @@ def _read_tensors(
     return out
 
 
+def _check_mapped_state(path: Path, missing: Sequence[str], unexpected: Sequence[str]) -> None:
+    """Refuse weights that do not fill the model `config.json` describes (LM, cross-attention, extra tokens)."""
+    weights = path / WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() else path / INDEX_NAME
+    if missing:
+        raise MllamaCheckpointError(
+            f"{weights}: no tensor maps to model key {missing[0]!r} ({len(missing)} such keys); expected "
+            f"the weights to hold every language-model, cross-attention and extra-token tensor of the model "
+            f"{path / CONFIG_NAME} describes"
+        )
+    if unexpected:
+        raise MllamaCheckpointError(
+            f"{weights}: tensor mapped to {unexpected[0]!r} ({len(unexpected)} such tensors) has no place in "
+            f"the model {path / CONFIG_NAME} describes; expected none"
+        )
+
+
 def _expected_shapes(model: MultimodalLM) -> dict[str, tuple[int, ...]]:
     return {k: tuple(t.shape) for k, t in mm_to_mllama_state_dict(model).items()}
 
@@ -488,7 +504,7 @@ def load_hf_mllama(
         for name, ours in _XATTN_NAMES:
             sd[f"image_xattn.{i}.{ours}"] = hf[f"language_model.model.layers.{j}.{name}"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and all(k.startswith("image_encoder.") for k in missing), (missing, unexpected)
+    _check_mapped_state(path, [k for k in missing if not k.startswith("image_encoder.")], unexpected)
     vision = {k[len("vision_model.") :]: v for k, v in hf.items() if k.startswith("vision_model.")}
     projector = {p: hf[f"multi_modal_projector.{p}"] for p in ("weight", "bias")}
     load_mllama_vision_state_dict(model.image_encoder, vision, projector)

@@ -206,14 +206,11 @@ class MultimodalLM(nn.Module):
         return torch.where(extra[..., None], self.extra_tok_embeddings((tokens - V).clamp(min=0)), h)
 
     def set_trainable(self, trainable: tuple[str, ...]) -> None:
-        """requires_grad per part; the LM is always frozen."""
+        """Name the parts that train (the LM never does); the trainer sets `requires_grad` from
+        `trainable_named_parameters`."""
+        if "lm" in trainable:
+            raise ValueError("the LM is never trainable in a multimodal stage (remove 'lm' from trainable)")
         self.trainable = tuple(trainable)
-        for name in PARTS:
-            part = getattr(self, name)
-            if part is None:
-                continue
-            for p in part.parameters():
-                p.requires_grad_(name in self.trainable)
         self.lm.eval()
 
     def train(self, mode: bool = True) -> MultimodalLM:

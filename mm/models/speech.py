@@ -92,7 +92,8 @@ class SpeechLM(nn.Module):
         return_speech: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) (or (B, 1, V) of the last position with `last_only`). Training: `features`, `feature_lengths`, `speech_mask`. Generation: a precomputed
-        `speech` context, spliced on the forward over the whole prompt (the first one, cache empty)."""
+        `speech` context, spliced on the forward over the whole prompt (the first one, cache empty; its mask must
+        have the tokens' shape, else ValueError) and ignored on the later one-token forwards."""
         h = self.lm.embed(tokens)
         sp = counts = None
         if features is not None:
@@ -105,11 +106,13 @@ class SpeechLM(nn.Module):
                 valid[speech_mask] = keep[in_row]
                 attention_mask = valid if attention_mask is None else attention_mask & valid
                 positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        elif (
-            speech is not None
-            and (cache is None or cache.length == 0)
-            and tokens.shape[1] == speech.mask.shape[1]
-        ):
+        elif speech is not None and (cache is None or cache.length == 0):  # the forward over the whole prompt
+            if tuple(speech.mask.shape) != tuple(tokens.shape):
+                raise ValueError(
+                    f"speech context mask has shape {tuple(speech.mask.shape)} (length {speech.mask.shape[-1]}) "
+                    f"but the tokens have shape {tuple(tokens.shape)} (length {tokens.shape[-1]}); expected the "
+                    "same (batch, length): the context must cover the whole prompt of the first forward"
+                )
             h = torch.where(speech.mask[..., None], speech.embeds.to(h.dtype), h)
         kw = {"last_only": True} if last_only else {}  # only passed when asked: older LMs lack the flag
         logits = self.lm(

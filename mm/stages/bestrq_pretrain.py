@@ -7,6 +7,11 @@ not parameters; the optimizer never sees them). Outputs: `OUT/final/encoder.safe
 (what the speech stage loads with `encoder_weights=`), `projection`, `codebooks` and `heads.*`, plus
 `OUT/final/bestrq.json` (encoder and BEST-RQ configs), `OUT/metrics.jsonl` (masked-frame loss per step) and
 `OUT/summary.json` (masked loss and code accuracy on held-out audio at the end).
+
+Replicated under torchrun (gradients all-reduced; the encoder's masked batch norm synchronises its
+statistics); each process reads its own clips, and each clip's mask and noise come from its stream position,
+so a global batch trains the same whichever way it is split. The frozen projections and codebooks are a
+frozen part: fingerprinted at start and end.
 """
 
 from __future__ import annotations
@@ -18,15 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mm.datasets.audio import AudioTextDataset, SpeechCollator, open_audio_stream
-from mm.datasets.streams import ManifestStream, ShardStream
-from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig
-from mm.stages.speech import SpecAugmentConfig, SpeechFeaturesConfig
-from mm.training import distributed as dist_utils
+from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig, sample_generator
+from mm.stages.speech import SpeechFeaturesConfig
 from mm.training.checkpoint import load_tensors, save_tensors, write_json
-from mm.training.config import OptimConfig, TrainConfig, config_to_yaml
-from mm.training.trainer import Task, Trainer, setup_run
+from mm.training.config import OptimConfig, TrainConfig
+from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.bestrq_pretrain")
 
@@ -35,21 +39,22 @@ STAGE = "bestrq-pretrain"
 
 @dataclass
 class BestRQDataConfig:
-    """Unlabeled audio: one JSONL manifest (`audio`, `text` optional) or WebDataset shards."""
+    """Unlabeled audio: one JSONL manifest (`audio`, `text` optional) or WebDataset shards. No SpecAugment: BEST-RQ
+    masks spans itself (as in the paper's pretraining)."""
 
     train: list[str] = field(default_factory=list)
     heldout: list[str] = field(default_factory=list)
     max_bad_fraction: float = 0.05
     cache_samples: bool = False
     features: SpeechFeaturesConfig = field(default_factory=SpeechFeaturesConfig)
-    spec_augment: SpecAugmentConfig = field(default_factory=lambda: SpecAugmentConfig(enabled=False))
 
 
 @dataclass
 class BestRQPretrainConfig:
-    """`mm pretrain-encoder` for the speech encoder (BEST-RQ)."""
+    """`mm pretrain-encoder` / `stage: bestrq-pretrain`: BEST-RQ pretraining of the speech encoder."""
 
-    kind: str = "bestrq"
+    stage: str = STAGE
+    kind: str = "bestrq"  # older configs name the stage by this key (`mm pretrain-encoder` reads it)
     speech_encoder: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
     bestrq: BestRQConfig = field(default_factory=BestRQConfig)
     data: BestRQDataConfig = field(default_factory=BestRQDataConfig)
@@ -70,35 +75,76 @@ class _FeatureBatcher:
         return {"features": feats, "feature_lengths": lengths}
 
 
-class BestRQTask(Task):
-    """Masked-frame cross-entropy (BEST-RQ) on unlabeled audio; seeded masks, resumable sample order."""
+@register
+class BestRQStage(Stage):
+    """Masked-frame cross-entropy (BEST-RQ) on unlabeled audio; per-clip masks, resumable sample order."""
 
-    def __init__(
-        self, model: BestRQ, stream: ManifestStream | ShardStream, batch_size: int, seed: int
-    ) -> None:
-        self.model, self.stream, self.batch_size = model, stream, batch_size
-        self.name = STAGE
-        self.batcher = _FeatureBatcher()
-        self.generator = torch.Generator().manual_seed(seed)
+    names = (STAGE,)
+    config_class = BestRQPretrainConfig
+
+    def check(self) -> None:
+        """The kind, the data and the feature size."""
+        cfg = self.cfg
+        if cfg.kind != "bestrq":
+            raise ValueError(f"kind={cfg.kind!r}: this runs BEST-RQ (kind: bestrq)")
+        if not cfg.data.train:
+            raise ValueError(
+                "no training data: pass --data MANIFEST.jsonl | SHARDS.tar ... or set data.train"
+            )
+        if cfg.data.features.n_mels != cfg.speech_encoder.n_mels:
+            raise ValueError(
+                f"data.features.n_mels={cfg.data.features.n_mels} != "
+                f"speech_encoder.n_mels={cfg.speech_encoder.n_mels}"
+            )
+
+    def build(self, device: torch.device) -> nn.Module:
+        """Encoder + frozen random projections and codebooks + one head per codebook."""
+        self.model = BestRQ(SpeechEncoder(self.cfg.speech_encoder), self.cfg.bestrq).to(device)
         self.last_accuracy = 0.0
+        return self.model
 
-    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """Encoder + heads (projections and codebooks are buffers: never trained)."""
-        return list(self.model.named_parameters())
+    def frozen(self) -> dict[str, Any]:
+        """The quantizer: the random projections and codebooks (buffers) that make the targets."""
+        return {"quantizer": {"projection": self.model.projection, "codebooks": self.model.codebooks}}
 
-    def batch_shape(self, step: int, tokens_seen: int) -> tuple[int, int]:
-        """(clips per step, 0)."""
-        return self.batch_size, 0
+    def open_data(self, rank: int, world: int) -> None:
+        """This process's clips."""
+        d = self.cfg.data
+        self.stream = open_audio_stream(
+            d.train,
+            d.features.build(),
+            seed=self.cfg.train.seed,
+            max_bad_fraction=d.max_bad_fraction,
+            cache=d.cache_samples,
+            require_text=False,
+            rank=rank,
+            world=world,
+        )
+        self.batcher = _FeatureBatcher()
+        self.generator = torch.Generator().manual_seed(self.cfg.train.seed)
 
-    def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next `batch_size` usable clips and their span mask (drawn here, so the loop knows the count)."""
-        batch = self.batcher([self.stream.next() for _ in range(batch_size)])
-        batch["mask"] = self.model.mask(batch["feature_lengths"], self.generator)
+    def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
+        """The next `rows` usable clips with their span mask and noise (drawn here, so the loop knows the
+        count): each clip's from a generator seeded by (run seed, its stream position), so they do not depend
+        on how the global batch is split over processes."""
+        samples = [self.stream.next() for _ in range(rows)]
+        batch = self.batcher(samples)
+        gens = [self._sample_generator(s) for s in samples]
+        batch["mask"], batch["noise"] = self.model.mask_and_noise(batch["feature_lengths"], gens)
         return batch
+
+    def _sample_generator(self, sample: dict[str, Any]) -> torch.Generator:
+        """(run seed, stream position) -> the clip's generator; a sample without a position (shards) gets a
+        seed from this process's generator instead."""
+        if "position" in sample:
+            return sample_generator(self.cfg.train.seed, int(sample["position"]))
+        return torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed masked-frame CE / codebooks, masked frames)."""
-        loss, info = self.model.loss(batch["features"], batch["feature_lengths"], batch["mask"])
+        loss, info = self.model.loss(
+            batch["features"], batch["feature_lengths"], batch["mask"], batch["noise"]
+        )
         self.last_accuracy = info["accuracy"]
         return loss, batch["mask"].sum()
 
@@ -110,14 +156,41 @@ class BestRQTask(Task):
         """Encoder frames in the batch."""
         return int((batch["feature_lengths"] // 4).sum())
 
-    def data_state(self) -> dict[str, Any]:
-        """Position in the sample stream."""
-        return self.stream.state_dict()
+    def evaluate(self) -> dict[str, float]:
+        """Masked loss and code accuracy on the first held-out manifest."""
+        if not (self.cfg.eval_samples and self.cfg.data.heldout):
+            return {}
+        r = masked_eval(self.model, self.cfg.data.heldout[0], self.cfg)
+        self.model.train()
+        return {f"heldout_{k}": float(v) for k, v in r.items() if k != "n"}
 
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        """Continue the sample stream."""
-        if state:
-            self.stream.load_state_dict(state)
+    def final_evaluation(self) -> dict[str, Any]:
+        """Masked loss and code accuracy on every held-out manifest."""
+        if not (self.cfg.eval_samples and self.cfg.data.heldout):
+            return {}
+        return {
+            "heldout": {Path(m).stem: masked_eval(self.model, m, self.cfg) for m in self.cfg.data.heldout}
+        }
+
+    def finish(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """The summary names the encoder file."""
+        summary["final"] = str(Path(self.cfg.out) / "final" / "encoder.safetensors")
+
+    def export(self, final: Path, meta: dict[str, Any]) -> None:
+        """`final/encoder.safetensors` (encoder, projections, codebooks, heads) and `final/bestrq.json`."""
+        if self.rank != 0:
+            return
+        final.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_tensors(sd, final / "encoder.safetensors")
+        cfg = self.cfg
+        write_json(
+            {
+                "speech_encoder": json.loads(json.dumps(cfg.speech_encoder.__dict__)),
+                "bestrq": cfg.bestrq.__dict__,
+            },
+            final / "bestrq.json",
+        )
 
 
 @torch.no_grad()
@@ -127,10 +200,9 @@ def masked_eval(model: BestRQ, manifest: str, cfg: BestRQPretrainConfig) -> dict
     samples = [s for s in (ds.load(i) for i in range(min(cfg.eval_samples, len(ds)))) if s is not None]
     batch = _FeatureBatcher()(samples)
     model.eval()
-    mask = model.mask(
-        batch["feature_lengths"], torch.Generator().manual_seed(1234)
-    )  # the same masks every time
-    loss, info = model.loss(batch["features"], batch["feature_lengths"], mask)
+    gens = [sample_generator(1234, i) for i in range(len(samples))]  # the same masks and noise every time
+    mask, noise = model.mask_and_noise(batch["feature_lengths"], gens)
+    loss, info = model.loss(batch["features"], batch["feature_lengths"], mask, noise)
     return {"masked_loss": float(loss / mask.sum()), "code_accuracy": info["accuracy"], "n": len(samples)}
 
 
@@ -143,54 +215,3 @@ def load_bestrq(path: str | Path) -> BestRQ:
     )
     model.load_state_dict(load_tensors(path / "encoder.safetensors"))
     return model.eval()
-
-
-def run_bestrq_pretrain(cfg: BestRQPretrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Pretrain the speech encoder with BEST-RQ; write OUT/final/encoder.safetensors and OUT/summary.json."""
-    if cfg.kind != "bestrq":
-        raise ValueError(f"kind={cfg.kind!r}: this runs BEST-RQ (kind: bestrq)")
-    if not cfg.data.train:
-        raise ValueError("no training data: pass --data MANIFEST.jsonl | SHARDS.tar ... or set data.train")
-    if cfg.data.features.n_mels != cfg.speech_encoder.n_mels:
-        raise ValueError(
-            f"data.features.n_mels={cfg.data.features.n_mels} != speech_encoder.n_mels={cfg.speech_encoder.n_mels}"
-        )
-    tr = cfg.train
-    device = setup_run(tr)
-    out = Path(cfg.out)
-    model = BestRQ(SpeechEncoder(cfg.speech_encoder), cfg.bestrq).to(device)
-    stream = open_audio_stream(
-        cfg.data.train,
-        cfg.data.features.build(),
-        seed=tr.seed,
-        max_bad_fraction=cfg.data.max_bad_fraction,
-        cache=cfg.data.cache_samples,
-        require_text=False,
-    )
-    task = BestRQTask(model, stream, tr.batch_size, tr.seed)
-    trainer = Trainer(task, tr, cfg.optim, out, config_record={"yaml": config_to_yaml(cfg)})
-    frozen = {id(model.projection), id(model.codebooks)}
-    if any(id(p) in frozen for g in trainer.optimizer.param_groups for p in g["params"]):
-        raise RuntimeError("a BEST-RQ projection or codebook is in the optimizer")
-    if dist_utils.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
-    summary = trainer.fit(resume=resume)
-    summary["data_skips"] = stream.stats()
-    if summary["stopped"] != "max_steps":
-        return summary
-    if dist_utils.rank() == 0:
-        final = out / "final"
-        final.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_tensors(sd, final / "encoder.safetensors")
-        meta = {
-            "speech_encoder": json.loads(json.dumps(cfg.speech_encoder.__dict__)),
-            "bestrq": cfg.bestrq.__dict__,
-        }
-        write_json(meta, final / "bestrq.json")
-        summary["final"] = str(final / "encoder.safetensors")
-        if cfg.eval_samples and cfg.data.heldout:
-            summary["heldout"] = {Path(m).stem: masked_eval(model, m, cfg) for m in cfg.data.heldout}
-        write_json(json.loads(json.dumps(summary, default=str)), out / "summary.json")
-    return summary

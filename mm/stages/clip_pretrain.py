@@ -1,5 +1,5 @@
-"""`mm pretrain-encoder`: contrastive (CLIP) pretraining of the image encoder with a small text tower
-(Llama 3 paper section 7.2.1), on the one training loop (`mm.training.trainer.Trainer`).
+"""The `clip-pretrain` stage (`mm pretrain-encoder`): contrastive (CLIP) pretraining of the image encoder with a small text tower
+(Llama 3 paper section 7.2.1), a stage of the one runner.
 
 The CLIP model is the `ImageEncoder` (pre-projection features, pooled) + a small causal `TextTower`, trained
 with `clip_loss` on image-text pairs. The encoder's `project` (features -> LM width) is not used by the CLIP
@@ -9,11 +9,14 @@ Outputs: `OUT/final/encoder.safetensors` (the `ImageEncoder` state dict, `projec
 stage loads it with `encoder_weights=OUT/final/encoder.safetensors`; its `image_encoder.out_dim` must equal
 that stage's LM width), `OUT/metrics.jsonl`, checkpoints, and `OUT/summary.json` with zero-shot retrieval
 accuracy (image->text, text->image) on the first `eval_samples` pairs of each held-out manifest.
+
+Under torchrun the model is replicated (gradients all-reduced) and each process reads its own pairs; the
+contrastive loss gathers every process's embeddings (`clip_loss(..., gather=True)`), so it is the loss of the
+whole global batch, as in one process.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset
-from mm.datasets.streams import ManifestStream, ShardStream
+from mm.datasets.streams import open_stream
 from mm.datasets.tiling import TileTransform
 from mm.encoders.clip import (
     CLIPModel,
@@ -36,11 +40,9 @@ from mm.encoders.clip import (
 )
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.lm import Tokenizer, preset
-from mm.stages.image import ImageDataConfig, open_image_stream
-from mm.training import distributed as dist_utils
-from mm.training.checkpoint import save_tensors, write_json
-from mm.training.config import OptimConfig, TrainConfig, config_to_yaml
-from mm.training.trainer import Task, Trainer, setup_run
+from mm.training.checkpoint import save_tensors
+from mm.training.config import OptimConfig, TrainConfig
+from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.clip_pretrain")
 
@@ -67,8 +69,22 @@ class TextTowerConfig:
 
 
 @dataclass
+class ClipDataConfig:
+    """Image-text pairs: one JSONL manifest or WebDataset shards, and the tiling."""
+
+    train: list[str] = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+    tile_size: int = 32
+    max_tiles: int = 2
+    max_bad_fraction: float = 0.05
+    cache_samples: bool = False  # keep decoded tiles in memory (small data, e.g. the demo)
+
+
+@dataclass
 class ClipPretrainConfig:
-    """`mm pretrain-encoder`: CLIP pretraining of the image encoder."""
+    """`mm pretrain-encoder` / `stage: clip-pretrain`: CLIP pretraining of the image encoder."""
+
+    stage: str = STAGE
 
     tokenizer: str = ""  # tokenizer.json or its folder (e.g. the demo LM directory); required
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
@@ -81,7 +97,7 @@ class ClipPretrainConfig:
     # weight of a caption bag-of-words loss on the pooled image features (0 = off): which words the caption
     # holds, asked of the image directly; with max pooling it teaches shape detectors far faster than CLIP alone
     bag_of_words: float = 0.0
-    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    data: ClipDataConfig = field(default_factory=ClipDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
     eval_samples: int = 256  # pairs per held-out manifest for zero-shot retrieval (0 = none)
@@ -121,77 +137,6 @@ class ClipBatcher:
         }
 
 
-class ClipTask(Task):
-    """CLIP loss on image-text pairs; a seeded epoch order over the manifest, resumable."""
-
-    def __init__(
-        self,
-        model: CLIPModel,
-        stream: ManifestStream | ShardStream,
-        batcher: ClipBatcher,
-        *,
-        batch_size: int,
-        multi_positive: bool = False,
-        bag_of_words: float = 0.0,
-        special_ids: tuple[int, ...] = (),
-    ) -> None:
-        self.model, self.stream, self.batcher = model, stream, batcher
-        self.multi_positive = multi_positive
-        self.bag_of_words, self.special_ids = bag_of_words, special_ids
-        self.name = STAGE
-        self.batch_size = batch_size
-
-    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """Every CLIP parameter except `image_encoder.project.*` (no gradient reaches it in CLIP)."""
-        return [
-            (n, p) for n, p in self.model.named_parameters() if not n.startswith("image_encoder.project.")
-        ]
-
-    def batch_shape(self, step: int, tokens_seen: int) -> tuple[int, int]:
-        """(pairs per step, 0): the text length follows the captions."""
-        return self.batch_size, 0
-
-    def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next `batch_size` usable pairs in the epoch order (bad files are skipped and counted)."""
-        return self.batcher([self.stream.next() for _ in range(batch_size)])
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clip_loss * B, B): the loop divides by the pairs of the whole step."""
-        model = self.model
-        pooled = model.pool_image(
-            batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
-        )
-        image_emb = F.normalize(model.image_proj(pooled), dim=-1)
-        text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"])
-        n = batch["input_ids"].shape[0]
-        positives = same_caption(batch["input_ids"], batch["attention_mask"]) if self.multi_positive else None
-        loss = clip_loss(image_emb.float(), text_emb.float(), model.scale().float(), positives)
-        if self.bag_of_words and model.bow_head is not None:
-            ids = batch["input_ids"]
-            keep = batch["attention_mask"].bool()
-            for special in self.special_ids:
-                keep &= ids != special
-            loss = loss + self.bag_of_words * bag_of_words_loss(model.bow_head(pooled).float(), ids, keep)
-        return loss * n, torch.tensor(n, device=loss.device)
-
-    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """Pairs in the batch."""
-        return int(batch["input_ids"].shape[0])
-
-    def batch_tokens(self, batch: dict[str, torch.Tensor], batch_size: int, seq_len: int) -> int:
-        """Pairs in the global batch (`tokens_per_s` counts pairs/s for this stage)."""
-        return int(batch["input_ids"].shape[0])
-
-    def data_state(self) -> dict[str, Any]:
-        """Position in the sample stream."""
-        return self.stream.state_dict()
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        """Continue the sample stream."""
-        if state:
-            self.stream.load_state_dict(state)
-
-
 def build_clip_model(cfg: ClipPretrainConfig, vocab_size: int) -> CLIPModel:
     """Image encoder + text tower + projections, from the config."""
     encoder = ImageEncoder(cfg.image_encoder)
@@ -224,54 +169,129 @@ def retrieval_eval(
     return {**acc, "n": len(samples)}
 
 
-def run_encoder_pretrain(cfg: ClipPretrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train the CLIP model; write OUT/final/encoder.safetensors and OUT/summary.json."""
-    if not cfg.tokenizer:
-        raise ValueError(
-            "`tokenizer` must name a tokenizer.json or its folder (e.g. runs/demo/lm-pretrain/final)"
+@register
+class ClipStage(Stage):
+    """CLIP loss on image-text pairs (+ the caption bag-of-words loss); replicated under torchrun."""
+
+    names = (STAGE,)
+    config_class = ClipPretrainConfig
+
+    def check(self) -> None:
+        """The tokenizer, the data, the tiling against the encoder."""
+        cfg = self.cfg
+        if not cfg.tokenizer:
+            raise ValueError(
+                "`tokenizer` must name a tokenizer.json or its folder (e.g. runs/demo/lm-pretrain/final)"
+            )
+        if not cfg.data.train:
+            raise ValueError(
+                "no training data: pass --data MANIFEST.jsonl | SHARDS.tar ... or set data.train"
+            )
+        enc = cfg.image_encoder
+        if cfg.data.tile_size != enc.tile_size or cfg.data.max_tiles > enc.max_tiles:
+            raise ValueError(
+                f"data.tile_size={cfg.data.tile_size} / data.max_tiles={cfg.data.max_tiles} do not fit the "
+                f"image encoder (tile_size={enc.tile_size}, max_tiles={enc.max_tiles})"
+            )
+
+    def build(self, device: torch.device) -> nn.Module:
+        """Image encoder + text tower + projections."""
+        self.tok = Tokenizer.from_file(self.cfg.tokenizer)
+        self.model = build_clip_model(self.cfg, self.tok.vocab_size).to(device)
+        return self.model
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """Every CLIP parameter except `image_encoder.project.*` (no gradient reaches it in CLIP)."""
+        return [
+            (n, p) for n, p in self.model.named_parameters() if not n.startswith("image_encoder.project.")
+        ]
+
+    def blocks(self) -> list[nn.Module]:
+        """The text tower's layers."""
+        return list(self.model.text_tower.transformer.layers)
+
+    def open_data(self, rank: int, world: int) -> None:
+        """This process's pairs and the batcher."""
+        cfg, d = self.cfg, self.cfg.data
+        self.transform = TileTransform(d.tile_size, d.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles)
+        self.stream = open_stream(
+            d.train,
+            self.transform,
+            seed=cfg.train.seed,
+            max_bad_fraction=d.max_bad_fraction,
+            cache=d.cache_samples,
+            rank=rank,
+            world=world,
         )
-    if not cfg.data.train:
-        raise ValueError("no training data: pass --data MANIFEST.jsonl | SHARDS.tar ... or set data.train")
-    enc = cfg.image_encoder
-    if cfg.data.tile_size != enc.tile_size or cfg.data.max_tiles > enc.max_tiles:
-        raise ValueError(
-            f"data.tile_size={cfg.data.tile_size} / data.max_tiles={cfg.data.max_tiles} do not fit the image "
-            f"encoder (tile_size={enc.tile_size}, max_tiles={enc.max_tiles})"
+        self.batcher = ClipBatcher(self.tok, d.max_tiles, cfg.text.max_len)
+
+    def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
+        """The next `rows` usable pairs (bad files are skipped and counted)."""
+        return self.batcher([self.stream.next() for _ in range(rows)])
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed CLIP loss of this process's pairs against every process's, pairs): the loop divides by the
+        pairs of the whole step."""
+        model, cfg = self.model, self.cfg
+        pooled = model.pool_image(
+            batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
         )
-    tr = cfg.train
-    device = setup_run(tr)
-    out = Path(cfg.out)
-    tok = Tokenizer.from_file(cfg.tokenizer)
-    model = build_clip_model(cfg, tok.vocab_size).to(device)
-    transform, stream = open_image_stream(cfg.data, cfg.image_encoder, tr.seed)
-    batcher = ClipBatcher(tok, cfg.data.max_tiles, cfg.text.max_len)
-    task = ClipTask(
-        model,
-        stream,
-        batcher,
-        batch_size=tr.batch_size,
-        multi_positive=cfg.multi_positive,
-        bag_of_words=cfg.bag_of_words,
-        special_ids=(tok.bos_id, tok.eos_id, tok.pad_id),
-    )
-    trainer = Trainer(task, tr, cfg.optim, out, config_record={"yaml": config_to_yaml(cfg)})
-    if dist_utils.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
-    summary = trainer.fit(resume=resume)
-    summary["data_skips"] = stream.stats()
-    if summary["stopped"] != "max_steps":
-        return summary
-    if dist_utils.rank() == 0:
-        final = out / "final"
-        final.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in model.image_encoder.state_dict().items()}
-        save_tensors(sd, final / "encoder.safetensors")
-        summary["final"] = str(final / "encoder.safetensors")
-        if cfg.eval_samples and cfg.data.heldout:
-            summary["retrieval"] = {
-                Path(m).stem: retrieval_eval(model, batcher, transform, m, cfg.eval_samples)
-                for m in cfg.data.heldout
-            }
-        write_json(json.loads(json.dumps(summary, default=str)), out / "summary.json")
-    return summary
+        image_emb = F.normalize(model.image_proj(pooled), dim=-1)
+        text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positives = same_caption(ids, mask, gather=True) if cfg.multi_positive else None
+        loss = clip_loss(
+            image_emb.float(),
+            text_emb.float(),
+            model.scale().float(),
+            positives,
+            reduction="sum",
+            gather=True,
+        )
+        if cfg.bag_of_words and model.bow_head is not None:
+            keep = mask.bool()
+            for special in (self.tok.bos_id, self.tok.eos_id, self.tok.pad_id):
+                keep &= ids != special
+            bow = bag_of_words_loss(model.bow_head(pooled).float(), ids, keep, reduction="sum")
+            loss = loss + cfg.bag_of_words * bow
+        return loss, torch.tensor(ids.shape[0], device=loss.device)
+
+    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Pairs in the batch."""
+        return int(batch["input_ids"].shape[0])
+
+    def batch_tokens(self, batch: dict[str, torch.Tensor], batch_size: int, seq_len: int) -> int:
+        """Pairs in the batch (`tokens_per_s` counts pairs/s for this stage)."""
+        return int(batch["input_ids"].shape[0])
+
+    def _retrieval(self, limit: int) -> dict[str, Any]:
+        res = {
+            Path(m).stem: retrieval_eval(self.model, self.batcher, self.transform, m, limit)
+            for m in self.cfg.data.heldout
+        }
+        self.model.train()
+        return res
+
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot retrieval accuracy on the first `eval_samples` pairs of the first held-out manifest."""
+        if not (self.cfg.eval_samples and self.cfg.data.heldout):
+            return {}
+        first = next(iter(self._retrieval(self.cfg.eval_samples).values()))
+        return {f"heldout_{k}": float(v) for k, v in first.items() if k != "n"}
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """Zero-shot retrieval on every held-out manifest."""
+        if not (self.cfg.eval_samples and self.cfg.data.heldout):
+            return {}
+        return {"retrieval": self._retrieval(self.cfg.eval_samples)}
+
+    def export(self, final: Path, meta: dict[str, Any]) -> None:
+        """`final/encoder.safetensors`: the image encoder's state dict (`project.*` included)."""
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.model.image_encoder.state_dict().items()}
+        if self.rank == 0:
+            final.mkdir(parents=True, exist_ok=True)
+            save_tensors(sd, final / "encoder.safetensors")
+
+    def finish(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """The summary names the encoder file."""
+        summary["final"] = str(Path(self.cfg.out) / "final" / "encoder.safetensors")

@@ -1,4 +1,4 @@
-"""`mm pretrain-lm`: the Llama 3 text pretraining recipe (paper §2) on the one training loop.
+"""The `lm-pretrain` stage (`mm pretrain-lm`): the Llama 3 text pretraining recipe (paper §2).
 
 Packed sequences with document masking, a weighted mixture of sources, a batch-size / sequence-length ramp by
 tokens seen, a long-context stage that switches RoPE scaling, and a final annealing phase on a chosen source
@@ -8,8 +8,6 @@ Face Llama directory (`OUT/final`) with its tokenizer.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 from dataclasses import asdict
@@ -19,23 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mm.datasets.text import PackedText, TextSource, heldout_batches, read_documents
 from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
 from mm.training import distributed as dist_utils
-from mm.training.checkpoint import polyak_average, write_json
-from mm.training.config import DataSourceConfig, LMPretrainConfig, config_to_yaml
-from mm.training.trainer import Task, Trainer, setup_run
+from mm.training.checkpoint import polyak_average
+from mm.training.config import DataSourceConfig, LMPretrainConfig
+from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.lm_pretrain")
-
-
-def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
-    """Recompute each block's activations in the backward pass (applied from outside the model code)."""
-    for block in blocks:
-        fwd = block.forward
-        block.forward = functools.partial(checkpoint, fwd, use_reentrant=False)  # type: ignore[method-assign]
 
 
 def _sources(cfgs: list[DataSourceConfig]) -> list[TextSource]:
@@ -45,23 +35,72 @@ def _sources(cfgs: list[DataSourceConfig]) -> list[TextSource]:
     ]
 
 
-class LMPretrainTask(Task):
-    """Next-token prediction on packed text with document masking."""
+@register
+class LMPretrainStage(Stage):
+    """Next-token prediction on packed text with document masking; FSDP2 per layer under torchrun."""
 
-    name = "lm-pretrain"
+    names = ("lm-pretrain",)
+    config_class = LMPretrainConfig
 
-    def __init__(
-        self,
-        model: nn.Module,
-        data: PackedText,
-        cfg: LMPretrainConfig,
-        heldout: list[TextSource],
-        tokenizer: Tokenizer,
-    ) -> None:
-        self.model, self.data, self.cfg, self.heldout, self.tokenizer = model, data, cfg, heldout, tokenizer
-        self.lm_cfg = model.cfg
-        self.base_weights = {s.name: s.weight for s in data.sources}
-        self._rope: RopeScaling | None = model.cfg.rope_scaling
+    def check(self) -> None:
+        """The model section first (a bad shape is reported before any data is read), then the data."""
+        cfg = self.cfg
+        try:
+            cfg.model.build()
+        except ValueError as e:
+            raise ValueError(
+                f"model (preset={cfg.model.preset!r}, overrides={dict(cfg.model.overrides)}): {e}"
+            ) from None
+        if not cfg.data:
+            raise ValueError("no training data: pass --data PATH ... or set `data` in the config")
+        for s in cfg.data + cfg.heldout:
+            if not s.paths:
+                raise ValueError(f"data source {s.name or '(unnamed)'} lists no paths")
+            missing = [p for p in s.paths if not Path(p).exists()]
+            if missing:
+                raise FileNotFoundError(f"data path(s) not found: {', '.join(missing)}")
+        names = [s.name for s in cfg.data if s.name]
+        an = cfg.anneal
+        if an.steps > 0 and an.source and an.source not in names:
+            raise ValueError(f"anneal.source={an.source!r} is not a data source name; allowed: {names}")
+        if an.polyak_k > 0 and an.polyak_k > max(1, an.steps or cfg.train.max_steps):
+            raise ValueError("anneal.polyak_k must not exceed the number of annealing steps")
+        self.anneal_steps, self.polyak_k = an.steps, an.polyak_k
+
+    def build(self, device: torch.device) -> nn.Module:
+        """The tokenizer (given, the run's own on resume, or trained on the data) and a fresh Transformer."""
+        cfg, tr = self.cfg, self.cfg.train
+        self.sources = _sources(cfg.data)
+        self.tokenizer = build_tokenizer(cfg, Path(cfg.out), self.sources, self.resume)
+        extra: dict[str, Any] = {}
+        if "vocab_size" not in cfg.model.overrides:
+            extra["vocab_size"] = self.tokenizer.vocab_size
+        lm_cfg = cfg.model.build(**extra)
+        if lm_cfg.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(
+                f"model vocab_size={lm_cfg.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} ids"
+            )
+        lm_cfg.max_seq_len = max(lm_cfg.max_seq_len, tr.seq_len, *[st.seq_len for st in tr.ramp])
+        with torch.device(device):
+            self.model = Transformer(lm_cfg)
+        self.lm_cfg = lm_cfg
+        self._rope: RopeScaling | None = lm_cfg.rope_scaling
+        self.heldout = _sources(cfg.heldout)
+        return self.model
+
+    def blocks(self) -> list[nn.Module]:
+        """The Transformer layers."""
+        return list(self.model.layers)
+
+    def parallelize(self) -> None:
+        """FSDP2 per layer, then the root (embeddings, norm, output)."""
+        dist_utils.apply_fsdp(self.model, list(self.model.layers))
+
+    def open_data(self, rank: int, world: int) -> None:
+        """The packed, weighted text stream (each process cuts only its rows of every global batch)."""
+        self.data = PackedText(self.sources, self.tokenizer, seed=self.cfg.train.seed)
+        self.base_weights = {s.name: s.weight for s in self.data.sources}
 
     # batch-size / sequence-length ramp (paper §2: 4M tokens at 4096 -> 8M at 8192 -> 16M)
     def _ramp_stage(self, tokens_seen: int) -> Any:
@@ -101,9 +140,9 @@ class LMPretrainTask(Task):
                 weights[n] = (1 - an.source_weight) * (w / others) if others > 0 else 0.0
         return weights
 
-    def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next packed batch: tokens, labels, doc_ids (B, T)."""
-        return self.data.next_batch(batch_size, seq_len)
+    def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
+        """This process's rows of the next packed batch: tokens, labels, doc_ids (rows, T)."""
+        return self.data.next_batch(rows * self.world, seq_len, self.rank, self.world)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over label tokens, and their count."""
@@ -122,6 +161,10 @@ class LMPretrainTask(Task):
         """Continue the packed stream."""
         if state:
             self.data.load_state_dict(state)
+
+    def data_stats(self) -> dict[str, Any]:
+        """Documents drawn per source."""
+        return dict(self.data.stats)
 
     def flops_per_token(self, seq_len: int) -> float:
         """6N + 12 L d T."""
@@ -150,9 +193,38 @@ class LMPretrainTask(Task):
             return {}
         return {"heldout_loss": nll / n, "heldout_ppl": math.exp(nll / n), "heldout_tokens": float(n)}
 
+    def finish(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """The Polyak average of the annealing checkpoints becomes the final model (when asked for)."""
+        if self.polyak_k > 0:
+            paths = trainer.polyak_checkpoints()
+            dist_utils.load_full_state(self, polyak_average(paths))
+            summary["polyak_checkpoints"] = [p.name for p in paths]
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """Held-out loss and perplexity of the final model, its size and the tokenizer's."""
+        return {
+            **self.evaluate(),
+            "params": self.lm_cfg.num_params(),
+            "tokenizer_vocab_size": self.tokenizer.vocab_size,
+            "data_stats": dict(self.data.stats),
+        }
+
+    def export(self, final: Path, meta: dict[str, Any]) -> None:
+        """An HF Llama directory with the tokenizer."""
+        full = dist_utils.full_state(self)
+        if self.rank == 0:
+            model = Transformer(self.lm_cfg)
+            model.load_state_dict(full, strict=False)
+            save_hf(model, final)
+            self.tokenizer.save(final)
+
+    def bundle_meta(self) -> dict[str, Any]:
+        """Nothing beyond the HF directory (the summary records the size)."""
+        return {}
+
 
 def build_tokenizer(cfg: LMPretrainConfig, out: Path, sources: list[TextSource], resume: bool) -> Tokenizer:
-    """Load the configured tokenizer, or the run's own (on resume), or train one on the training data."""
+    """Load the configured tokenizer, or the run's own (a resumed run), or train one on the training data."""
     if cfg.tokenizer.path:
         return Tokenizer.from_file(cfg.tokenizer.path)
     own = out / "tokenizer.json"
@@ -166,89 +238,3 @@ def build_tokenizer(cfg: LMPretrainConfig, out: Path, sources: list[TextSource],
         log.info("trained a %d-token BPE tokenizer on the training data -> %s", tok.vocab_size, own)
     dist_utils.barrier()
     return Tokenizer.from_file(own)
-
-
-def run_pretrain_lm(cfg: LMPretrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run the whole recipe described by `cfg`; returns the summary written to OUT/summary.json."""
-    try:  # the model section first: a bad shape is reported before any data is read
-        cfg.model.build()
-    except ValueError as e:
-        raise ValueError(
-            f"model (preset={cfg.model.preset!r}, overrides={dict(cfg.model.overrides)}): {e}"
-        ) from None
-    if not cfg.data:
-        raise ValueError("no training data: pass --data PATH ... or set `data` in the config")
-    for s in cfg.data + cfg.heldout:
-        if not s.paths:
-            raise ValueError(f"data source {s.name or '(unnamed)'} lists no paths")
-        missing = [p for p in s.paths if not Path(p).exists()]
-        if missing:
-            raise FileNotFoundError(f"data path(s) not found: {', '.join(missing)}")
-    names = [s.name for s in cfg.data if s.name]
-    if cfg.anneal.steps > 0 and cfg.anneal.source and cfg.anneal.source not in names:
-        raise ValueError(f"anneal.source={cfg.anneal.source!r} is not a data source name; allowed: {names}")
-    if cfg.anneal.polyak_k > 0 and cfg.anneal.polyak_k > max(1, cfg.anneal.steps or cfg.train.max_steps):
-        raise ValueError("anneal.polyak_k must not exceed the number of annealing steps")
-    tr = cfg.train
-    device = setup_run(tr)
-    out = Path(cfg.out)
-
-    sources = _sources(cfg.data)
-    tokenizer = build_tokenizer(cfg, out, sources, resume)
-    max_seq = max([tr.seq_len] + [st.seq_len for st in tr.ramp])
-    extra: dict[str, Any] = {}
-    if "vocab_size" not in cfg.model.overrides:
-        extra["vocab_size"] = tokenizer.vocab_size
-    lm_cfg = cfg.model.build(**extra)
-    if lm_cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model vocab_size={lm_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids"
-        )
-    lm_cfg.max_seq_len = max(lm_cfg.max_seq_len, max_seq)
-    with torch.device(device):
-        model = Transformer(lm_cfg)
-    if tr.activation_checkpointing:
-        apply_activation_checkpointing(list(model.layers))
-    if dist_utils.world_size() > 1:
-        dist_utils.apply_fsdp(model, list(model.layers))
-    if tr.compile:
-        for block in model.layers:
-            block.compile()
-
-    data = PackedText(sources, tokenizer, seed=tr.seed)
-    task = LMPretrainTask(model, data, cfg, _sources(cfg.heldout), tokenizer)
-    trainer = Trainer(
-        task,
-        tr,
-        cfg.optim,
-        out,
-        anneal_steps=cfg.anneal.steps,
-        polyak_k=cfg.anneal.polyak_k,
-        config_record={"yaml": config_to_yaml(cfg)},
-    )
-    if dist_utils.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
-    summary = trainer.fit(resume=resume)
-    summary["data_stats"] = data.stats if hasattr(data, "stats") else {}
-    if summary["stopped"] != "max_steps":
-        return summary
-
-    if cfg.anneal.polyak_k > 0:
-        paths = trainer.polyak_checkpoints()
-        avg = polyak_average(paths)
-        dist_utils.load_full_state(task, avg)
-        summary["polyak_checkpoints"] = [p.name for p in paths]
-    summary.update(task.evaluate())
-    full = dist_utils.full_state(task)
-    if dist_utils.rank() == 0:
-        final_model = Transformer(model.cfg)
-        final_model.load_state_dict(full, strict=False)
-        save_hf(final_model, out / "final")
-        tokenizer.save(out / "final")
-        summary["final"] = str(out / "final")
-        summary["tokenizer_vocab_size"] = tokenizer.vocab_size
-        summary["params"] = model.cfg.num_params()
-        write_json(json.loads(json.dumps(summary, default=str)), out / "summary.json")
-    dist_utils.barrier()
-    return summary

@@ -120,8 +120,9 @@ class TrainConfig:
 
 @dataclass
 class LMPretrainConfig:
-    """`mm pretrain-lm`: the Llama 3 text pretraining recipe."""
+    """`mm pretrain-lm` (`mm train` with `stage: lm-pretrain`): the Llama 3 text pretraining recipe."""
 
+    stage: str = "lm-pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: list[DataSourceConfig] = field(default_factory=list)

@@ -75,6 +75,43 @@ def any_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_module(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every process (a replicated model starts identical)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Average the gradients of a replicated model over processes (one flat all-reduce per dtype); a
+    parameter without a gradient on some process counts as a zero gradient there (one without a gradient on
+    every process keeps none, as in one process: the optimizer skips it)."""
+    if not is_distributed():
+        return
+    world = world_size()
+    device = params[0].device if params else torch.device("cpu")
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p, h in zip(params, has.tolist(), strict=True):
+        if not h:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+
 def is_fsdp(model: nn.Module) -> bool:
     """Whether FSDP2 has been applied to the model."""
     from torch.distributed.fsdp import FSDPModule

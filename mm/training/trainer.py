@@ -1,7 +1,9 @@
 """The one training loop of every stage (Llama 3 paper §2 recipe, §6 resumable checkpointing).
 
-A stage is a `Task`: the model, which of its modules train, where batches come from and how the loss is
-computed. The loop does the rest, identically for every stage: AdamW over exactly the trainable parameters,
+A stage is a `mm.training.stage.Stage`: the model, which of its parameters train, what stays frozen, where
+batches come from and how the loss is computed. The loop does the rest, identically for every stage: it alone
+sets `requires_grad` (on exactly the stage's trainable parameters) and proves that no parameter of a frozen
+part reached the optimizer; AdamW over exactly the trainable parameters,
 linear warmup -> cosine decay to a floor -> optional linear anneal to 0, gradient accumulation normalised by
 the number of loss tokens of the whole optimizer step (not by micro-steps), clipping, autocast, checkpoints
 (atomic, last k kept, SIGINT/SIGTERM save before exit), `--resume`, progress bar, `metrics.jsonl`,
@@ -37,74 +39,14 @@ from mm.training.checkpoint import (
     save_checkpoint,
 )
 from mm.training.config import OptimConfig, TrainConfig
+from mm.training.freeze import assert_not_in_optimizer
+from mm.training.stage import Stage
 
 log = logging.getLogger("mm.training.trainer")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class Task:
-    """What a stage gives the loop. Subclasses fill in the methods; the loop never looks inside the model."""
-
-    name: str = "task"
-    model: nn.Module
-
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) pairs handed to the optimizer; nothing else is updated."""
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Tensors a checkpoint holds (by default the trainable parameters)."""
-        return {n: p.detach() for n, p in self.trainable_parameters()}
-
-    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put checkpoint tensors back into the model."""
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if k not in params:
-                    raise KeyError(f"checkpoint tensor {k!r} is not a parameter of the {self.name} model")
-                params[k].copy_(v)
-
-    def batch_shape(self, step: int, tokens_seen: int) -> tuple[int, int]:
-        """(global batch size, sequence length) for this step (the batch / sequence-length ramp)."""
-        raise NotImplementedError
-
-    def next_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next global batch; the loop splits rows over processes and micro-steps."""
-        raise NotImplementedError
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed loss over the batch's loss tokens, number of loss tokens)."""
-        raise NotImplementedError
-
-    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """Loss tokens in a batch (before the forward), used to normalise accumulation."""
-        return int((batch["labels"] != -100).sum())
-
-    def batch_tokens(self, batch: dict[str, torch.Tensor], batch_size: int, seq_len: int) -> int:
-        """Tokens processed in a global batch (for tokens/s): the text tokens when there are any."""
-        return int(batch["tokens"].numel()) if "tokens" in batch else batch_size * seq_len
-
-    def data_state(self) -> dict[str, Any]:
-        """JSON-serialisable data position."""
-        return {}
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        """Continue the data stream from a saved position."""
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (0 = unknown, no MFU)."""
-        return 0.0
-
-    def on_step(self, step: int, tokens_seen: int) -> None:
-        """Hook called before each optimizer step (e.g. switch data mixture or RoPE scaling)."""
-
-    def evaluate(self) -> dict[str, float]:
-        """Held-out metrics (e.g. perplexity)."""
-        return {}
 
 
 def lr_at(step: int, optim: OptimConfig, max_steps: int, anneal_steps: int = 0) -> float:
@@ -218,11 +160,14 @@ class MetricsWriter:
 
 
 class Trainer:
-    """Runs a `Task` for `train.max_steps` optimizer steps, with checkpoints in `out/checkpoints`."""
+    """Runs a `Stage` for `train.max_steps` optimizer steps, with checkpoints in `out/checkpoints`.
+
+    Under torchrun each process runs the stage on its own rows of every global batch; the gradients are
+    averaged over processes (by FSDP2 when the stage sharded its model, else by an all-reduce here)."""
 
     def __init__(
         self,
-        task: Task,
+        task: Stage,
         train: TrainConfig,
         optim: OptimConfig,
         out: str | Path,
@@ -242,12 +187,15 @@ class Trainer:
         self._stop_signal: int | None = None
         if polyak_k > 0 and train.keep_last and train.keep_last < 1:
             raise ValueError("train.keep_last must be >= 1")
-        self.params = task.trainable_parameters()
+        self.params = task.trainable()
         if not self.params:
             raise ValueError(f"stage {task.name!r} has no trainable parameters")
         trainable_ids = {id(p) for _, p in self.params}
         for p in task.model.parameters():  # the optimizer sees only what the stage trains
             p.requires_grad_(id(p) in trainable_ids)
+        self.replicated = self.world > 1 and not dist_utils.is_fsdp(task.model)
+        if self.replicated:  # every process starts from rank 0's weights
+            dist_utils.broadcast_module(task.model)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             param_groups(self.params, optim),
@@ -257,6 +205,9 @@ class Trainer:
             fused=fused or None,
             foreach=None if fused else True,
         )
+        for name, part in task.frozen().items():  # the proof: no frozen parameter is in the optimizer
+            if isinstance(part, nn.Module):
+                assert_not_in_optimizer(part, self.optimizer, what=name)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def polyak_steps(self) -> set[int]:
@@ -315,18 +266,22 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """This process's rows of the global batch, split into micro-batches, moved to the device."""
-        rows = next(iter(batch.values())).shape[0]
-        if rows % self.world != 0:
-            raise ValueError(f"global batch {rows} is not divisible by the {self.world} processes")
-        per = rows // self.world
-        lo = self.rank * per
-        mine = {k: v[lo : lo + per] for k, v in batch.items()}
+        """This process's rows, split into micro-batches, moved to the device."""
+        per = next(iter(batch.values())).shape[0]
         mb = self.train.micro_batch_size or per
         out = []
         for s in range(0, per, mb):
-            out.append({k: v[s : s + mb].to(self.device, non_blocking=True) for k, v in mine.items()})
+            out.append({k: v[s : s + mb].to(self.device, non_blocking=True) for k, v in batch.items()})
         return out
+
+    def local_rows(self, global_batch: int) -> int:
+        """This process's rows of a global batch."""
+        if global_batch % self.world != 0:
+            raise ValueError(
+                f"train.batch_size={global_batch} is not divisible by the {self.world} processes; use a "
+                f"multiple of {self.world}"
+            )
+        return global_batch // self.world
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to `max_steps`; returns a summary (final loss, steps, time, stop reason)."""
@@ -359,7 +314,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.task.on_step(self.step, self.tokens_seen)
                 bsz, seq = self.task.batch_shape(self.step, self.tokens_seen)
-                batch = self.task.next_batch(bsz, seq)
+                batch = self.task.next_batch(self.local_rows(bsz), seq)
                 micro = self._micro_batches(batch)
                 n_tok = dist_utils.all_reduce_sum(
                     torch.tensor(
@@ -377,6 +332,8 @@ class Trainer:
                     # Gradients are averaged over processes, so scale by world size: sum / all loss tokens.
                     (ls * self.world / n_tok).backward()
                     loss_sum += ls.detach().float()
+                if self.replicated:  # FSDP2 reduces its own gradients
+                    dist_utils.average_gradients([p for _, p in self.params])
                 loss = float(dist_utils.all_reduce_sum(loss_sum) / n_tok)
                 if not math.isfinite(loss):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -391,7 +348,14 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                step_tokens = self.task.batch_tokens(batch, bsz, seq)
+                step_tokens = int(
+                    dist_utils.all_reduce_sum(
+                        torch.tensor(
+                            float(self.task.batch_tokens(batch, self.local_rows(bsz), seq)),
+                            device=self.device,
+                        )
+                    )
+                )
                 self.tokens_seen += step_tokens
                 dt = time.perf_counter() - t0
                 tps = step_tokens / dt
@@ -461,4 +425,4 @@ def setup_run(train: TrainConfig) -> torch.device:
     return device
 
 
-__all__ = ["Task", "Trainer", "TrainingDiverged", "autocast_context", "lr_at", "set_seed", "setup_run"]
+__all__ = ["Trainer", "TrainingDiverged", "autocast_context", "lr_at", "set_seed", "setup_run"]

@@ -75,6 +75,31 @@ def test_spec_augment_masks_bands_and_spans_deterministically():
     assert torch.equal(a, b) and (a == 0).any() and not (x == 0).any()
 
 
+def test_collator_spec_augment_is_per_sample_whatever_the_batch():
+    augment = {"freq_masks": 2, "freq_width": 10, "time_masks": 2, "time_width": 0.1}
+    torch.manual_seed(0)
+    samples = [
+        {"features": torch.randn(T, 80) + 5, "position": 40 + i} for i, T in enumerate([120, 90, 150, 60])
+    ]
+    full, lengths = SpeechCollator(None, "", lambda n: 0, augment=augment, seed=3).features(samples)
+    assert lengths.tolist() == [120, 90, 150, 60]
+    for b, s in enumerate(samples):  # every clip is augmented, and only inside its own frames
+        assert (full[b, : s["features"].shape[0]] == 0).any() and not (full[b, lengths[b] :] != 0).any()
+    for half in (samples[:2], samples[2:]):  # the same clips collated by another process's collator
+        part, n = SpeechCollator(None, "", lambda n: 0, augment=augment, seed=3).features(half)
+        for row, s in zip(part, half, strict=True):
+            b, T = s["position"] - 40, s["features"].shape[0]
+            assert torch.equal(row[:T], full[b, :T])
+    moved = [{**s, "position": s["position"] + 100} for s in samples]
+    other, _ = SpeechCollator(None, "", lambda n: 0, augment=augment, seed=3).features(moved)
+    assert not torch.equal(other, full)
+    # A sample without a position falls back to the collator's own generator (still seeded).
+    bare = [{"features": s["features"]} for s in samples]
+    a, _ = SpeechCollator(None, "", lambda n: 0, augment=augment, seed=3).features(bare)
+    b, _ = SpeechCollator(None, "", lambda n: 0, augment=augment, seed=3).features(bare)
+    assert torch.equal(a, b) and (a == 0).any()
+
+
 def test_bad_audio_is_skipped_counted_and_logged_with_its_path(tmp_path, caplog, faults):
     good = wav_bytes(tone(0.5, 22050), 22050)
     files = {
@@ -185,3 +210,49 @@ def test_missing_espeak_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(EspeakMissing, match="apt-get install espeak-ng"):
         synth_speech(tmp_path, n=1)
+
+
+def test_a_bug_in_our_code_propagates_and_is_not_counted_as_bad_audio(tmp_path, monkeypatch):
+    """Only soundfile's errors for a file it cannot read count as bad audio ("corrupt"): a bug in our features
+    or in how we call soundfile stops the reader (manifest and shard alike) instead of being skipped."""
+    import mm.datasets.audio as audio
+    from mm.datasets.images import SkipStats
+
+    wav = wav_bytes(tone(0.5, 16000), 16000)
+    (tmp_path / "a.wav").write_bytes(wav)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "the circle is red."}) + "\n")
+    shard = tmp_path / "s-00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in [("a.wav", wav), ("a.txt", b"the circle is red.")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    class Buggy(AudioFeatures):
+        def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+            raise TypeError("a bug in our features")
+
+    ds = AudioTextDataset(tmp_path / "m.jsonl", Buggy(), max_bad_fraction=1.0)
+    with pytest.raises(TypeError, match="a bug in our features"):
+        ds.load(0)
+    assert ds.stats.tried == 0 and not ds.stats.skipped
+    stats = SkipStats(1.0)
+    with pytest.raises(TypeError, match="a bug in our features"):
+        list(iter_audio_webdataset(shard, Buggy(), stats=stats))
+    assert stats.tried == 0 and not stats.skipped
+
+    def wrong_call(*args, **kwargs):
+        raise TypeError("read() got an unexpected keyword argument 'dtyp'")
+
+    monkeypatch.setattr(audio.sf, "read", wrong_call)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        decode_audio(wav)
+    ds = AudioTextDataset(tmp_path / "m.jsonl", max_bad_fraction=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ds.load(0)
+    assert ds.stats.tried == 0
+    monkeypatch.undo()
+    with pytest.raises(BadSample) as e:  # soundfile's own refusal of a corrupt file stays a skip
+        decode_audio(b"RIFF\x00\x00not really audio" * 10)
+    assert e.value.reason == "corrupt" and "LibsndfileError" in e.value.detail
+    assert AudioTextDataset(tmp_path / "m.jsonl").load(0)["features"].shape == (51, 80)

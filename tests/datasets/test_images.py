@@ -360,3 +360,30 @@ def test_image_text_shards_split_and_shuffle(shards):
     assert ds.stats.n_skipped == 5
     with pytest.raises(ValueError, match="rank"):
         ImageTextShards(paths, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("bug", [TypeError, AttributeError])
+def test_a_bug_in_the_transform_propagates_and_is_not_counted_as_bad_data(tmp_path, bug):
+    """Only PIL's refusals count as bad images: an error of our own transform stops the reader (manifest and
+    shard alike), while PIL refusing a conversion (ValueError) is a skip with reason "transform"."""
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    manifest = write_manifest(tmp_path, [{"image": "a.png", "text": "a red thing"}])
+    write_shard(tmp_path / "s-00000.tar", [("000.png", png_bytes()), ("000.txt", b"a red thing")])
+
+    def buggy(image):
+        raise bug("a bug in our transform")
+
+    ds = ImageTextDataset(manifest, buggy, max_bad_fraction=1.0)
+    with pytest.raises(bug, match="a bug in our transform"):
+        ds.load(0)
+    assert ds.stats.tried == 0 and not ds.stats.skipped
+    stats = SkipStats(max_bad_fraction=1.0)
+    with pytest.raises(bug, match="a bug in our transform"):
+        list(iter_webdataset(str(tmp_path / "s-00000.tar"), buggy, stats=stats))
+    assert stats.tried == 0 and not stats.skipped
+
+    def unconvertible(image):  # PIL itself refuses: "conversion from La to L not supported"
+        return TileTransform(TILE, 4)(image.convert("La"))
+
+    ds = ImageTextDataset(manifest, unconvertible, max_bad_fraction=1.0)
+    assert ds.load(0) is None and dict(ds.stats.skipped) == {"transform": 1}

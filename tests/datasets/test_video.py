@@ -203,3 +203,24 @@ def test_a_10000_frame_clip_is_sampled_without_decoding_every_frame(tmp_path):
         reader.next()
     full = time.perf_counter() - t0
     assert sampled < 0.3 * full, (sampled, full)
+
+
+@pytest.mark.parametrize("bug", [TypeError, AttributeError])
+def test_a_bug_in_the_frame_transform_propagates_and_is_not_counted_as_bad_data(tmp_path, bug):
+    """A decoded clip's frames are valid RGB: an error of the transform is our bug and stops the reader, it is
+    never skipped and counted as a bad clip."""
+    (tmp_path / "a.mp4").write_bytes(numbered_clip(9))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"video": "a.mp4", "text": "a red circle moves left"}) + "\n")
+
+    def buggy(image):
+        raise bug("a bug in our transform")
+
+    ds = VideoTextDataset(tmp_path / "m.jsonl", buggy, n_frames=4, max_bad_fraction=1.0)
+    with pytest.raises(bug, match="a bug in our transform"):
+        ds.load(0)
+    assert ds.stats.tried == 0 and not ds.stats.skipped
+    frames, _ = decode_clip(tmp_path / "a.mp4", 4)
+    with pytest.raises(bug, match="a bug in our transform"):
+        tile_clip(frames, buggy)
+    # The same clip with the real transform is read: the failure above was the transform's alone.
+    assert VideoTextDataset(tmp_path / "m.jsonl", TileTransform(16, 1), n_frames=4).load(0) is not None

@@ -1,5 +1,6 @@
 """CLIP pretraining: the loss against a hand computation, the text tower's pooling, image pooling over real
-tiles, retrieval accuracy on known embeddings, and a few optimisation steps on synthetic coloured squares."""
+tiles, retrieval accuracy on known embeddings, and a few optimisation steps on synthetic coloured squares.
+(Two processes: `test_clip_distributed.py`.)"""
 
 import math
 
@@ -15,6 +16,7 @@ from mm.encoders import (
     clip_loss,
     zero_shot_retrieval_accuracy,
 )
+from mm.encoders.clip import bag_of_words_loss, gather_rows, same_caption
 from mm.lm import LMConfig
 
 PAD, SQUARE, EOS, LARGE = 0, 5, 6, 7  # colour tokens are 1..4
@@ -185,8 +187,6 @@ def test_max_pooling_reads_the_largest_value_of_real_tiles_only():
 
 
 def test_bag_of_words_loss_targets_the_caption_words_only():
-    from mm.encoders.clip import bag_of_words_loss
-
     ids = torch.tensor([[0, 3, 4, 4, 9], [0, 5, 9, 1, 1]])  # bos=0, eos=9, pad=1
     keep = (ids != 0) & (ids != 9) & (ids != 1)
     want = torch.zeros(2, 10)
@@ -196,3 +196,52 @@ def test_bag_of_words_loss_targets_the_caption_words_only():
     assert float(good) == pytest.approx(float(-torch.log_softmax(want[0], -1)[3]) / 2 + 0.0, abs=0.05)
     wrong = bag_of_words_loss(want.roll(1, dims=-1), ids, keep)
     assert float(wrong) > float(good) + 5
+    summed = bag_of_words_loss(want.roll(1, dims=-1), ids, keep, reduction="sum")  # for the caller to divide
+    assert float(summed) == pytest.approx(2 * float(wrong), rel=1e-6)
+
+
+def hand_clip_sum(
+    img: list[list[float]], txt: list[list[float]], scale: float, pos: list[list[bool]]
+) -> float:
+    """(sum over images of -log softmax mass on their matching texts + the same over texts) / 2, by hand."""
+    n = len(img)
+
+    def unit(v: list[float]) -> list[float]:
+        return [x / math.sqrt(sum(y * y for y in v)) for x in v]
+
+    ims, txs = [unit(r) for r in img], [unit(r) for r in txt]
+    lg = [[scale * sum(a * b for a, b in zip(ims[i], txs[j])) for j in range(n)] for i in range(n)]
+    i2t = sum(
+        -math.log(sum(math.exp(lg[i][j]) for j in range(n) if pos[i][j]) / sum(math.exp(v) for v in lg[i]))
+        for i in range(n)
+    )
+    t2i = sum(
+        -math.log(
+            sum(math.exp(lg[i][j]) for i in range(n) if pos[i][j]) / sum(math.exp(lg[i][j]) for i in range(n))
+        )
+        for j in range(n)
+    )
+    return (i2t + t2i) / 2
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_summed_loss_equals_hand_computation_with_or_without_gather(duplicates):
+    torch.manual_seed(0)
+    img, txt = torch.randn(4, 3), torch.randn(4, 3)
+    ids = torch.tensor([[1, 9], [2, 9], [1, 9], [3, 9]] if duplicates else [[1, 9], [2, 9], [3, 9], [4, 9]])
+    pos = same_caption(ids, None)
+    assert int(pos.sum()) == (6 if duplicates else 4)
+    want = hand_clip_sum(img.tolist(), txt.tolist(), 5.0, pos.tolist())
+    positives = pos if duplicates else None
+    assert clip_loss(img, txt, 5.0, positives).item() == pytest.approx(
+        want / 4, rel=1e-5
+    )  # the mean, as before
+    for gather in (False, True):  # no process group: gathering changes nothing
+        got = clip_loss(img, txt, torch.tensor(5.0), positives, reduction="sum", gather=gather)
+        assert got.item() == pytest.approx(want, rel=1e-5)
+        assert torch.equal(same_caption(ids, None, gather=gather), pos)
+    assert torch.equal(gather_rows(img), img)
+    with pytest.raises(ValueError, match="reduction"):
+        clip_loss(img, txt, 5.0, reduction="none")
+    with pytest.raises(ValueError, match=r"\(4, 4\)"):
+        clip_loss(img, txt, 5.0, pos[:2])

@@ -13,8 +13,9 @@ from PIL import Image
 from mm.datasets.images import TooManyBadSamples
 from mm.datasets.shapes import synth_shapes
 from mm.lm import Tokenizer, Transformer, preset, save_hf
-from mm.stages.image import ImageStageConfig, run_image_stage
+from mm.stages.image import ImageStageConfig
 from mm.training.config import load_config
+from mm.training.runner import run as run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 60
@@ -77,7 +78,7 @@ def cfg_for(dirty: dict, out: Path, *extra: str) -> ImageStageConfig:
 
 
 def test_dirty_images_are_skipped_with_exact_counts_and_the_run_finishes(dirty, tmp_path, caplog, faults):
-    summary = run_image_stage(cfg_for(dirty, tmp_path / "run", "data.max_bad_fraction=0.25"))
+    summary = run_stage(cfg_for(dirty, tmp_path / "run", "data.max_bad_fraction=0.25"))
     assert summary["stopped"] == "max_steps" and summary["step"] == 15
     skips = summary["data_skips"]
     assert skips["skipped_by_reason"] == dirty["expected"]
@@ -91,7 +92,7 @@ def test_dirty_images_are_skipped_with_exact_counts_and_the_run_finishes(dirty, 
 
 def test_above_the_bad_fraction_the_run_stops_with_counts(dirty, tmp_path, faults):
     with pytest.raises(TooManyBadSamples, match=r"of \d+ samples of manifest .*train.jsonl.*corrupt: \d"):
-        run_image_stage(cfg_for(dirty, tmp_path / "run", "data.max_bad_fraction=0.02"))
+        run_stage(cfg_for(dirty, tmp_path / "run", "data.max_bad_fraction=0.02"))
     assert not (tmp_path / "run" / "final").exists()
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
     faults.record("corrupt", what="bad fraction exceeded")

@@ -13,10 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from mm.datasets.shapes import synth_shapes
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
-from mm.stages.image import ImageStageConfig, load_image_bundle, run_image_stage
+from mm.models.loading import load_image_bundle
+from mm.stages.image import ImageStageConfig
 from mm.training.bundle import verify_frozen
 from mm.training.config import load_config
 from mm.training.freeze import FrozenLMChanged
+from mm.training.runner import run as run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,13 +78,13 @@ def test_lm_bit_identical_whatever_the_stage_configuration(seed, world, tmp_path
         ImageStageConfig, ROOT / "configs" / "stages" / "image_pretrain_tiny.yaml", [*base, *overrides]
     )
     cfg.out = str(tmp_path / "pre")
-    run_image_stage(cfg)
+    run_stage(cfg)
     if rng.random() < 0.5:  # chain an anneal stage on it
         anneal = load_config(
             ImageStageConfig, ROOT / "configs" / "stages" / "image_anneal_tiny.yaml", [*base, *overrides]
         )
         anneal.init_from, anneal.out = cfg.out + "/final", str(tmp_path / "anneal")
-        run_image_stage(anneal)
+        run_stage(anneal)
         cfg = anneal
     after = load_hf(world["lm"]).state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]

@@ -204,8 +204,9 @@ def test_full_disk_during_an_adapter_stage_keeps_the_previous_checkpoint(
     image_world, tmp_path, monkeypatch, faults
 ):
     import mm.training.checkpoint as ck
-    from mm.stages.image import ImageStageConfig, run_image_stage
+    from mm.stages.image import ImageStageConfig
     from mm.training.config import load_config
+    from mm.training.runner import run as run_stage
 
     w = image_world
     cfg = load_config(
@@ -222,7 +223,7 @@ def test_full_disk_during_an_adapter_stage_keeps_the_previous_checkpoint(
 
     monkeypatch.setattr(ck, "save_file", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
-        run_image_stage(cfg)
+        run_stage(cfg)
     root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]  # no half-written folder
     state = load_checkpoint(root / "step_00000003")

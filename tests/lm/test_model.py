@@ -39,7 +39,21 @@ def test_paper_presets_ffn_sizes():
 def test_tied_embeddings_share_one_tensor():
     m = tiny(tie_embeddings=True)
     assert m.output.weight is m.tok_embeddings.weight
-    assert tiny().output.weight is not tiny().tok_embeddings.weight
+    untied = tiny()
+    assert untied.output.weight is not untied.tok_embeddings.weight
+    assert untied.output.weight.data_ptr() != untied.tok_embeddings.weight.data_ptr()
+    # Untied: writing to the embedding leaves the output head as it was, and the head has its own init.
+    head = untied.output.weight.detach().clone()
+    with torch.no_grad():
+        untied.tok_embeddings.weight.add_(1.0)
+    assert torch.equal(untied.output.weight, head)
+    assert not torch.equal(untied.output.weight, untied.tok_embeddings.weight)
+    # Tied: the same write shows through the output head.
+    with torch.no_grad():
+        m.tok_embeddings.weight.add_(1.0)
+    assert torch.equal(m.output.weight, m.tok_embeddings.weight)
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert sum(p.numel() for p in m.parameters()) == n_untied - untied.output.weight.numel()
 
 
 def test_init_scales_residual_outputs():

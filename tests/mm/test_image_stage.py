@@ -13,11 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from mm.datasets.shapes import synth_shapes
 from mm.lm import Transformer, load_hf, preset, save_hf
-from mm.stages.image import ImageStageConfig, load_image_bundle, run_image_stage
+from mm.models.loading import load_image_bundle
+from mm.stages.image import ImageStageConfig
 from mm.training.bundle import verify_frozen
 from mm.training.checkpoint import list_checkpoints, load_checkpoint
 from mm.training.config import load_config
 from mm.training.freeze import FrozenLMChanged, fingerprint
+from mm.training.runner import run as run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -67,7 +69,7 @@ def trained(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("pre")
     lm_files = {p.name: p.read_bytes() for p in world["lm"].iterdir()}
     before = {k: v.clone() for k, v in load_hf(world["lm"]).state_dict().items()}
-    summary = run_image_stage(stage_cfg(world, out))
+    summary = run_stage(stage_cfg(world, out))
     return {"out": out, "summary": summary, "before": before, "lm_files": lm_files}
 
 
@@ -186,7 +188,7 @@ def test_image_stage_trains_from_webdataset_shards(world, tmp_path):
     cfg = stage_cfg(world, tmp_path / "shards", eval_samples=0)
     cfg.data.train = [str(p) for p in shards]
     cfg.train.max_steps = 2
-    s = run_image_stage(cfg)
+    s = run_stage(cfg)
     assert s["step"] == 2 and s["data_skips"]["skipped"] == 0
     assert (tmp_path / "shards" / "final" / "adapter.safetensors").is_file()
 
@@ -236,7 +238,7 @@ def test_two_process_fsdp_image_stage_equals_one_process(world, tmp_path):
 
 
 def test_exact_match_report_counts_attributes_by_slot():
-    from mm.stages.image import exact_match_report
+    from mm.stages.evaluation import exact_match_report
 
     r = exact_match_report(
         ["a large red circle", "a small blue square and a large red circle", "a small blue"],
@@ -279,42 +281,40 @@ def test_caption_attribute_report_per_attribute():
 
 def test_caption_head_targets_and_loss_reach_the_image_encoder(world, tmp_path):
     from mm.adapters.caption_head import CaptionSlotHead, caption_slot_targets
-    from mm.datasets.collate import ImageCaptionCollator
-    from mm.lm import Tokenizer
-    from mm.stages.image import ImageCaptionTask, build_model, open_image_stream
+    from mm.stages.image import ImageStage
 
     labels = torch.tensor([[-100, -100, 5, 6, 7, -100], [-100, 9, 8, -100, -100, -100]])
     assert caption_slot_targets(labels, 4).tolist() == [[5, 6, 7, -100], [9, 8, -100, -100]]
 
     cfg = stage_cfg(world, tmp_path)
-    cfg.caption_head.weight = 0.5
-    tok = Tokenizer.from_file(world["lm"])
-    lm = load_hf(world["lm"])
-    model = build_model(cfg, lm, tok)
+    cfg.caption_head.weight, cfg.caption_head.bag_of_words = 0.5, 0.0
+    stage = ImageStage(cfg)
+    model = stage.build(torch.device("cpu"))
     assert isinstance(model.image_aux, CaptionSlotHead)
-    assert "image_aux" in model.trainable and not any(p.requires_grad for p in model.lm.parameters())
-    transform, stream = open_image_stream(cfg.data, cfg.image_encoder, 0)
-    collator = ImageCaptionCollator(tok, max_tiles=cfg.data.max_tiles)
-    batch = collator([stream.next() for _ in range(4)])
-    with_head = ImageCaptionTask(model, stream, collator, batch_size=4, name="t", head_weight=0.5)
-    without = ImageCaptionTask(model, stream, collator, batch_size=4, name="t", head_weight=0.0)
+    trained = {id(p) for _, p in stage.trainable()}
+    assert {id(p) for p in model.image_aux.parameters()} <= trained
+    assert not trained & {id(p) for p in model.lm.parameters()}
+    stage.open_data(0, 1)
+    batch = stage.next_batch(4, 0)
     model.train()
-    loss_h, n = with_head.loss(batch)
-    loss_0, _ = without.loss(batch)
+    loss_h, n = stage.loss(batch)
+    cfg.caption_head.weight = 0.0
+    loss_0, _ = stage.loss(batch)
     assert float(loss_h.detach()) > float(loss_0.detach())  # the head adds its cross-entropy
     # with every cross-attention gate at 0 only the head's loss reaches the encoder
     model.zero_grad()
     loss_0.backward()
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in model.image_encoder.parameters())
     model.zero_grad()
-    with_head.loss(batch)[0].backward()
+    cfg.caption_head.weight = 0.5
+    stage.loss(batch)[0].backward()
     assert float(model.image_encoder.project.weight.grad.abs().sum()) > 0
     assert float(model.image_aux.slots.grad.abs().sum()) > 0
     assert model.image_aux.bow_proj.weight.grad is None  # bag of words off: its projection is unused
     # the bag-of-words term adds to the loss and trains its projection
-    bow = ImageCaptionTask(model, stream, collator, batch_size=4, name="t", head_weight=0.5, bow_weight=1.0)
+    cfg.caption_head.bag_of_words = 1.0
     model.zero_grad()
-    loss_b, _ = bow.loss(batch)
+    loss_b, _ = stage.loss(batch)
     assert float(loss_b.detach()) > float(loss_h.detach())
     loss_b.backward()
     assert float(model.image_aux.bow_proj.weight.grad.abs().sum()) > 0

@@ -374,13 +374,44 @@ def test_bad_checkpoints_are_refused_naming_key_found_and_expected(ckpt, tmp_pat
     assert isinstance(e.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda sd: sd.pop("norm.weight"), r"no tensor maps to model key 'lm\.norm\.weight' \(1 such keys\)"),
+        (
+            lambda sd: sd.__setitem__("layers.0.extra.weight", torch.zeros(2)),
+            r"tensor mapped to 'lm\.layers\.0\.extra\.weight' \(1 such tensors\) has no place",
+        ),
+    ],
+    ids=["tensor the model needs", "tensor the model lacks"],
+)
+def test_weights_that_do_not_fill_the_model_are_refused_with_a_message(ckpt, monkeypatch, edit, message):
+    """The last check of `load_hf_mllama` (mapped weights vs the model's keys) is a ValueError naming the weights
+    file, the key and config.json, never a bare assert (which `python -O` would also skip)."""
+    import mm.models.mllama as mllama
+
+    real = mllama._lm_state_from_mllama
+
+    def mapped_wrongly(hf, spec):
+        sd = real(hf, spec)
+        edit(sd)
+        return sd
+
+    monkeypatch.setattr(mllama, "_lm_state_from_mllama", mapped_wrongly)
+    with pytest.raises(MllamaCheckpointError, match=message) as e:
+        load_hf_mllama(ckpt["path"])
+    text = str(e.value)
+    assert text.startswith(str(ckpt["path"] / "model.safetensors") + ":")
+    assert str(ckpt["path"] / "config.json") in text and isinstance(e.value, ValueError)
+
+
 def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_path, capsys):
     from transformers import MllamaForConditionalGeneration
 
     from mm.app.cli import main
     from mm.datasets.shapes import synth_shapes
     from mm.lm import Tokenizer
-    from mm.stages.image import load_image_bundle
+    from mm.models.loading import load_image_bundle
     from mm.training.bundle import verify_frozen
     from mm.training.checkpoint import list_checkpoints, load_checkpoint
 

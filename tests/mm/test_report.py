@@ -4,7 +4,14 @@ import json
 
 from PIL import Image
 
-from mm.app.report import caption_grid_figure, exact_match_curves_figure, read_losses, write_report
+from mm.app.report import (
+    caption_grid_figure,
+    exact_match_curves_figure,
+    loss_curves_figure,
+    read_losses,
+    stage_rows,
+    write_report,
+)
 from mm.datasets.shapes import synth_shapes
 
 
@@ -33,6 +40,7 @@ def test_report_sections_and_figures(tmp_path):
             "stage_seconds": 71.0,
             "reused": False,
             "completions": {"a": "a red circle"},
+            "stages": {"lm-pretrain": {"wall_time_s": 71.0, "stage_seconds": 71.0, "reused": False}},
         },
         "image": {
             "caption_exact_match": 0.4,
@@ -116,7 +124,7 @@ def test_report_attribute_robustness_and_curve_sections(tmp_path):
                 },
                 "heldout_pairs": {"exact_match": 0.08, "direction_accuracy": 0.97, "n": 120},
             },
-            "exact_match_curve": [{"step": 300, "value": 0.66}, {"step": 900, "value": 0.71}],
+            "exact_match_curves": {"video": [{"step": 300, "value": 0.66}, {"step": 900, "value": 0.71}]},
         },
     }
     md = write_report(tmp_path, report).read_text()
@@ -164,3 +172,23 @@ def test_report_attribute_robustness_and_curve_sections(tmp_path):
     assert (
         exact_match_curves_figure(empty, tmp_path / "none.png") == 0 and not (tmp_path / "none.png").exists()
     )
+
+
+def test_every_section_lists_its_stages_the_same_way(tmp_path):
+    video_rec = {"wall_time_s": 0.2, "stage_seconds": 47.0, "reused": True}
+    report = {
+        "lm": {"stages": {"lm-pretrain": {"wall_time_s": 0.1, "stage_seconds": 70.0, "reused": True}}},
+        "speech": {"stages": {"speech": {"wall_time_s": 9.0, "reused": False}}},
+        # `stage` is the alias `mm demo` prints from; the row comes from `stages` only
+        "video": {"stages": {"video": video_rec}, "stage": video_rec},
+    }
+    assert stage_rows(report) == [
+        ("lm-pretrain", 0.1, 70.0, True),
+        ("video", 0.2, 47.0, True),
+        ("speech", 9.0, 9.0, False),
+    ]
+    for stage in ("lm-pretrain", "speech"):  # a stage folder left from an earlier run: no panel for it
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    assert loss_curves_figure(tmp_path, tmp_path / "a.png", only=["lm-pretrain"]) == ["lm-pretrain"]
+    assert loss_curves_figure(tmp_path, tmp_path / "b.png") == ["lm-pretrain", "speech"]

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mm.lm import RopeScaling, load_hf
-from mm.stages.lm_pretrain import run_pretrain_lm
 from mm.training.checkpoint import list_checkpoints, load_checkpoint, load_tensors, polyak_average
 from mm.training.config import (
     ConfigError,
@@ -19,7 +18,9 @@ from mm.training.config import (
     RampStageConfig,
     load_config,
 )
-from mm.training.trainer import Task, Trainer, TrainingDiverged, lr_at
+from mm.training.runner import run as run_stage
+from mm.training.stage import Stage
+from mm.training.trainer import Trainer, TrainingDiverged, lr_at
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +59,7 @@ def test_lr_schedule_warmup_cosine_floor_and_anneal():
 
 def test_pretrain_writes_metrics_checkpoints_and_hf_export(corpus, tmp_path):
     cfg = make_cfg(corpus, tmp_path / "run", max_steps=6)
-    summary = run_pretrain_lm(cfg)
+    summary = run_stage(cfg)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 7))
     for key in ("loss", "lr", "tokens_per_s", "mfu", "grad_norm"):
@@ -75,7 +76,7 @@ def test_pretrain_writes_metrics_checkpoints_and_hf_export(corpus, tmp_path):
 
 
 def test_keep_last_k(corpus, tmp_path):
-    run_pretrain_lm(make_cfg(corpus, tmp_path, max_steps=8, save_every=1, keep_last=3))
+    run_stage(make_cfg(corpus, tmp_path, max_steps=8, save_every=1, keep_last=3))
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
         "step_00000006",
         "step_00000007",
@@ -84,18 +85,18 @@ def test_keep_last_k(corpus, tmp_path):
 
 
 def test_resume_continues_with_identical_losses(corpus, tmp_path):
-    full = run_pretrain_lm(make_cfg(corpus, tmp_path / "full", max_steps=8))
+    full = run_stage(make_cfg(corpus, tmp_path / "full", max_steps=8))
     part = make_cfg(corpus, tmp_path / "part", max_steps=8)
     part.train.max_steps = 3  # stop early, as if interrupted after the step-3 checkpoint
-    run_pretrain_lm(part)
-    resumed = run_pretrain_lm(make_cfg(corpus, tmp_path / "part", max_steps=8), resume=True)
+    run_stage(part)
+    resumed = run_stage(make_cfg(corpus, tmp_path / "part", max_steps=8), resume=True)
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
     assert resumed["final_loss"] == full["final_loss"]
 
 
 def test_accumulation_is_normalised_by_loss_tokens(corpus, tmp_path):
-    run_pretrain_lm(make_cfg(corpus, tmp_path / "a", max_steps=4))
-    run_pretrain_lm(make_cfg(corpus, tmp_path / "b", max_steps=4, micro_batch_size=1))
+    run_stage(make_cfg(corpus, tmp_path / "a", max_steps=4))
+    run_stage(make_cfg(corpus, tmp_path / "b", max_steps=4, micro_batch_size=1))
     torch.testing.assert_close(torch.tensor(losses(tmp_path / "a")), torch.tensor(losses(tmp_path / "b")))
 
 
@@ -106,7 +107,7 @@ def test_ramp_changes_shapes_and_switches_rope(corpus, tmp_path):
         RampStageConfig(until_tokens=200, batch_size=4, seq_len=16),
         RampStageConfig(until_tokens=0, batch_size=2, seq_len=64, rope_scaling=scaling),
     ]
-    run_pretrain_lm(cfg)
+    run_stage(cfg)
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["batch_size"], r["seq_len"]) for r in recs] == [(4, 16)] * 4 + [(2, 64)] * 2
     model = load_hf(tmp_path / "final")
@@ -116,7 +117,7 @@ def test_ramp_changes_shapes_and_switches_rope(corpus, tmp_path):
 def test_polyak_average_is_the_mean_of_the_named_checkpoints(corpus, tmp_path):
     cfg = make_cfg(corpus, tmp_path, max_steps=8, save_every=100, keep_last=1)
     cfg.anneal.steps, cfg.anneal.source, cfg.anneal.polyak_k = 4, "shapes", 2
-    summary = run_pretrain_lm(cfg)
+    summary = run_stage(cfg)
     assert summary["polyak_checkpoints"] == ["step_00000006", "step_00000008"]
     a = load_tensors(tmp_path / "checkpoints" / "step_00000006" / "model.safetensors")
     b = load_tensors(tmp_path / "checkpoints" / "step_00000008" / "model.safetensors")
@@ -131,7 +132,7 @@ def test_polyak_average_is_the_mean_of_the_named_checkpoints(corpus, tmp_path):
     assert not torch.equal(a["norm.weight"], b["norm.weight"])
 
 
-class _TwoPart(Task):
+class _TwoPart(Stage):
     """A toy stage: a frozen 'lm' and a trainable 'head'; loss can be forced to NaN."""
 
     name = "toy"
@@ -140,15 +141,18 @@ class _TwoPart(Task):
         self.model = torch.nn.ModuleDict({"lm": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 1)})
         self.nan_at, self.calls = nan_at, 0
 
-    def trainable_parameters(self):
+    def trainable(self):
         return list(self.model["head"].named_parameters(prefix="head"))
+
+    def frozen(self):
+        return {"lm": self.model["lm"]}
 
     def batch_shape(self, step, tokens_seen):
         return 4, 1
 
-    def next_batch(self, batch_size, seq_len):
-        x = torch.randn(batch_size, 4)
-        return {"x": x, "labels": torch.zeros(batch_size, dtype=torch.long)}
+    def next_batch(self, rows, seq_len):
+        x = torch.randn(rows, 4)
+        return {"x": x, "labels": torch.zeros(rows, dtype=torch.long)}
 
     def loss(self, batch):
         self.calls += 1
@@ -215,12 +219,12 @@ def test_bad_inputs_are_named(corpus, tmp_path):
     cfg = make_cfg(corpus, tmp_path)
     cfg.data = [DataSourceConfig(paths=[str(tmp_path / "nope.txt")])]
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        run_pretrain_lm(cfg)
+        run_stage(cfg)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     cfg.data = [DataSourceConfig(paths=[str(empty)])]
     with pytest.raises(ValueError, match="empty.txt"):
-        run_pretrain_lm(cfg)
+        run_stage(cfg)
     with pytest.raises(ConfigError, match=r"'train.max_stepz'.*allowed keys there: \[.*'max_steps'"):
         load_config(LMPretrainConfig, ROOT / "configs" / "lm" / "tiny.yaml", ["train.max_stepz=3"])
     with pytest.raises(ConfigError, match="'optim.lr'"):

@@ -13,22 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.shapes import synth_motion, synth_shapes
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
 from mm.lm import Tokenizer, Transformer, preset, save_hf
+from mm.models.loading import FrozenImagePathChanged, attach_video, load_image_bundle, load_video_bundle
 from mm.models.multimodal import video_xattn_layer_ids
-from mm.stages.image import ImageStageConfig, load_image_bundle, run_image_stage
-from mm.stages.video import (
-    AggregatorConfig,
-    FrozenImagePathChanged,
-    attach_video,
-    describe_clips,
-    load_video_bundle,
-    motion_report,
-)
+from mm.models.video import describe_clips
+from mm.stages.evaluation import motion_report
+from mm.stages.image import ImageStageConfig
 from mm.training.bundle import verify_frozen
 from mm.training.checkpoint import list_checkpoints, load_checkpoint
 from mm.training.config import load_config
+from mm.training.runner import run as run_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -77,7 +74,7 @@ def world(tmp_path_factory, corpus):
             "eval_samples=0",
         ],
     )
-    run_image_stage(cfg)
+    run_stage(cfg)
     return {
         "root": root,
         "lm": root / "lm",

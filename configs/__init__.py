@@ -1,0 +1,1 @@
+"""The YAML presets (`mm.configs`): read with `importlib.resources.files("mm.configs")`, installed or editable."""

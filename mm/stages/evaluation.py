@@ -1,0 +1,180 @@
+"""Held-out evaluation shared by the stages, the demo and the probe: caption exact match and attributes
+(images), motion captions (videos), word error rate (speech)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from mm.datasets.audio import AudioFeatures, read_audio_manifest
+from mm.datasets.images import BadSample, read_manifest
+from mm.datasets.shapes import caption_attribute_report, parse_caption
+from mm.datasets.tiling import TileTransform
+from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
+from mm.lm import Tokenizer
+from mm.models.caption import caption_images, load_rgb
+from mm.models.multimodal import MultimodalLM
+from mm.models.speech import SpeechLM, copy_transcripts, ctc_transcripts, transcribe_features
+from mm.models.video import ClipFeatures, describe_clips
+
+log = logging.getLogger("mm.stages.evaluation")
+
+
+def exact_match_report(preds: list[str], refs: list[str]) -> dict[str, Any]:
+    """Exact match and attribute accuracy (size, colour, shape per object slot) of captions."""
+    em = sum(p == r for p, r in zip(preds, refs, strict=True)) / max(1, len(refs))
+    correct = total = 0
+    for p, r in zip(preds, refs, strict=True):
+        pw, rw = p.split(), r.split()
+        for i, w in enumerate(rw):
+            if w in ("a", "and", "an"):
+                continue
+            total += 1
+            correct += int(i < len(pw) and pw[i] == w)
+    return {"exact_match": em, "attribute_accuracy": correct / max(1, total), "n": len(refs)}
+
+
+def evaluate_captions(
+    model: MultimodalLM,
+    tok: Tokenizer,
+    transform: TileTransform,
+    manifests: list[str],
+    *,
+    limit: int,
+    prompt: str,
+    max_tiles: int,
+) -> dict[str, Any]:
+    """Caption the first `limit` images of each held-out manifest; exact match and attributes."""
+    res = {}
+    for m in manifests:
+        recs = read_manifest(m)[:limit]
+        images = [load_rgb(r.image) for r in recs]
+        preds = caption_images(model, tok, transform, images, prompt=prompt, max_tiles=max_tiles)
+        refs = [r.text for r in recs]
+        world = all(
+            parse_caption(t) is not None for t in refs
+        )  # shapes-world captions: per-attribute figures
+        res[Path(m).stem] = {
+            **exact_match_report(preds, refs),
+            **(caption_attribute_report(preds, refs) if world else {}),
+            "examples": [
+                {"image": str(r.image), "text": r.text, "pred": p}
+                for r, p in zip(recs[:16], preds, strict=False)
+            ],
+        }
+    return res
+
+
+def motion_report(preds: list[str], refs: list[str]) -> dict[str, Any]:
+    """Exact match, and accuracy of the colour, shape and direction words ("a red circle moves left")."""
+
+    def parts(caption: str) -> tuple[str | None, str | None, str | None]:
+        words = caption.split()
+        if "moves" not in words:
+            return None, None, None
+        k = words.index("moves")
+        color = words[k - 2] if k >= 2 else None
+        shape = words[k - 1] if k >= 1 else None
+        return color, shape, words[k + 1] if k + 1 < len(words) else None
+
+    n = max(1, len(refs))
+    got = [parts(p) for p in preds]
+    want = [parts(r) for r in refs]
+    acc = [sum(g[j] == w[j] for g, w in zip(got, want, strict=True)) / n for j in range(3)]
+    return {
+        "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / n,
+        "color_accuracy": acc[0],
+        "shape_accuracy": acc[1],
+        "direction_accuracy": acc[2],
+        "n": len(refs),
+    }
+
+
+def load_clips(
+    manifest: str | Path, transform: TileTransform, n_frames: int, limit: int = 0
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The first `limit` (0 = all) usable clips of a manifest, tiled, and their captions."""
+    ds = VideoTextDataset(manifest, transform, n_frames=n_frames, max_bad_fraction=1.0)
+    samples = []
+    for i in range(len(ds)):
+        if limit and len(samples) == limit:
+            break
+        sample = ds.load(i)
+        if sample is not None:
+            samples.append(sample)
+    return samples, [s["text"] for s in samples]
+
+
+def evaluate_videos(
+    model: MultimodalLM,
+    collator: VideoCaptionCollator,
+    transform: TileTransform,
+    manifests: list[str],
+    n_frames: int,
+    limit: int,
+    features: ClipFeatures | None = None,
+) -> dict[str, Any]:
+    """Describe the first `limit` clips of each held-out manifest; exact match and word accuracies."""
+    res = {}
+    for m in manifests:
+        samples, refs = load_clips(m, transform, n_frames, limit)
+        preds = describe_clips(model, collator, samples, features=features)
+        res[Path(m).stem] = {
+            **motion_report(preds, refs),
+            "examples": [
+                {"video": str(s.get("source", "")), "text": r, "pred": p}
+                for s, r, p in zip(samples[:8], refs, preds, strict=False)
+            ],
+        }
+    return res
+
+
+def normalize_text(text: str) -> str:
+    """Lower case; anything but letters, digits, apostrophes and whitespace -> space; whitespace collapsed."""
+    return " ".join(re.sub(r"[^\w\s']|_", " ", text.lower()).split())
+
+
+def word_error_rate(refs: list[str], hyps: list[str]) -> float:
+    """Corpus WER (jiwer) after `normalize_text` on references and hypotheses."""
+    import jiwer
+
+    r = [normalize_text(t) for t in refs]
+    h = [normalize_text(t) for t in hyps]
+    keep = [i for i, t in enumerate(r) if t]
+    return float(jiwer.wer([r[i] for i in keep], [h[i] for i in keep]))
+
+
+def evaluate_wer(
+    model: SpeechLM, tok: Tokenizer, features: AudioFeatures, manifest: str, n: int, prompt: str
+) -> dict[str, Any]:
+    """Transcribe the first `n` usable clips of a manifest; WER overall and per voice (when recorded)."""
+    recs = read_audio_manifest(manifest)[:n]
+    feats, refs, voices = [], [], []
+    skipped = 0
+    for r in recs:
+        try:
+            feats.append(features.load(r.audio))
+        except BadSample as e:
+            skipped += 1
+            log.warning("evaluation: skipped %s (%s)", r.audio, e)
+            continue
+        refs.append(r.text)
+        voices.append(r.meta.get("voice"))
+    hyps = transcribe_features(model, tok, feats, prompt=prompt)
+    res: dict[str, Any] = {"wer": word_error_rate(refs, hyps), "n": len(refs), "skipped": skipped}
+    res["exact_match"] = sum(normalize_text(a) == normalize_text(b) for a, b in zip(refs, hyps)) / max(
+        1, len(refs)
+    )
+    if any(v is not None for v in voices):
+        per = {}
+        for v in sorted({v for v in voices if v is not None}):
+            idx = [i for i, u in enumerate(voices) if u == v]
+            per[v] = word_error_rate([refs[i] for i in idx], [hyps[i] for i in idx])
+        res["wer_per_voice"] = per
+    res["examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:5]]
+    if model.speech_adapter.ctc_blank is not None:  # what the audio side alone recognises (no LM)
+        res["ctc_wer"] = word_error_rate(refs, ctc_transcripts(model, tok, feats))
+    res["lm_copy_wer"] = word_error_rate(refs, copy_transcripts(model.lm, tok, refs, prompt))
+    return res

@@ -1,0 +1,172 @@
+"""What a training stage supplies; `mm.training.runner.run` does everything else, the same way for every stage.
+
+A `Stage` says what it builds (`build`), which parameters train (`trainable`) and which parts must not move
+(`frozen`: fingerprinted at start and end, none of their parameters may reach the optimizer), where its
+batches come from (`open_data`, `next_batch`: this process's rows only), its loss (`loss`: a sum and the count
+it is normalised by), how it is parallelised (`parallelize`: FSDP2 where the model is worth sharding, else
+replicated with gradients all-reduced by the trainer), its evaluation (`evaluate` during training every
+`train.eval_every` steps, `final_evaluation` at the end) and its export (`export`, the final folder).
+
+Stage classes register themselves by the `stage:` names they run (`register`), so `mm train --config CFG`
+runs any stage's config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mm.training import distributed as dist_utils
+
+
+class Stage:
+    """One training stage. Subclasses fill in `build`, `open_data`, `next_batch`, `loss` and `export`."""
+
+    names: ClassVar[tuple[str, ...]] = ()  # the `stage:` values this class runs
+    config_class: ClassVar[type]
+    model: nn.Module
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.name: str = getattr(cfg, "stage", self.names[0] if self.names else "stage")
+        self.rank, self.world = 0, 1
+        self.resume = False  # set by the runner: this run continues from its last checkpoint
+        self.anneal_steps, self.polyak_k = 0, 0  # the final LR decay to 0 and its Polyak average
+
+    # ---- before anything is read --------------------------------------------------------------------
+    def check(self) -> None:
+        """Refuse impossible configurations, naming the key and what is allowed (reads no weights or data)."""
+
+    # ---- the model ----------------------------------------------------------------------------------
+    def build(self, device: torch.device) -> nn.Module:
+        """Build (or load) the model on `device`, set `self.model` and return it."""
+        raise NotImplementedError
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs handed to the optimizer; every other parameter stays as it is."""
+        return list(self.model.named_parameters())
+
+    def frozen(self) -> dict[str, nn.Module | Mapping[str, torch.Tensor]]:
+        """Parts that must not move (name -> module or tensors), fingerprinted at start and end."""
+        return {}
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks the backward passes through: activation checkpointing and `compile` wrap them."""
+        return []
+
+    def parallelize(self) -> None:
+        """Multi-process set-up, applied from outside the model: by default the model is replicated and the
+        trainer all-reduces the gradients (a stage worth sharding applies FSDP2 here)."""
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records about the run besides the frozen fingerprints (checked on `--resume`)."""
+        return {}
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint holds (the trainable parameters)."""
+        return {n: p.detach() for n, p in self.trainable()}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put checkpoint tensors back into the model."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if k not in params:
+                    raise KeyError(f"checkpoint tensor {k!r} is not a parameter of the {self.name} model")
+                params[k].copy_(v)
+
+    # ---- data ---------------------------------------------------------------------------------------
+    def open_data(self, rank: int, world: int) -> None:
+        """Open the training data; process `rank` of `world` reads only its share."""
+        raise NotImplementedError
+
+    def batch_shape(self, step: int, tokens_seen: int) -> tuple[int, int]:
+        """(global batch size, sequence length) of this step (0 = the rows decide the length)."""
+        return self.cfg.train.batch_size, 0
+
+    def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
+        """This process's next `rows` rows of the global batch (on the CPU)."""
+        raise NotImplementedError
+
+    def count_loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Loss tokens of a batch before the forward: the loss sum is divided by their global count."""
+        return int((batch["labels"] != -100).sum())
+
+    def batch_tokens(self, batch: dict[str, torch.Tensor], batch_size: int, seq_len: int) -> int:
+        """Tokens this process handled in a batch (for tokens/s): the text tokens when there are any."""
+        return int(batch["tokens"].numel()) if "tokens" in batch else batch_size * max(1, seq_len)
+
+    def data_state(self) -> dict[str, Any]:
+        """JSON position of the data stream (where the run's next step starts)."""
+        stream = getattr(self, "stream", None)
+        return stream.state_dict() if stream is not None else {}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Continue the data stream from a saved position."""
+        stream = getattr(self, "stream", None)
+        if state and stream is not None:
+            stream.load_state_dict(state)
+
+    def data_stats(self) -> dict[str, Any]:
+        """Skipped samples per reason (this process's share)."""
+        stream = getattr(self, "stream", None)
+        return stream.stats() if stream is not None else {}
+
+    def on_step(self, step: int, tokens_seen: int) -> None:
+        """Called before each optimizer step (e.g. a data mixture or RoPE switch)."""
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (0 = unknown: no MFU)."""
+        return 0.0
+
+    # ---- the loss -----------------------------------------------------------------------------------
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss over the batch's loss tokens, their number)."""
+        raise NotImplementedError
+
+    # ---- evaluation and export ----------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Held-out figures during training (`train.eval_every`); every process calls it."""
+        return {}
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """Held-out figures of the final model, merged into the summary; every process calls it."""
+        return {}
+
+    def finish(self, trainer: Any, summary: dict[str, Any]) -> None:
+        """After the last step, before the final evaluation (e.g. a Polyak average of checkpoints)."""
+
+    def bundle_meta(self) -> dict[str, Any]:
+        """How to rebuild the model from the final folder (written beside the weights)."""
+        return {}
+
+    def export(self, final: Path, meta: dict[str, Any]) -> None:
+        """Write the final folder (every process calls it: gathering is collective; rank 0 writes)."""
+        raise NotImplementedError
+
+    def gathered(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unsharded copies of (possibly FSDP-sharded) tensors; a collective."""
+        return dist_utils.full_tensors(tensors)
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: `mm train` runs configs whose `stage:` is one of `cls.names` with `cls`."""
+    for name in cls.names:
+        STAGES[name] = cls
+    return cls
+
+
+def stage_class(name: str) -> type[Stage]:
+    """The stage class that runs `stage: name`."""
+    import mm.stages  # noqa: F401  (registers every stage)
+
+    if name not in STAGES:
+        raise ValueError(f"stage={name!r} is not a stage; available: {sorted(STAGES)}")
+    return STAGES[name]
