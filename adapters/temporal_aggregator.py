@@ -148,11 +148,15 @@ class TemporalAggregator(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def align_logits(self, aggregated: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Cosine similarities (B, B) x learned scale of clips' mean latents (B, G, L, D) and texts (B, D)."""
+    def align_vectors(self, aggregated: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (B, D) of clips' mean latents (B, G, L, D) through the alignment head."""
         if self.align is None or self.align_log_scale is None:
             raise ValueError("this aggregator has no alignment head (build it with text_align=True)")
-        v = F.normalize(self.align(aggregated.mean((1, 2))), dim=-1)
+        return F.normalize(self.align(aggregated.mean((1, 2))), dim=-1)
+
+    def align_logits(self, aggregated: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities (B, B) x learned scale of clips' mean latents (B, G, L, D) and texts (B, D)."""
+        v = self.align_vectors(aggregated)
         return v @ F.normalize(text.to(v.dtype), dim=-1).T * self.align_log_scale.exp()
 
     @property

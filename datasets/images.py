@@ -170,7 +170,13 @@ _PIL_DATA_ERRORS: tuple[type[Exception], ...] = (
     zlib.error,
 )
 # PIL's EXIF parser on a malformed EXIF block (tag tables indexed with bad offsets, rationals with 0 denominators).
-_EXIF_ERRORS: tuple[type[Exception], ...] = (*_PIL_DATA_ERRORS, KeyError, IndexError, TypeError, ZeroDivisionError)
+_EXIF_ERRORS: tuple[type[Exception], ...] = (
+    *_PIL_DATA_ERRORS,
+    KeyError,
+    IndexError,
+    TypeError,
+    ZeroDivisionError,
+)
 # What PIL raises when a decoded image cannot be converted (e.g. `convert("RGB")` of a mode it has no conversion
 # for: ValueError) or a lazily read part of the file fails (OSError) inside the transform.
 _PIL_CONVERT_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)

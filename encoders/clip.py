@@ -261,7 +261,7 @@ def clip_loss(
 
     def text_logits() -> torch.Tensor:  # (B, N): row j = this process's text j against every image
         # built after the image -> text term, as before, so one process keeps its exact gradients
-        return logits.T if True else logit_scale * text_emb @ all_images.T
+        return logits.T if total == n else logit_scale * text_emb @ all_images.T
 
     if positives is None:
         labels = torch.arange(start, start + n, device=logits.device)
@@ -281,7 +281,7 @@ def clip_loss(
 
     rows = slice(start, start + n)
     i2t = multi(logits, positives[rows])
-    return (i2t + multi(text_logits(), positives[:, rows].T)) / 2
+    return (i2t + multi(text_logits(), positives[rows])) / 2
 
 
 def bag_of_words_loss(

@@ -37,8 +37,56 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+# Which command reads the checkpoint folder of each stage (an HF Llama directory holds the lm-pretrain stage).
+_STAGE_READER = {
+    "lm-pretrain": "generate",
+    "image-pretrain": "caption",
+    "image-anneal": "caption",
+    "video": "describe",
+    "speech": "transcribe",
+}
+
+
+def _stage_of_checkpoint(folder: Path) -> str | None:
+    """The stage a checkpoint folder holds: the `stage` of its bundle config (mm_config.json, else config.json);
+    "lm-pretrain" for an HF Llama directory (a config.json of model_type llama, no stage); None if unknown."""
+    for name in ("mm_config.json", "config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            cfg = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None  # the loader reports an unreadable config with its own message
+        if not isinstance(cfg, dict):
+            return None
+        if isinstance(cfg.get("stage"), str):
+            return cfg["stage"]
+        if name == "config.json" and cfg.get("model_type") == "llama":
+            return "lm-pretrain"
+    return None
+
+
+def _refuse_other_stage(command: str, checkpoint: str) -> bool:
+    """True (after a one-line message on stderr) when `checkpoint` holds a stage `mm <command>` does not read."""
+    folder = Path(checkpoint)
+    stage = _stage_of_checkpoint(folder)
+    if stage is None or _STAGE_READER.get(stage) == command:
+        return False  # ours, or unknown: the loader checks the folder in full
+    reads = " or ".join(s for s, c in _STAGE_READER.items() if c == command)
+    reader = _STAGE_READER.get(stage)
+    hint = f"read it with `mm {reader} --checkpoint {folder}`" if reader else "no inference command reads it"
+    print(
+        f"mm {command}: {folder} holds a {stage!r} checkpoint, not {reads}; {hint}",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe audio files with a speech-stage bundle; one transcript per line, in input order."""
+    if _refuse_other_stage("transcribe", args.checkpoint):
+        return 2
     from mm.datasets.images import BadSample
     from mm.models.loading import load_speech_bundle
     from mm.models.speech import transcribe_features
@@ -61,6 +109,8 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
 def _cmd_describe(args: argparse.Namespace) -> int:
     """Describe videos with a video-stage bundle; one caption per line, in input order."""
+    if _refuse_other_stage("describe", args.checkpoint):
+        return 2
     from mm.datasets.images import BadSample
     from mm.datasets.video import decode_clip
     from mm.models.loading import load_video_bundle
@@ -84,6 +134,8 @@ def _cmd_describe(args: argparse.Namespace) -> int:
 
 def _cmd_caption(args: argparse.Namespace) -> int:
     """Caption images with an image-stage bundle; one caption per line, in input order."""
+    if _refuse_other_stage("caption", args.checkpoint):
+        return 2
     from mm.models.caption import caption_images, load_rgb
     from mm.models.loading import load_image_bundle
 

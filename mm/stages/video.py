@@ -28,6 +28,7 @@ from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.shapes import VIDEO_PROMPT
 from mm.datasets.streams import ManifestStream
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
+from mm.encoders.clip import gather_rows
 from mm.models.loading import (
     VIDEO_STAGES,
     attach_video,
@@ -220,19 +221,29 @@ class VideoStage(Stage):
         )
         n_tokens = (labels != -100).sum()
         weight = self.cfg.aggregator.contrastive if model.video_aggregator.align is not None else 0.0
-        if weight:  # per clip, scaled to the token count: the trainer divides the sum by n_tokens
-            loss = loss + weight * self.contrastive_loss(video.extra["aggregated"], labels) * n_tokens
+        if weight:  # per clip, weighted by its caption tokens: the trainer divides the sum by all tokens
+            per_clip = self.contrastive_loss(video.extra["aggregated"], labels)
+            loss = loss + weight * (per_clip * (labels != -100).sum(1)).sum()
         return loss, n_tokens
 
     def contrastive_loss(self, aggregated: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean video-text InfoNCE (both directions) of a batch; identical captions are shared positives."""
+        """Video-text InfoNCE per clip (B,) (both directions, halved) against every process's clips and captions
+        (gathered); identical captions are shared positives."""
         real = labels != -100
         emb = self.model.lm.tok_embeddings(labels.clamp(min=0)).detach() * real[..., None]
         text = emb.sum(1) / real.sum(1, keepdim=True).clamp(min=1)  # (B, D) mean caption embedding
-        logits = self.model.video_aggregator.align_logits(aggregated, text).float()
-        same = (labels[:, None, :] == labels[None, :, :]).all(-1).float()  # (B, B) identical captions
-        target = same / same.sum(1, keepdim=True)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T))
+        agg = self.model.video_aggregator
+        v = agg.align_vectors(aggregated).float()
+        t = F.normalize(text.float(), dim=-1)
+        both = gather_rows(torch.cat([v, t], dim=-1))  # (N, 2D): every process's clips, in rank order
+        all_v, all_t = both.split([v.shape[-1], t.shape[-1]], dim=-1)
+        start = self.rank * v.shape[0] if both.shape[0] > v.shape[0] else 0
+        scale = agg.align_log_scale.exp().float()
+        same = (all_t[:, None, :] == all_t[None, :, :]).all(-1).float()  # (N, N) identical captions
+        target = (same / same.sum(1, keepdim=True))[start : start + v.shape[0]]  # symmetric classes
+        i2t = F.cross_entropy(scale * v @ all_t.T, target, reduction="none")
+        t2i = F.cross_entropy(scale * t @ all_v.T, target, reduction="none")
+        return 0.5 * (i2t + t2i)
 
     def evaluate(self) -> dict[str, float]:
         """Exact match and direction accuracy on the learning-curve clips."""

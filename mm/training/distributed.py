@@ -66,6 +66,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's (picklable, small) object, in rank order; [obj] in one process."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_flag(flag: bool, device: torch.device) -> bool:
     """True on every process if it is True on any."""
     if not is_distributed():

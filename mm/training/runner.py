@@ -131,6 +131,8 @@ def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
             )
         summary[f"{name}_fingerprint_start"], summary[f"{name}_fingerprint_end"] = fp, fp_end[name]
     summary["data_skips"] = stage.data_stats()
+    if stage.world > 1:  # what each process read (its own share)
+        summary["data_per_process"] = dist_utils.gather_objects(summary["data_skips"])
     if summary["stopped"] != "max_steps":
         return summary
     stage.finish(trainer, summary)

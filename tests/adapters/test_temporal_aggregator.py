@@ -103,14 +103,15 @@ def test_video_text_contrastive_loss_prefers_the_matching_captions():
         agg.align.weight.copy_(torch.eye(16))
         agg.align_log_scale.fill_(3.0)
     task = VideoStage.__new__(VideoStage)
+    task.rank = 0
     task.model = SimpleNamespace(lm=SimpleNamespace(tok_embeddings=emb), video_aggregator=agg)
     labels = torch.tensor([[3, 4, -100], [5, 6, 7], [3, 4, -100], [8, 9, -100]])  # rows 0 and 2: same caption
     real = labels != -100
     text = (emb(labels.clamp(min=0)) * real[..., None]).sum(1) / real.sum(1, keepdim=True)
     matched = text.detach()[:, None, None, :].expand(4, 1, 2, 16)
     with torch.no_grad():
-        good = task.contrastive_loss(matched, labels)
-        bad = task.contrastive_loss(matched[[1, 3, 1, 0]], labels)
+        good = task.contrastive_loss(matched, labels).mean()
+        bad = task.contrastive_loss(matched[[1, 3, 1, 0]], labels).mean()
     assert float(good) < 0.5 * float(bad), (float(good), float(bad))
     # rows 0 and 2 are one caption: a clip of it scores both equally, so the loss cannot reach 0 but is minimal
     assert float(good) > 0.0

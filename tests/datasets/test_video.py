@@ -210,7 +210,9 @@ def test_a_bug_in_the_frame_transform_propagates_and_is_not_counted_as_bad_data(
     """A decoded clip's frames are valid RGB: an error of the transform is our bug and stops the reader, it is
     never skipped and counted as a bad clip."""
     (tmp_path / "a.mp4").write_bytes(numbered_clip(9))
-    (tmp_path / "m.jsonl").write_text(json.dumps({"video": "a.mp4", "text": "a red circle moves left"}) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"video": "a.mp4", "text": "a red circle moves left"}) + "\n"
+    )
 
     def buggy(image):
         raise bug("a bug in our transform")

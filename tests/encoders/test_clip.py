@@ -224,22 +224,25 @@ def hand_clip_sum(
     return (i2t + t2i) / 2
 
 
-@pytest.mark.parametrize("duplicates", [False, True])
-def test_summed_loss_equals_hand_computation_with_or_without_gather(duplicates):
+@pytest.mark.parametrize("positives", ["diagonal", "duplicates", "one-way"])
+def test_summed_loss_equals_hand_computation_with_or_without_gather(positives):
     torch.manual_seed(0)
     img, txt = torch.randn(4, 3), torch.randn(4, 3)
-    ids = torch.tensor([[1, 9], [2, 9], [1, 9], [3, 9]] if duplicates else [[1, 9], [2, 9], [3, 9], [4, 9]])
+    ids = torch.tensor(
+        [[1, 9], [2, 9], [3, 9], [4, 9]] if positives == "diagonal" else [[1, 9], [2, 9], [1, 9], [3, 9]]
+    )
     pos = same_caption(ids, None)
-    assert int(pos.sum()) == (6 if duplicates else 4)
+    assert int(pos.sum()) == (4 if positives == "diagonal" else 6)
+    if positives == "one-way":  # image 1 also matches text 3, but image 3 does not match text 1
+        pos[1, 3] = True
     want = hand_clip_sum(img.tolist(), txt.tolist(), 5.0, pos.tolist())
-    positives = pos if duplicates else None
-    assert clip_loss(img, txt, 5.0, positives).item() == pytest.approx(
-        want / 4, rel=1e-5
-    )  # the mean, as before
+    positives = None if positives == "diagonal" else pos
+    # the default stays the mean over the pairs
+    assert clip_loss(img, txt, 5.0, positives).item() == pytest.approx(want / 4, rel=1e-5)
     for gather in (False, True):  # no process group: gathering changes nothing
         got = clip_loss(img, txt, torch.tensor(5.0), positives, reduction="sum", gather=gather)
         assert got.item() == pytest.approx(want, rel=1e-5)
-        assert torch.equal(same_caption(ids, None, gather=gather), pos)
+        assert torch.equal(same_caption(ids, None, gather=gather), same_caption(ids, None))
     assert torch.equal(gather_rows(img), img)
     with pytest.raises(ValueError, match="reduction"):
         clip_loss(img, txt, 5.0, reduction="none")

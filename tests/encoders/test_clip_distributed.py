@@ -70,14 +70,24 @@ def make_case(seed: int, captions: list[list[int]]) -> dict[str, torch.Tensor]:
     }
 
 
-def check_case(rank: int, seed: int, captions: list[list[int]], rows: list[int], multi: bool) -> None:
-    """One process: the reference (whole batch, one process) against this process's share (`rows[rank]`)."""
+def check_case(
+    rank: int,
+    seed: int,
+    captions: list[list[int]],
+    rows: list[int],
+    multi: bool,
+    extra: tuple[int, int] | None = None,
+) -> None:
+    """One process: the reference (whole batch, one process) against this process's share (`rows[rank]`);
+    `extra` = (image, text) also marked as a match (one way only: positives need not be symmetric)."""
     case = make_case(seed, captions)
     n = len(captions)
     torch.manual_seed(seed)
     model = TinyPair()
     # one process, the whole batch: summed loss / pairs, as the trainer normalises
     pos = same_caption(case["ids"], case["mask"]) if multi else None
+    if extra is not None:
+        pos[extra] = True
     want = model.loss(case["image_x"], case["text_x"], pos, gather=False)
     (want / n).backward()
     want_grads = [p.grad.clone() for p in model.parameters()]
@@ -93,6 +103,8 @@ def check_case(rank: int, seed: int, captions: list[list[int]], rows: list[int],
     if multi:
         pos = same_caption(local_ids, local_mask, gather=True)
         assert torch.equal(pos, same_caption(case["ids"], case["mask"]))
+        if extra is not None:
+            pos[extra] = True
     got = model.loss(case["image_x"][lo:hi], case["text_x"][lo:hi], pos, gather=True)
     # the trainer: backward of loss * world / global pairs, then gradients averaged over processes
     (got * WORLD / n).backward()
@@ -118,6 +130,8 @@ def worker(rank: int) -> None:
         check_case(rank, seed=2, captions=dup, rows=[4, 4], multi=True)
         # processes holding different numbers of rows
         check_case(rank, seed=3, captions=dup[:7], rows=[3, 4], multi=True)
+        # a match marked one way, from an image of process 0 to a text of process 1
+        check_case(rank, seed=4, captions=dup, rows=[4, 4], multi=True, extra=(1, 6))
     finally:
         dist.destroy_process_group()
 

@@ -50,7 +50,8 @@ def world(tmp_path_factory):
     captions = [json.loads(line)["text"] for line in train.read_text().splitlines() if line.strip()]
     tok = Tokenizer.train(captions * 4, 300)
     tok.save(root / "tok")
-    seen = train.parent / "seen.jsonl"  # 16 training pairs, trained on and evaluated: retrieval must learn them
+    # 16 training pairs, trained on and evaluated: retrieval must learn them.
+    seen = train.parent / "seen.jsonl"
     seen.write_text("".join(line + "\n" for line in train.read_text().splitlines()[:16]))
     return {"root": root, "train": train, "heldout": heldout, "seen": seen, "tok": root / "tok"}
 

@@ -175,7 +175,9 @@ def test_speech_stage_keeps_lm_bit_identical_and_bundle_free_of_lm(world, traine
 
     model, tok, features, bundle_meta = load_speech_bundle(final)
     recs = read_audio_manifest(world["held"])
-    hyps = transcribe_features(model, tok, [features.load(r.audio) for r in recs], prompt=bundle_meta["prompt"])
+    hyps = transcribe_features(
+        model, tok, [features.load(r.audio) for r in recs], prompt=bundle_meta["prompt"]
+    )
     refs = [r.text for r in recs]
     assert [e["hyp"] for e in ev["examples"]] == hyps and [e["ref"] for e in ev["examples"]] == refs
     assert ev["wer"] == word_error_rate(refs, hyps)
@@ -349,7 +351,9 @@ def test_a_speech_context_of_another_length_than_the_prompt_is_refused(corpus):
         spliced = model(tokens, speech=SpeechContext(embeds, mask))
         assert (spliced - plain).abs().max() > 1e-3  # the matching context is used
         for short in (SpeechContext(embeds[:, :8], mask[:, :8]), SpeechContext(embeds[:1], mask[:1])):
-            found = f"shape {tuple(short.mask.shape)} (length {short.mask.shape[1]}) but the tokens have shape "
+            found = (
+                f"shape {tuple(short.mask.shape)} (length {short.mask.shape[1]}) but the tokens have shape "
+            )
             with pytest.raises(ValueError, match=re.escape(found + "(2, 10) (length 10)")):
                 model(tokens, speech=short)
             cache = KVCache.for_model(model, 2, 16)
