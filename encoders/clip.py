@@ -25,7 +25,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,6 +39,27 @@ REDUCTIONS = ("mean", "sum")
 
 def _process_group_active() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Every process's block (same shape everywhere) concatenated in rank order; the backward sums the gathered
+    tensor's gradient over processes (each process's loss reads every block) and keeps this rank's block."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        """Gather (world * rows, ...)."""
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.block = (dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        """Sum over processes, this rank's rows."""
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        lo, hi = ctx.block
+        return grad[lo:hi]
 
 
 def _gather_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -61,18 +81,12 @@ def _gather_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         )
     rows = shapes[:, 0].tolist()
     most = max(rows)
+    if most == 0:
+        return x, 0
     if x.shape[0] < most:
-        x_padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
-    else:
-        x_padded = x.contiguous()
-    if x.requires_grad and torch.is_grad_enabled():
-        # backward: each process's gradient for every gathered block, summed over processes, this rank's block
-        parts = list(dist_nn.all_gather(x_padded))
-    else:
-        parts = [torch.empty_like(x_padded) for _ in range(world)]
-        dist.all_gather(parts, x_padded)
-    gathered = torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)])
-    return gathered, sum(rows[:rank])
+        x = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
+    blocks = _AllGatherRows.apply(x).split(most)  # world blocks of `most` rows; padding rows cut below
+    return torch.cat([block[:n] for block, n in zip(blocks, rows, strict=True)]), sum(rows[:rank])
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +295,7 @@ def clip_loss(
 
     rows = slice(start, start + n)
     i2t = multi(logits, positives[rows])
-    return (i2t + multi(text_logits(), positives[rows])) / 2
+    return (i2t + multi(text_logits(), positives[:, rows].T)) / 2
 
 
 def bag_of_words_loss(

@@ -75,22 +75,15 @@ class _FeatureBatcher:
         return {"features": feats, "feature_lengths": lengths}
 
 
-@register
+@register((STAGE,), BestRQPretrainConfig)
 class BestRQStage(Stage):
     """Masked-frame cross-entropy (BEST-RQ) on unlabeled audio; per-clip masks, resumable sample order."""
-
-    names = (STAGE,)
-    config_class = BestRQPretrainConfig
 
     def check(self) -> None:
         """The kind, the data and the feature size."""
         cfg = self.cfg
         if cfg.kind != "bestrq":
             raise ValueError(f"kind={cfg.kind!r}: this runs BEST-RQ (kind: bestrq)")
-        if not cfg.data.train:
-            raise ValueError(
-                "no training data: pass --data MANIFEST.jsonl | SHARDS.tar ... or set data.train"
-            )
         if cfg.data.features.n_mels != cfg.speech_encoder.n_mels:
             raise ValueError(
                 f"data.features.n_mels={cfg.data.features.n_mels} != "

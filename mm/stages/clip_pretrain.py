@@ -28,7 +28,6 @@ from torch import nn
 
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset
-from mm.datasets.streams import open_stream
 from mm.datasets.tiling import TileTransform
 from mm.encoders.clip import (
     CLIPModel,
@@ -40,6 +39,7 @@ from mm.encoders.clip import (
 )
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.lm import Tokenizer, preset
+from mm.stages.image import TiledPairsConfig, open_pairs
 from mm.training.checkpoint import save_tensors
 from mm.training.config import OptimConfig, TrainConfig
 from mm.training.stage import Stage, register
@@ -69,18 +69,6 @@ class TextTowerConfig:
 
 
 @dataclass
-class ClipDataConfig:
-    """Image-text pairs: one JSONL manifest or WebDataset shards, and the tiling."""
-
-    train: list[str] = field(default_factory=list)
-    heldout: list[str] = field(default_factory=list)
-    tile_size: int = 32
-    max_tiles: int = 2
-    max_bad_fraction: float = 0.05
-    cache_samples: bool = False  # keep decoded tiles in memory (small data, e.g. the demo)
-
-
-@dataclass
 class ClipPretrainConfig:
     """`mm pretrain-encoder` / `stage: clip-pretrain`: CLIP pretraining of the image encoder."""
 
@@ -97,7 +85,7 @@ class ClipPretrainConfig:
     # weight of a caption bag-of-words loss on the pooled image features (0 = off): which words the caption
     # holds, asked of the image directly; with max pooling it teaches shape detectors far faster than CLIP alone
     bag_of_words: float = 0.0
-    data: ClipDataConfig = field(default_factory=ClipDataConfig)
+    data: TiledPairsConfig = field(default_factory=TiledPairsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
     eval_samples: int = 256  # pairs per held-out manifest for zero-shot retrieval (0 = none)
@@ -169,24 +157,14 @@ def retrieval_eval(
     return {**acc, "n": len(samples)}
 
 
-@register
+@register((STAGE,), ClipPretrainConfig)
 class ClipStage(Stage):
     """CLIP loss on image-text pairs (+ the caption bag-of-words loss); replicated under torchrun."""
-
-    names = (STAGE,)
-    config_class = ClipPretrainConfig
 
     def check(self) -> None:
         """The tokenizer, the data, the tiling against the encoder."""
         cfg = self.cfg
-        if not cfg.tokenizer:
-            raise ValueError(
-                "`tokenizer` must name a tokenizer.json or its folder (e.g. runs/demo/lm-pretrain/final)"
-            )
-        if not cfg.data.train:
-            raise ValueError(
-                "no training data: pass --data MANIFEST.jsonl | SHARDS.tar ... or set data.train"
-            )
+        self.require("tokenizer", "a tokenizer.json or its folder (e.g. runs/demo/lm-pretrain/final)")
         enc = cfg.image_encoder
         if cfg.data.tile_size != enc.tile_size or cfg.data.max_tiles > enc.max_tiles:
             raise ValueError(
@@ -214,15 +192,7 @@ class ClipStage(Stage):
         """This process's pairs and the batcher."""
         cfg, d = self.cfg, self.cfg.data
         self.transform = TileTransform(d.tile_size, d.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles)
-        self.stream = open_stream(
-            d.train,
-            self.transform,
-            seed=cfg.train.seed,
-            max_bad_fraction=d.max_bad_fraction,
-            cache=d.cache_samples,
-            rank=rank,
-            world=world,
-        )
+        self.stream = open_pairs(d, self.transform, cfg.train.seed, rank, world)
         self.batcher = ClipBatcher(self.tok, d.max_tiles, cfg.text.max_len)
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from mm.adapters.caption_head import CaptionHeadConfig, caption_slot_targets
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import read_manifest
 from mm.datasets.shapes import IMAGE_PROMPT, caption_attribute_report, parse_caption
-from mm.datasets.streams import open_stream
+from mm.datasets.streams import ManifestStream, ShardStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.clip import bag_of_words_loss
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
@@ -48,16 +48,22 @@ log = logging.getLogger("mm.stages.image")
 
 
 @dataclass
-class ImageDataConfig:
-    """Image-caption pairs: JSONL manifests or WebDataset shards, and the tiling."""
+class TiledPairsConfig:
+    """Image-text pairs: one JSONL manifest or WebDataset shards, and the tiling (CLIP and the image stages)."""
 
     train: list[str] = field(default_factory=list)
     heldout: list[str] = field(default_factory=list)
     tile_size: int = 32
     max_tiles: int = 2
     max_bad_fraction: float = 0.05
-    prompt: str = IMAGE_PROMPT
     cache_samples: bool = False  # keep decoded tiles in memory (small data, e.g. the demo)
+
+
+@dataclass
+class ImageDataConfig(TiledPairsConfig):
+    """The image stages' pairs and tiling, and the prompt before each caption."""
+
+    prompt: str = IMAGE_PROMPT
 
 
 @dataclass
@@ -195,22 +201,15 @@ def check_image_stage_config(cfg: ImageStageConfig) -> None:
         )
 
 
-@register
+@register(IMAGE_STAGES, ImageStageConfig)
 class ImageStage(Stage):
     """Caption loss (caption tokens only) on tiled images, the LM frozen; FSDP2 under torchrun."""
-
-    names = IMAGE_STAGES
-    config_class = ImageStageConfig
 
     def check(self) -> None:
         """The stage name, the LM or Mllama source, the data, the encoder and tiling, the placement."""
         cfg = self.cfg
-        if cfg.stage not in IMAGE_STAGES:
-            raise ValueError(f"stage={cfg.stage!r}; image stages: {list(IMAGE_STAGES)}")
         if not cfg.lm and not cfg.init_from_hf_mllama:
             raise ValueError("`lm` must name the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
-        if not cfg.data.train:
-            raise ValueError("no training data: pass --data MANIFEST.jsonl|SHARD.tar ... or set data.train")
         check_image_stage_config(cfg)
 
     def build(self, device: torch.device) -> nn.Module:
@@ -270,15 +269,7 @@ class ImageStage(Stage):
             enc = cfg.image_encoder
             self.transform = TileTransform(cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=enc.max_tiles)
         d = cfg.data
-        self.stream = open_stream(
-            d.train,
-            self.transform,
-            seed=cfg.train.seed,
-            max_bad_fraction=d.max_bad_fraction,
-            cache=d.cache_samples,
-            rank=rank,
-            world=world,
-        )
+        self.stream = open_pairs(d, self.transform, cfg.train.seed, rank, world)
         self.collator = ImageCaptionCollator(self.tok, prompt=d.prompt, max_tiles=d.max_tiles)
         self.curve = curve_images(cfg)
 
@@ -330,16 +321,15 @@ class ImageStage(Stage):
 
     def final_evaluation(self) -> dict[str, Any]:
         """Captions of the first `eval_samples` images of each held-out manifest (every process runs it)."""
-        cfg = self.cfg
-        if not (cfg.eval_samples and cfg.data.heldout):
+        cfg, d = self.cfg, self.cfg.data
+        if not self.heldout():
             return {}
-        d = cfg.data
         return {
             "eval": evaluate_captions(
                 self.model,
                 self.tok,
                 self.transform,
-                d.heldout,
+                self.heldout(),
                 limit=cfg.eval_samples,
                 prompt=d.prompt,
                 max_tiles=d.max_tiles,
@@ -370,6 +360,21 @@ class ImageStage(Stage):
         adapter = self.gathered(self.model.adapter_state())
         if self.rank == 0:
             save_bundle(adapter, final, meta)
+
+
+def open_pairs(
+    d: TiledPairsConfig, transform: TileTransform, seed: int, rank: int, world: int
+) -> ManifestStream | ShardStream:
+    """Process `rank`'s share of the training pairs, tiled (bad files skipped and counted)."""
+    return open_stream(
+        d.train,
+        transform,
+        seed=seed,
+        max_bad_fraction=d.max_bad_fraction,
+        cache=d.cache_samples,
+        rank=rank,
+        world=world,
+    )
 
 
 def curve_images(cfg: ImageStageConfig) -> tuple[list[Any], list[str]] | None:

@@ -35,12 +35,9 @@ def _sources(cfgs: list[DataSourceConfig]) -> list[TextSource]:
     ]
 
 
-@register
+@register(("lm-pretrain",), LMPretrainConfig)
 class LMPretrainStage(Stage):
     """Next-token prediction on packed text with document masking; FSDP2 per layer under torchrun."""
-
-    names = ("lm-pretrain",)
-    config_class = LMPretrainConfig
 
     def check(self) -> None:
         """The model section first (a bad shape is reported before any data is read), then the data."""
@@ -51,8 +48,6 @@ class LMPretrainStage(Stage):
             raise ValueError(
                 f"model (preset={cfg.model.preset!r}, overrides={dict(cfg.model.overrides)}): {e}"
             ) from None
-        if not cfg.data:
-            raise ValueError("no training data: pass --data PATH ... or set `data` in the config")
         for s in cfg.data + cfg.heldout:
             if not s.paths:
                 raise ValueError(f"data source {s.name or '(unnamed)'} lists no paths")

@@ -110,22 +110,14 @@ def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
     return SpeechLM(lm, encoder, adapter)
 
 
-@register
+@register(SPEECH_STAGES, SpeechStageConfig)
 class SpeechStage(Stage):
     """Next-token loss on the text after the speech (ASR, AST) + the adapter's CTC loss; the LM frozen."""
-
-    names = SPEECH_STAGES
-    config_class = SpeechStageConfig
 
     def check(self) -> None:
         """The stage name, the LM, the data and the feature size."""
         cfg = self.cfg
-        if cfg.stage != STAGE:
-            raise ValueError(f"stage={cfg.stage!r}; this runs the {STAGE!r} stage")
-        if not cfg.lm:
-            raise ValueError("`lm` must name the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
-        if not cfg.data.train:
-            raise ValueError("no training data: pass --data MANIFEST.jsonl|SHARD.tar ... or set data.train")
+        self.require("lm", "the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
         if cfg.data.features.n_mels != cfg.speech_encoder.n_mels:
             raise ValueError(
                 f"data.features.n_mels={cfg.data.features.n_mels} != "

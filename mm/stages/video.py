@@ -108,27 +108,17 @@ class CachedClips:
         return self.dataset.load(i)
 
 
-@register
+@register(VIDEO_STAGES, VideoStageConfig)
 class VideoStage(Stage):
     """Caption loss on clips (+ the video-text contrastive loss); the LM and the whole image path frozen.
 
     Replicated under torchrun (the trainable part, aggregator and video cross-attention, is small; the frozen
     LM and image path hold no gradients); each process reads and encodes only its clips."""
 
-    names = VIDEO_STAGES
-    config_class = VideoStageConfig
-
     def check(self) -> None:
         """The stage name, the image bundle, the data and the frame count."""
         cfg = self.cfg
-        if cfg.stage not in VIDEO_STAGES:
-            raise ValueError(f"stage={cfg.stage!r}; video stages: {list(VIDEO_STAGES)}")
-        if not cfg.init_from:
-            raise ValueError(
-                "`init_from` must name an image-stage bundle (e.g. runs/demo/image-anneal/final)"
-            )
-        if not cfg.data.train:
-            raise ValueError("no training data: pass --data MANIFEST.jsonl|SHARD.tar ... or set data.train")
+        self.require("init_from", "an image-stage bundle (e.g. runs/demo/image-anneal/final)")
         agg = cfg.aggregator
         if cfg.data.n_frames % agg.merge or not 1 <= cfg.data.n_frames <= agg.max_frames:
             raise ValueError(
@@ -258,13 +248,12 @@ class VideoStage(Stage):
 
     def final_evaluation(self) -> dict[str, Any]:
         """Captions of the first `eval_samples` clips of each held-out manifest."""
-        cfg = self.cfg
-        if not (cfg.eval_samples and cfg.data.heldout):
+        d = self.cfg.data
+        if not self.heldout():
             return {}
-        d = cfg.data
         return {
             "eval": evaluate_videos(
-                self.model, self.collator, self.transform, d.heldout, d.n_frames, cfg.eval_samples
+                self.model, self.collator, self.transform, self.heldout(), d.n_frames, self.cfg.eval_samples
             )
         }
 

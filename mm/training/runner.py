@@ -92,7 +92,8 @@ def check_resume(out: Path, record: dict[str, Any], frozen: dict[str, str]) -> N
 def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     """Train the stage `cfg` describes; write OUT/final and OUT/summary.json; return the summary."""
     stage = stage_for(cfg)
-    stage.check()  # before any weights or data are read
+    stage.check_common()  # before any weights or data are read
+    stage.check()
     tr = cfg.train
     device = setup_run(tr)
     stage.rank, stage.world = dist_utils.rank(), dist_utils.world_size()

@@ -38,6 +38,25 @@ class Stage:
         self.anneal_steps, self.polyak_k = 0, 0  # the final LR decay to 0 and its Polyak average
 
     # ---- before anything is read --------------------------------------------------------------------
+    def check_common(self) -> None:
+        """The stage name fits the class, and there is training data (every stage; before `check`)."""
+        if self.name not in self.names:
+            raise ValueError(f"stage={self.name!r}; {type(self).__name__} runs {list(self.names)}")
+        data = self.cfg.data
+        if not (data if isinstance(data, list) else data.train):
+            key = "data" if isinstance(data, list) else "data.train"
+            raise ValueError(f"no training data: pass --data PATH ... or set `{key}` in the config")
+
+    def require(self, key: str, what: str) -> None:
+        """Refuse an empty required config key, saying what it must name."""
+        if not getattr(self.cfg, key):
+            raise ValueError(f"`{key}` must name {what}")
+
+    def heldout(self) -> list[str]:
+        """The held-out manifests evaluated at the end (none when `eval_samples` is 0)."""
+        data = self.cfg.data
+        return list(data.heldout) if getattr(self.cfg, "eval_samples", 0) and hasattr(data, "heldout") else []
+
     def check(self) -> None:
         """Refuse impossible configurations, naming the key and what is allowed (reads no weights or data)."""
 
@@ -156,11 +175,16 @@ class Stage:
 STAGES: dict[str, type[Stage]] = {}
 
 
-def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: `mm train` runs configs whose `stage:` is one of `cls.names` with `cls`."""
-    for name in cls.names:
-        STAGES[name] = cls
-    return cls
+def register(names: tuple[str, ...], config_class: type) -> Any:
+    """Class decorator: `mm train` runs configs (of `config_class`) whose `stage:` is one of `names` with it."""
+
+    def add(cls: type[Stage]) -> type[Stage]:
+        cls.names, cls.config_class = tuple(names), config_class
+        for name in names:
+            STAGES[name] = cls
+        return cls
+
+    return add
 
 
 def stage_class(name: str) -> type[Stage]:
