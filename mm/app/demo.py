@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from mm.app.demo_steps import (
-    SECTIONS,
     STEPS,
     WORLD,
     Step,
@@ -45,7 +44,7 @@ from mm.app.demo_steps import (
     exact_match_curve,
     windowed_curve,
 )
-from mm.app.report import stage_rows, write_report
+from mm.app.report import SECTIONS, stage_rows, write_report
 from mm.lm import load_hf
 from mm.training.checkpoint import write_json
 from mm.training.config import config_to_yaml

@@ -28,7 +28,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mm.app.report import SECTIONS
 from mm.datasets import shapes
 from mm.training.checkpoint import write_json
 from mm.training.config import DataSourceConfig, LMPretrainConfig, load_config
@@ -36,7 +35,6 @@ from mm.training.config import DataSourceConfig, LMPretrainConfig, load_config
 log = logging.getLogger("mm.app.demo")
 
 T = TypeVar("T")
-__all__ = ["SECTIONS", "STEPS", "WORLD", "Step", "StepRun", "load_preset", "content_hash"]
 
 DEMO_PROMPTS = ["Caption: a large", "a small green", "Video: a purple", "there is a"]
 IMAGE_COUNTS = {"train": 4000, "heldout": 200, "heldout_pairs": 200}

@@ -24,10 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters import CrossAttentionBlock
 from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.lm import KVCache, Transformer
 from mm.lm.config import LMConfig
+from mm.models.placement import (
+    check_xattn_layers,
+    video_xattn_layer_ids,
+    xattn_blocks,
+    xattn_layer_ids,
+)
+
+__all__ = [
+    "MediaContext",
+    "MultimodalLM",
+    "check_xattn_layers",
+    "video_xattn_layer_ids",
+    "xattn_layer_ids",
+]
 
 PARTS = (
     "lm",
@@ -54,38 +67,6 @@ class MediaContext:
         None  # (B, M): what the last prompt token sees; decoded tokens see it too
     )
     extra: dict = field(default_factory=dict)
-
-
-def xattn_layer_ids(n_layers: int, every: int) -> list[int]:
-    """LM layer indices preceded by a cross-attention block: every k-th layer (k-1, 2k-1, ...)."""
-    if every < 1 or every > n_layers:
-        raise ValueError(f"cross-attention interval every={every} must be in [1, n_layers={n_layers}]")
-    return [i for i in range(n_layers) if i % every == every - 1]
-
-
-def check_xattn_layers(layers: Sequence[int], n_layers: int) -> list[int]:
-    """An explicit placement: distinct LM layer indices in [0, n_layers), returned sorted."""
-    ids = sorted(int(i) for i in layers)
-    bad = [i for i in ids if not 0 <= i < n_layers]
-    if bad or len(set(ids)) != len(ids):
-        raise ValueError(
-            f"cross-attention layers {list(layers)}: expected distinct LM layer indices in [0, {n_layers})"
-        )
-    return ids
-
-
-def video_xattn_layer_ids(image_layers: Sequence[int], every: int) -> list[int]:
-    """LM layers whose image cross-attention block gets a video block before it: every k-th image block."""
-    if every < 1:
-        raise ValueError(f"video cross-attention interval every={every} must be >= 1")
-    layers = sorted(image_layers)
-    ids = [i for k, i in enumerate(layers) if k % every == every - 1]
-    if not ids:
-        raise ValueError(
-            f"video cross-attention every {every} image cross-attention layers: there are only {len(layers)} "
-            f"image cross-attention layers ({layers}); choose every <= {len(layers)} or explicit layers"
-        )
-    return ids
 
 
 def expand_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int) -> torch.Tensor:
@@ -135,20 +116,7 @@ class MultimodalLM(nn.Module):
             self.xattn_layers = xattn_layer_ids(c.n_layers, xattn_every)
         else:
             self.xattn_layers = check_xattn_layers(xattn_layers, c.n_layers)
-        self.image_xattn = nn.ModuleDict(
-            {
-                str(i): CrossAttentionBlock(
-                    c.dim,
-                    c.n_heads,
-                    c.n_kv_heads,
-                    c.hd,
-                    c.hidden_dim,
-                    c.norm_eps,
-                    hf_row_compat=hf_row_compat,
-                )
-                for i in self.xattn_layers
-            }
-        )
+        self.image_xattn = xattn_blocks(c, self.xattn_layers, hf_row_compat)
         if extra_tokens < 0:
             raise ValueError(f"extra_tokens must be >= 0, got {extra_tokens}")
         self.extra_tok_embeddings = nn.Embedding(extra_tokens, c.dim) if extra_tokens else None
@@ -164,20 +132,7 @@ class MultimodalLM(nn.Module):
                 self.video_xattn_layers = video_xattn_layer_ids(self.xattn_layers, 4)
             else:
                 self.video_xattn_layers = check_xattn_layers(video_xattn_layers, c.n_layers)
-            self.video_xattn = nn.ModuleDict(
-                {
-                    str(i): CrossAttentionBlock(
-                        c.dim,
-                        c.n_heads,
-                        c.n_kv_heads,
-                        c.hd,
-                        c.hidden_dim,
-                        c.norm_eps,
-                        hf_row_compat=hf_row_compat,
-                    )
-                    for i in self.video_xattn_layers
-                }
-            )
+            self.video_xattn = xattn_blocks(c, self.video_xattn_layers, hf_row_compat)
         elif video_xattn_layers is not None:
             raise ValueError("video_xattn_layers given without a video_aggregator")
         self.set_trainable(trainable)

@@ -16,13 +16,11 @@ CPU runs harder to compare with the float32 references, hence not the default.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,16 @@ from mm.training.checkpoint import (
 )
 from mm.training.config import OptimConfig, TrainConfig
 from mm.training.freeze import assert_not_in_optimizer
+from mm.training.services import (
+    MetricsWriter,
+    autocast_context,
+    lr_at,
+    measure_peak_flops,
+    param_groups,
+    resolve_device,
+    set_seed,
+    setup_run,
+)
 from mm.training.stage import Stage
 
 log = logging.getLogger("mm.training.trainer")
@@ -47,116 +55,6 @@ log = logging.getLogger("mm.training.trainer")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def lr_at(step: int, optim: OptimConfig, max_steps: int, anneal_steps: int = 0) -> float:
-    """Learning rate of optimizer step `step` (0-based): warmup, cosine to the floor, linear anneal to 0."""
-    peak, floor = optim.lr, optim.lr * optim.min_lr_ratio
-    warm = max(0, optim.warmup_steps)
-    decay_end = max(warm, max_steps - anneal_steps)
-    if step < warm:
-        return peak * (step + 1) / warm
-    if step < decay_end:
-        span = max(1, decay_end - warm)
-        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / span))
-    start = floor if decay_end > warm else peak
-    return start * max(0.0, 1 - (step - decay_end + 1) / max(1, anneal_steps))
-
-
-def param_groups(params: list[tuple[str, nn.Parameter]], optim: OptimConfig) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices only; `optim.lr_mult` scales the LR of parameters whose name
-    contains a given substring (first match wins), e.g. {"gate": 10} for the cross-attention gates."""
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, p in params:
-        mult = next((m for pat, m in optim.lr_mult.items() if pat in name), 1.0)
-        groups.setdefault((p.dim() >= 2, float(mult)), []).append(p)
-    return [
-        {"params": ps, "weight_decay": optim.weight_decay if decay else 0.0, "lr_mult": mult}
-        for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
-    ]
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> this process's CUDA device if there is one, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_utils.local_rank())
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def autocast_context(setting: str, device: torch.device) -> Any:
-    """The autocast context for `train.autocast` (auto = bf16 on CUDA, none on CPU)."""
-    if setting == "auto":
-        setting = "bf16" if device.type == "cuda" else "none"
-    if setting == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if setting == "none":
-        return nullcontext()
-    raise ValueError(f"train.autocast={setting!r}; allowed: auto, bf16, none")
-
-
-_PEAK_CACHE: dict[tuple[str, str], float] = {}
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    """FLOP/s of a large square matmul on this device (the denominator of MFU)."""
-    key = (str(device), str(dtype))
-    if key in _PEAK_CACHE:
-        return _PEAK_CACHE[key]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.3:
-        a @ b
-        reps += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    _PEAK_CACHE[key] = 2 * n**3 * reps / (time.perf_counter() - t0)
-    return _PEAK_CACHE[key]
-
-
-class MetricsWriter:
-    """`metrics.jsonl` (one record per optimizer step) and TensorBoard scalars; rank 0 only."""
-
-    def __init__(self, out: Path, resume_step: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = out / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop records past the step we resume from (they will be recomputed)
-            keep = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(k + "\n" for k in keep))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step + 1)
-        except Exception as e:  # TensorBoard is optional at run time; metrics.jsonl is not
-            log.warning("TensorBoard disabled: %s", e)
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record."""
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        """Flush TensorBoard."""
-        if self.tb is not None:
-            self.tb.close()
 
 
 class Trainer:
@@ -289,8 +187,8 @@ class Trainer:
         if resume:
             self.resume()
         metrics = MetricsWriter(self.out, self.step, enabled=self.rank == 0)
-        ac = autocast_context(tr.autocast, self.device)
-        peak = tr.peak_flops or measure_peak_flops(self.device)
+        self._autocast = autocast_context(tr.autocast, self.device)
+        self._peak = tr.peak_flops or measure_peak_flops(self.device)
         old_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -311,82 +209,19 @@ class Trainer:
         t_start = time.perf_counter()
         try:
             while self.step < tr.max_steps:
-                t0 = time.perf_counter()
-                self.task.on_step(self.step, self.tokens_seen)
-                bsz, seq = self.task.batch_shape(self.step, self.tokens_seen)
-                batch = self.task.next_batch(self.local_rows(bsz), seq)
-                micro = self._micro_batches(batch)
-                n_tok = dist_utils.all_reduce_sum(
-                    torch.tensor(
-                        float(sum(self.task.count_loss_tokens(m) for m in micro)), device=self.device
-                    )
-                )
-                if float(n_tok) == 0:
-                    raise ValueError(f"step {self.step + 1}: the batch has no loss tokens")
-                loss_sum = torch.zeros((), device=self.device)
-                self.task.model.train()
-                for i, mb in enumerate(micro):
-                    dist_utils.set_grad_sync(self.task.model, i == len(micro) - 1)
-                    with ac:
-                        ls, _ = self.task.loss(mb)
-                    # Gradients are averaged over processes, so scale by world size: sum / all loss tokens.
-                    (ls * self.world / n_tok).backward()
-                    loss_sum += ls.detach().float()
-                if self.replicated:  # FSDP2 reduces its own gradients
-                    dist_utils.average_gradients([p for _, p in self.params])
-                loss = float(dist_utils.all_reduce_sum(loss_sum) / n_tok)
-                if not math.isfinite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingDiverged(
-                        f"loss is {loss} at step {self.step + 1}; stopping. The last good checkpoint is "
-                        f"{latest_checkpoint(self.ckpt_root) or 'none (no checkpoint was saved yet)'}"
-                    )
-                grad_norm = dist_utils.clip_grad_norm([p for _, p in self.params], self.optim.grad_clip)
-                lr = lr_at(self.step, self.optim, tr.max_steps, self.anneal_steps)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_mult", 1.0)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                step_tokens = int(
-                    dist_utils.all_reduce_sum(
-                        torch.tensor(
-                            float(self.task.batch_tokens(batch, self.local_rows(bsz), seq)),
-                            device=self.device,
-                        )
-                    )
-                )
-                self.tokens_seen += step_tokens
-                dt = time.perf_counter() - t0
-                tps = step_tokens / dt
-                fpt = self.task.flops_per_token(seq)
-                rec = {
-                    "step": self.step,
-                    "loss": loss,
-                    "lr": lr,
-                    "tokens_per_s": tps,
-                    "tokens_seen": self.tokens_seen,
-                    "grad_norm": grad_norm,
-                    "batch_size": bsz,
-                    "seq_len": seq,
-                    "step_time_s": dt,
-                }
-                if fpt:
-                    rec["mfu"] = fpt * tps / (peak * self.world)
-                last_loss = loss
+                rec = self.train_step()
+                last_loss = rec["loss"]
                 if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
                     rec.update({f"eval/{k}": v for k, v in self.task.evaluate().items()})
                 if self.step % max(1, tr.log_every) == 0 or self.step == tr.max_steps:
                     metrics.write(rec)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                tps = rec["tokens_per_s"]
+                bar.set_postfix(
+                    loss=f"{last_loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False
+                )
                 bar.update(1)
                 stop = dist_utils.any_flag(self._stop_signal is not None, self.device)
-                if (
-                    (tr.save_every and self.step % tr.save_every == 0)
-                    or self.step == tr.max_steps
-                    or self.step in self.polyak_steps()
-                    or stop
-                ):
+                if self._save_due() or stop:
                     self.save()
                 if stop:
                     summary["stopped"] = f"signal {self._stop_signal}"
@@ -404,25 +239,86 @@ class Trainer:
         )
         return summary
 
+    def _save_due(self) -> bool:
+        tr = self.train
+        every = tr.save_every and self.step % tr.save_every == 0
+        return bool(every or self.step == tr.max_steps or self.step in self.polyak_steps())
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over this process's rows of the next global batch; its metrics record."""
+        t0 = time.perf_counter()
+        self.task.on_step(self.step, self.tokens_seen)
+        bsz, seq = self.task.batch_shape(self.step, self.tokens_seen)
+        batch = self.task.next_batch(self.local_rows(bsz), seq)
+        loss = self._accumulate(self._micro_batches(batch))
+        grad_norm = dist_utils.clip_grad_norm([p for _, p in self.params], self.optim.grad_clip)
+        lr = lr_at(self.step, self.optim, self.train.max_steps, self.anneal_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        local = float(self.task.batch_tokens(batch, self.local_rows(bsz), seq))
+        step_tokens = int(dist_utils.all_reduce_sum(torch.tensor(local, device=self.device)))
+        self.tokens_seen += step_tokens
+        dt = time.perf_counter() - t0
+        rec = {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": step_tokens / dt,
+            "tokens_seen": self.tokens_seen,
+            "grad_norm": grad_norm,
+            "batch_size": bsz,
+            "seq_len": seq,
+            "step_time_s": dt,
+        }
+        fpt = self.task.flops_per_token(seq)
+        if fpt:
+            rec["mfu"] = fpt * rec["tokens_per_s"] / (self._peak * self.world)
+        return rec
+
+    def _accumulate(self, micro: list[dict[str, torch.Tensor]]) -> float:
+        """Forward and backward over the micro-batches: the gradients of the whole global batch, averaged
+        over processes; returns the step's loss (the sum over every process / all loss tokens)."""
+        n_tok = dist_utils.all_reduce_sum(
+            torch.tensor(float(sum(self.task.count_loss_tokens(m) for m in micro)), device=self.device)
+        )
+        if float(n_tok) == 0:
+            raise ValueError(f"step {self.step + 1}: the batch has no loss tokens")
+        loss_sum = torch.zeros((), device=self.device)
+        self.task.model.train()
+        for i, mb in enumerate(micro):
+            dist_utils.set_grad_sync(self.task.model, i == len(micro) - 1)
+            with self._autocast:
+                ls, _ = self.task.loss(mb)
+            # Gradients are averaged over processes, so scale by world size: sum / all loss tokens.
+            (ls * self.world / n_tok).backward()
+            loss_sum += ls.detach().float()
+        if self.replicated:  # FSDP2 reduces its own gradients
+            dist_utils.average_gradients([p for _, p in self.params])
+        loss = float(dist_utils.all_reduce_sum(loss_sum) / n_tok)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"loss is {loss} at step {self.step + 1}; stopping. The last good checkpoint is "
+                f"{latest_checkpoint(self.ckpt_root) or 'none (no checkpoint was saved yet)'}"
+            )
+        return loss
+
     def polyak_checkpoints(self) -> list[Path]:
         """The checkpoints to average for the final model (those at `polyak_steps`)."""
         want = self.polyak_steps()
         return [p for p in list_checkpoints(self.ckpt_root) if int(p.name.split("_")[1]) in want]
 
 
-def set_seed(seed: int) -> None:
-    """Seed torch (CPU and CUDA) for reproducible runs."""
-    torch.manual_seed(seed)
-
-
-def setup_run(train: TrainConfig) -> torch.device:
-    """Threads, process group (under torchrun), device and seed: the common start of every stage."""
-    if train.num_threads:
-        torch.set_num_threads(train.num_threads)
-    dist_utils.init_distributed()
-    device = resolve_device(train.device)
-    set_seed(train.seed)
-    return device
-
-
-__all__ = ["Trainer", "TrainingDiverged", "autocast_context", "lr_at", "set_seed", "setup_run"]
+__all__ = [
+    "Trainer",
+    "TrainingDiverged",
+    "autocast_context",
+    "lr_at",
+    "param_groups",
+    "resolve_device",
+    "set_seed",
+    "setup_run",
+]

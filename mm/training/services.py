@@ -1,0 +1,153 @@
+"""The loop's services: the learning-rate schedule and AdamW groups, device and autocast, the run's start
+(threads, process group, seed), the MFU denominator, and `metrics.jsonl` + TensorBoard.
+
+Numerics on CPU: float32 by default (`autocast: auto` means bf16 autocast on CUDA only). bf16 autocast on
+CPU is allowed (`autocast: bf16`) but is slower than float32 on CPUs without bf16 matrix units and makes
+CPU runs harder to compare with the float32 references, hence not the default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mm.training import distributed as dist_utils
+from mm.training.config import OptimConfig, TrainConfig
+
+log = logging.getLogger("mm.training.services")
+
+
+def lr_at(step: int, optim: OptimConfig, max_steps: int, anneal_steps: int = 0) -> float:
+    """Learning rate of optimizer step `step` (0-based): warmup, cosine to the floor, linear anneal to 0."""
+    peak, floor = optim.lr, optim.lr * optim.min_lr_ratio
+    warm = max(0, optim.warmup_steps)
+    decay_end = max(warm, max_steps - anneal_steps)
+    if step < warm:
+        return peak * (step + 1) / warm
+    if step < decay_end:
+        span = max(1, decay_end - warm)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (step - warm) / span))
+    start = floor if decay_end > warm else peak
+    return start * max(0.0, 1 - (step - decay_end + 1) / max(1, anneal_steps))
+
+
+def param_groups(params: list[tuple[str, nn.Parameter]], optim: OptimConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only; `optim.lr_mult` scales the LR of parameters whose name
+    contains a given substring (first match wins), e.g. {"gate": 10} for the cross-attention gates."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in params:
+        mult = next((m for pat, m in optim.lr_mult.items() if pat in name), 1.0)
+        groups.setdefault((p.dim() >= 2, float(mult)), []).append(p)
+    return [
+        {"params": ps, "weight_decay": optim.weight_decay if decay else 0.0, "lr_mult": mult}
+        for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> this process's CUDA device if there is one, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_utils.local_rank())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast_context(setting: str, device: torch.device) -> Any:
+    """The autocast context for `train.autocast` (auto = bf16 on CUDA, none on CPU)."""
+    if setting == "auto":
+        setting = "bf16" if device.type == "cuda" else "none"
+    if setting == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if setting == "none":
+        return nullcontext()
+    raise ValueError(f"train.autocast={setting!r}; allowed: auto, bf16, none")
+
+
+_PEAK_CACHE: dict[tuple[str, str], float] = {}
+
+
+_PEAK_CACHE: dict[tuple[str, str], float] = {}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """FLOP/s of a large square matmul on this device (the denominator of MFU)."""
+    key = (str(device), str(dtype))
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    _PEAK_CACHE[key] = 2 * n**3 * reps / (time.perf_counter() - t0)
+    return _PEAK_CACHE[key]
+
+
+class MetricsWriter:
+    """`metrics.jsonl` (one record per optimizer step) and TensorBoard scalars; rank 0 only."""
+
+    def __init__(self, out: Path, resume_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # drop records past the step we resume from (they will be recomputed)
+            keep = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=resume_step + 1)
+        except Exception as e:  # TensorBoard is optional at run time; metrics.jsonl is not
+            log.warning("TensorBoard disabled: %s", e)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.tb is not None:
+            self.tb.close()
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch (CPU and CUDA) for reproducible runs."""
+    torch.manual_seed(seed)
+
+
+def setup_run(train: TrainConfig) -> torch.device:
+    """Threads, process group (under torchrun), device and seed: the common start of every stage."""
+    if train.num_threads:
+        torch.set_num_threads(train.num_threads)
+    dist_utils.init_distributed()
+    device = resolve_device(train.device)
+    set_seed(train.seed)
+    return device
