@@ -57,6 +57,7 @@ class _AllGatherRows(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         """Sum over processes, this rank's rows."""
         grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         lo, hi = ctx.block
         return grad[lo:hi]
 
@@ -85,7 +86,7 @@ def _gather_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if x.shape[0] < most:
         x = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
     blocks = _AllGatherRows.apply(x).split(most)  # world blocks of `most` rows; padding rows cut below
-    return torch.cat([block[:n] for block, n in zip(blocks, rows, strict=True)]), sum(rows[:rank])
+    return torch.cat(blocks), sum(rows[:rank])
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ One torchrun group runs all seven stages one after another (`stage_worker.py`); 
 and the resumed runs run in this process.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -24,7 +25,12 @@ from mm.training.stage import stage_class
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STEPS, BATCH = 2, 4
-COMMON = [f"train.max_steps={STEPS}", f"train.batch_size={BATCH}", "train.save_every=2", "train.num_threads=1"]
+COMMON = [
+    f"train.max_steps={STEPS}",
+    f"train.batch_size={BATCH}",
+    "train.save_every=2",
+    "train.num_threads=1",
+]
 COMMON += ["train.peak_flops=1e9", "train.seed=3"]
 IMAGE_ENCODER = [
     "image_encoder.embed_dim=32",
@@ -143,7 +149,15 @@ def losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-STAGES = ["lm-pretrain", "clip-pretrain", "bestrq-pretrain", "image-pretrain", "image-anneal", "video", "speech"]
+STAGES = [
+    "lm-pretrain",
+    "clip-pretrain",
+    "bestrq-pretrain",
+    "image-pretrain",
+    "image-anneal",
+    "video",
+    "speech",
+]
 
 
 @pytest.mark.slow
@@ -168,3 +182,54 @@ def test_two_processes_equal_one_read_their_share_and_resume_in_one(jobs, name):
     run(cfg, resume=True)
     after = losses(two)
     assert len(after) == STEPS + 1 and after[:STEPS] == got
+
+
+def one_process_losses(cfg, out: Path, **train) -> list[float]:
+    cfg = copy.deepcopy(cfg)
+    cfg.out = str(out)
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    run(cfg)
+    return losses(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STAGES)
+def test_activation_checkpointing_and_compile_apply_to_every_stage_or_are_refused(jobs, name, monkeypatch):
+    cfg = jobs["cfgs"][name]
+    root = jobs["root"] / "ac" / name
+    if name == "bestrq-pretrain":  # the Conformer layers are called piecewise: no block to wrap
+        with pytest.raises(
+            ValueError, match="train.activation_checkpointing: the bestrq-pretrain stage has no"
+        ):
+            one_process_losses(cfg, root / "ac", activation_checkpointing=True)
+        with pytest.raises(ValueError, match="train.compile: the bestrq-pretrain stage has no"):
+            one_process_losses(cfg, root / "compile", compile=True)
+        return
+    plain = one_process_losses(cfg, root / "plain")
+    recomputed = one_process_losses(cfg, root / "ac", activation_checkpointing=True)
+    torch.testing.assert_close(torch.tensor(recomputed), torch.tensor(plain), rtol=1e-6, atol=1e-6)
+    compiled = []  # compiling takes about a minute a stage here: record which modules would be compiled
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    one_process_losses(cfg, root / "compile", compile=True)
+    assert compiled and all(isinstance(m, torch.nn.Module) for m in compiled)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STAGES)
+def test_eval_every_evaluates_every_stage_during_training(jobs, name):
+    cfg = copy.deepcopy(jobs["cfgs"][name])
+    data = cfg.data
+    if name == "lm-pretrain":
+        cfg.heldout = copy.deepcopy(cfg.data)
+    else:
+        data.heldout = list(data.train)
+    for key in ("eval_samples", "curve_samples"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, 4)
+    out = jobs["root"] / "eval" / name
+    one_process_losses(cfg, out, eval_every=1)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    evals = {k: v for k, v in first.items() if k.startswith("eval/")}
+    assert evals, first
+    assert all(isinstance(v, float) for v in evals.values())
