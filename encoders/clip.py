@@ -86,7 +86,7 @@ def _gather_rows_at(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if x.shape[0] < most:
         x = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
     blocks = _AllGatherRows.apply(x).split(most)  # world blocks of `most` rows; padding rows cut below
-    return torch.cat(blocks), sum(rows[:rank])
+    return torch.cat([block[:n] for block, n in zip(blocks, rows, strict=True)]), sum(rows[:rank])
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
