@@ -86,17 +86,28 @@ class Stage:
         return {}
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Tensors a checkpoint holds (the trainable parameters)."""
-        return {n: p.detach() for n, p in self.trainable()}
+        """Tensors a checkpoint holds: the trainable parameters, and the persistent buffers of the modules
+        that train (e.g. batch-norm running statistics), so a resumed run evaluates as an uninterrupted one."""
+        state = {n: p.detach() for n, p in self.trainable()}
+        trained = {id(p) for _, p in self.trainable()}
+        for prefix, module in self.model.named_modules():
+            own = list(module.parameters(recurse=False))
+            if not own or not all(id(p) in trained for p in own):
+                continue
+            skip = getattr(module, "_non_persistent_buffers_set", set())
+            for name, buf in module.named_buffers(recurse=False):
+                if name not in skip:
+                    state[f"{prefix}.{name}" if prefix else name] = buf.detach()
+        return state
 
     def load_checkpoint_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put checkpoint tensors back into the model."""
-        params = dict(self.model.named_parameters())
+        """Put checkpoint tensors (parameters and buffers) back into the model."""
+        known = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         with torch.no_grad():
             for k, v in tensors.items():
-                if k not in params:
-                    raise KeyError(f"checkpoint tensor {k!r} is not a parameter of the {self.name} model")
-                params[k].copy_(v)
+                if k not in known:
+                    raise KeyError(f"checkpoint tensor {k!r} is not a tensor of the {self.name} model")
+                known[k].copy_(v)
 
     # ---- data ---------------------------------------------------------------------------------------
     def open_data(self, rank: int, world: int) -> None:

@@ -233,3 +233,18 @@ def test_eval_every_evaluates_every_stage_during_training(jobs, name):
     evals = {k: v for k, v in first.items() if k.startswith("eval/")}
     assert evals, first
     assert all(isinstance(v, float) for v in evals.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bestrq-pretrain", "speech"])
+def test_checkpoints_keep_the_batch_norm_statistics_of_the_trained_encoder(jobs, name):
+    from mm.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    cfg = copy.deepcopy(jobs["cfgs"][name])
+    out = jobs["root"] / "bn" / name
+    one_process_losses(cfg, out)
+    model = load_checkpoint(latest_checkpoint(out / "checkpoints"))["model"]
+    stats = [k for k in model if k.endswith(("running_mean", "running_var"))]
+    assert stats, sorted(model)[:10]
+    assert all(float(model[k].abs().sum()) > 0 for k in stats)
+    assert not any(k.startswith("lm.") for k in model)
