@@ -64,7 +64,7 @@ class BestRQPretrainConfig:
     out: str = "runs/bestrq"
 
 
-class _FeatureBatcher:
+class FeatureCollator:
     """Samples -> {features, feature_lengths} (zero-padded)."""
 
     def __init__(self) -> None:
@@ -113,7 +113,7 @@ class BestRQStage(Stage):
             rank=rank,
             world=world,
         )
-        self.batcher = _FeatureBatcher()
+        self.collator = FeatureCollator()
         self.generator = torch.Generator().manual_seed(self.cfg.train.seed)
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -121,7 +121,7 @@ class BestRQStage(Stage):
         count): each clip's from a generator seeded by (run seed, its stream position), so they do not depend
         on how the global batch is split over processes."""
         samples = [self.stream.next() for _ in range(rows)]
-        batch = self.batcher(samples)
+        batch = self.collator(samples)
         gens = [self._sample_generator(s) for s in samples]
         batch["mask"], batch["noise"] = self.model.mask_and_noise(batch["feature_lengths"], gens)
         return batch
@@ -191,7 +191,7 @@ def masked_eval(model: BestRQ, manifest: str, cfg: BestRQPretrainConfig) -> dict
     """Mean masked-frame CE (per frame and codebook) and code accuracy on the first `eval_samples` clips."""
     ds = AudioTextDataset(manifest, cfg.data.features.build(), require_text=False)
     samples = [s for s in (ds.load(i) for i in range(min(cfg.eval_samples, len(ds)))) if s is not None]
-    batch = _FeatureBatcher()(samples)
+    batch = FeatureCollator()(samples)
     model.eval()
     gens = [sample_generator(1234, i) for i in range(len(samples))]  # the same masks and noise every time
     mask, noise = model.mask_and_noise(batch["feature_lengths"], gens)

@@ -92,7 +92,7 @@ class ClipPretrainConfig:
     out: str = "runs/clip"
 
 
-class ClipBatcher:
+class ClipCollator:
     """Samples -> CLIP batch: `pixel_values` (B, T, 3, S, S), `aspect_ratio_ids` (B,), `aspect_ratio_mask`
     (B, T), right-padded `input_ids` / `attention_mask` (B, L) of `<bos> caption <eos>`."""
 
@@ -137,7 +137,7 @@ def build_clip_model(cfg: ClipPretrainConfig, vocab_size: int) -> CLIPModel:
 
 
 def retrieval_eval(
-    model: CLIPModel, batcher: ClipBatcher, transform: TileTransform, manifest: str, n: int
+    model: CLIPModel, collator: ClipCollator, transform: TileTransform, manifest: str, n: int
 ) -> dict[str, Any]:
     """Zero-shot retrieval accuracy on the first `n` usable pairs of a manifest."""
     ds = ImageTextDataset(manifest, transform)
@@ -145,7 +145,7 @@ def retrieval_eval(
     if not samples:
         raise ValueError(f"{manifest}: no usable held-out pairs")
     device = next(model.parameters()).device
-    b = {k: v.to(device) for k, v in batcher(samples).items()}
+    b = {k: v.to(device) for k, v in collator(samples).items()}
     acc = zero_shot_retrieval_accuracy(
         model,
         b["pixel_values"],
@@ -189,15 +189,15 @@ class ClipStage(Stage):
         return list(self.model.text_tower.transformer.layers)
 
     def open_data(self, rank: int, world: int) -> None:
-        """This process's pairs and the batcher."""
+        """This process's pairs and the collator."""
         cfg, d = self.cfg, self.cfg.data
         self.transform = TileTransform(d.tile_size, d.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles)
         self.stream = open_pairs(d, self.transform, cfg.train.seed, rank, world)
-        self.batcher = ClipBatcher(self.tok, d.max_tiles, cfg.text.max_len)
+        self.collator = ClipCollator(self.tok, d.max_tiles, cfg.text.max_len)
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
         """The next `rows` usable pairs (bad files are skipped and counted)."""
-        return self.batcher([self.stream.next() for _ in range(rows)])
+        return self.collator([self.stream.next() for _ in range(rows)])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed CLIP loss of this process's pairs against every process's, pairs): the loop divides by the
@@ -236,7 +236,7 @@ class ClipStage(Stage):
 
     def _retrieval(self, limit: int) -> dict[str, Any]:
         res = {
-            Path(m).stem: retrieval_eval(self.model, self.batcher, self.transform, m, limit)
+            Path(m).stem: retrieval_eval(self.model, self.collator, self.transform, m, limit)
             for m in self.cfg.data.heldout
         }
         self.model.train()

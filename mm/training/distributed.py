@@ -178,15 +178,15 @@ def _options(**kw: Any) -> Any:
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_state(task: Any) -> dict[str, torch.Tensor]:
-    """The task's checkpoint tensors, unsharded (gathered from every process under FSDP)."""
-    wanted = task.checkpoint_state()
-    if not is_fsdp(task.model):
+def full_state(stage: Any) -> dict[str, torch.Tensor]:
+    """The stage's checkpoint tensors, unsharded (gathered from every process under FSDP)."""
+    wanted = stage.checkpoint_state()
+    if not is_fsdp(stage.model):
         return {k: v.detach().cpu() for k, v in wanted.items()}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     # With cpu_offload, only rank 0 receives the gathered tensors (the others get an empty dict).
-    full = get_model_state_dict(task.model, options=_options(cpu_offload=True))
+    full = get_model_state_dict(stage.model, options=_options(cpu_offload=True))
     if rank() != 0:
         return {}
     missing = sorted(set(wanted) - set(full))
@@ -195,14 +195,14 @@ def full_state(task: Any) -> dict[str, torch.Tensor]:
     return {k: full[k] for k in wanted}
 
 
-def load_full_state(task: Any, tensors: dict[str, torch.Tensor]) -> None:
+def load_full_state(stage: Any, tensors: dict[str, torch.Tensor]) -> None:
     """Load unsharded checkpoint tensors into the (possibly sharded) model."""
-    if not is_fsdp(task.model):
-        task.load_checkpoint_state(tensors)
+    if not is_fsdp(stage.model):
+        stage.load_checkpoint_state(tensors)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(task.model, tensors, options=_options(strict=False))
+    set_model_state_dict(stage.model, tensors, options=_options(strict=False))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class Trainer:
 
     def __init__(
         self,
-        task: Stage,
+        stage: Stage,
         train: TrainConfig,
         optim: OptimConfig,
         out: str | Path,
@@ -74,26 +74,26 @@ class Trainer:
         polyak_k: int = 0,
         config_record: dict[str, Any] | None = None,
     ) -> None:
-        self.task, self.train, self.optim = task, train, optim
+        self.stage, self.train, self.optim = stage, train, optim
         self.out = Path(out)
         self.ckpt_root = self.out / "checkpoints"
         self.anneal_steps, self.polyak_k = anneal_steps, polyak_k
         self.config_record = config_record or {}
-        self.device = next(task.model.parameters()).device
+        self.device = next(stage.model.parameters()).device
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.step, self.tokens_seen = 0, 0
         self._stop_signal: int | None = None
         if polyak_k > 0 and train.keep_last and train.keep_last < 1:
             raise ValueError("train.keep_last must be >= 1")
-        self.params = task.trainable()
+        self.params = stage.trainable()
         if not self.params:
-            raise ValueError(f"stage {task.name!r} has no trainable parameters")
+            raise ValueError(f"stage {stage.name!r} has no trainable parameters")
         trainable_ids = {id(p) for _, p in self.params}
-        for p in task.model.parameters():  # the optimizer sees only what the stage trains
+        for p in stage.model.parameters():  # the optimizer sees only what the stage trains
             p.requires_grad_(id(p) in trainable_ids)
-        self.replicated = self.world > 1 and not dist_utils.is_fsdp(task.model)
+        self.replicated = self.world > 1 and not dist_utils.is_fsdp(stage.model)
         if self.replicated:  # every process starts from rank 0's weights
-            dist_utils.broadcast_module(task.model)
+            dist_utils.broadcast_module(stage.model)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             param_groups(self.params, optim),
@@ -103,7 +103,7 @@ class Trainer:
             fused=fused or None,
             foreach=None if fused else True,
         )
-        for name, part in task.frozen().items():  # the proof: no frozen parameter is in the optimizer
+        for name, part in stage.frozen().items():  # the proof: no frozen parameter is in the optimizer
             if isinstance(part, nn.Module):
                 assert_not_in_optimizer(part, self.optimizer, what=name)
 
@@ -118,8 +118,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current step (all ranks take part in gathering; rank 0 writes)."""
-        model_state = dist_utils.full_state(self.task)
-        optim_state = dist_utils.full_optimizer_state(self.task.model, self.optimizer)
+        model_state = dist_utils.full_state(self.stage)
+        optim_state = dist_utils.full_optimizer_state(self.stage.model, self.optimizer)
         path = None
         if self.rank == 0:
             path = save_checkpoint(
@@ -129,8 +129,8 @@ class Trainer:
                 optimizer_state=optim_state,
                 trainer_state={
                     "tokens_seen": self.tokens_seen,
-                    "data": self.task.data_state(),
-                    "stage": self.task.name,
+                    "data": self.stage.data_state(),
+                    "stage": self.stage.name,
                     "config": self.config_record,
                 },
                 keep_last=self.train.keep_last,
@@ -145,12 +145,12 @@ class Trainer:
         if path is None:
             return False
         ck = load_checkpoint(path)
-        dist_utils.load_full_state(self.task, ck["model"])
+        dist_utils.load_full_state(self.stage, ck["model"])
         if ck["optimizer"] is not None:
-            dist_utils.load_full_optimizer_state(self.task.model, self.optimizer, ck["optimizer"])
+            dist_utils.load_full_optimizer_state(self.stage.model, self.optimizer, ck["optimizer"])
         self.step = int(ck["trainer"]["step"])
         self.tokens_seen = int(ck["trainer"].get("tokens_seen", 0))
-        self.task.load_data_state(ck["trainer"].get("data", {}))
+        self.stage.load_data_state(ck["trainer"].get("data", {}))
         restore_rng(ck["rng"])
         log.info("resumed from %s (step %d)", path, self.step)
         return True
@@ -198,7 +198,7 @@ class Trainer:
         bar = tqdm(
             total=tr.max_steps,
             initial=self.step,
-            desc=self.task.name,
+            desc=self.stage.name,
             file=sys.stderr,
             disable=self.rank != 0,
             dynamic_ncols=True,
@@ -212,7 +212,7 @@ class Trainer:
                 rec = self.train_step()
                 last_loss = rec["loss"]
                 if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
-                    rec.update({f"eval/{k}": v for k, v in self.task.evaluate().items()})
+                    rec.update({f"eval/{k}": v for k, v in self.stage.evaluate().items()})
                 if self.step % max(1, tr.log_every) == 0 or self.step == tr.max_steps:
                     metrics.write(rec)
                 tps = rec["tokens_per_s"]
@@ -247,9 +247,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over this process's rows of the next global batch; its metrics record."""
         t0 = time.perf_counter()
-        self.task.on_step(self.step, self.tokens_seen)
-        bsz, seq = self.task.batch_shape(self.step, self.tokens_seen)
-        batch = self.task.next_batch(self.local_rows(bsz), seq)
+        self.stage.on_step(self.step, self.tokens_seen)
+        bsz, seq = self.stage.batch_shape(self.step, self.tokens_seen)
+        batch = self.stage.next_batch(self.local_rows(bsz), seq)
         loss = self._accumulate(self._micro_batches(batch))
         grad_norm = dist_utils.clip_grad_norm([p for _, p in self.params], self.optim.grad_clip)
         lr = lr_at(self.step, self.optim, self.train.max_steps, self.anneal_steps)
@@ -258,7 +258,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        local = float(self.task.batch_tokens(batch, self.local_rows(bsz), seq))
+        local = float(self.stage.batch_tokens(batch, self.local_rows(bsz), seq))
         step_tokens = int(dist_utils.all_reduce_sum(torch.tensor(local, device=self.device)))
         self.tokens_seen += step_tokens
         dt = time.perf_counter() - t0
@@ -273,7 +273,7 @@ class Trainer:
             "seq_len": seq,
             "step_time_s": dt,
         }
-        fpt = self.task.flops_per_token(seq)
+        fpt = self.stage.flops_per_token(seq)
         if fpt:
             rec["mfu"] = fpt * rec["tokens_per_s"] / (self._peak * self.world)
         return rec
@@ -282,16 +282,16 @@ class Trainer:
         """Forward and backward over the micro-batches: the gradients of the whole global batch, averaged
         over processes; returns the step's loss (the sum over every process / all loss tokens)."""
         n_tok = dist_utils.all_reduce_sum(
-            torch.tensor(float(sum(self.task.count_loss_tokens(m) for m in micro)), device=self.device)
+            torch.tensor(float(sum(self.stage.count_loss_tokens(m) for m in micro)), device=self.device)
         )
         if float(n_tok) == 0:
             raise ValueError(f"step {self.step + 1}: the batch has no loss tokens")
         loss_sum = torch.zeros((), device=self.device)
-        self.task.model.train()
+        self.stage.model.train()
         for i, mb in enumerate(micro):
-            dist_utils.set_grad_sync(self.task.model, i == len(micro) - 1)
+            dist_utils.set_grad_sync(self.stage.model, i == len(micro) - 1)
             with self._autocast:
-                ls, _ = self.task.loss(mb)
+                ls, _ = self.stage.loss(mb)
             # Gradients are averaged over processes, so scale by world size: sum / all loss tokens.
             (ls * self.world / n_tok).backward()
             loss_sum += ls.detach().float()
