@@ -35,15 +35,9 @@ from typing import Any
 
 import torch
 
-from mm.app.demo_steps import (
-    STEPS,
-    WORLD,
-    Step,
-    StepRun,
-    content_hash,
-    exact_match_curve,
-    windowed_curve,
-)
+from mm.app.demo_figures import exact_match_curve, windowed_curve
+from mm.app.demo_steps import STEPS, Step, StepRun
+from mm.app.demo_world import WORLD, content_hash
 from mm.app.report import SECTIONS, stage_rows, write_report
 from mm.lm import load_hf
 from mm.training.checkpoint import write_json

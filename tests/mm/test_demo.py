@@ -10,7 +10,8 @@ import pytest
 import mm.app.demo as demo
 import mm.training.bundle
 from mm.app.demo import run_demo, selected_steps
-from mm.app.demo_steps import STEPS, WORLD, load_preset
+from mm.app.demo_steps import STEPS, load_preset
+from mm.app.demo_world import WORLD
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.training.config import LMPretrainConfig
 

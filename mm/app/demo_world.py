@@ -1,0 +1,114 @@
+"""The shapes world of `mm demo`: each part (text, images and their robustness variants, clips, speech) is
+synthesised into `OUT/data` when missing."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mm.datasets import shapes
+
+IMAGE_COUNTS = {"train": 4000, "heldout": 200, "heldout_pairs": 200}
+MOTION_COUNTS = {"train": 2000, "heldout": 200, "heldout_pairs": 120}
+# Robustness variants of the image world (`shapes.synth_shapes_variants`), captioned by the image-anneal bundle.
+VARIANT_COUNTS = {"jpeg": 100, "antialias": 100, "sizes": 100}
+
+
+def _synth_splits(
+    done: Callable[[str], bool], make: Callable[[str], Any], splits: list[str]
+) -> dict[str, float]:
+    """Run `make(split)` for every split not `done`; seconds spent per split written."""
+    spent = {}
+    for split in splits:
+        if not done(split):
+            t0 = time.perf_counter()
+            make(split)
+            spent[split] = time.perf_counter() - t0
+    return spent
+
+
+def synth_text_world(data_dir: Path) -> dict[str, float]:
+    """The LM's text corpus (`DATA/text/{train,heldout}.txt`) unless present; seconds per split."""
+    return _synth_splits(
+        lambda s: (data_dir / "text" / f"{s}.txt").is_file(),
+        lambda s: shapes.synth_text(data_dir, split=s, seed=0),
+        ["train", "heldout"],
+    )
+
+
+def synth_image_world(data_dir: Path) -> dict[str, float]:
+    """The shapes images (`IMAGE_COUNTS`) and their robustness variants unless present; seconds per split."""
+    sh = data_dir / "shapes"
+    spent = _synth_splits(
+        lambda s: (sh / f"{s}.jsonl").is_file(),
+        lambda s: shapes.synth_shapes(data_dir, n=IMAGE_COUNTS[s], seed=0, split=s),
+        list(IMAGE_COUNTS),
+    )
+    spent.update(
+        _synth_splits(
+            lambda s: (sh / f"{s}.jsonl").is_file(),
+            lambda s: shapes.synth_shapes_variants(
+                data_dir,
+                n=VARIANT_COUNTS[s.removeprefix("variants_")],
+                seed=0,
+                kind=s.removeprefix("variants_"),
+            ),
+            [f"variants_{kind}" for kind in VARIANT_COUNTS],
+        )
+    )
+    return spent
+
+
+def synth_motion_world(data_dir: Path) -> dict[str, float]:
+    """The moving-shapes clips (`MOTION_COUNTS`) unless present; seconds per split."""
+    return _synth_splits(
+        lambda s: (data_dir / "motion" / f"{s}.jsonl").is_file(),
+        lambda s: shapes.synth_motion(data_dir, n=MOTION_COUNTS[s], seed=0, split=s),
+        list(MOTION_COUNTS),
+    )
+
+
+def synth_speech_world(data_dir: Path) -> dict[str, float]:
+    """The spoken shapes world's splits (espeak-ng) unless present; seconds per split."""
+    from mm.datasets.spoken_shapes import DEFAULT_SPEECH_COUNTS, synth_speech
+
+    return _synth_splits(
+        lambda s: (data_dir / "speech" / f"{s}.jsonl").is_file(),
+        lambda s: synth_speech(data_dir, n=DEFAULT_SPEECH_COUNTS[s], seed=0, split=s),
+        list(DEFAULT_SPEECH_COUNTS),
+    )
+
+
+# The parts of the shapes world, by the names steps give in `Step.world`.
+WORLD: dict[str, Callable[[Path], dict[str, float]]] = {
+    "text": synth_text_world,
+    "shapes": synth_image_world,
+    "motion": synth_motion_world,
+    "speech": synth_speech_world,
+}
+
+
+# The parts of the shapes world, by the names steps give in `Step.world`.
+WORLD: dict[str, Callable[[Path], dict[str, float]]] = {
+    "text": synth_text_world,
+    "shapes": synth_image_world,
+    "motion": synth_motion_world,
+    "speech": synth_speech_world,
+}
+
+
+def content_hash(*parts: Any) -> str:
+    """sha256 (16 hex digits) of strings and of the names and bytes of files (folders: every file in them)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            files = sorted(q for q in part.rglob("*") if q.is_file()) if part.is_dir() else [part]
+            for f in files:
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+        else:
+            h.update(str(part).encode())
+    return h.hexdigest()[:16]
