@@ -6,186 +6,41 @@ tables of the image and video captions, a robustness table (the image-anneal bun
 unusually sized images), strips of held-out videos with their captions, a WER table with example transcripts,
 the LM fingerprint before and after, wall time per stage, and the machine it ran on. Parts of the report.json
 sections it does not hold are left out, and so are the loss curves of stages no section lists (a stage folder
-left from an earlier run). Figures use matplotlib's Agg backend (no display needed).
+left from an earlier run). The figures are drawn by `mm.app.report_figures`; this module writes the Markdown.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("mm.app.report")
-
-SECTIONS = ("lm", "image", "video", "speech")  # report.json's sections, in the order the demo runs them
-STAGE_ORDER = (
-    "lm-pretrain",
-    "clip-pretrain",
-    "image-pretrain",
-    "image-anneal",
-    "video",
-    "bestrq-pretrain",
-    "speech",
+from mm.app.report_figures import (
+    STAGE_ORDER,
+    caption_grid_figure,
+    exact_match_curves_figure,
+    loss_curves_figure,
+    read_losses,
+    video_strips_figure,
 )
 
+__all__ = [
+    "IMAGE_ATTRIBUTE_COLUMNS",
+    "SECTIONS",
+    "STAGE_ORDER",
+    "VARIANT_DESCRIPTIONS",
+    "VIDEO_ATTRIBUTE_COLUMNS",
+    "attribute_table",
+    "caption_grid_figure",
+    "curve_table",
+    "exact_match_curves_figure",
+    "loss_curves_figure",
+    "read_losses",
+    "stage_rows",
+    "video_strips_figure",
+    "write_report",
+]
 
-def _plt() -> Any:
-    """matplotlib.pyplot on the Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def read_losses(metrics: Path) -> tuple[list[int], list[float]]:
-    """(steps, losses) of a stage's metrics.jsonl (records without a loss are skipped)."""
-    steps, losses = [], []
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec and "step" in rec:
-            steps.append(int(rec["step"]))
-            losses.append(float(rec["loss"]))
-    return steps, losses
-
-
-def loss_curves_figure(out: Path, path: Path, only: list[str] | None = None) -> list[str]:
-    """One panel per stage that has OUT/<stage>/metrics.jsonl (of the stages in `only`, if given); returns the
-    stages drawn."""
-    stages = [s for s in STAGE_ORDER if (out / s / "metrics.jsonl").is_file()]
-    stages += sorted(
-        p.parent.name for p in out.glob("*/metrics.jsonl") if p.parent.name not in stages
-    )  # any other stage
-    if only is not None:
-        stages = [s for s in stages if s in only]
-    if not stages:
-        return []
-    plt = _plt()
-    cols = min(3, len(stages))
-    rows = (len(stages) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, stage in zip(axes.flat, stages, strict=False):
-        steps, losses = read_losses(out / stage / "metrics.jsonl")
-        ax.plot(steps, losses, lw=1.2)
-        ax.set_title(stage, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(stages) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return stages
-
-
-def _wrap(text: str, width: int = 26) -> str:
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if line and len(line) + 1 + len(w) > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    return "\n".join([*lines, line])
-
-
-def caption_grid_figure(examples: list[dict[str, Any]], path: Path, cols: int = 4) -> int:
-    """Images with predicted (green if exact, red if not) and true captions; returns the number drawn."""
-    from PIL import Image
-
-    shown = [e for e in examples if Path(e["image"]).is_file()][: cols * 3]
-    if not shown:
-        return 0
-    plt = _plt()
-    rows = (len(shown) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.4 * rows), squeeze=False)
-    for ax, e in zip(axes.flat, shown, strict=False):
-        with Image.open(e["image"]) as im:
-            ax.imshow(im.convert("RGB"))
-        ok = e["pred"] == e["text"]
-        ax.set_title(f"pred: {_wrap(e['pred'])}", fontsize=7.5, color="green" if ok else "red")
-        ax.set_xlabel(f"true: {_wrap(e['text'])}", fontsize=7.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in list(axes.flat)[len(shown) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return len(shown)
-
-
-def video_strips_figure(
-    examples: list[dict[str, Any]], path: Path, n_videos: int = 4, n_frames: int = 6
-) -> int:
-    """A row of evenly spaced frames per video, titled with predicted and true captions; returns rows drawn."""
-    import numpy as np
-
-    rows = []
-    for e in examples:
-        if len(rows) == n_videos:
-            break
-        try:
-            from decord import VideoReader, cpu
-
-            vr = VideoReader(str(e["video"]), ctx=cpu(0))
-            idx = np.linspace(0, len(vr) - 1, n_frames).round().astype(int).tolist()
-            rows.append((e, vr.get_batch(idx).asnumpy()))
-        except Exception as err:  # a missing or unreadable clip: leave it out of the figure
-            log.warning("report: cannot read %s (%s)", e.get("video"), err)
-    if not rows:
-        return 0
-    plt = _plt()
-    fig, axes = plt.subplots(len(rows), n_frames, figsize=(1.6 * n_frames, 1.9 * len(rows)), squeeze=False)
-    for r, (e, frames) in enumerate(rows):
-        for c in range(n_frames):
-            ax = axes[r][c]
-            ax.imshow(frames[c])
-            ax.set_xticks([])
-            ax.set_yticks([])
-        ok = e["pred"] == e["text"]
-        axes[r][0].set_title(
-            f"pred: {e['pred']}   |   true: {e['text']}",
-            fontsize=8,
-            loc="left",
-            color="green" if ok else "red",
-        )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return len(rows)
-
-
-def exact_match_curves_figure(curves: dict[str, list[dict[str, Any]]], path: Path) -> int:
-    """Exact match against step, one line per stage (`{stage: [{step, value}, ...]}`); returns lines drawn."""
-    points = {
-        stage: [
-            (c["step"], c["value"]) for c in curve if c.get("step") is not None and c.get("value") is not None
-        ]
-        for stage, curve in curves.items()
-    }
-    points = {stage: sorted(p) for stage, p in points.items() if p}
-    if not points:
-        return 0
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.4))
-    for stage, p in points.items():
-        ax.plot([x for x, _ in p], [y for _, y in p], marker="o", ms=3, lw=1.2, label=stage)
-    ax.set_xlabel("step (of each stage)", fontsize=8)
-    ax.set_ylabel("held-out exact match", fontsize=8)
-    ax.set_ylim(-0.02, 1.02)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return len(points)
-
+SECTIONS = ("lm", "image", "video", "speech")  # report.json's sections, in the order the demo runs them
 
 # (key in a caption_attribute_report / motion_report, column heading)
 IMAGE_ATTRIBUTE_COLUMNS = (
@@ -210,25 +65,52 @@ VARIANT_DESCRIPTIONS = {
 }
 
 
+def _fmt(x: Any, digits: int = 3) -> str:
+    """A number with `digits` decimals if it is a float, else as str()."""
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
 def _cell(x: Any) -> str:
     """A table cell: "-" for a missing figure."""
     return "-" if x is None else _fmt(x)
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    """Markdown table: the heading row, the rule under it, then one line per row (cells as str())."""
+
+    def line(cells: list[Any]) -> str:
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    return [line(head), "|" + " --- |" * len(head), *(line(r) for r in rows)]
+
+
+def _section(title: str, *blocks: list[str]) -> list[str]:
+    """A `## title` section: its blocks of lines (notes, tables, figures) after it, blank lines between; empty
+    blocks are left out."""
+    md = ["", f"## {title}"]
+    for block in blocks:
+        if block:
+            md += ["", *block]
+    return md
 
 
 def attribute_table(
     rows: dict[str, dict[str, Any]], columns: tuple[tuple[str, str], ...], first: str, count: str
 ) -> list[str]:
     """Markdown table: one row per name in `rows`, one column per (key, heading), then the sample count."""
-    head = [first, *(h for _, h in columns), count]
-    md = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    keys = [k for k, _ in columns]
+    lines = []
     for name, r in rows.items():
-        cells = [_cell(r.get(k)) for k, _ in columns]
-        keys = [k for k, _ in columns]
+        cells = [_cell(r.get(k)) for k in keys]
         if "order_accuracy" in keys and r.get("order_n") is not None:  # how many captions it was scored on
             i = keys.index("order_accuracy")
             cells[i] = f"{cells[i]} ({r['order_n']})" if r["order_n"] else "-"
-        md.append("| " + " | ".join([name, *cells, _cell(r.get("n"))]) + " |")
-    return md
+        lines.append([name, *cells, _cell(r.get("n"))])
+    return _table([first, *(h for _, h in columns), count], lines)
 
 
 def curve_table(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -241,18 +123,8 @@ def curve_table(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
         for c in curves[stage]:
             if c.get("step") is not None:
                 by_step.setdefault(c["step"], {})[stage] = c.get("value")
-    md = ["| step | " + " | ".join(stages) + " |", "|" + " --- |" * (len(stages) + 1)]
-    for step in sorted(by_step):
-        md.append(f"| {step} | " + " | ".join(_cell(by_step[step].get(s)) for s in stages) + " |")
-    return md
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if isinstance(x, bool) or x is None:
-        return str(x)
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
+    rows = [[step, *(_cell(by_step[step].get(s)) for s in stages)] for step in sorted(by_step)]
+    return _table(["step", *stages], rows)
 
 
 def stage_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
@@ -268,144 +140,172 @@ def stage_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
     return rows
 
 
-def write_report(out: Path, report: dict[str, Any]) -> Path:
-    """Write OUT/report.md and OUT/figures/*.png for a demo report; returns the Markdown file."""
-    out = Path(out)
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
-    md = ["# mm demo report", ""]
+def _headline_section(report: dict[str, Any]) -> list[str]:
+    """The title, the machine and time line, and the table of each part's top-level numbers."""
     m = report.get("machine", {})
-    md += [
+    computed = sum(c for _, _, c, _ in stage_rows(report) if isinstance(c, (int, float)))
+    machine = (
         f"Machine: {m.get('cpu', m.get('processor', '?'))}, {m.get('threads', '?')} threads, {m.get('platform', '?')}; "
         f"torch {m.get('torch', '?')}. This run: {_fmt(report.get('wall_time_s'), 0)} s; computing every stage took"
-        f" {_fmt(sum(c for _, _, c, _ in stage_rows(report) if isinstance(c, (int, float))), 0)} s.",
-        "",
-        "## Headline figures",
-        "",
-        "| figure | value |",
-        "| --- | --- |",
+        f" {_fmt(computed, 0)} s."
+    )
+    rows = [
+        [f"{key}.{k}", _fmt(v)]
+        for key in ("image", "video", "speech")
+        for k, v in report.get(key, {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
     ]
-    for key in ("image", "video", "speech"):
-        for k, v in report.get(key, {}).items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                md.append(f"| {key}.{k} | {_fmt(v)} |")
     if "lm" in report:
-        md.append(f"| lm.heldout_ppl | {_fmt(report['lm'].get('heldout_ppl'))} |")
-    md.append(f"| lm_frozen | {report.get('lm_frozen')} |")
-    md += [
-        "",
-        "## Stages",
-        "",
-        "Seconds each stage took when it was computed, and in this run (0 when its cached result was reused).",
-        "",
-        "| stage | computed in (s) | this run (s) | reused |",
-        "| --- | --- | --- | --- |",
-    ]
-    md += [f"| {s} | {_fmt(c, 1)} | {_fmt(t, 1)} | {r} |" for s, t, c, r in stage_rows(report)]
+        rows.append(["lm.heldout_ppl", _fmt(report["lm"].get("heldout_ppl"))])
+    rows.append(["lm_frozen", report.get("lm_frozen")])
+    return ["# mm demo report", "", machine, *_section("Headline figures", _table(["figure", "value"], rows))]
+
+
+def _stages_section(report: dict[str, Any]) -> list[str]:
+    """Seconds per stage, when computed and in this run."""
+    note = (
+        "Seconds each stage took when it was computed, and in this run (0 when its cached result was reused)."
+    )
+    rows = [[s, _fmt(c, 1), _fmt(t, 1), r] for s, t, c, r in stage_rows(report)]
+    return _section("Stages", [note], _table(["stage", "computed in (s)", "this run (s)", "reused"], rows))
+
+
+def _fingerprint_section(report: dict[str, Any]) -> list[str]:
+    """The LM's fingerprint before and after the multimodal stages (nothing without one)."""
     fp = report.get("lm_fingerprint", {})
-    if fp:
-        md += [
-            "",
-            "## The frozen LM",
-            "",
+    if not fp:
+        return []
+    return _section(
+        "The frozen LM",
+        [
             f"- fingerprint after LM pretraining: `{fp.get('before')}`",
             f"- fingerprint after every multimodal stage: `{fp.get('after')}`",
             f"- identical: **{fp.get('before') == fp.get('after')}**",
-        ]
-    stages = loss_curves_figure(out, figs / "loss_curves.png", only=[s for s, _, _, _ in stage_rows(report)])
-    if stages:
-        md += ["", "## Loss curves", "", "![loss curves](figures/loss_curves.png)"]
-    image, video = report.get("image", {}), report.get("video", {})
+        ],
+    )
+
+
+def _loss_curves_section(out: Path, report: dict[str, Any]) -> list[str]:
+    """The loss curves of the report's stages (nothing if none has metrics)."""
+    only = [s for s, _, _, _ in stage_rows(report)]
+    if not loss_curves_figure(out, out / "figures" / "loss_curves.png", only=only):
+        return []
+    return _section("Loss curves", ["![loss curves](figures/loss_curves.png)"])
+
+
+def _learning_curves_section(out: Path, report: dict[str, Any]) -> list[str]:
+    """Every part's `exact_match_curves`, as a figure and a table (nothing without a point)."""
     curves = {}  # every section's `exact_match_curves` ({stage: curve}), in demo order
     for part in SECTIONS:
         curves.update((report.get(part) or {}).get("exact_match_curves") or {})
-    if any(curves.values()):
-        md += [
-            "",
-            "## Learning curves (held-out exact match)",
-            "",
-            "Exact match of the held-out captions during each stage (every `train.eval_every` steps, on the first"
-            " held-out images); the last point of a stage is its final evaluation.",
-            "",
-        ]
-        if exact_match_curves_figure(curves, figs / "exact_match_curves.png"):
-            md += ["![exact match against step](figures/exact_match_curves.png)", ""]
-        md += curve_table(curves)
-    if caption_grid_figure(image.get("examples", []), figs / "image_captions.png"):
-        md += [
-            "",
-            "## Held-out images",
-            "",
-            "Predicted caption above each image (green: exact match), true caption below.",
-            "",
-            "![held-out images](figures/image_captions.png)",
-        ]
+    if not any(curves.values()):
+        return []
+    note = (
+        "Exact match of the held-out captions during each stage (every `train.eval_every` steps, on the first"
+        " held-out images); the last point of a stage is its final evaluation."
+    )
+    drawn = exact_match_curves_figure(curves, out / "figures" / "exact_match_curves.png")
+    figure = ["![exact match against step](figures/exact_match_curves.png)"] if drawn else []
+    return _section("Learning curves (held-out exact match)", [note], figure, curve_table(curves))
+
+
+def _image_sections(out: Path, report: dict[str, Any]) -> list[str]:
+    """Held-out images with their captions, the per-attribute table and the robustness table."""
+    image = report.get("image", {})
+    md = []
+    if caption_grid_figure(image.get("examples", []), out / "figures" / "image_captions.png"):
+        note = "Predicted caption above each image (green: exact match), true caption below."
+        md += _section("Held-out images", [note], ["![held-out images](figures/image_captions.png)"])
     if image.get("attributes"):
-        md += [
-            "",
-            "## Image captions per attribute",
-            "",
+        note = (
             "Colour, shape and size: share of true objects whose word in the same left-to-right slot is right;"
             " count: the number of objects is right; left-right order: two-object captions naming the right two"
             " objects (how many in brackets) that put them in the right order; well-formed: captions of the"
-            " world's grammar.",
-            "",
-        ]
-        md += attribute_table(image["attributes"], IMAGE_ATTRIBUTE_COLUMNS, "split", "images")
+            " world's grammar."
+        )
+        table = attribute_table(image["attributes"], IMAGE_ATTRIBUTE_COLUMNS, "split", "images")
+        md += _section("Image captions per attribute", [note], table)
     if image.get("robustness"):
-        md += [
-            "",
-            "## Robustness (image-anneal on images drawn differently)",
-            "",
+        note = (
             "New scenes of the training colour-shape pairs, drawn in ways the training images never are; the"
-            " first row is the held-out split, drawn as in training, for comparison.",
-            "",
-        ]
-        md += [f"- {kind}: {VARIANT_DESCRIPTIONS.get(kind, kind)}" for kind in image["robustness"]]
+            " first row is the held-out split, drawn as in training, for comparison."
+        )
+        kinds = [f"- {kind}: {VARIANT_DESCRIPTIONS.get(kind, kind)}" for kind in image["robustness"]]
         rows = dict(image["robustness"])
         if "heldout" in (image.get("attributes") or {}):
             rows = {"heldout (drawn as in training)": image["attributes"]["heldout"], **rows}
-        md += ["", *attribute_table(rows, IMAGE_ATTRIBUTE_COLUMNS, "images", "n")]
-    if video_strips_figure(video.get("examples", []), figs / "video_strips.png"):
-        md += ["", "## Held-out videos", "", "![held-out videos](figures/video_strips.png)"]
+        table = attribute_table(rows, IMAGE_ATTRIBUTE_COLUMNS, "images", "n")
+        md += _section("Robustness (image-anneal on images drawn differently)", [note], kinds, table)
+    return md
+
+
+def _video_sections(out: Path, report: dict[str, Any]) -> list[str]:
+    """Strips of held-out videos with their captions, and the per-attribute table."""
+    video = report.get("video", {})
+    md = []
+    if video_strips_figure(video.get("examples", []), out / "figures" / "video_strips.png"):
+        md += _section("Held-out videos", ["![held-out videos](figures/video_strips.png)"])
     if video.get("attributes"):
-        md += ["", "## Video captions per attribute", ""]
-        md += attribute_table(video["attributes"], VIDEO_ATTRIBUTE_COLUMNS, "split", "clips")
+        table = attribute_table(video["attributes"], VIDEO_ATTRIBUTE_COLUMNS, "split", "clips")
+        md += _section("Video captions per attribute", table)
+    return md
+
+
+def _speech_section(report: dict[str, Any]) -> list[str]:
+    """WER per split (with the CTC and text-copy baselines), per held-out voice, and example transcripts."""
     speech = report.get("speech", {})
-    if speech:
-        md += [
-            "",
-            "## Speech recognition",
-            "",
-            "WER of the transcripts the frozen LM writes after the speech; beside it, the audio side alone (the"
-            " adapter's CTC head, greedy) and the LM repeating the same sentences given as text.",
-            "",
-            "| split | WER | audio side alone (CTC) | LM repeating the text |",
-            "| --- | --- | --- | --- |",
-        ]
-        for split in ("heldout_sentences", "heldout_voices"):
-            if f"wer_{split}" in speech:
-                md.append(
-                    f"| {split} | {_fmt(speech.get(f'wer_{split}'))} | {_fmt(speech.get(f'ctc_wer_{split}'))}"
-                    f" | {_fmt(speech.get(f'lm_copy_wer_{split}'))} |"
-                )
-        per_voice = speech.get("wer_per_voice") or {}
-        if per_voice:
-            md += ["", "| held-out voice | WER |", "| --- | --- |"]
-            md += [f"| {voice} | {_fmt(w)} |" for voice, w in per_voice.items()]
-        examples = speech.get("examples") or {}
-        if isinstance(examples, list):
-            examples = {"heldout": examples}
-        rows = [(split, e) for split, es in examples.items() for e in (es or [])[:4]]
-        if rows:
-            md += ["", "| split | reference | transcript |", "| --- | --- | --- |"]
-            md += [
-                f"| {split} | {e.get('ref', e.get('text'))} | {e.get('hyp', e.get('pred'))} |"
-                for split, e in rows
-            ]
-    if "lm" in report and report["lm"].get("completions"):
-        md += ["", "## LM completions (greedy)", ""]
-        md += [f"- `{v}`" for v in report["lm"]["completions"].values()]
+    if not speech:
+        return []
+    note = (
+        "WER of the transcripts the frozen LM writes after the speech; beside it, the audio side alone (the"
+        " adapter's CTC head, greedy) and the LM repeating the same sentences given as text."
+    )
+    wer = [
+        [split, *(_fmt(speech.get(f"{kind}wer_{split}")) for kind in ("", "ctc_", "lm_copy_"))]
+        for split in ("heldout_sentences", "heldout_voices")
+        if f"wer_{split}" in speech
+    ]
+    per_voice = speech.get("wer_per_voice") or {}
+    voices = [[voice, _fmt(w)] for voice, w in per_voice.items()]
+    examples = speech.get("examples") or {}
+    if isinstance(examples, list):
+        examples = {"heldout": examples}
+    transcripts = [
+        [split, e.get("ref", e.get("text")), e.get("hyp", e.get("pred"))]
+        for split, es in examples.items()
+        for e in (es or [])[:4]
+    ]
+    return _section(
+        "Speech recognition",
+        [note],
+        _table(["split", "WER", "audio side alone (CTC)", "LM repeating the text"], wer),
+        _table(["held-out voice", "WER"], voices) if voices else [],
+        _table(["split", "reference", "transcript"], transcripts) if transcripts else [],
+    )
+
+
+def _lm_completions_section(report: dict[str, Any]) -> list[str]:
+    """The LM's greedy completions of the demo prompts (nothing without any)."""
+    if "lm" not in report or not report["lm"].get("completions"):
+        return []
+    return _section("LM completions (greedy)", [f"- `{v}`" for v in report["lm"]["completions"].values()])
+
+
+def write_report(out: Path, report: dict[str, Any]) -> Path:
+    """Write OUT/report.md and OUT/figures/*.png for a demo report; returns the Markdown file."""
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    md = [
+        *_headline_section(report),
+        *_stages_section(report),
+        *_fingerprint_section(report),
+        *_loss_curves_section(out, report),
+        *_learning_curves_section(out, report),
+        *_image_sections(out, report),
+        *_video_sections(out, report),
+        *_speech_section(report),
+        *_lm_completions_section(report),
+    ]
     path = out / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(md) + "\n", encoding="utf-8")
