@@ -1,0 +1,159 @@
+"""The inference commands of `mm`: `generate` (an LM checkpoint), `caption`, `describe` and `transcribe` (the
+image, video and speech stages). Each prints one line per input on stdout, in input order, or nothing: a
+checkpoint of another stage, or any unreadable input, is refused with one line on stderr (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+# Which command reads the checkpoint folder of each stage (an HF Llama directory holds the lm-pretrain stage).
+STAGE_READER = {
+    "lm-pretrain": "generate",
+    "image-pretrain": "caption",
+    "image-anneal": "caption",
+    "video": "describe",
+    "speech": "transcribe",
+}
+
+
+def stage_of_checkpoint(folder: Path) -> str | None:
+    """The stage a checkpoint folder holds: the `stage` of its bundle config (mm_config.json, else config.json);
+    "lm-pretrain" for an HF Llama directory (a config.json of model_type llama, no stage); None if unknown."""
+    for name in ("mm_config.json", "config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            cfg = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None  # the loader reports an unreadable config with its own message
+        if not isinstance(cfg, dict):
+            return None
+        if isinstance(cfg.get("stage"), str):
+            return cfg["stage"]
+        if name == "config.json" and cfg.get("model_type") == "llama":
+            return "lm-pretrain"
+    return None
+
+
+def refuse_other_stage(command: str, checkpoint: str) -> bool:
+    """True (after a one-line message on stderr) when `checkpoint` holds a stage `mm <command>` does not read."""
+    folder = Path(checkpoint)
+    stage = stage_of_checkpoint(folder)
+    if stage is None or STAGE_READER.get(stage) == command:
+        return False  # ours, or unknown: the loader checks the folder in full
+    reads = " or ".join(s for s, c in STAGE_READER.items() if c == command)
+    reader = STAGE_READER.get(stage)
+    hint = f"read it with `mm {reader} --checkpoint {folder}`" if reader else "no inference command reads it"
+    print(
+        f"mm {command}: {folder} holds a {stage!r} checkpoint, not {reads}; {hint}",
+        file=sys.stderr,
+    )
+    return True
+
+
+def load_inputs(
+    command: str,
+    verb: str,
+    paths: Sequence[str],
+    load: Callable[[str], Any],
+    errors: tuple[type[Exception], ...],
+) -> list[Any] | None:
+    """Every input loaded before any output, so that stdout holds one line per input or nothing; None (after
+    a line `mm <command>: cannot <verb> <path>: <error>` on stderr for each bad input) if any fails."""
+    loaded, bad = [], []
+    for path in paths:
+        try:
+            loaded.append(load(path))
+        except errors as e:
+            bad.append(path)
+            print(f"mm {command}: cannot {verb} {path}: {e}", file=sys.stderr)
+    return None if bad else loaded
+
+
+def print_lines(texts: Iterable[str]) -> None:
+    """One line per text on stdout: any line-breaking character inside a text becomes a space."""
+    for t in texts:
+        print(" ".join(t.splitlines()), flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Greedy (or sampled) completion of a prompt with an HF Llama checkpoint directory and its tokenizer."""
+    import torch
+
+    from mm.lm import Tokenizer, generate, load_hf
+
+    ckpt = Path(args.checkpoint)
+    model = load_hf(ckpt).eval()
+    tok = Tokenizer.from_file(ckpt)
+    stops = [tok.eos_id, tok.eot_id]
+    gen = torch.Generator().manual_seed(args.seed)
+    for prompt in args.prompt:
+        ids = tok.encode(prompt, bos=True)
+        new = generate(
+            model, [ids], args.max_new_tokens, args.temperature, args.top_p, stop_tokens=stops, generator=gen
+        )[0]
+        print(prompt + tok.decode(new), flush=True)
+    return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Transcribe audio files with a speech-stage bundle; one transcript per line, in input order."""
+    if refuse_other_stage("transcribe", args.checkpoint):
+        return 2
+    from mm.datasets.images import BadSample
+    from mm.models.loading import load_speech_bundle
+    from mm.models.speech import transcribe_features
+
+    model, tok, features, meta = load_speech_bundle(Path(args.checkpoint))
+    feats = load_inputs("transcribe", "use", args.audio, features.load, (BadSample,))
+    if feats is None:
+        return 2
+    prompt = args.prompt if args.prompt is not None else meta["prompt"]
+    print_lines(transcribe_features(model, tok, feats, prompt=prompt, batch_size=args.batch_size))
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    """Describe videos with a video-stage bundle; one caption per line, in input order."""
+    if refuse_other_stage("describe", args.checkpoint):
+        return 2
+    from mm.datasets.images import BadSample
+    from mm.datasets.video import decode_clip
+    from mm.models.loading import load_video_bundle
+    from mm.models.video import describe_videos
+
+    model, tok, transform, meta = load_video_bundle(Path(args.checkpoint))
+    if load_inputs("describe", "read", args.videos, lambda p: decode_clip(p, 1), (BadSample,)) is None:
+        return 2
+    print_lines(describe_videos(model, tok, transform, meta, list(args.videos), batch_size=args.batch_size))
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Caption images with an image-stage bundle; one caption per line, in input order."""
+    if refuse_other_stage("caption", args.checkpoint):
+        return 2
+    from mm.models.caption import caption_images, load_rgb
+    from mm.models.loading import load_image_bundle
+
+    model, tok, transform, meta = load_image_bundle(Path(args.checkpoint))
+    images = load_inputs("caption", "read", args.images, load_rgb, (OSError, ValueError))
+    if images is None:
+        return 2
+    caps = caption_images(
+        model,
+        tok,
+        transform,
+        images,
+        prompt=meta["prompt"],
+        max_tiles=meta["max_tiles"],
+        batch_size=args.batch_size,
+    )
+    print_lines(caps)
+    return 0
