@@ -58,7 +58,7 @@ from mm.app.bench_mllama import (
     mllama_xattn_text_layers,
     save_mllama,
 )
-from mm.app.bench_timing import measure_matmul_peak, paired_speedup, time_interleaved, time_repeats
+from mm.app.bench_timing import cpu_model, measure_matmul_peak, paired_speedup, time_interleaved, time_repeats
 
 __all__ = [
     "BOS",
@@ -93,17 +93,6 @@ __all__ = [
     "time_repeats",
     "tiny_config",
 ]
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo), or platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _meta(bc: BenchConfig) -> dict[str, Any]:

@@ -3,9 +3,11 @@ MFU denominator), and the side-by-side timing of two greedy generators."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,3 +105,14 @@ def time_generation(
     out["tokens_agree_frac"] = agreement(tokens["ours"], tokens["hf"])
     out["speedup"], out["speedup_paired"] = speedups(out["ours"], out["hf"])
     return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from mm.app.bench_timing import cpu_model
 from mm.app.demo_figures import exact_match_curve, windowed_curve
 from mm.app.demo_steps import STEPS, Step, StepRun
 from mm.app.demo_world import WORLD, content_hash
@@ -195,17 +196,6 @@ def earlier_section(
     kept.update(wall_time_s=0.0, synth_wall_time_s={})
     log.info("report: keeping the %s section of the earlier report (its stages are unchanged)", name)
     return kept
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
