@@ -7,6 +7,7 @@ from .config import PRESETS, LMConfig, RopeScaling, preset
 from .generate import generate
 from .hf import load_hf, save_hf
 from .kv_cache import KVCache
+from .meta import load_meta
 from .model import RMSNorm, Transformer, apply_rope, positions_in_documents, rope_inv_freq
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -22,6 +23,7 @@ __all__ = [
     "apply_rope",
     "generate",
     "load_hf",
+    "load_meta",
     "positions_in_documents",
     "preset",
     "rope_inv_freq",
