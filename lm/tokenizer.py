@@ -27,9 +27,10 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
@@ -361,6 +362,47 @@ class Tokenizer:
             return self._tt.decode(ids)
         assert self._hf is not None
         return self._hf.decode(ids, skip_special_tokens=False)
+
+    # ----------------------------------------------------------------------------------------- chat format
+
+    def encode_dialog(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Llama 3 chat format: `<|begin_of_text|>`, then per message `<|start_header_id|>role<|end_header_id|>`
+        "\n\n" content `<|eot_id|>`, then the assistant's header when `add_generation_prompt`.
+
+        A message is {"role": "system"|"user"|"assistant"|"tool", "content": ...}; content is a string or a list
+        of strings and {"type": "image"} items (each one `<|image|>`). Text never becomes a special token.
+        """
+        ids = [self.bos_id]
+        for k, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"message {k}: role={role!r}; allowed: system, user, assistant, tool")
+            ids += self._header(role)
+            for item in content if isinstance(content, list) else [content]:
+                if isinstance(item, str):
+                    ids += self.encode(item)
+                elif isinstance(item, Mapping) and item.get("type") == "image":
+                    ids.append(self.image_id)
+                else:
+                    raise ValueError(
+                        f"message {k}: content items are strings or {{'type': 'image'}}, got {item!r}"
+                    )
+            ids.append(self.eot_id)
+        if add_generation_prompt:
+            ids += self._header("assistant")
+        return ids
+
+    def _header(self, role: str) -> list[int]:
+        """`<|start_header_id|>role<|end_header_id|>` + "\n\n" (Meta names the tool role `ipython`)."""
+        name = "ipython" if role == "tool" else role
+        head = [
+            self.special_id("<|start_header_id|>"),
+            *self.encode(name),
+            self.special_id("<|end_header_id|>"),
+        ]
+        return head + self.encode("\n\n")
 
     # ----------------------------------------------------------------------------------- special tokens
 

@@ -128,3 +128,90 @@ def test_a_pickle_that_needs_code_is_refused_not_run(tmp_path):
 def test_missing_params_json_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="params.json is missing"):
         load_meta(tmp_path)
+
+
+CORPUS = [
+    "Hello, world!",
+    "  leading and trailing spaces  ",
+    "a large red circle and a small blue square",
+    "Numbers: 1234567 3.14159 -42 1e10 0x1F",
+    "Unicode: naïve café, Straße, 日本語のテキスト, Ελληνικά, русский, العربية, emoji 🙂🚀",
+    "code:\n    def f(x):\n        return x ** 2  # square\n\ttabs\r\nwindows line",
+    "special-looking text <|begin_of_text|> <|eot_id|> <|image|> stays text",
+    "I'm sure they'll say we've done it, didn't we?",
+    "\n\n\n   \n",
+    "word " * 300,
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    from pathlib import Path
+
+    import llama_models.llama3 as meta_llama3
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    from mm.lm import Tokenizer
+
+    path = Path(meta_llama3.__file__).parent / "tokenizer.model"
+    return Tokenizer.from_file(path), MetaTokenizer(path)
+
+
+def test_tokenizer_equals_meta_on_a_varied_corpus(tokenizers):
+    ours, meta = tokenizers
+    assert ours.vocab_size == meta.n_words == 128256
+    for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|image|>"):
+        assert ours.special_id(name) == meta.special_tokens[name], name
+    for text in CORPUS:
+        want = meta.encode(text, bos=True, eos=True, allowed_special=set(), disallowed_special=())
+        assert ours.encode(text, bos=True, eos=True) == want, text
+        assert ours.decode(want[1:-1]) == meta.decode(want[1:-1]) == text
+
+
+def test_chat_format_equals_meta(tokenizers):
+    from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem
+    from llama_models.llama3.chat_format import ChatFormat
+
+    ours, meta = tokenizers
+    fmt = ChatFormat(meta)
+    png = _png_bytes()
+    dialogs = [
+        [{"role": "user", "content": "what colour is the circle?"}],
+        [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "which way does the square move?"},
+            {"role": "assistant", "content": "left"},
+            {"role": "user", "content": "and the <|eot_id|> triangle? <|image|>"},
+        ],
+        [{"role": "user", "content": [{"type": "image"}, "describe the image."]}],
+        [{"role": "tool", "content": '{"result": 3}'}],
+    ]
+    for dialog in dialogs:
+        raw = []
+        for m in dialog:
+            c = m["content"]
+            items = c if isinstance(c, list) else [c]
+            raw.append(
+                RawMessage(
+                    role=m["role"],
+                    content=[
+                        RawMediaItem(data=png) if isinstance(i, dict) else RawTextItem(text=i) for i in items
+                    ],
+                )
+            )
+        # Meta's model input writes each image as id 128256 (the Mllama image index); the tokenizer's own id for
+        # `<|image|>` is 128011, which `encode_dialog` returns
+        image = meta.special_tokens["<|image|>"]
+        want = [image if t == 128256 else t for t in fmt.encode_dialog_prompt(raw).tokens]
+        assert ours.encode_dialog(dialog) == want, dialog
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
