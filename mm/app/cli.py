@@ -132,12 +132,20 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_tools(sub: argparse._SubParsersAction) -> None:
-    """`mm verify-frozen`, `mm tokenizer train` and `mm data synth`."""
+    """`mm verify-frozen`, `mm export`, `mm tokenizer train` and `mm data synth`."""
     v = sub.add_parser(
         "verify-frozen", help="exit 0 if the LM of a stage checkpoint is untouched, 1 otherwise"
     )
     v.add_argument("checkpoint")
     v.set_defaults(func=tool_commands.cmd_verify_frozen)
+
+    from mm.app import export
+
+    ex = sub.add_parser("export", help="write a checkpoint as a directory transformers loads")
+    ex.add_argument("--checkpoint", required=True, help="an LM directory or an image-stage bundle")
+    ex.add_argument("--format", required=True, choices=export.FORMATS)
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=export.cmd_export)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")

@@ -91,6 +91,22 @@ def test_meta_checkpoint_loads_with_the_reference_logits(reference, tmp_path, sh
     assert reference["logits"].abs().max().item() > 0.1  # the comparison is not between near-zero logits
 
 
+def test_export_hf_llama_from_a_meta_checkpoint_loads_in_transformers(reference, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from mm.app.cli import main
+
+    ckpt = write_meta(tmp_path / "meta", reference["state"], shards=2)
+    assert (
+        main(["export", "--checkpoint", str(ckpt), "--format", "hf-llama", "--out", str(tmp_path / "hf")])
+        == 0
+    )
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        logits = hf(reference["tokens"]).logits
+    assert (logits - reference["logits"]).abs().max().item() <= 1e-4
+
+
 def test_scaled_rope_matters_so_the_parity_covers_it(reference, tmp_path):
     params = dict(PARAMS, use_scaled_rope=False)
     ckpt = write_meta(tmp_path / "meta", reference["state"])

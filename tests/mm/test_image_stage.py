@@ -318,3 +318,31 @@ def test_caption_head_targets_and_loss_reach_the_image_encoder(world, tmp_path):
     assert float(loss_b.detach()) > float(loss_h.detach())
     loss_b.backward()
     assert float(model.image_aux.bow_proj.weight.grad.abs().sum()) > 0
+
+
+def test_export_refuses_an_encoder_mllama_does_not_have(trained, tmp_path, capsys):
+    from mm.app.cli import main
+
+    argv = [
+        "export",
+        "--checkpoint",
+        str(trained["out"] / "final"),
+        "--format",
+        "hf-mllama",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not Mllama-shaped" in err and "image_encoder.stem='cnn'" in err and "canvas_position" in err
+    assert not (tmp_path / "model.safetensors").exists()
+    llama = [
+        "export",
+        "--checkpoint",
+        str(trained["out"] / "final"),
+        "--format",
+        "hf-llama",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(llama) == 2 and "export image stages as hf-mllama" in capsys.readouterr().err

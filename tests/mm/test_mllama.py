@@ -462,8 +462,25 @@ def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_p
     model, _, transform, meta = load_image_bundle(out / "final")
     assert meta["lm_format"] == "hf_mllama" and model.xattn_layers == [1, 3]
     assert transform.max_tiles == 2 and transform.id_grids == load_hf_mllama_transform(ckpt).grids
-    save_hf_mllama(model, tmp_path / "export", token_ids={"bos_token_id": tok.bos_id})
+    # `mm export --format hf-mllama`: the directory, its image processor and tokenizer load in transformers
+    export = [
+        "export",
+        "--checkpoint",
+        str(out / "final"),
+        "--format",
+        "hf-mllama",
+        "--out",
+        str(tmp_path / "export"),
+    ]
+    assert main(export) == 0
     hf = MllamaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    from transformers import MllamaImageProcessor, PreTrainedTokenizerFast
+
+    assert MllamaImageProcessor.from_pretrained(tmp_path / "export").max_image_tiles == 4  # the encoder's
+    assert PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "export" / "tokenizer.json")).encode(
+        "a red circle", add_special_tokens=False
+    ) == tok.encode("a red circle")
+    assert hf.config.text_config.eos_token_id == tok.eos_id
     inputs = mllama_image_inputs(load_hf_mllama_transform(ckpt), [[random_image(70, 40, seed=0)]])
     ids = torch.tensor([[tok.image_id, tok.bos_id, *tok.encode("a red circle")]])  # every token sees it
     cam = cross_attention_mask_from_tokens(ids, tok.image_id, inputs.pop("num_tiles"), 4)
