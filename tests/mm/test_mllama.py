@@ -492,3 +492,83 @@ def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_p
     torch.testing.assert_close(out_logits, ref, rtol=0, atol=ATOL)
     assert not meta["xattn"]["hf_row_compat"]  # mm's default row rule: equal when every row sees the image
     torch.testing.assert_close(out_cam, ref_cam, rtol=0, atol=ATOL)
+
+
+def test_an_exported_image_stage_captions_in_transformers_as_mm_caption(corpus, tmp_path, capsys):
+    """A stage trained with transformers' row rule (`xattn.hf_row_compat: true`) and exported with `mm export`:
+    transformers' greedy `generate` writes the captions `mm caption` writes, token for token."""
+    from transformers import MllamaForConditionalGeneration, MllamaImageProcessor
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    from mm.app.cli import main
+    from mm.datasets.collate import ImageCaptionCollator
+    from mm.datasets.shapes import synth_shapes
+    from mm.lm import Tokenizer
+    from mm.models.caption import load_rgb
+    from mm.training.bundle import read_config
+
+    tok = Tokenizer.from_file(corpus["tokenizer"])
+    ckpt = tmp_path / "mllama"
+    save_tiny_mllama(
+        ckpt,
+        vocab=tok.vocab_size - 8,
+        image_token=tok.image_id,
+        token_ids=(tok.bos_id, tok.eos_id, tok.pad_id),
+    )
+    tok.save(ckpt)
+    (tmp_path / "c.yaml").write_text(
+        f"stage: image-pretrain\ninit_from_hf_mllama: {ckpt}\ndata: {{tile_size: 32, max_tiles: 4}}\n"
+        "optim: {lr: 3.0e-3, warmup_steps: 2}\ntrain: {batch_size: 4, save_every: 100, peak_flops: 1.0e9}\neval_samples: 0\n"
+        # transformers' rule for the <|begin_of_text|> row before the image; the encoder's whole tile budget
+        # (Mllama's vision attention depends on how many padding tiles a batch carries: the stage's transform
+        # and the export's image processor must pad to the same count)
+        "xattn: {hf_row_compat: true}\n"
+    )
+    train = synth_shapes(tmp_path, n=32, seed=0, split="train")
+    run = [
+        "train",
+        "--config",
+        str(tmp_path / "c.yaml"),
+        "--data",
+        str(train),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    assert main([*run, "--max-steps", "40"]) == 0  # confident enough that float noise flips no argmax
+    final, export = tmp_path / "run" / "final", tmp_path / "export"
+    assert main(["export", "--checkpoint", str(final), "--format", "hf-mllama", "--out", str(export)]) == 0
+    paths = []
+    for s in range(4):
+        paths.append(tmp_path / f"im{s}.png")
+        random_image((30, 60, 90, 45)[s], (30, 30, 40, 100)[s], seed=s).save(paths[-1])
+    capsys.readouterr()
+    assert main(["caption", "--checkpoint", str(final), *map(str, paths)]) == 0
+    ours = capsys.readouterr().out.splitlines()
+
+    hf = MllamaForConditionalGeneration.from_pretrained(export).eval()
+    proc = MllamaImageProcessor.from_pretrained(export)
+    meta = read_config(final)
+    prefix = ImageCaptionCollator(tok, meta["prompt"], max_tiles=meta["max_tiles"]).prefix
+    stops = [tok.eos_id, tok.eot_id]
+    theirs = []
+    for p in paths:
+        px = proc(images=[[load_rgb(p)]], return_tensors="pt")
+        ids = torch.tensor([prefix])
+        sparse = [get_cross_attention_token_mask(prefix, tok.image_id)]
+        cam = convert_sparse_cross_attention_mask_to_dense(
+            sparse, px["num_tiles"], proc.max_image_tiles, len(prefix)
+        )
+        media = {k: px[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        with torch.no_grad():
+            new = hf.generate(
+                input_ids=ids, **media, cross_attention_mask=torch.tensor(cam), max_new_tokens=24,
+                do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_id,
+            )[0, len(prefix) :].tolist()  # fmt: skip
+        cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+        theirs.append(" ".join(tok.decode(new[:cut]).strip().splitlines()))
+    assert ours == theirs
+    # whole captions (several tokens, then the end token in both), images of 1 and 2 tiles
+    assert len(ours) == 4 and all(len(c.split()) >= 3 for c in ours), ours
