@@ -16,10 +16,15 @@ machinery of Llama 3.2 Vision. The data flow mirrors transformers' `MllamaVision
     -> project (Linear with bias) to the LM width -> (B, N, T * n, out_dim)
 
 Conventions (identical to Mllama, so its weights and its projector load without permutation):
-- `intermediate_layers = (i, ...)`: i is the 0-based index of a local block and the feature is that block's
-  output (before `vit.norm`). This is Mllama's `intermediate_layers_indices` indexing into its encoder's
-  `hidden_states` tuple (which holds no embedding-layer entry) and timm's `forward_intermediates(indices=[i])`.
-  The paper's "layers 4, 8, 16, 24, 31" of 32 are indices (3, 7, 15, 23, 30).
+- `intermediate_layers = (i, ...)`: i is the 0-based index of a local block. What is kept depends on
+  `intermediate_from`:
+  - "block_input" (default): the block's INPUT, as Meta's reference `VisionEncoder` (llama-models, which
+    trained the released weights: it appends `x` before running block i) and transformers 4.45. Index 0 is the
+    embedded tiles after `vit.norm_pre`; index i > 0 is block i - 1's output.
+  - "block_output": the block's OUTPUT (before `vit.norm`), as transformers 5.x's `MllamaVisionEncoder`
+    (its `hidden_states` tuple holds no embedding entry) and timm's `forward_intermediates(indices=[i])`.
+  Released configs keep Meta's indices (3, 7, 15, 23, 30): read with "block_output" they feed the projector
+  one block later than the weights were trained with. "block_input" index i equals "block_output" i - 1.
 - Feature layout: channels [0, D) are the final output; the K intermediates follow interleaved per channel,
   channel c of intermediate k at D + c * K + k (Mllama's `torch.stack(..., dim=-1)`); `split_features` undoes it.
 - `aspect_ratio_ids`: 1-based index into the supported aspect ratios, 0 = no image (padding).
@@ -56,6 +61,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, init_weight
 from torch import nn
 
 MASK_MODES = ("strict", "mllama")
+INTERMEDIATE_FROM = ("block_input", "block_output")
 STEMS = ("patch", "conv", "cnn")
 
 
@@ -75,7 +81,10 @@ class ImageEncoderConfig:
     pre_norm: bool | None = None  # LayerNorm before the blocks (timm `norm_pre`, no patch bias); Mllama: True
     norm_eps: float | None = None  # LayerNorm eps of every timm norm; timm: 1e-6, Mllama: 1e-5
     weights: str | None = None  # timm weights file for `vit` (.safetensors, or a torch file)
-    intermediate_layers: tuple[int, ...] = ()  # 0-based local block indices; paper: (3, 7, 15, 23, 30)
+    intermediate_layers: tuple[int, ...] = ()  # 0-based local block indices; Llama 3.2: (3, 7, 15, 23, 30)
+    # which feature an index names: "block_input" (Meta's reference, transformers 4.45) or "block_output"
+    # (transformers 5.x); see the module docstring
+    intermediate_from: str = "block_input"
     n_global_layers: int = 0  # paper: 8
     max_tiles: int = 4
     max_aspect_ratio_id: int = 8  # number of supported aspect ratios (ids 1..8; 0 = padding)
@@ -96,6 +105,11 @@ class ImageEncoderConfig:
 
     def __post_init__(self) -> None:
         self.intermediate_layers = tuple(int(i) for i in self.intermediate_layers)
+        if self.intermediate_from not in INTERMEDIATE_FROM:
+            raise ValueError(
+                f"ImageEncoderConfig.intermediate_from={self.intermediate_from!r}; expected one of "
+                f"{INTERMEDIATE_FROM}"
+            )
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"ImageEncoderConfig.mask_mode={self.mask_mode!r}; expected one of {MASK_MODES}")
         if self.tile_size % self.patch_size != 0:
@@ -408,9 +422,12 @@ class ImageEncoder(nn.Module):
 
         x = x.reshape(BN, T * L, D)
         kept: dict[int, torch.Tensor] = {}
+        before = self.cfg.intermediate_from == "block_input"
         for i, blk in enumerate(vit.blocks):
+            if before and i in self.cfg.intermediate_layers:
+                kept[i] = x
             x = blk(x, attn_mask=mask)  # (BN, T*L, D)
-            if i in self.cfg.intermediate_layers:
+            if not before and i in self.cfg.intermediate_layers:
                 kept[i] = x
         x = vit.norm(x)
         x = self.post_tile(x.view(BN, T, L, D), ids).view(BN, T * L, D)
@@ -503,10 +520,20 @@ def load_timm_weights(vit: nn.Module, path: str | Path) -> None:
 
 # ---- transformers' Mllama -----------------------------------------------------------------------------
 def config_from_mllama(
-    vision_config: Any, out_dim: int, timm_name: str = "vit_huge_patch14_224"
+    vision_config: Any,
+    out_dim: int,
+    timm_name: str = "vit_huge_patch14_224",
+    intermediate_from: str | None = None,
 ) -> ImageEncoderConfig:
-    """ImageEncoderConfig equal in function to a transformers `MllamaVisionConfig` (mask_mode "mllama")."""
+    """ImageEncoderConfig of a Mllama vision config (mask_mode "mllama"), its indices read as Meta reads them.
+
+    `intermediate_from` None: the config's own `intermediate_from` if it has one (mm's export writes it), else
+    "block_input", the meaning the released weights were trained with (Meta's reference); "block_output"
+    reproduces transformers 5.x's `MllamaVisionModel` exactly.
+    """
     c = vision_config
+    if intermediate_from is None:
+        intermediate_from = getattr(c, "intermediate_from", None) or "block_input"
     if c.hidden_act != "gelu":
         raise ValueError(
             f"MllamaVisionConfig.hidden_act={c.hidden_act!r}; only 'gelu' (erf, timm's nn.GELU) maps"
@@ -537,6 +564,7 @@ def config_from_mllama(
         pre_norm=True,
         norm_eps=1e-5,
         intermediate_layers=tuple(c.intermediate_layers_indices),
+        intermediate_from=intermediate_from,
         n_global_layers=c.num_global_layers,
         max_tiles=c.max_num_tiles,
         max_aspect_ratio_id=len(c.supported_aspect_ratios),

@@ -50,6 +50,9 @@ def read_stage_config(path: Path, stages: tuple[str, ...]) -> dict[str, Any]:
     if stage not in stages:
         reader = COMMAND.get(str(stage), "mm generate" if stage is None else "mm train")
         raise ValueError(f"{path} holds a {stage!r} stage, not {' or '.join(stages)}; {reader} reads it")
+    enc = meta.get("image_encoder")
+    if isinstance(enc, dict) and enc.get("intermediate_layers") and "intermediate_from" not in enc:
+        enc["intermediate_from"] = "block_output"  # bundles written before mm followed Meta's reference
     return meta
 
 

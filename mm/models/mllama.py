@@ -27,6 +27,12 @@ every media token and zeroes only the FFN part (its issue #39379). `load_hf_mlla
 reproduces transformers' logits on every row; the default agrees on every row that sees an image, and the
 difference enters only through the rows that see none (in a causal LM it then reaches later tokens).
 
+Intermediate vision features: `intermediate_layers_indices` (the released [3, 7, 15, 23, 30]) name block
+INPUTS in Meta's reference, which trained the weights (and in transformers 4.45), block OUTPUTS in transformers
+5.x. mm reads them as Meta does; `intermediate_from="block_output"` reproduces transformers 5.x. `save_hf_mllama`
+writes the indices transformers 5.x needs to compute what mm computes (each block-input index minus one) and
+marks them `intermediate_from: "block_output"` in `vision_config`, so mm reads its own exports back unchanged.
+
 Weights are read with safetensors only (never pickle). Every problem with a checkpoint is a
 `MllamaCheckpointError` (a ValueError) naming the key, what was found and what was expected.
 """
@@ -182,8 +188,12 @@ def _given(d: Any) -> dict[str, Any]:
     return {k: v for k, v in (d or {}).items() if v is not None}
 
 
-def read_mllama_config(path: str | os.PathLike) -> MllamaSpec:
-    """Parse and check a Mllama `config.json` (the file or its directory)."""
+def read_mllama_config(path: str | os.PathLike, intermediate_from: str | None = None) -> MllamaSpec:
+    """Parse and check a Mllama `config.json` (the file or its directory).
+
+    `intermediate_from` says what `intermediate_layers_indices` name (see `config_from_mllama`): by default
+    the config's own `intermediate_from` (mm's export writes "block_output"), else Meta's "block_input".
+    """
     file = _config_file(path)
     src = str(file)
     d = _read_json(file)
@@ -230,7 +240,9 @@ def read_mllama_config(path: str | os.PathLike) -> MllamaSpec:
             f"patch_size={vision['patch_size']}"
         )
     try:
-        enc_cfg = config_from_mllama(SimpleNamespace(**vision), out_dim=lm_cfg.dim)
+        enc_cfg = config_from_mllama(
+            SimpleNamespace(**vision), out_dim=lm_cfg.dim, intermediate_from=intermediate_from
+        )
     except ValueError as e:
         raise MllamaCheckpointError(f"{src} vision_config: {e}") from e
 
@@ -480,17 +492,20 @@ def load_hf_mllama(
     path: str | os.PathLike,
     *,
     hf_row_compat: bool = False,
+    intermediate_from: str | None = None,
     trainable: tuple[str, ...] = TRAINABLE,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> MultimodalLM:
     """Load a transformers `MllamaForConditionalGeneration` directory as a `MultimodalLM` (LM frozen).
 
-    `hf_row_compat=True` reproduces transformers' logits also on rows that see no image (module docstring).
+    `hf_row_compat=True` reproduces transformers' logits also on rows that see no image (module docstring);
+    `intermediate_from="block_output"` reproduces transformers 5.x's vision features (the default reads the
+    indices as Meta's reference does, which trained the released weights; see `config_from_mllama`).
     A `preprocessor_config.json` beside the weights is checked against the vision config.
     """
     path = _directory(path)
-    spec = read_mllama_config(path)
+    spec = read_mllama_config(path, intermediate_from)
     if (path / PREPROCESSOR_NAME).is_file():
         load_hf_mllama_transform(path)  # tile size and tile count must agree with the vision model
     with torch.device("meta"):  # shapes only; memory is allocated once, in `dtype`, on `device`
@@ -658,7 +673,10 @@ def mllama_config(
         "patch_size": ec.patch_size,
         "norm_eps": 1e-5,
         "max_num_tiles": ec.max_tiles,
-        "intermediate_layers_indices": list(ec.intermediate_layers),
+        # transformers 5.x reads each index as a block's output: an index of Meta's kind (a block's input) is
+        # written as the block before it, and marked, so mm reads the directory back the same way
+        "intermediate_layers_indices": _block_output_indices(ec),
+        "intermediate_from": "block_output",
         "supported_aspect_ratios": grids,
         "initializer_range": c.init_std,
     }
@@ -672,6 +690,19 @@ def mllama_config(
         "dtype": dtype_name,
         "torch_dtype": dtype_name,
     }
+
+
+def _block_output_indices(ec: ImageEncoderConfig) -> list[int]:
+    """The encoder's intermediate layers as transformers 5.x indexes them (each a block's output)."""
+    if ec.intermediate_from == "block_output":
+        return list(ec.intermediate_layers)
+    if 0 in ec.intermediate_layers:
+        raise MllamaCheckpointError(
+            f"image_encoder intermediate_layers {list(ec.intermediate_layers)} with intermediate_from "
+            "'block_input': index 0 (the embedded tiles, before any block) has no transformers 5.x index, "
+            "which names block outputs; expected indices >= 1, or intermediate_from 'block_output'"
+        )
+    return [i - 1 for i in ec.intermediate_layers]
 
 
 def preprocessor_config(transform: TileTransform) -> dict[str, Any]:

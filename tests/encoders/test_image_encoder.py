@@ -38,8 +38,13 @@ def single_tile(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def test_features_equal_timm_forward_intermediates_with_gates_at_zero():
-    enc = tiny_encoder(intermediate_layers=(2, 0, 3))  # any order; the features follow it
+@pytest.mark.parametrize("rule", ["block_output", "block_input"])
+def test_features_equal_timm_forward_intermediates_with_gates_at_zero(rule):
+    # timm's forward_intermediates(indices=[i]) returns block i's output; Meta's index i + 1 names the same
+    # tensor (block i + 1's input)
+    shift = 1 if rule == "block_input" else 0
+    layers = tuple(i + shift for i in (2, 0, 3))[: 3 - shift]  # any order; the features follow it
+    enc = tiny_encoder(intermediate_layers=layers, intermediate_from=rule)
     for emb in (enc.pre_tile.embedding, enc.post_tile.embedding, enc.tile_pos_embed):
         emb.weight.normal_(std=3.0)  # large tile embeddings: only the zero gates may hide them
     x = torch.randn(3, 3, 32, 32)
@@ -56,13 +61,27 @@ def test_features_equal_timm_forward_intermediates_with_gates_at_zero():
         mask = torch.zeros(3, 1, max_tiles_used)
         mask[:, :, 0] = 1
         feats = enc.forward_features(pix, torch.ones(3, 1, dtype=torch.long), mask)
-        assert feats.shape == (3, 1, max_tiles_used, N_TOK, 4 * 32)
+        K = len(layers)
+        assert feats.shape == (3, 1, max_tiles_used, N_TOK, (1 + K) * 32)
         final, inters = enc.split_features(feats[:, 0, 0])
         torch.testing.assert_close(final, enc.vit.forward_features(x))  # last block + vit.norm
-        for got, i in zip(inters, (2, 0, 3)):
-            torch.testing.assert_close(got, ref[i])
+        for got, i in zip(inters, layers):
+            torch.testing.assert_close(got, ref[i - shift])
         # Mllama's layout: channel c of intermediate k sits at D + c * K + k.
-        torch.testing.assert_close(feats[:, 0, 0, :, 32 + 5 * 3 + 1], ref[0][..., 5])
+        torch.testing.assert_close(feats[:, 0, 0, :, 32 + 5 * K + 1], ref[0][..., 5])
+
+
+@torch.no_grad()
+def test_block_input_index_zero_is_the_embedded_tiles_and_meta_is_the_default():
+    assert ImageEncoderConfig().intermediate_from == "block_input"
+    enc = tiny_encoder(intermediate_layers=(0,))
+    x = torch.randn(2, 3, 32, 32)
+    _, (first,) = enc.encode(*single_tile(x))
+    vit = enc.vit
+    embedded = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))  # the gates are 0: timm's own embedding
+    torch.testing.assert_close(first[:, 0, 0], embedded)
+    with pytest.raises(ValueError, match="intermediate_from='inputs'; expected one of"):
+        ImageEncoderConfig(intermediate_from="inputs")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
@@ -193,7 +212,9 @@ def test_matches_transformers_mllama_vision_model():
             p.add_(0.1 * torch.randn_like(p))
     projector = torch.nn.Linear(96, 16)  # MllamaModel.multi_modal_projector
 
-    enc = ImageEncoder(config_from_mllama(hc, out_dim=16)).eval()
+    # transformers 5.x records block outputs; mm reads Mllama configs as Meta does unless told otherwise
+    assert config_from_mllama(hc, out_dim=16).intermediate_from == "block_input"
+    enc = ImageEncoder(config_from_mllama(hc, out_dim=16, intermediate_from="block_output")).eval()
     load_mllama_vision_state_dict(enc, hf.state_dict(), projector.state_dict())
 
     pix = torch.randn(2, 2, 4, 3, 32, 32)

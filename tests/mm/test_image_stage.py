@@ -346,3 +346,26 @@ def test_export_refuses_an_encoder_mllama_does_not_have(trained, tmp_path, capsy
         str(tmp_path),
     ]
     assert main(llama) == 2 and "export image stages as hf-mllama" in capsys.readouterr().err
+
+
+def test_a_bundle_from_before_meta_indexing_keeps_its_block_output_features(trained, tmp_path):
+    """Bundles written before mm read intermediate indices as Meta does hold no `intermediate_from`: they were
+    trained on block outputs, and load that way (a bundle that names its rule keeps it)."""
+    import shutil
+
+    meta = json.loads((trained["out"] / "final" / "mm_config.json").read_text())
+    assert meta["image_encoder"]["intermediate_from"] == "block_input"  # what a new bundle records
+    old = tmp_path / "old"
+    shutil.copytree(trained["out"] / "final", old)
+    del meta["image_encoder"]["intermediate_from"]
+    (old / "mm_config.json").write_text(json.dumps(meta))
+    new_model = load_image_bundle(trained["out"] / "final")[0]
+    old_model = load_image_bundle(old)[0]
+    assert old_model.image_encoder.cfg.intermediate_from == "block_output"
+    pix = torch.randn(1, 1, 1, 3, 64, 64)
+    args = (pix, torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, 1))
+    with torch.no_grad():
+        _, (before,) = old_model.image_encoder.encode(*args)  # block 0's output
+        _, (first,) = new_model.image_encoder.encode(*args)  # block 0's input
+        block0 = new_model.image_encoder.vit.blocks[0]
+        torch.testing.assert_close(before, block0(first.flatten(1, 3)).view_as(first))

@@ -33,6 +33,7 @@ IMG = VOCAB  # <|image|>: the first of the 8 extra tokens, as in Llama 3.2 Visio
 BOS, EOS, PAD = 1, 2, 0
 TILE = 32
 ATOL = 1e-4
+HF5 = {"intermediate_from": "block_output"}  # transformers 5.x's reading of the vision indices
 
 
 def tiny_config(
@@ -44,7 +45,7 @@ def tiny_config(
     return MllamaConfig(
         vision_config=dict(
             hidden_size=32, num_hidden_layers=3, num_global_layers=2, attention_heads=2, intermediate_size=64,
-            image_size=TILE, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[2, 0],
+            image_size=TILE, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[2, 1],
             vision_output_dim=96,
         ),
         text_config=dict(
@@ -75,6 +76,8 @@ def save_tiny_mllama(path: Path, seed: int = 0, **kw) -> torch.nn.Module:
             p.add_(0.1 * torch.randn_like(p))
         elif "cross_attn.o_proj" in name or "multi_modal_projector" in name:
             p.mul_(5.0)  # images move the logits well above the tolerance
+        elif "vision_model.transformer.layers" in name and name.endswith("fc2.weight"):
+            p.mul_(20.0)  # each vision block changes its input well beyond the tolerance (the indices matter)
     hf.save_pretrained(path)
     MllamaImageProcessor(
         size={"height": TILE, "width": TILE},
@@ -195,7 +198,7 @@ def test_logits_equal_transformers_with_all_ones_mask(ckpt, batch):
     ref = hf_logits(ckpt["hf"], batch, ones)
     assert ref.shape == (3, 14, VOCAB)
     for compat in (False, True):  # no row is masked out: both row treatments agree with transformers
-        model = load_hf_mllama(ckpt["path"], hf_row_compat=compat)
+        model = load_hf_mllama(ckpt["path"], hf_row_compat=compat, **HF5)
         with torch.no_grad():
             out = model.forward_hf(batch["ids"], **batch["media"], cross_attention_mask=ones)
         torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
@@ -204,7 +207,7 @@ def test_logits_equal_transformers_with_all_ones_mask(ckpt, batch):
 
 def test_logits_equal_transformers_with_processor_masks_and_hf_row_compat(ckpt, batch):
     ref = hf_logits(ckpt["hf"], batch, batch["cam"])
-    model = load_hf_mllama(ckpt["path"], hf_row_compat=True)
+    model = load_hf_mllama(ckpt["path"], hf_row_compat=True, **HF5)
     with torch.no_grad():
         out = model.forward_hf(batch["ids"], **batch["media"], cross_attention_mask=batch["cam"])
         derived = model.forward_hf(batch["ids"], **batch["media"])  # mask from the <|image|> tokens
@@ -216,9 +219,29 @@ def test_logits_equal_transformers_with_processor_masks_and_hf_row_compat(ckpt, 
     assert max_diff(text_only, ref) > 0.1
 
 
+def test_default_reads_the_vision_indices_as_meta_block_inputs(ckpt, batch, tmp_path):
+    """mm reads [2, 1] as the inputs of blocks 2 and 1 (Meta's reference); transformers 5.x computes that only
+    with [1, 0], the outputs of the blocks before them."""
+    from transformers import MllamaForConditionalGeneration
+
+    model = load_hf_mllama(ckpt["path"], hf_row_compat=True)
+    assert model.image_encoder.cfg.intermediate_from == "block_input"
+    cam = batch["cam"]
+    with torch.no_grad():
+        ours = model.forward_hf(batch["ids"], **batch["media"], cross_attention_mask=cam)
+    ckpt["hf"].save_pretrained(tmp_path / "shifted")
+    config = json.loads((tmp_path / "shifted" / "config.json").read_text())
+    config["vision_config"]["intermediate_layers_indices"] = [1, 0]
+    (tmp_path / "shifted" / "config.json").write_text(json.dumps(config))
+    shifted = MllamaForConditionalGeneration.from_pretrained(tmp_path / "shifted").eval()
+    torch.testing.assert_close(ours, hf_logits(shifted, batch, cam), rtol=0, atol=ATOL)
+    off_by_one = max_diff(ours, hf_logits(ckpt["hf"], batch, cam))  # transformers 5.x, released indices
+    assert off_by_one > 100 * ATOL, off_by_one
+
+
 def test_default_differs_from_transformers_only_through_rows_that_see_no_image(ckpt, batch):
     ref = hf_logits(ckpt["hf"], batch, batch["cam"])
-    model = load_hf_mllama(ckpt["path"])  # Meta's rule: no cross-attention output for those rows
+    model = load_hf_mllama(ckpt["path"], **HF5)  # Meta's row rule: no cross-attention output for those rows
     with torch.no_grad():
         out = model.forward_hf(batch["ids"], **batch["media"], cross_attention_mask=batch["cam"])
         bare = model.lm(batch["ids"][1:2, :4])  # row 1's tokens before its image, text only
@@ -239,7 +262,7 @@ def test_greedy_generation_equals_transformers_generate(ckpt, batch):
             do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
         )[:, batch["ids"].shape[1] :].tolist()  # fmt: skip
     ref = [row[: row.index(EOS)] if EOS in row else row for row in ref]
-    model = load_hf_mllama(ckpt["path"], hf_row_compat=True)
+    model = load_hf_mllama(ckpt["path"], hf_row_compat=True, **HF5)
     media = model.encode_media(**batch["media"])  # K/V computed once; masks from the <|image|> tokens
     ours = generate(model, batch["ids"], n_new, stop_tokens=[EOS], model_kwargs={"media": media})
     assert ours == ref
@@ -250,7 +273,7 @@ def test_save_hf_mllama_round_trip_loads_in_transformers(ckpt, batch, tmp_path):
     from transformers import MllamaForConditionalGeneration
     from transformers.models.mllama.image_processing_mllama import MllamaImageProcessor
 
-    model = load_hf_mllama(ckpt["path"], hf_row_compat=True)
+    model = load_hf_mllama(ckpt["path"], hf_row_compat=True, **HF5)
     transform = load_hf_mllama_transform(ckpt["path"])
     ids = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
     save_hf_mllama(model, tmp_path / "same", token_ids=ids, transform=transform)
