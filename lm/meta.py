@@ -24,7 +24,7 @@ from .config import LMConfig, RopeScaling
 from .model import Transformer
 
 # Where fairscale's layers split a weight over model-parallel ranks (suffix of the tensor name -> dim).
-_SPLIT_DIM = {
+SPLIT_DIM = {
     "tok_embeddings.weight": 0,  # VocabParallelEmbedding: vocabulary rows
     "attention.wq.weight": 0,
     "attention.wk.weight": 0,
@@ -60,17 +60,22 @@ def config_from_meta(params: Mapping[str, Any], source: str = "params.json") -> 
     )
 
 
-def _split_dim(name: str) -> int | None:
-    for suffix, dim in _SPLIT_DIM.items():
+def _split_dim(name: str, split: Mapping[str, int]) -> int | None:
+    for suffix, dim in split.items():
         if name == suffix or name.endswith("." + suffix):
             return dim
     return None
 
 
 def merge_shards(
-    shards: list[Mapping[str, torch.Tensor]], source: str = "checkpoint"
+    shards: list[Mapping[str, torch.Tensor]],
+    source: str = "checkpoint",
+    split: Mapping[str, int] = SPLIT_DIM,
 ) -> dict[str, torch.Tensor]:
-    """One state dict from the model-parallel shards of a Meta checkpoint (in rank order)."""
+    """One state dict from the model-parallel shards of a Meta checkpoint (in rank order).
+
+    `split` maps a tensor-name suffix to the dimension fairscale split it on; other tensors are replicated.
+    """
     names = [k for k in shards[0] if k not in _IGNORED]
     for i, sd in enumerate(shards[1:], start=1):
         if sorted(k for k in sd if k not in _IGNORED) != sorted(names):
@@ -78,7 +83,7 @@ def merge_shards(
     out = {}
     for name in names:
         parts = [sd[name] for sd in shards]
-        dim = _split_dim(name)
+        dim = _split_dim(name, split)
         if dim is None or len(parts) == 1:
             for i, p in enumerate(parts[1:], start=1):
                 if not torch.equal(p, parts[0]):
@@ -89,7 +94,8 @@ def merge_shards(
     return out
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
+def load_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one consolidated.NN.pth, read with weights_only (a file that needs code is refused)."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -102,9 +108,8 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_meta(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """Our `Transformer` from a Meta-format directory (params.json + consolidated.00.pth, .01.pth, ...)."""
-    path = Path(path)
+def meta_files(path: Path) -> tuple[Path, list[Path]]:
+    """params.json and the consolidated.NN.pth files (in rank order) of a Meta-format directory."""
     params_file = path / "params.json"
     if not params_file.is_file():
         raise FileNotFoundError(f"{path} is not a Meta checkpoint directory: params.json is missing")
@@ -116,8 +121,20 @@ def load_meta(path: str | Path, device: str | torch.device = "cpu") -> Transform
         raise ValueError(
             f"{path}: model-parallel files {[p.name for p in files]} are not numbered 00, 01, ..."
         )
+    return params_file, files
+
+
+def load_meta(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """Our `Transformer` from a Meta-format directory (params.json + consolidated.00.pth, .01.pth, ...)."""
+    path = Path(path)
+    params_file, files = meta_files(path)
     cfg = config_from_meta(json.loads(params_file.read_text()), str(params_file))
-    sd = merge_shards([_load_file(p) for p in files], str(path))
+    sd = merge_shards([load_file(p) for p in files], str(path))
+    if any(k.startswith("vision_model.") for k in sd):
+        raise ValueError(
+            f"{path} is a Llama 3.2 Vision checkpoint (it holds vision_model.* tensors): "
+            "mm.models.meta_vision.load_meta_vision reads it"
+        )
     model = Transformer(cfg).to(device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
@@ -135,4 +152,4 @@ def load_meta(path: str | Path, device: str | torch.device = "cpu") -> Transform
     return model.eval()
 
 
-__all__ = ["config_from_meta", "load_meta", "merge_shards"]
+__all__ = ["SPLIT_DIM", "config_from_meta", "load_file", "load_meta", "merge_shards", "meta_files"]
