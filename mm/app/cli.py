@@ -142,9 +142,20 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     from mm.app import export
 
     ex = sub.add_parser("export", help="write a checkpoint as a directory transformers loads")
-    ex.add_argument("--checkpoint", required=True, help="an LM directory or an image-stage bundle")
+    ex.add_argument(
+        "--checkpoint",
+        required=True,
+        help="an LM directory, an image-stage bundle or a Meta-format directory",
+    )
     ex.add_argument("--format", required=True, choices=export.FORMATS)
     ex.add_argument("--out", required=True)
+    ex.add_argument(
+        "--vision-heads", type=int, help="Meta-format vision checkpoints: attention heads (default Meta's 16)"
+    )
+    ex.add_argument(
+        "--intermediate-layers",
+        help="Meta-format vision checkpoints: block-input indices, comma-separated (default 3,7,15,23,30)",
+    )
     ex.set_defaults(func=export.cmd_export)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")

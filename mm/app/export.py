@@ -7,6 +7,13 @@ transformers loads.
   masks and norms; e.g. a stage that continued a Llama 3.2 Vision checkpoint) -> a
   `MllamaForConditionalGeneration` directory with `preprocessor_config.json` and the tokenizer. Any other
   encoder is refused with a message naming what differs. The training-only caption head is not exported.
+  Also a Meta-format Llama 3.2 Vision directory (params.json with `vision_num_cross_attention_layers`, read by
+  `load_meta_vision`; `--vision-heads` / `--intermediate-layers` when they are not Meta's 16 / 3,7,15,23,30).
+  Its tokenizer is not written: Meta's tokenizer.model numbers `<|image|>` 128011, Mllama's processor 128256.
+
+The vision indices are written as transformers 5.x reads them (block outputs: each of Meta's block-input
+indices minus one) and marked `intermediate_from: block_output`, so transformers 5.x computes what mm and
+Meta's reference compute.
 """
 
 from __future__ import annotations
@@ -49,10 +56,37 @@ def check_mllama_shaped(encoder_cfg: object) -> None:
         raise ValueError("the image encoder is not Mllama-shaped: " + "; ".join(differs))
 
 
-def export_mllama(checkpoint: Path, out: Path) -> Path:
+def export_meta_vision(
+    checkpoint: Path, out: Path, heads: int | None = None, intermediate_layers: list[int] | None = None
+) -> Path:
+    """A Meta-format Llama 3.2 Vision directory -> a transformers Mllama directory (weights, config, processor)."""
+    from mm.datasets.tiling import TileTransform
+    from mm.models.meta_vision import META_INTERMEDIATE_LAYERS, META_VISION_HEADS, load_meta_vision
+    from mm.models.mllama import save_hf_mllama
+
+    model = load_meta_vision(
+        checkpoint,
+        heads=heads or META_VISION_HEADS,
+        intermediate_layers=intermediate_layers or META_INTERMEDIATE_LAYERS,
+    )
+    enc = model.image_encoder.cfg
+    transform = TileTransform(enc.tile_size, enc.max_tiles)  # Meta's: CLIP mean/std, bilinear
+    ids = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "pad_token_id": 128004}
+    if model.lm.cfg.vocab_size != 128256:  # not Llama 3's tokenizer: no token ids to name
+        ids = {"bos_token_id": 0}
+    save_hf_mllama(model, out, token_ids=ids, transform=transform)
+    return out
+
+
+def export_mllama(
+    checkpoint: Path, out: Path, heads: int | None = None, intermediate_layers: list[int] | None = None
+) -> Path:
     """An image-stage bundle with a Mllama-shaped encoder -> a transformers Mllama directory + tokenizer."""
     from mm.models.loading import load_image_bundle
     from mm.models.mllama import save_hf_mllama
+
+    if (checkpoint / "params.json").is_file():
+        return export_meta_vision(checkpoint, out, heads, intermediate_layers)
 
     model, tok, transform, meta = load_image_bundle(checkpoint)
     enc = model.image_encoder.cfg
@@ -76,9 +110,12 @@ def export_mllama(checkpoint: Path, out: Path) -> Path:
 def cmd_export(args: argparse.Namespace) -> int:
     """`mm export`: write the directory; exit 2 with a one-line reason when the checkpoint cannot be exported."""
     checkpoint, out = Path(args.checkpoint), Path(args.out)
-    run = export_llama if args.format == "hf-llama" else export_mllama
     try:
-        run(checkpoint, out)
+        if args.format == "hf-llama":
+            export_llama(checkpoint, out)
+        else:
+            layers = args.intermediate_layers
+            export_mllama(checkpoint, out, args.vision_heads, layers and [int(i) for i in layers.split(",")])
     except (ValueError, FileNotFoundError) as e:
         print(f"mm export: {checkpoint}: {e}", file=sys.stderr)
         return 2

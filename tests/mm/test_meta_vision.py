@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mm import load_hf_mllama
 from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.datasets.tiling import supported_aspect_ratios
 from mm.lm import generate
@@ -275,3 +276,35 @@ def test_a_text_checkpoint_is_pointed_to_load_meta_and_back(reference, tmp_path)
     (ckpt / "params.json").write_text(json.dumps(params))
     with pytest.raises(ValueError, match="text-only checkpoint.*load_meta"):
         load_meta_vision(ckpt)
+
+
+@torch.no_grad()
+def test_export_of_a_meta_checkpoint_gives_meta_logits_in_transformers(reference, tmp_path):
+    """`mm export --format hf-mllama` of a Meta-format directory: transformers 5.x's Mllama computes Meta's
+    logits, because the indices are written as transformers 5.x reads them (block outputs: Meta's minus one)."""
+    from transformers import MllamaForConditionalGeneration, MllamaImageProcessor
+
+    from mm.app.cli import main
+
+    ckpt = write_meta(tmp_path / "meta", reference["state"], shards=2)
+    out = tmp_path / "hf"
+    argv = ["export", "--checkpoint", str(ckpt), "--format", "hf-mllama", "--out", str(out)]
+    assert main([*argv, "--vision-heads", "2", "--intermediate-layers", "1,3,4"]) == 0
+    vision = json.loads((out / "config.json").read_text())["vision_config"]
+    assert vision["intermediate_layers_indices"] == [0, 2, 3]
+    assert vision["intermediate_from"] == "block_output"
+    hf = MllamaForConditionalGeneration.from_pretrained(out).eval()
+    media = mm_media(reference)
+    cam = cross_attention_mask_from_tokens(reference["text"], IMG, n_tiles(reference), 4)
+    logits = hf(input_ids=reference["text"], **media, cross_attention_mask=cam).logits
+    # row 1 (its first token is an image; row 0's first tokens see none, where transformers departs from Meta)
+    diff = (logits[1] - reference["logits"][1]).abs().max().item()
+    assert diff <= ATOL, diff
+    processor = MllamaImageProcessor.from_pretrained(out)
+    assert processor.max_image_tiles == 4 and processor.size == {"height": 28, "width": 28}
+    # mm reads its export back as the same model
+    again = load_hf_mllama(out)
+    assert again.image_encoder.cfg.intermediate_layers == (0, 2, 3)
+    torch.testing.assert_close(
+        again.forward_hf(reference["text"], **media, cross_attention_mask=cam)[1], logits[1]
+    )
