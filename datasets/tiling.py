@@ -8,16 +8,23 @@ bottom and right, normalised, and cut into tiles in row-major order. This follow
    with a `transparency` key) is composited on white first, as transformers' `convert_to_rgb` does.
    Deviation: 16-bit grey (`I;16*` modes) is scaled to 8 bits (value / 257) where PIL's `convert("RGB")`
    would clip everything above 255 to white.
+   `colour_conversion="meta"` (needs `backend="pil"`) does instead what Meta's reference transform
+   (llama_models' `VariableSizeImageTransform`) does: resize in the image's own mode, then let PIL convert to RGB
+   while pasting onto the black canvas -- alpha is dropped (after PIL's premultiplied-alpha resize), P and 1
+   images are resampled with NEAREST (PIL forces it for those modes), 16-bit grey is clipped. RGB, L and
+   opaque RGBA images give the same numbers either way.
 2. Canvas (`optimal_canvas`): among the tile grids (h_tiles, w_tiles) with h_tiles * w_tiles <= max_tiles, take
    the one needing the smallest upscaling (scale >= 1), or, if every grid needs downscaling, the largest
    downscaling; ties go to the smallest canvas area, then to the earlier grid in `supported_aspect_ratios`.
    An image more elongated than every grid still gets the best-fitting grid.
 3. Resize (`fit_to_canvas`): each side is clipped to [tile_size, canvas side], then the image is scaled by the
-   smaller of the two factors (sides floored, at least 1 px).
+   smaller of the two factors (sides floored, at least 1 px, as transformers; Meta's reference transform floors
+   to 0 px and raises there).
 4. Resample: `backend="torchvision"` (default) resizes the uint8 tensor with
    `torchvision.transforms.v2.functional.resize(..., antialias=True)`, exactly what transformers 5.x's default
    `MllamaImageProcessor` does; `backend="pil"` uses `PIL.Image.resize`, as `MllamaImageProcessorPil` and
-   Meta's reference transform do. The two differ by at most 1/255 on some pixels.
+   Meta's reference transform do (equal to both bit for bit on RGB images). The two backends differ by at most
+   1/255 on some pixels.
 5. Pad bottom/right with 0 (in uint8, before normalisation: padded pixels become -mean/std), rescale by 1/255,
    normalise with mean/std, split into tiles; `aspect_ratio_id` is the 1-based index of the grid in
    `supported_aspect_ratios(max_tiles)` (0 is reserved for padding images in a batch).
@@ -41,6 +48,7 @@ __all__ = [
     "BACKENDS",
     "CLIP_MEAN",
     "CLIP_STD",
+    "COLOUR_CONVERSIONS",
     "RESAMPLE_MODES",
     "TileTransform",
     "TiledImage",
@@ -54,6 +62,7 @@ __all__ = [
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 BACKENDS: tuple[str, ...] = ("torchvision", "pil")
+COLOUR_CONVERSIONS: tuple[str, ...] = ("hf", "meta")
 RESAMPLE_MODES: tuple[str, ...] = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 # PIL's integer resample codes, as written in a preprocessor_config.json ("resample": 2 is bilinear).
 _PIL_CODES: dict[int, str] = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -166,19 +175,31 @@ class TileTransform:
         resample: str = "bilinear",
         backend: str = "torchvision",
         id_max_tiles: int | None = None,
+        colour_conversion: str = "hf",
     ) -> None:
         """`id_max_tiles`: number the aspect-ratio ids by the grid list of this many tiles (default max_tiles),
-        so that a stage tiling with fewer tiles than its encoder supports keeps the encoder's id meaning."""
+        so that a stage tiling with fewer tiles than its encoder supports keeps the encoder's id meaning.
+        `colour_conversion`: "hf" (RGB before resizing, alpha on white) or "meta" (Meta's reference: convert
+        after resizing; needs backend="pil"); see the module docstring."""
         if not isinstance(tile_size, int) or tile_size < 1:
             raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
         self.grids = supported_aspect_ratios(max_tiles)
         if id_max_tiles is not None and id_max_tiles < max_tiles:
             raise ValueError(f"id_max_tiles={id_max_tiles} must be >= max_tiles={max_tiles}")
-        self.id_grids = supported_aspect_ratios(id_max_tiles or max_tiles)
+        self.id_max_tiles = id_max_tiles or max_tiles
+        self.id_grids = supported_aspect_ratios(self.id_max_tiles)
         if resample not in RESAMPLE_MODES:
             raise ValueError(f"unknown resample {resample!r}; expected one of {', '.join(RESAMPLE_MODES)}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        if colour_conversion not in COLOUR_CONVERSIONS:
+            raise ValueError(
+                f"unknown colour_conversion {colour_conversion!r}; expected one of {', '.join(COLOUR_CONVERSIONS)}"
+            )
+        if colour_conversion == "meta" and backend != "pil":
+            raise ValueError(
+                'colour_conversion="meta" resizes in the image\'s own mode: it needs backend="pil"'
+            )
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean!r} std={std!r}")
         self.tile_size = tile_size
@@ -187,11 +208,13 @@ class TileTransform:
         self.std = tuple(float(s) for s in std)
         self.resample = resample
         self.backend = backend
+        self.colour_conversion = colour_conversion
 
     def __repr__(self) -> str:
         return (
             f"TileTransform(tile_size={self.tile_size}, max_tiles={self.max_tiles}, mean={self.mean}, "
-            f"std={self.std}, resample={self.resample!r}, backend={self.backend!r})"
+            f"std={self.std}, resample={self.resample!r}, backend={self.backend!r}, "
+            f"id_max_tiles={self.id_max_tiles}, colour_conversion={self.colour_conversion!r})"
         )
 
     @classmethod
@@ -246,7 +269,8 @@ class TileTransform:
         width, height = image.size
         if width < 1 or height < 1:
             raise ValueError(f"cannot tile an empty image of size {width}x{height}")
-        rgb = to_rgb(image)
+        # "meta": the image keeps its mode until after the resize (`_tiles_pil` converts it)
+        rgb = image if self.colour_conversion == "meta" else to_rgb(image)
         (h_tiles, w_tiles), (new_h, new_w) = self.grid_for(height, width)
         s = self.tile_size
         if self.backend == "torchvision":
@@ -281,6 +305,10 @@ class TileTransform:
     ) -> torch.Tensor:
         """Resize with PIL, then pad/rescale/normalise in numpy (as transformers' MllamaImageProcessorPil)."""
         resized = rgb.resize((new_w, new_h), resample=_PIL_FILTERS[self.resample])
+        if resized.mode != "RGB":  # colour_conversion="meta": PIL's conversion on pasting, as Meta's `_pad`
+            pasted = Image.new("RGB", resized.size, (0, 0, 0))
+            pasted.paste(resized)
+            resized = pasted
         s = self.tile_size
         canvas = np.zeros((3, h_tiles * s, w_tiles * s), dtype=np.uint8)
         canvas[:, :new_h, :new_w] = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
