@@ -198,6 +198,27 @@ def _add_demo_and_bench(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(func=tool_commands.cmd_bench)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    """`mm plan`."""
+    from mm.app import plan
+
+    pl = sub.add_parser(
+        "plan",
+        help="per-GPU memory of a training config under FSDP2 (meta device) and the largest micro-batch",
+    )
+    pl.add_argument("--config", required=True, help="any stage config `mm train` accepts")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs the model is sharded over (FSDP2)")
+    pl.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="memory per GPU in GiB")
+    pl.add_argument("--seq-len", type=int, help="tokens per sample (default: train.seq_len)")
+    pl.add_argument("--batch", type=int, help="micro-batch per GPU (default: train.micro_batch_size)")
+    pl.add_argument(
+        "--activation-checkpointing", choices=plan.AC_MODES, help="default: the config's train section"
+    )
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    pl.set_defaults(func=plan.cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `mm` subcommand."""
     from mm import __version__
@@ -209,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_generate, _add_training, _add_inference, _add_probe, _add_tools, _add_demo_and_bench):
         add(sub)  # in this order in `mm --help`
+    _add_plan(sub)
     return p
 
 
