@@ -21,7 +21,7 @@ from torch import nn
 from mm.datasets.text import PackedText, TextSource, heldout_batches, read_documents
 from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
 from mm.training import distributed as dist_utils
-from mm.training.checkpoint import polyak_average
+from mm.training.checkpoint import polyak_average_into
 from mm.training.config import DataSourceConfig, LMPretrainConfig
 from mm.training.stage import Stage, register
 
@@ -192,7 +192,7 @@ class LMPretrainStage(Stage):
         """The Polyak average of the annealing checkpoints becomes the final model (when asked for)."""
         if self.polyak_k > 0:
             paths = trainer.polyak_checkpoints()
-            dist_utils.load_full_state(self, polyak_average(paths))
+            polyak_average_into(self.checkpoint_state(), paths)  # shard by shard, each checkpoint read once
             summary["polyak_checkpoints"] = [p.name for p in paths]
 
     def final_evaluation(self) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class TrainConfig:
     ramp: list[RampStageConfig] = field(default_factory=list)
     save_every: int = 200
     keep_last: int = 3
+    async_checkpoint: bool = False  # write checkpoints in a background thread (torch.distributed.checkpoint)
     log_every: int = 1
     eval_every: int = 0  # 0 = evaluate only at the end
     eval_batches: int = 0  # 0 = the whole held-out split

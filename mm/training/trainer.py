@@ -16,6 +16,7 @@ CPU runs harder to compare with the float32 references, hence not the default.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -30,13 +31,16 @@ from tqdm import tqdm
 
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import (
+    PendingSave,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_tensors,
     restore_rng,
     save_checkpoint,
 )
 from mm.training.config import OptimConfig, TrainConfig
+from mm.training.dcp import DCP_DIR, load_state
 from mm.training.freeze import assert_not_in_optimizer
 from mm.training.services import (
     MetricsWriter,
@@ -116,42 +120,73 @@ class Trainer:
         start = self.train.max_steps - span
         return {start + round(span * (i + 1) / self.polyak_k) for i in range(self.polyak_k)}
 
+    def sharded_state(self) -> dict[str, Any]:
+        """What a checkpoint holds, as this process holds it (FSDP2 shards or replicas; nothing gathered):
+        the trained parts' tensors and the optimizer state. Frozen parts are not in it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optim = get_optimizer_state_dict(
+            self.stage.model, self.optimizer, options=StateDictOptions(full_state_dict=False)
+        )
+        return {"model": self.stage.checkpoint_state(), "optimizer": optim}
+
     def save(self) -> Path | None:
-        """Checkpoint the current step (all ranks take part in gathering; rank 0 writes)."""
-        model_state = dist_utils.full_state(self.stage)
-        optim_state = dist_utils.full_optimizer_state(self.stage.model, self.optimizer)
-        path = None
-        if self.rank == 0:
-            path = save_checkpoint(
-                self.ckpt_root,
-                self.step,
-                model_state=model_state,
-                optimizer_state=optim_state,
-                trainer_state={
-                    "tokens_seen": self.tokens_seen,
-                    "data": self.stage.data_state(),
-                    "stage": self.stage.name,
-                    "config": self.config_record,
-                },
-                keep_last=self.train.keep_last,
-                protect=self.polyak_steps(),
-            )
-        dist_utils.barrier()
-        return path
+        """Checkpoint the current step: every process writes its own shards (torch.distributed.checkpoint)."""
+        self.wait_for_save()
+        saved = save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            state=self.sharded_state(),
+            trainer_state={
+                "tokens_seen": self.tokens_seen,
+                "data": self.stage.data_state(),
+                "stage": self.stage.name,
+                "config": self.config_record,
+                "world_size": self.world,
+            },
+            keep_last=self.train.keep_last,
+            protect=self.polyak_steps(),
+            async_save=self.train.async_checkpoint,
+        )
+        if isinstance(saved, PendingSave):
+            self._pending = saved
+            return None
+        return saved
+
+    def wait_for_save(self) -> Path | None:
+        """Finish an asynchronous checkpoint still being written (before the next one, and before exiting)."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        return pending.wait() if pending is not None else None
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint in `out/checkpoints`; False if there is none."""
+        """Continue from the newest complete checkpoint in `out/checkpoints`, resharded to this run's
+        processes (it may have been written by any number); False if there is none."""
         path = latest_checkpoint(self.ckpt_root)
         if path is None:
             return False
-        ck = load_checkpoint(path)
-        dist_utils.load_full_state(self.stage, ck["model"])
-        if ck["optimizer"] is not None:
-            dist_utils.load_full_optimizer_state(self.stage.model, self.optimizer, ck["optimizer"])
-        self.step = int(ck["trainer"]["step"])
-        self.tokens_seen = int(ck["trainer"].get("tokens_seen", 0))
-        self.stage.load_data_state(ck["trainer"].get("data", {}))
-        restore_rng(ck["rng"])
+        if (path / DCP_DIR).is_dir():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            state = self.sharded_state()
+            load_state(state, path / DCP_DIR)  # the model's tensors are loaded in place
+            set_optimizer_state_dict(
+                self.stage.model,
+                self.optimizer,
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=False),
+            )
+            trainer = json.loads((path / "trainer.json").read_text())
+            rng = load_tensors(path / "rng.safetensors") if (path / "rng.safetensors").is_file() else {}
+        else:  # a checkpoint written before sharded checkpoints: whole tensors
+            ck = load_checkpoint(path)
+            dist_utils.load_full_state(self.stage, ck["model"])
+            if ck["optimizer"] is not None:
+                dist_utils.load_full_optimizer_state(self.stage.model, self.optimizer, ck["optimizer"])
+            trainer, rng = ck["trainer"], ck["rng"]
+        self.step = int(trainer["step"])
+        self.tokens_seen = int(trainer.get("tokens_seen", 0))
+        self.stage.load_data_state(trainer.get("data", {}))
+        restore_rng(rng)
         log.info("resumed from %s (step %d)", path, self.step)
         return True
 
@@ -227,6 +262,7 @@ class Trainer:
                     summary["stopped"] = f"signal {self._stop_signal}"
                     break
         finally:
+            self.wait_for_save()
             bar.close()
             metrics.close()
             for sig, h in old_handlers.items():

@@ -48,18 +48,28 @@ def test_pickles_that_run_code_are_refused_everywhere(tmp_path, faults):
         load_timm_weights(vit, evil)
     faults.record("hostile", what="pickle weights file")
 
-    # A checkpoint folder whose optimizer file was replaced by a code-running pickle.
+    # A sharded (DCP) checkpoint folder whose metadata, or one of whose non-tensor items, runs code:
+    # DCP itself reads both with plain pickle; mm's reader refuses them.
+    import pickle
+
+    from mm.training.dcp import UnsafeCheckpoint, load_state
+
     ck = save_checkpoint(
         tmp_path / "ckpts",
         1,
-        model_state={"w": torch.ones(2)},
-        optimizer_state={"state": {}},
+        state={"model": {"w": torch.ones(2)}, "optimizer": {"lr": 0.5}},
         trainer_state={"step": 1},
     )
-    torch.save({"state": _RunsCode(marker)}, ck / "optimizer.pt")
-    with pytest.raises(ValueError, match=r"optimizer.pt: refused to load"):
+    assert load_checkpoint(ck)["model"]["w"].tolist() == [1.0, 1.0]
+    evil_item = {"model": {"w": torch.ones(2)}, "optimizer": {"lr": _RunsCode(marker)}}
+    bad = save_checkpoint(tmp_path / "ckpts", 2, state=evil_item, trainer_state={"step": 2})
+    with pytest.raises(UnsafeCheckpoint, match="optimizer.lr needs code to load"):
+        load_state({"model": {"w": torch.zeros(2)}, "optimizer": {"lr": 0.0}}, bad / "dcp")
+    metadata = ck / "dcp" / ".metadata"
+    metadata.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(UnsafeCheckpoint, match=r"\.metadata: refused: the checkpoint metadata names"):
         load_checkpoint(ck)
-    faults.record("hostile", what="pickle optimizer state")
+    faults.record("hostile", what="pickle in a sharded checkpoint (metadata, item)")
 
     # An HF folder with only a pickle checkpoint.
     lm_dir = tmp_path / "lm"

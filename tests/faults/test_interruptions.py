@@ -111,13 +111,14 @@ def test_sigkill_at_a_random_step_of_lm_pretraining_resumes_identically(seed, lm
 SLOW_WRITE = """
 import os, sys, time
 import mm.training.checkpoint as ck
-real = ck.save_tensors
-def slow(tensors, path, metadata=None):
-    real(tensors, path, metadata)
-    if path.name == "model.safetensors" and path.parent.name.startswith(".step_00000010"):
-        open(os.environ["MM_TEST_MARKER"], "w").close()  # half of the checkpoint is on disk
+real = ck.save_state
+def slow(state, path, async_save=False):
+    out = real(state, path, async_save=async_save)
+    if path.parent.name.startswith(".step_00000010"):
+        open(os.environ["MM_TEST_MARKER"], "w").close()  # the shards are on disk, the rest is not
         time.sleep(60)
-ck.save_tensors = slow
+    return out
+ck.save_state = slow
 from mm.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """

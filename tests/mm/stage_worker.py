@@ -2,10 +2,13 @@
 
     torchrun --standalone --nproc-per-node 2 tests/mm/stage_worker.py JOBS.json
 
-JOBS.json lists {"config": YAML path}; each config is run with `mm.training.runner.run`.
+JOBS.json lists {"config": YAML path, "resume": bool (optional)}; each config is run with
+`mm.training.runner.run`. With MM_TEST_GATHERS=FILE set, every collective that gathers tensors (all-gathers,
+`DTensor.full_tensor`) during a checkpoint save is counted, and the counts per process appended to FILE.
 """
 
 import json
+import os
 import sys
 
 from mm.training import distributed
@@ -18,10 +21,43 @@ def main() -> None:
     """Run every job of the JSON file named on the command line."""
     import yaml
 
+    gathers = count_gathers_during_saves() if os.environ.get("MM_TEST_GATHERS") else None
     for job in json.loads(open(sys.argv[1]).read()):
         name = yaml.safe_load(open(job["config"]).read())["stage"]
-        run(load_config(stage_class(name).config_class, job["config"]))
+        run(load_config(stage_class(name).config_class, job["config"]), resume=job.get("resume", False))
+    if gathers is not None:
+        with open(os.environ["MM_TEST_GATHERS"], "a") as f:
+            f.write(json.dumps({"rank": distributed.rank(), **gathers}) + "\n")
     distributed.shutdown()
+
+
+def count_gathers_during_saves() -> dict[str, int]:
+    """Count gathers of model data (every all-gather / gather op on floating-point tensors the dispatcher
+    sees: c10d's and the functional collectives, hence FSDP2's and DTensor's) while `Trainer.save` runs."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mm.training.trainer import Trainer
+
+    counts = {"saves": 0, "gathers": 0}
+
+    class Gathers(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = [t for a in args for t in (a if isinstance(a, list | tuple) else [a])]
+            floats = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in flat)
+            if "gather" in str(func.name()).lower() and floats:  # object collectives move uint8 bytes
+                counts["gathers"] += 1
+            return func(*args, **(kwargs or {}))
+
+    real_save = Trainer.save
+
+    def save(self):
+        counts["saves"] += 1
+        with Gathers():
+            return real_save(self)
+
+    Trainer.save = save
+    return counts
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mm.lm import RopeScaling, load_hf
-from mm.training.checkpoint import list_checkpoints, load_checkpoint, load_tensors, polyak_average
+from mm.training.checkpoint import list_checkpoints, load_checkpoint, polyak_average
 from mm.training.config import (
     ConfigError,
     DataSourceConfig,
@@ -71,7 +71,7 @@ def test_pretrain_writes_metrics_checkpoints_and_hf_export(corpus, tmp_path):
     ]
     assert summary["heldout_ppl"] == pytest.approx(math.exp(summary["heldout_loss"]))
     model = load_hf(tmp_path / "run" / "final")  # the final LM is an HF Llama directory
-    ck = load_tensors(tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors")
+    ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000006")["model"]
     torch.testing.assert_close(model.tok_embeddings.weight, ck["tok_embeddings.weight"])
 
 
@@ -114,13 +114,39 @@ def test_ramp_changes_shapes_and_switches_rope(corpus, tmp_path):
     assert model.cfg.rope_scaling is not None and model.cfg.rope_scaling.factor == 4.0
 
 
+def test_asynchronous_checkpoints_resume_like_synchronous_ones(corpus, tmp_path):
+    """`train.async_checkpoint`: shards are written in a background thread while training goes on, and the
+    folder is published when whole; the checkpoints equal synchronous ones, and resume the same."""
+    from mm.training.dcp import read_full
+
+    for mode in ("sync", "async"):
+        part = make_cfg(corpus, tmp_path / mode, max_steps=4, save_every=2, async_checkpoint=mode == "async")
+        run_stage(part)
+    ckpts = tmp_path / "async" / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    assert not list(ckpts.glob(".*"))  # no temporary folder left
+    for step in ("step_00000002", "step_00000004"):  # model and optimizer tensors, bit for bit
+        a, s = (read_full(tmp_path / m / "checkpoints" / step / "dcp", "") for m in ("async", "sync"))
+        assert a.keys() == s.keys() and all(torch.equal(a[k], s[k]) for k in s)
+        trainer = [
+            json.loads((tmp_path / m / "checkpoints" / step / "trainer.json").read_text())
+            for m in ("async", "sync")
+        ]
+        for t in trainer:
+            del t["config"]  # the run's own folder and switches
+        assert trainer[0] == trainer[1]  # step, tokens seen, data position as at the save
+    for mode in ("sync", "async"):
+        run_stage(make_cfg(corpus, tmp_path / mode, max_steps=6), resume=True)
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync") and len(losses(tmp_path / "sync")) == 6
+
+
 def test_polyak_average_is_the_mean_of_the_named_checkpoints(corpus, tmp_path):
     cfg = make_cfg(corpus, tmp_path, max_steps=8, save_every=100, keep_last=1)
     cfg.anneal.steps, cfg.anneal.source, cfg.anneal.polyak_k = 4, "shapes", 2
     summary = run_stage(cfg)
     assert summary["polyak_checkpoints"] == ["step_00000006", "step_00000008"]
-    a = load_tensors(tmp_path / "checkpoints" / "step_00000006" / "model.safetensors")
-    b = load_tensors(tmp_path / "checkpoints" / "step_00000008" / "model.safetensors")
+    a = load_checkpoint(tmp_path / "checkpoints" / "step_00000006")["model"]
+    b = load_checkpoint(tmp_path / "checkpoints" / "step_00000008")["model"]
     final = load_hf(tmp_path / "final")
     mean = (a["layers.0.attention.wq.weight"] + b["layers.0.attention.wq.weight"]) / 2
     torch.testing.assert_close(final.layers[0].attention.wq.weight, mean)
@@ -197,16 +223,16 @@ def test_full_disk_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     trainer = Trainer(task, tr, OptimConfig(lr=0.1, warmup_steps=0), tmp_path)
     import mm.training.checkpoint as ckpt
 
-    real = ckpt.save_file
+    real = ckpt.save_state
     calls = {"n": 0}
 
-    def failing(tensors, path, metadata=None):
+    def failing(state, path, async_save=False):
         calls["n"] += 1
-        if calls["n"] > 2:  # the first checkpoint (model + rng files) succeeds, then the disk is full
+        if calls["n"] > 1:  # the first checkpoint's shards are written, then the disk is full
             raise OSError(28, "No space left on device")
-        return real(tensors, path, metadata=metadata)
+        return real(state, path, async_save=async_save)
 
-    monkeypatch.setattr(ckpt, "save_file", failing)
+    monkeypatch.setattr(ckpt, "save_state", failing)
     with pytest.raises(OSError, match="No space left"):
         trainer.fit()
     names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
