@@ -8,6 +8,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+# Document attention for packed rows: "flex" (FlexAttention with a block mask built from the document
+# boundaries), "varlen" (one causal attention per document: the flash varlen kernel on CUDA in half
+# precision, a per-document SDPA loop otherwise), "dense" (a (B, 1, T, T) boolean mask, the reference) or
+# "auto" (flex on CUDA; on CPU dense up to `lm.model.DENSE_DOC_MASK_MAX_T` = 512 tokens, varlen beyond).
+DOC_ATTENTION = ("auto", "flex", "varlen", "dense")
+
 
 @dataclass
 class RopeScaling:
@@ -38,10 +44,16 @@ class LMConfig:
     max_seq_len: int = 8192
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # How packed rows (`doc_ids`) keep documents apart; see `lm/model.py` and DOC_ATTENTION.
+    doc_attention: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.doc_attention not in DOC_ATTENTION:
+            raise ValueError(
+                f"LMConfig.doc_attention must be one of {sorted(DOC_ATTENTION)}, got {self.doc_attention!r}"
+            )
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"LMConfig.{name} must be positive, got {getattr(self, name)}")
@@ -153,4 +165,4 @@ def preset(name: str, **overrides: object) -> LMConfig:
     return LMConfig(**kw)
 
 
-__all__ = ["LMConfig", "RopeScaling", "PRESETS", "preset"]
+__all__ = ["DOC_ATTENTION", "LMConfig", "RopeScaling", "PRESETS", "preset"]
