@@ -1,6 +1,9 @@
 """mm.datasets: see ../shared/design.md for what lives here.
 
-Text pretraining data (`text`: readers, weighted mixture, packing, resumable order), the shapes world
+Training data is addressed by position and loaded through `loader` (a DataLoader with workers over a
+world-size independent cursor): image/audio/video samples from `streams` (JSONL manifests, or WebDataset shards
+read at random through `shards`), packed text rows from `tokens` (memory-mapped token shards written by
+`mm data tokenize`). Text pretraining data (`text`: readers, weighted mixture, packing), the shapes world
 (`shapes`: vocabulary, caption wording, prompt formats, text corpus and image generators), image-text pairs
 (`images`: JSONL manifests, WebDataset shards, safe decoding, skip policy), aspect-ratio tiling (`tiling`)
 and the image-stage collator with its cross-attention masks (`collate`).

@@ -24,6 +24,7 @@ path; a skipped fraction above `max_bad_fraction` (after `min_tried` samples) st
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -49,7 +50,7 @@ from .images import (
     _read_groups,
     expand_shards,
 )
-from .streams import ManifestStream, ShardStream
+from .streams import SampleStream, check_paths, open_shards
 from .text import IGNORE_INDEX
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "AudioTextShards",
     "SpeechCollator",
     "decode_audio",
+    "decode_audio_group",
     "iter_audio_webdataset",
     "open_audio_stream",
     "read_audio_manifest",
@@ -328,24 +330,38 @@ def iter_audio_webdataset(
         for key, group in _read_groups(shard, stats, max_member_bytes):
             source = f"{shard}:{key}"
             try:
-                if "_too_large" in group:
-                    raise BadSample("too_large", group["_too_large"])
-                ext = next((e for e in AUDIO_EXTENSIONS if e in group), None)
-                if ext is None:
-                    raise BadSample(
-                        "no_audio", f"members {sorted(group)} hold no {'/'.join(AUDIO_EXTENSIONS)}"
-                    )
-                text, prompt = _group_text_prompt(group, require_text)
-                feats = features(decode_audio(group[ext]))
+                sample = decode_audio_group(group, source, features=features, require_text=require_text)
             except BadSample as e:
                 stats.skip(e.reason, source, e.detail)
                 continue
             stats.ok()
-            yield {"features": feats, "text": text, "prompt": prompt, "source": source, "key": key}
+            yield {**sample, "source": source, "key": key}
+
+
+def decode_audio_group(
+    group: dict[str, Any],
+    source: str = "",
+    *,
+    features: AudioFeatures | None = None,
+    require_text: bool = True,
+) -> dict[str, Any]:
+    """The sample of one shard group ({extension: bytes}): `features`, `text`, `prompt`; raise BadSample if it
+    is unusable (too large a member, no audio, no text when required, bad audio)."""
+    features = features or AudioFeatures()
+    if "_too_large" in group:
+        raise BadSample("too_large", group["_too_large"])
+    ext = next((e for e in AUDIO_EXTENSIONS if e in group), None)
+    if ext is None:
+        raise BadSample("no_audio", f"members {sorted(group)} hold no {'/'.join(AUDIO_EXTENSIONS)}")
+    text, prompt = _group_text_prompt(group, require_text)
+    return {"features": features(decode_audio(group[ext])), "text": text, "prompt": prompt}
 
 
 class AudioTextShards(IterableDataset):
-    """Audio WebDataset shards as an IterableDataset: shard order shuffled per epoch, split over ranks/workers."""
+    """Audio WebDataset shards as an IterableDataset: shard order shuffled per epoch, split over ranks/workers.
+
+    Sequential reading (e.g. a quick pass); training reads shards by position (`mm.datasets.shards`).
+    """
 
     def __init__(
         self,
@@ -401,28 +417,27 @@ def open_audio_stream(
     require_text: bool = True,
     rank: int = 0,
     world: int = 1,
-) -> ManifestStream | ShardStream:
-    """A resumable stream over one JSONL manifest (optionally cached in memory), or over shards;
+    shuffle_window: int = 1024,
+) -> SampleStream:
+    """A position-addressed stream over one JSONL manifest (optionally cached in memory), or over shards;
     `require_text=False` for unlabeled audio (BEST-RQ)."""
-    if not paths:
-        raise ValueError("no training data given")
-    if len(paths) == 1 and Path(paths[0]).suffix in (".jsonl", ".json"):
+    if check_paths(paths):
         dataset = AudioTextDataset(
             paths[0], features, max_bad_fraction=max_bad_fraction, require_text=require_text
         )
-        return ManifestStream(dataset, seed, cache=cache, rank=rank, world=world)  # type: ignore[arg-type]
-    if any(Path(p).suffix in (".jsonl", ".json") for p in paths):
-        raise ValueError(f"give one JSONL manifest, or WebDataset shards; got {list(paths)}")
-    shards = AudioTextShards(
-        list(paths),
-        features,
+        return SampleStream(dataset, seed, cache=cache, rank=rank, world=world)
+    return open_shards(
+        paths,
+        functools.partial(decode_audio_group, features=features, require_text=require_text),
+        transform=features,
+        what="clips of shards",
         seed=seed,
+        shuffle_window=shuffle_window,
         max_bad_fraction=max_bad_fraction,
-        require_text=require_text,
+        cache=cache,
         rank=rank,
-        world_size=world,
+        world=world,
     )
-    return ShardStream(shards)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------- collate

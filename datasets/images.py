@@ -62,6 +62,7 @@ __all__ = [
     "SkipStats",
     "TooManyBadSamples",
     "decode_image",
+    "decode_image_group",
     "expand_shards",
     "iter_webdataset",
     "read_manifest",
@@ -525,28 +526,40 @@ def iter_webdataset(
         for key, group in _read_groups(shard, stats, max_member_bytes):
             source = f"{shard}:{key}"
             try:
-                if "_unsafe" in group:
-                    raise BadSample("unsafe_name", group["_unsafe"])
-                if "_too_large" in group:
-                    raise BadSample("too_large", group["_too_large"])
-                image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
-                if image_ext is None:
-                    raise BadSample(
-                        "no_image", f"members {sorted(group)} hold no {'/'.join(IMAGE_EXTENSIONS)}"
-                    )
-                text = _group_text(group)
-                sample = _make_sample(decode_image(group[image_ext], max_pixels), transform)
+                sample = decode_image_group(group, source, transform=transform, max_pixels=max_pixels)
             except BadSample as e:
                 stats.skip(e.reason, source, e.detail)
                 continue
             stats.ok()
-            sample.update(text=text, source=source, key=key)
-            if "json" in group:
-                try:
-                    sample["meta"] = json.loads(group["json"])
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass
+            sample.update(source=source, key=key)
             yield sample
+
+
+def decode_image_group(
+    group: dict[str, Any],
+    source: str = "",
+    *,
+    transform: Callable[[Image.Image], Any] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """The sample of one shard group ({extension: bytes}): image fields, `text` and `meta` (from `.json`);
+    raise BadSample if it is unusable (`_unsafe` / `_too_large` markers, no image, no caption, bad image)."""
+    if "_unsafe" in group:
+        raise BadSample("unsafe_name", group["_unsafe"])
+    if "_too_large" in group:
+        raise BadSample("too_large", group["_too_large"])
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+    if image_ext is None:
+        raise BadSample("no_image", f"members {sorted(group)} hold no {'/'.join(IMAGE_EXTENSIONS)}")
+    text = _group_text(group)
+    sample = _make_sample(decode_image(group[image_ext], max_pixels), transform)
+    sample["text"] = text
+    if "json" in group:
+        try:
+            sample["meta"] = json.loads(group["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    return sample
 
 
 class ImageTextShards(IterableDataset):
@@ -555,6 +568,8 @@ class ImageTextShards(IterableDataset):
     Shard i of the epoch's order goes to global worker i mod (world_size * num_workers); samples within a shard
     keep their stored order. Call `set_epoch(epoch)` before each pass. `stats` counts skips in this process
     (each DataLoader worker has its own copy).
+
+    Sequential reading (e.g. a quick pass); training reads shards by position (`mm.datasets.shards`).
     """
 
     def __init__(

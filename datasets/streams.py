@@ -1,35 +1,54 @@
-"""Endless, seeded, resumable streams of image-text samples for training: a JSONL manifest (shuffled order per
-epoch) or WebDataset shards (shard order shuffled per epoch, samples in stored order). A stream's position
-(`state_dict`) is plain JSON, so an interrupted run continues with the same samples. Unusable files are
-skipped and counted by the underlying readers.
+"""Endless, seeded, position-addressed streams of training samples: a JSONL manifest (a fresh shuffled order
+per epoch) or WebDataset shards (`mm.datasets.shards.IndexedShards`: shard order shuffled per epoch, then a
+seeded shuffle within windows of consecutive samples).
+
+The stream is a sequence of global positions 0, 1, 2, ... over the epochs: position g is the entry at place
+g mod N of epoch g // N's order. `sample(g)` is a pure function of (data, seed, g): it does not depend on how
+many processes or DataLoader workers read the stream, nor on what was read before, so a run can be split over
+any number of processes and resumed at any position without reading the past (`mm.datasets.loader`).
+
+Unusable entries (missing, corrupt, ... files) are skipped and counted by the underlying readers; the position
+of an unusable entry is filled by the next usable entry of the stream (positions g + 1, g + 2, ...), so every
+position holds a sample and no process's share shifts when another process meets a bad file. A sample keeps
+its stream `position` as the key of its per-sample randomness (masks, noise, SpecAugment).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .images import ImageTextDataset, ImageTextShards
+from .images import ImageTextDataset, decode_image_group
 
 # Decoded, tiled samples kept in memory across the stages of one process (e.g. the demo), keyed by
-# (manifest, transform); only used when a stream is opened with cache=True.
+# (data, transform); only used when a stream is opened with cache=True.
 _CACHE: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
 
 
-class ManifestStream:
-    """Samples of one JSONL manifest in a shuffled order per epoch (seeded by seed and epoch).
+def _data_key(dataset: Any) -> str:
+    """What identifies a dataset's entries for the in-memory cache: the manifest, or the shard list."""
+    manifest = getattr(dataset, "manifest", None)
+    if manifest is not None:
+        return str(Path(manifest).resolve())
+    return "|".join(str(Path(p).resolve()) for p in dataset.shards)
 
-    The stream is a sequence of positions 0, 1, 2, ... over the epochs (position g is entry g % N of epoch
-    g // N's order). Process `rank` of `world` reads only the positions g with g % world == rank, so the
-    processes of a run read disjoint shares whose union, step by step, is what one process reads (when no
-    file is skipped). Each sample carries its `position`, a key for per-sample randomness that does not
-    depend on how a batch is split over processes.
 
-    With `cache=True` every decoded, tiled sample is kept in memory (the tiling is deterministic), so later
-    epochs and later stages of the same process skip decoding; meant for small data such as the demo's.
+class SampleStream:
+    """Position-addressed samples of an indexed dataset (`len`, `load(i)` -> sample or None, `stats`, and
+    `order_index(seed, epoch, k)` or `sample_order(seed, epoch)`).
+
+    `sample(g)` is the sample at global position g. The sequential API (`next`, `state_dict`,
+    `load_state_dict`) reads the positions of process `rank` of `world`, g = rank, rank + world, ...: the
+    processes of a run read disjoint shares whose union, step by step, is what one process reads. Each sample
+    carries its `position`.
+
+    With `cache=True` every decoded sample is kept in memory (decoding is deterministic), so later epochs and
+    later stages of the same process skip decoding; meant for small data such as the demo's (with DataLoader
+    workers each worker keeps its own cache).
     """
 
     def __init__(
@@ -38,10 +57,13 @@ class ManifestStream:
         if not 0 <= rank < world:
             raise ValueError(f"rank must be in [0, world={world}), got {rank}")
         self.dataset, self.seed, self.rank, self.world = dataset, seed, rank, world
-        self.position = rank  # the next position this process reads
+        self.position = rank  # the next position `next` reads
         self._order: tuple[int, list[int]] | None = None  # (epoch, order)
-        key = (str(dataset.manifest.resolve()), repr(dataset.transform))
+        key = (_data_key(dataset), repr(getattr(dataset, "transform", None)))
         self._cache = _CACHE.setdefault(key, {}) if cache else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     def _load(self, idx: int) -> dict[str, Any] | None:
         if self._cache is None:
@@ -54,86 +76,103 @@ class ManifestStream:
             self._cache[idx] = sample
         return sample
 
-    def _index(self, position: int) -> int:
+    def index(self, position: int) -> int:
+        """The dataset entry at a global position."""
         epoch, k = divmod(position, len(self.dataset))
+        order_index = getattr(self.dataset, "order_index", None)
+        if order_index is not None:
+            return int(order_index(self.seed, epoch, k))
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, self.dataset.sample_order(self.seed, epoch))
         return self._order[1][k]
 
-    def next(self) -> dict[str, Any]:
-        """The next usable sample of this process's share (with its stream `position`)."""
-        for _ in range(2 * len(self.dataset) + 1):
-            g = self.position
-            self.position += self.world
-            sample = self._load(
-                self._index(g)
-            )  # None for an unusable file (counted and logged by the dataset)
+    def sample(self, position: int) -> dict[str, Any]:
+        """The sample at a global position: its entry, or if that one is unusable the entry of the next
+        position holding a usable one (with `position` set to the position asked for)."""
+        if position < 0:
+            raise ValueError(f"stream positions start at 0, got {position}")
+        n = len(self.dataset)
+        for step in range(2 * n + 1):
+            sample = self._load(self.index(position + step))  # None: unusable (counted by the dataset)
             if sample is not None:
-                return {**sample, "position": g}
-        raise ValueError(
-            f"{self.dataset.manifest}: no usable sample in two passes ({self.dataset.stats.as_dict()})"
-        )
+                return {**sample, "position": position}
+        raise ValueError(f"{_data_key(self.dataset)}: no usable sample in two passes ({self.stats()})")
+
+    def next(self) -> dict[str, Any]:
+        """The sample at this process's next position."""
+        sample = self.sample(self.position)
+        self.position += self.world
+        return sample
 
     def stats(self) -> dict[str, Any]:
-        """Skip counts per reason."""
+        """Decodes tried and skips per reason (this process's, or this worker's)."""
         return self.dataset.stats.as_dict()
 
+    def global_position(self, state: dict[str, Any]) -> int:
+        """The global position a saved state names ({"position": P}; the older {epoch, cursor} form too)."""
+        if not state:
+            return 0
+        if "position" in state:
+            return int(state["position"])
+        if "cursor" in state:
+            return int(state["epoch"]) * len(self.dataset) + int(state["cursor"])
+        raise ValueError(
+            f"data state {state} is not a stream position (a checkpoint of the older sequential shard "
+            "reader, which cannot be resumed by position: start the stage again)"
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        """The position where the run's next step starts (the same on every process when nothing was
-        skipped), so a run resumes with any number of processes."""
+        """The global position where the run's next step starts, the same on every process."""
         return {"position": self.position - self.rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position (also reads the older {epoch, cursor} form)."""
-        if "position" in state:
-            start = int(state["position"])
-        else:
-            start = int(state["epoch"]) * len(self.dataset) + int(state["cursor"])
-        self.position, self._order = start + self.rank, None
+        self.position, self._order = self.global_position(state) + self.rank, None
 
 
-class ShardStream:
-    """Samples of WebDataset shards, epoch after epoch; the position is (epoch, samples taken in it)."""
+ManifestStream = SampleStream  # the name the stages used for manifest streams
 
-    def __init__(self, shards: ImageTextShards) -> None:
-        self.shards = shards
-        self.epoch, self.taken = 0, 0
-        self._it: Iterator[dict[str, Any]] | None = None
 
-    def _open(self) -> None:
-        self.shards.set_epoch(self.epoch)
-        self._it = iter(self.shards)
-        for _ in range(self.taken):  # resume: pass over the samples this epoch already used
-            next(self._it)
+class ShardStream(SampleStream):
+    """A `SampleStream` over WebDataset shards (`IndexedShards`)."""
 
-    def next(self) -> dict[str, Any]:
-        """The next usable sample."""
-        for _ in range(2):
-            if self._it is None:
-                self._open()
-            try:
-                sample = next(self._it)
-                self.taken += 1
-                return sample
-            except StopIteration:
-                if self.taken == 0:
-                    break
-                self.epoch, self.taken, self._it = self.epoch + 1, 0, None
-        raise ValueError(
-            f"shards {[str(s) for s in self.shards.shards[:3]]}...: no usable sample in an epoch"
-        )
 
-    def stats(self) -> dict[str, Any]:
-        """Skip counts per reason."""
-        return self.shards.stats.as_dict()
+def open_shards(
+    paths: Sequence[str],
+    decode: Callable[[dict[str, Any], str], dict[str, Any]],
+    *,
+    transform: Any = None,
+    what: str = "samples of shards",
+    seed: int = 0,
+    shuffle_window: int = 1024,
+    max_bad_fraction: float = 0.05,
+    cache: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> ShardStream:
+    """A position-addressed stream over WebDataset shards, each sample made by `decode(group, source)`."""
+    from .shards import IndexedShards
 
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch and samples taken in it."""
-        return {"epoch": self.epoch, "taken": self.taken}
+    shards = IndexedShards(
+        list(paths),
+        decode,
+        transform=transform,
+        what=what,
+        window=shuffle_window,
+        max_bad_fraction=max_bad_fraction,
+    )
+    return ShardStream(shards, seed, cache=cache, rank=rank, world=world)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position."""
-        self.epoch, self.taken, self._it = int(state["epoch"]), int(state["taken"]), None
+
+def check_paths(paths: Sequence[str]) -> bool:
+    """True for one JSONL manifest, False for shards; raise ValueError for no paths or a mix."""
+    if not paths:
+        raise ValueError("no training data given")
+    if len(paths) == 1 and Path(paths[0]).suffix in (".jsonl", ".json"):
+        return True
+    if any(Path(p).suffix in (".jsonl", ".json") for p in paths):
+        raise ValueError(f"give one JSONL manifest, or WebDataset shards; got {list(paths)}")
+    return False
 
 
 def open_stream(
@@ -145,18 +184,22 @@ def open_stream(
     cache: bool = False,
     rank: int = 0,
     world: int = 1,
-) -> ManifestStream | ShardStream:
+    shuffle_window: int = 1024,
+) -> SampleStream:
     """A stream over one JSONL manifest, or over WebDataset shards (.tar files, globs, brace ranges, folders);
-    process `rank` of `world` reads only its share (`ManifestStream`; shards are split over processes)."""
-    if not paths:
-        raise ValueError("no training data given")
-    if len(paths) == 1 and Path(paths[0]).suffix in (".jsonl", ".json"):
+    `next` reads process `rank`'s share of `world`, `sample(g)` any position."""
+    if check_paths(paths):
         dataset = ImageTextDataset(paths[0], transform, max_bad_fraction=max_bad_fraction)
-        return ManifestStream(dataset, seed, cache=cache, rank=rank, world=world)
-    if any(Path(p).suffix in (".jsonl", ".json") for p in paths):
-        raise ValueError(f"give one JSONL manifest, or WebDataset shards; got {list(paths)}")
-    return ShardStream(
-        ImageTextShards(
-            list(paths), transform, seed=seed, max_bad_fraction=max_bad_fraction, rank=rank, world_size=world
-        )
+        return SampleStream(dataset, seed, cache=cache, rank=rank, world=world)
+    return open_shards(
+        paths,
+        functools.partial(decode_image_group, transform=transform),
+        transform=transform,
+        what="samples of shards",
+        seed=seed,
+        shuffle_window=shuffle_window,
+        max_bad_fraction=max_bad_fraction,
+        cache=cache,
+        rank=rank,
+        world=world,
     )

@@ -49,7 +49,9 @@ __all__ = [
     "TokenizerLike",
     "heldout_batches",
     "new_read_stats",
+    "pack_heldout",
     "read_documents",
+    "rows_from_windows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -288,9 +290,9 @@ def _encode_docs(tokenizer: TokenizerLike, docs: Sequence[str]) -> list[list[int
     return [[bos, *x, eos] for x in ids]
 
 
-def _chunks(it: Iterable[str], size: int) -> Iterator[list[str]]:
+def _chunks(it: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """Group an iterable into lists of at most size items."""
-    chunk: list[str] = []
+    chunk: list[Any] = []
     for x in it:
         chunk.append(x)
         if len(chunk) == size:
@@ -303,8 +305,13 @@ def _chunks(it: Iterable[str], size: int) -> Iterator[list[str]]:
 def _make_rows(stream: np.ndarray, starts: np.ndarray, n_rows: int, seq_len: int) -> dict[str, torch.Tensor]:
     """Cut n_rows windows of seq_len + 1 stream tokens (consecutive windows share one token) into a batch."""
     idx = np.arange(n_rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    w = stream[idx].astype(np.int64)
-    s = starts[idx]
+    return rows_from_windows(stream[idx], starts[idx])
+
+
+def rows_from_windows(windows: np.ndarray, starts: np.ndarray) -> dict[str, torch.Tensor]:
+    """A batch from (rows, L + 1) token windows and their document-start flags: tokens, labels, doc_ids (rows, L)."""
+    w = windows.astype(np.int64)
+    s = starts
     labels = w[:, 1:].copy()
     labels[s[:, 1:]] = IGNORE_INDEX  # the next token opens a new document: its BOS is unpredictable
     doc_ids = np.cumsum(s[:, :-1], axis=1, dtype=np.int64)
@@ -368,8 +375,10 @@ def _load_corpus(source: TextSource, tokenizer: TokenizerLike, chunk_docs: int =
 class PackedText:
     """An endless, deterministic, resumable stream of packed token batches from a weighted mixture of sources.
 
-    All documents of every source are read and tokenized into memory at construction (fine for the small
-    corpora this project trains on; a larger corpus would want pre-tokenized shards). Each document becomes
+    All documents of every source are read and tokenized into memory at construction, and every caller cuts
+    its rows out of the whole global batch (small corpora only). Training uses `mm.datasets.tokens` instead:
+    pre-tokenized, memory-mapped shards (`mm data tokenize`) packed by position, each process reading only its
+    rows. This class stays for its sequential, document-level mixture semantics. Each document becomes
     `bos + ids + eos`. The next document of the stream comes from a source drawn with probability proportional
     to its weight (a seeded RNG); within a source, documents are visited in a fresh shuffled order each epoch
     (seeded by (seed, source index, epoch)), and a new epoch starts when a source is exhausted.
@@ -607,17 +616,26 @@ def _heldout_iter(
     sources: list[TextSource], tokenizer: TokenizerLike, seq_len: int, batch_size: int, stats: dict[str, Any]
 ) -> Iterator[dict[str, torch.Tensor]]:
     """The generator behind `heldout_batches`."""
-    need = batch_size * seq_len + 1
-    parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
-    flags: list[np.ndarray] = [np.zeros(0, dtype=bool)]
-    have = 0
 
     def docs() -> Iterator[str]:
         for s in sources:
             yield from s.documents(stats)
 
-    for chunk in _chunks(docs(), 256):
-        for ids in _encode_docs(tokenizer, chunk):
+    encoded = (ids for chunk in _chunks(docs(), 256) for ids in _encode_docs(tokenizer, chunk))
+    return pack_heldout(encoded, seq_len, batch_size, int(tokenizer.eos_id))
+
+
+def pack_heldout(
+    documents: Iterable[Sequence[int] | np.ndarray], seq_len: int, batch_size: int, eos_id: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Pack already tokenized documents (bos + ids + eos each) for one held-out pass, as `heldout_batches`."""
+    _check_shape(batch_size, seq_len)
+    need = batch_size * seq_len + 1
+    parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    flags: list[np.ndarray] = [np.zeros(0, dtype=bool)]
+    have = 0
+    for chunk in _chunks(documents, 256):
+        for ids in chunk:
             start = np.zeros(len(ids), dtype=bool)
             start[0] = True
             parts.append(np.asarray(ids, dtype=np.int64))
@@ -641,7 +659,7 @@ def _heldout_iter(
     if pad:
         pad_starts = np.zeros(pad, dtype=bool)
         pad_starts[0] = True  # the padding is a document of its own; its first label is already -100
-        stream = np.concatenate([stream, np.full(pad, int(tokenizer.eos_id), dtype=np.int64)])
+        stream = np.concatenate([stream, np.full(pad, eos_id, dtype=np.int64)])
         starts = np.concatenate([starts, pad_starts])
     batch = _make_rows(stream, starts, n_rows, seq_len)
     if pad:

@@ -24,6 +24,7 @@ zero-frame or non-video file is skipped, counted per reason and logged with its 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -52,7 +53,7 @@ from .images import (
     expand_shards,
 )
 from .shapes import VIDEO_PROMPT
-from .streams import ManifestStream, ShardStream
+from .streams import SampleStream, check_paths, open_shards
 from .text import IGNORE_INDEX
 from .tiling import TiledImage
 
@@ -64,6 +65,7 @@ __all__ = [
     "VideoTextRecord",
     "VideoTextShards",
     "decode_clip",
+    "decode_video_group",
     "iter_video_webdataset",
     "open_video_stream",
     "read_video_manifest",
@@ -357,30 +359,48 @@ def iter_video_webdataset(
         for key, group in _read_groups(shard, stats, max_member_bytes):
             source = f"{shard}:{key}"
             try:
-                if "_too_large" in group:
-                    raise BadSample("too_large", group["_too_large"])
-                ext = next((e for e in VIDEO_EXTENSIONS if e in group), None)
-                if ext is None:
-                    raise BadSample(
-                        "no_video", f"members {sorted(group)} hold no {'/'.join(VIDEO_EXTENSIONS)}"
-                    )
-                text = _group_text(group)
-                sample = _clip_sample(group[ext], transform, n_frames, max_pixels)
+                sample = decode_video_group(
+                    group, source, transform=transform, n_frames=n_frames, max_pixels=max_pixels
+                )
             except BadSample as e:
                 stats.skip(e.reason, source, e.detail)
                 continue
             stats.ok()
-            sample.update(text=text, source=source, key=key)
-            if "json" in group:
-                try:
-                    sample["meta"] = json.loads(group["json"])
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    pass
+            sample.update(source=source, key=key)
             yield sample
 
 
+def decode_video_group(
+    group: dict[str, Any],
+    source: str = "",
+    *,
+    transform: Callable[[Image.Image], Any] | None = None,
+    n_frames: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """The clip of one shard group ({extension: bytes}): frames, `text` and `meta` (from `.json`); raise
+    BadSample if it is unusable (too large a member, no video, no caption, bad video)."""
+    if "_too_large" in group:
+        raise BadSample("too_large", group["_too_large"])
+    ext = next((e for e in VIDEO_EXTENSIONS if e in group), None)
+    if ext is None:
+        raise BadSample("no_video", f"members {sorted(group)} hold no {'/'.join(VIDEO_EXTENSIONS)}")
+    text = _group_text(group)
+    sample = _clip_sample(group[ext], transform, n_frames, max_pixels)
+    sample["text"] = text
+    if "json" in group:
+        try:
+            sample["meta"] = json.loads(group["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    return sample
+
+
 class VideoTextShards(IterableDataset):
-    """Video WebDataset shards as an IterableDataset: shard order shuffled per epoch, split over ranks/workers."""
+    """Video WebDataset shards as an IterableDataset: shard order shuffled per epoch, split over ranks/workers.
+
+    Sequential reading (e.g. a quick pass); training reads shards by position (`mm.datasets.shards`).
+    """
 
     def __init__(
         self,
@@ -437,25 +457,23 @@ def open_video_stream(
     max_bad_fraction: float = 0.05,
     rank: int = 0,
     world: int = 1,
-) -> ManifestStream | ShardStream:
-    """A resumable stream (`ManifestStream` / `ShardStream`) over one JSONL manifest, or over shards."""
-    if not paths:
-        raise ValueError("no training data given")
-    if len(paths) == 1 and Path(paths[0]).suffix in (".jsonl", ".json"):
+    shuffle_window: int = 1024,
+) -> SampleStream:
+    """A position-addressed stream (`SampleStream`) over one JSONL manifest, or over WebDataset shards."""
+    if check_paths(paths):
         dataset = VideoTextDataset(paths[0], transform, n_frames=n_frames, max_bad_fraction=max_bad_fraction)
-        return ManifestStream(dataset, seed, rank=rank, world=world)
-    if any(Path(p).suffix in (".jsonl", ".json") for p in paths):
-        raise ValueError(f"give one JSONL manifest, or WebDataset shards; got {list(paths)}")
-    shards = VideoTextShards(
-        list(paths),
-        transform,
-        n_frames=n_frames,
+        return SampleStream(dataset, seed, rank=rank, world=world)
+    return open_shards(
+        paths,
+        functools.partial(decode_video_group, transform=transform, n_frames=n_frames),
+        transform=transform,
+        what="clips of shards",
         seed=seed,
+        shuffle_window=shuffle_window,
         max_bad_fraction=max_bad_fraction,
         rank=rank,
-        world_size=world,
+        world=world,
     )
-    return ShardStream(shards)
 
 
 # ------------------------------------------------------------------------------------------------- collate

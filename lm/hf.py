@@ -8,16 +8,19 @@ q/k rows in the rotate-half RoPE layout, we use Meta's interleaved layout (dims 
 Everything that knows Hugging Face names lives here, in one small adapter: `config_from_hf` / `config_to_hf`
 map the config, `hf_to_mm_state_dict` / `mm_to_hf_state_dict` map the weights. Weights are only ever read
 with `safetensors` (never pickle). Both RoPE config formats are read: transformers 5's `rope_parameters`
-and the legacy `rope_theta` + `rope_scaling` keys; both are written.
+and the legacy `rope_theta` + `rope_scaling` keys; both are written. `load_hf(..., device="meta")` reads
+nothing: each tensor says where its values live, so that a sharded run reads only each process's rows.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -294,11 +297,74 @@ def _weight_files(path: Path, names: list[str]) -> dict[Path, list[str]]:
     return files
 
 
+def _meta_model(cfg: LMConfig) -> Transformer:
+    """A `Transformer` of `cfg` on the meta device: shapes only, no memory, no random draws. Any active
+    dispatch mode is suspended, so a caller recording its own initialisation (`mm.training.materialize`) does
+    not record this model's constructor: its values come from files."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.device("meta"):
+        return Transformer(cfg)
+
+
+@dataclass(frozen=True)
+class SafetensorsTensor:
+    """Where a lazily loaded parameter's values live: tensor `key` of a safetensors file, read in our layout
+    (q/k rows permuted from Hugging Face's rotate-half layout) and cast to `dtype`."""
+
+    file: Path
+    key: str
+    rows: int  # dim 0 of our tensor
+    heads: int | None  # q/k projections: the heads whose rows are permuted
+    head_dim: int
+    dtype: torch.dtype
+    row0: int = 0  # our tensor is the stored one's rows row0 : row0 + rows (e.g. a vocabulary's first rows)
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop (dim 0, our layout) on the CPU; only those rows are read (whole heads for q/k)."""
+        stop = self.rows if stop is None else stop
+        with safe_open(str(self.file), framework="pt", device="cpu") as f:
+            part = f.get_slice(self.key)
+            if self.heads is None:
+                return part[self.row0 + start : self.row0 + stop].to(self.dtype)
+            hd = self.head_dim
+            h0, h1 = start // hd, -(-stop // hd)
+            w = rotate_half_to_interleaved(part[h0 * hd : h1 * hd], h1 - h0, hd)
+            return w[start - h0 * hd : stop - h0 * hd].to(self.dtype)
+
+
+@dataclass(frozen=True)
+class ComputedTensor:
+    """A lazily built tensor whose value a function computes (e.g. the RoPE frequencies)."""
+
+    fn: Callable[[], torch.Tensor]
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop of the computed value."""
+        return self.fn()[start:stop]
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype | None:
+    """The one dtype every weight of a Hugging Face Llama directory is stored in (None when they differ)."""
+    path = Path(path)
+    cfg = config_from_hf(_read_json(path / CONFIG_NAME), source=str(path / CONFIG_NAME))
+    found = set()
+    for file, keys in _weight_files(path, list(hf_name_map(cfg))).items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            found |= {f.get_slice(k).get_dtype() for k in keys}
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    return names.get(found.pop()) if len(found) == 1 else None
+
+
 @torch.no_grad()
 def load_hf(
     path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Transformer:
-    """Load a Hugging Face `LlamaForCausalLM` directory (config.json + safetensors) as our `Transformer`."""
+    """Load a Hugging Face `LlamaForCausalLM` directory (config.json + safetensors) as our `Transformer`.
+
+    With `device="meta"` nothing is read: the model is on the meta device and every tensor carries a
+    `lazy_source` (`SafetensorsTensor`, `ComputedTensor`) whose `read(start, stop)` reads only the rows asked for,
+    so that each process of a sharded run reads only its shard (`mm.training.materialize`)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -308,14 +374,15 @@ def load_hf(
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path} (expected {config_path})")
     cfg = config_from_hf(_read_json(config_path), source=str(config_path))
+    lazy = torch.device(device).type == "meta"
 
-    with torch.device("meta"):  # shapes only: no memory, no random init; real tensors are assigned below
-        model = Transformer(cfg)
+    model = _meta_model(cfg)  # shapes only: no memory, no random init; real tensors are assigned below
     meta_sd = model.state_dict()
     names = hf_name_map(cfg)
     expected = {hf: tuple(meta_sd[mm].shape) for hf, mm in names.items()}
 
     hf_sd: dict[str, torch.Tensor] = {}
+    where: dict[str, Path] = {}
     for file, keys in _weight_files(path, list(names)).items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             present = set(f.keys())
@@ -331,14 +398,30 @@ def load_hf(
                         f"tensor {key!r} in {file} has dtype {stored}, expected a float dtype "
                         f"({', '.join(FLOAT_DTYPES)})"
                     )
-                hf_sd[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                if lazy:
+                    where[key] = file
+                else:
+                    hf_sd[key] = f.get_tensor(key).to(device=device, dtype=dtype)
 
+    inv_freq = functools.partial(rope_inv_freq, cfg.hd, cfg.rope_theta, cfg.rope_scaling)
+    if lazy:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            model = model.to(dtype)
+        params = dict(model.named_parameters())
+        for key, file in where.items():
+            p = params[names[key]]
+            p.lazy_source = SafetensorsTensor(
+                file, key, expected[key][0], _rope_heads(key, cfg), cfg.hd, dtype
+            )
+        model.inv_freq.lazy_source = ComputedTensor(inv_freq)
+        return model.eval()
     model.load_state_dict(hf_to_mm_state_dict(hf_sd, cfg), strict=True, assign=True)
     if cfg.tie_embeddings:  # `assign` made two Parameters; share one, as the constructor does
         model.output.weight = model.tok_embeddings.weight
-    model.inv_freq = rope_inv_freq(cfg.hd, cfg.rope_theta, cfg.rope_scaling).to(
-        device
-    )  # non-persistent buffer
+    with torch.device("cpu"):  # computed on the CPU whatever the ambient default device
+        model.inv_freq = inv_freq().to(device)  # non-persistent buffer
     return model.eval()
 
 
@@ -432,6 +515,8 @@ def save_hf(
 
 __all__ = [
     "SUPPORTED_ROPE_TYPES",
+    "ComputedTensor",
+    "SafetensorsTensor",
     "config_from_hf",
     "config_to_hf",
     "hf_name_map",
@@ -441,4 +526,5 @@ __all__ = [
     "mm_to_hf_state_dict",
     "rotate_half_to_interleaved",
     "save_hf",
+    "stored_dtype",
 ]

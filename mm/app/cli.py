@@ -184,6 +184,18 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     )
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=tool_commands.cmd_data_synth)
+    dt = dsub.add_parser(
+        "tokenize",
+        help="tokenize text files into memory-mapped token shards (train on the folder: --data DIR)",
+    )
+    dt.add_argument(
+        "--tokenizer", required=True, help="tokenizer.json / tokenizer.model, or a folder with one"
+    )
+    dt.add_argument("--out", required=True, help="folder for index.json, tokens-NNNNN.bin and the tokenizer")
+    dt.add_argument("files", nargs="+", help="text, JSONL(.gz) files or folders (as `--data` reads them)")
+    dt.add_argument("--doc-split", choices=["paragraph", "line"], default="paragraph")
+    dt.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard (default 2^28)")
+    dt.set_defaults(func=tool_commands.cmd_data_tokenize)
 
 
 def _add_demo_and_bench(sub: argparse._SubParsersAction) -> None:

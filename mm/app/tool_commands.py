@@ -1,4 +1,5 @@
-"""The tool commands of `mm`: `verify-frozen`, `tokenizer train`, `data synth`, `demo`, `probe` and `bench`."""
+"""The tool commands of `mm`: `verify-frozen`, `tokenizer train`, `data synth`, `data tokenize`, `demo`, `probe` and
+`bench`."""
 
 from __future__ import annotations
 
@@ -61,6 +62,27 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"--kind {args.kind} is not available yet; available: text, shapes, motion")
     print(path)
+    return 0
+
+
+def cmd_data_tokenize(args: argparse.Namespace) -> int:
+    """Tokenize text into memory-mapped token shards (`mm.datasets.tokens`); print the folder and its counts."""
+    from mm.datasets.tokens import tokenize_to_folder
+    from mm.lm import Tokenizer
+
+    tok = Tokenizer.from_file(args.tokenizer)
+    index = tokenize_to_folder(
+        args.files,
+        tok,
+        args.out,
+        doc_split=args.doc_split,
+        shard_tokens=args.shard_tokens,
+        tokenizer_source=str(Path(args.tokenizer).resolve()),
+    )
+    print(
+        f"{args.out}: {index['num_documents']} documents, {index['num_tokens']} tokens in "
+        f"{len(index['shards'])} shards"
+    )
     return 0
 
 

@@ -24,6 +24,7 @@ from mm.models.multimodal import IMAGE_PATH_PARTS, VIDEO_PARTS, MultimodalLM
 from mm.models.speech import SpeechLM
 from mm.training.bundle import (
     load_adapter_weights,
+    load_lm,
     load_lm_checked,
     load_tokenizer,
     read_config,
@@ -68,10 +69,17 @@ def caption_head_parts(head: CaptionHeadConfig | dict[str, Any] | None, dim: int
     }
 
 
-def load_image_bundle(path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
-    """Rebuild a trained image model from its bundle (refusing an LM whose fingerprint changed)."""
+def load_image_bundle(
+    path: Path, *, lazy_lm_dtype: torch.dtype | None = None
+) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
+    """Rebuild a trained image model from its bundle (refusing an LM whose fingerprint changed). With
+    `lazy_lm_dtype` an HF Llama LM is not read: it stays on the meta device to be read after sharding
+    (`load_hf(..., device="meta")`), and the caller checks its fingerprint once it has its values."""
     meta = read_stage_config(path, IMAGE_STAGES)
-    lm = load_lm_checked(path, meta)
+    if lazy_lm_dtype is not None and meta.get("lm_format", "hf_llama") == "hf_llama":
+        lm = load_lm(resolve_lm_path(path, meta), meta, device="meta", dtype=lazy_lm_dtype)
+    else:
+        lm = load_lm_checked(path, meta)
     tok = load_tokenizer(path, meta)
     enc_cfg = ImageEncoderConfig(**meta["image_encoder"])
     mllama = meta.get("lm_format") == "hf_mllama"

@@ -39,6 +39,7 @@ Weights are read with safetensors only (never pickle). Every problem with a chec
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -53,6 +54,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.image import (
@@ -63,7 +65,16 @@ from mm.encoders.image import (
 )
 from mm.lm import Transformer
 from mm.lm.config import LMConfig
-from mm.lm.hf import config_from_hf, config_to_hf, hf_to_mm_state_dict, mm_to_hf_state_dict
+from mm.lm.hf import (
+    ComputedTensor,
+    SafetensorsTensor,
+    _rope_heads,
+    config_from_hf,
+    config_to_hf,
+    hf_name_map,
+    hf_to_mm_state_dict,
+    mm_to_hf_state_dict,
+)
 from mm.lm.model import rope_inv_freq
 from mm.models.multimodal import MultimodalLM
 from mm.training.checkpoint import write_json
@@ -431,6 +442,26 @@ def _read_tensors(
 ) -> dict[str, torch.Tensor]:
     """The `expected` tensors (checked by name and shape) from the directory's safetensors, on CPU in `dtype`."""
     where = _tensor_locations(path)
+    _check_tensors(path, expected, where, allow_unexpected=allow_unexpected)
+    by_file: dict[Path, list[str]] = {}
+    for k in expected:
+        by_file.setdefault(where[k][0], []).append(k)
+    out: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for k in names:
+                out[k] = f.get_tensor(where[k][1]).to(dtype)
+    return out
+
+
+def _check_tensors(
+    path: Path,
+    expected: Mapping[str, tuple[int, ...]],
+    where: Mapping[str, tuple[Path, str]],
+    *,
+    allow_unexpected: bool,
+) -> None:
+    """Refuse missing, unexpected (unless allowed) or misshapen tensors (reads only the files' headers)."""
     missing = [k for k in expected if k not in where]
     if missing:
         more = f" ({len(missing) - 1} more missing, e.g. {missing[1:4]})" if len(missing) > 1 else ""
@@ -446,7 +477,6 @@ def _read_tensors(
     by_file: dict[Path, list[str]] = {}
     for k in expected:
         by_file.setdefault(where[k][0], []).append(k)
-    out: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for k in names:
@@ -455,8 +485,6 @@ def _read_tensors(
                     raise MllamaCheckpointError(
                         f"{file}: tensor {k!r} has shape {shape}, expected {expected[k]}"
                     )
-                out[k] = f.get_tensor(where[k][1]).to(dtype)
-    return out
 
 
 def _check_mapped_state(path: Path, missing: Sequence[str], unexpected: Sequence[str]) -> None:
@@ -496,8 +524,14 @@ def load_hf_mllama(
     trainable: tuple[str, ...] = TRAINABLE,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    lm_dtype: torch.dtype | None = None,
 ) -> MultimodalLM:
     """Load a transformers `MllamaForConditionalGeneration` directory as a `MultimodalLM` (LM frozen).
+
+    `device="meta"` reads lazily, for a build recorded by `mm.training.materialize.record_init`: the LM, its
+    extra token embeddings and the cross-attention layers stay on the meta device with a `lazy_source` each
+    (a sharded run reads only each process's rows; the LM in `lm_dtype` when its tensors are stored in it),
+    the vision model's tensors are read whole (its q, k, v are fused) and copied in by recorded operations.
 
     `hf_row_compat=True` reproduces transformers' logits also on rows that see no image (module docstring);
     `intermediate_from="block_output"` reproduces transformers 5.x's vision features (the default reads the
@@ -508,9 +542,12 @@ def load_hf_mllama(
     spec = read_mllama_config(path, intermediate_from)
     if (path / PREPROCESSOR_NAME).is_file():
         load_hf_mllama_transform(path)  # tile size and tile count must agree with the vision model
-    with torch.device("meta"):  # shapes only; memory is allocated once, in `dtype`, on `device`
+    with _disable_current_modes(), torch.device("meta"):  # shapes only; no random init recorded by anyone
         model = build_mllama_model(spec, hf_row_compat=hf_row_compat, trainable=trainable)
-    hf = _read_tensors(path, _expected_shapes(model), dtype=dtype)
+        expected = _expected_shapes(model)
+    if torch.device(device).type == "meta":
+        return _lazy_mllama(path, spec, model, expected, dtype, lm_dtype or dtype, trainable)
+    hf = _read_tensors(path, expected, dtype=dtype)
     model.to(dtype=dtype).to_empty(device=device)
 
     sd = {f"lm.{k}": v for k, v in _lm_state_from_mllama(hf, spec).items()}
@@ -524,6 +561,63 @@ def load_hf_mllama(
     projector = {p: hf[f"multi_modal_projector.{p}"] for p in ("weight", "bias")}
     load_mllama_vision_state_dict(model.image_encoder, vision, projector)
     model.lm.inv_freq = rope_inv_freq(spec.lm.hd, spec.lm.rope_theta, spec.lm.rope_scaling).to(device)
+    model.set_trainable(trainable)
+    return model.eval()
+
+
+def _lazy_mllama(
+    path: Path,
+    spec: MllamaSpec,
+    model: MultimodalLM,
+    expected: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    lm_dtype: torch.dtype,
+    trainable: tuple[str, ...],
+) -> MultimodalLM:
+    """`load_hf_mllama(..., device="meta")`: sources for the language side, the vision side read whole."""
+    where = _tensor_locations(path)
+    _check_tensors(path, expected, where, allow_unexpected=False)
+    lm_keys = [k for k in expected if k.startswith("language_model.")]
+    with safe_open(str(where[lm_keys[0]][0]), framework="pt", device="cpu") as f:
+        stored = f.get_slice(where[lm_keys[0]][1]).get_dtype()
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    if names.get(stored) != lm_dtype:
+        lm_dtype = dtype  # kept in lm_dtype only when stored in it: nothing is rounded
+    with _disable_current_modes():
+        model.to(dtype=dtype)
+        model.lm.to(dtype=lm_dtype)
+    params = dict(model.named_parameters())
+    c = spec.lm
+
+    def lazy(ours: str, hf: str, heads: int | None = None, row0: int = 0) -> None:
+        p = params[ours]
+        file, key = where[hf]
+        p.lazy_source = SafetensorsTensor(file, key, p.shape[0], heads, c.hd, p.dtype, row0)
+
+    layer = {i: j for j, i in spec.text_to_lm_layers().items()}  # LM layer -> Mllama text layer
+    top = {
+        "model.embed_tokens.weight": "language_model.model.embed_tokens.weight",
+        "model.norm.weight": "language_model.model.norm.weight",
+        "lm_head.weight": "language_model.lm_head.weight",
+    }
+    for hf, ours in hf_name_map(c).items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
+        src = f"language_model.model.layers.{layer[int(m[1])]}.{m[2]}" if m else top[hf]
+        lazy(f"lm.{ours}", src, _rope_heads(hf, c))
+    lazy("extra_tok_embeddings.weight", "language_model.model.embed_tokens.weight", row0=c.vocab_size)
+    for j, i in zip(spec.cross_attention_layers, spec.xattn_layers, strict=True):
+        for name, ours in _XATTN_NAMES:
+            lazy(f"image_xattn.{i}.{ours}", f"language_model.model.layers.{j}.{name}")
+    model.lm.inv_freq.lazy_source = ComputedTensor(
+        functools.partial(rope_inv_freq, c.hd, c.rope_theta, c.rope_scaling)
+    )
+    vision = {k: v for k, v in expected.items() if not k.startswith("language_model.")}
+    hf = _read_tensors(path, vision, dtype=dtype, allow_unexpected=True)
+    load_mllama_vision_state_dict(
+        model.image_encoder,
+        {k[len("vision_model.") :]: v for k, v in hf.items() if k.startswith("vision_model.")},
+        {p: hf[f"multi_modal_projector.{p}"] for p in ("weight", "bias")},
+    )
     model.set_trainable(trainable)
     return model.eval()
 

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from mm.datasets.audio import AudioTextDataset, SpeechCollator, open_audio_stream
+from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig, sample_generator
 from mm.stages.speech import SpeechFeaturesConfig
 from mm.training.checkpoint import load_tensors, save_tensors, write_json
 from mm.training.config import OptimConfig, TrainConfig
+from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.bestrq_pretrain")
@@ -46,6 +48,10 @@ class BestRQDataConfig:
     heldout: list[str] = field(default_factory=list)
     max_bad_fraction: float = 0.05
     cache_samples: bool = False
+    num_workers: int = 0  # DataLoader workers decoding this process's samples (0 = in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for faster copies to the GPU (CUDA only)
+    shuffle_window: int = 1024  # WebDataset shards: shuffled within windows of this many (1 = stored order)
     features: SpeechFeaturesConfig = field(default_factory=SpeechFeaturesConfig)
 
 
@@ -62,6 +68,17 @@ class BestRQPretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32))
     eval_samples: int = 128  # held-out clips for the final masked loss (0 = none)
     out: str = "runs/bestrq"
+
+
+class PositionsAnd:
+    """Collate in the DataLoader worker, keeping each sample's stream position (for its mask and noise)."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """(the collated batch, [{"position": g} per sample])."""
+        return self.collate(samples), [{"position": s["position"]} for s in samples if "position" in s]
 
 
 class FeatureCollator:
@@ -103,7 +120,7 @@ class BestRQStage(Stage):
     def open_data(self, rank: int, world: int) -> None:
         """This process's clips."""
         d = self.cfg.data
-        self.stream = open_audio_stream(
+        clips = open_audio_stream(
             d.train,
             d.features.build(),
             seed=self.cfg.train.seed,
@@ -112,16 +129,20 @@ class BestRQStage(Stage):
             require_text=False,
             rank=rank,
             world=world,
+            shuffle_window=d.shuffle_window,
         )
         self.collator = FeatureCollator()
+        self.stream = ResumableLoader(
+            SampleReader(clips, rank, world, PositionsAnd(self.collator)), LoaderOptions.from_config(d)
+        )
         self.generator = torch.Generator().manual_seed(self.cfg.train.seed)
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next `rows` usable clips with their span mask and noise (drawn here, so the loop knows the
-        count): each clip's from a generator seeded by (run seed, its stream position), so they do not depend
-        on how the global batch is split over processes."""
-        samples = [self.stream.next() for _ in range(rows)]
-        batch = self.collator(samples)
+        """This process's `rows` clips of the next global batch (featurised and padded by the DataLoader
+        workers) with their span mask and noise (drawn here, so the loop knows the count): each clip's from a
+        generator seeded by (run seed, its stream position), so they do not depend on how the global batch is
+        split over processes."""
+        batch, samples = self.stream.next(rows)
         gens = [self._sample_generator(s) for s in samples]
         batch["mask"], batch["noise"] = self.model.mask_and_noise(batch["feature_lengths"], gens)
         return batch
@@ -153,7 +174,8 @@ class BestRQStage(Stage):
         """Masked loss and code accuracy on the first held-out manifest."""
         if not (self.cfg.eval_samples and self.cfg.data.heldout):
             return {}
-        r = masked_eval(self.model, self.cfg.data.heldout[0], self.cfg)
+        with autocast_context(self.cfg.train.autocast, self.device):
+            r = masked_eval(self.model, self.cfg.data.heldout[0], self.cfg)
         self.model.train()
         return {f"heldout_{k}": float(v) for k, v in r.items() if k != "n"}
 

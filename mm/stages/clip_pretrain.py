@@ -28,6 +28,7 @@ from torch import nn
 
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset
+from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.tiling import TileTransform
 from mm.encoders.clip import (
     CLIPModel,
@@ -42,6 +43,7 @@ from mm.lm import Tokenizer, preset
 from mm.stages.image import TiledPairsConfig, open_pairs
 from mm.training.checkpoint import save_tensors
 from mm.training.config import OptimConfig, TrainConfig
+from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.clip_pretrain")
@@ -192,12 +194,16 @@ class ClipStage(Stage):
         """This process's pairs and the collator."""
         cfg, d = self.cfg, self.cfg.data
         self.transform = TileTransform(d.tile_size, d.max_tiles, id_max_tiles=cfg.image_encoder.max_tiles)
-        self.stream = open_pairs(d, self.transform, cfg.train.seed, rank, world)
         self.collator = ClipCollator(self.tok, d.max_tiles, cfg.text.max_len)
+        pairs = open_pairs(d, self.transform, cfg.train.seed, rank, world)
+        self.stream = ResumableLoader(
+            SampleReader(pairs, rank, world, self.collator), LoaderOptions.from_config(d)
+        )
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next `rows` usable pairs (bad files are skipped and counted)."""
-        return self.collator([self.stream.next() for _ in range(rows)])
+        """This process's `rows` pairs of the next global batch, collated by the DataLoader workers (bad files
+        are skipped and counted)."""
+        return self.stream.next(rows)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed CLIP loss of this process's pairs against every process's, pairs): the loop divides by the
@@ -235,10 +241,11 @@ class ClipStage(Stage):
         return int(batch["input_ids"].shape[0])
 
     def _retrieval(self, limit: int) -> dict[str, Any]:
-        res = {
-            Path(m).stem: retrieval_eval(self.model, self.collator, self.transform, m, limit)
-            for m in self.cfg.data.heldout
-        }
+        with autocast_context(self.cfg.train.autocast, self.device):
+            res = {
+                Path(m).stem: retrieval_eval(self.model, self.collator, self.transform, m, limit)
+                for m in self.cfg.data.heldout
+            }
         self.model.train()
         return res
 

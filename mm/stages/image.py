@@ -26,8 +26,9 @@ from torch import nn
 from mm.adapters.caption_head import CaptionHeadConfig, caption_slot_targets
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import read_manifest
+from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.shapes import IMAGE_PROMPT, caption_attribute_report, parse_caption
-from mm.datasets.streams import ManifestStream, ShardStream, open_stream
+from mm.datasets.streams import SampleStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.clip import bag_of_words_loss
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
@@ -37,11 +38,12 @@ from mm.models.caption import caption_images, load_rgb
 from mm.models.loading import IMAGE_STAGES, caption_head_parts
 from mm.models.multimodal import MultimodalLM
 from mm.stages.evaluation import evaluate_captions
-from mm.training import distributed as dist_utils
 from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.config import OptimConfig, TrainConfig
 from mm.training.freeze import FrozenLMChanged, fingerprint
+from mm.training.parallelize import frozen_lm_dtype, parallelize_model
+from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.image")
@@ -57,6 +59,10 @@ class TiledPairsConfig:
     max_tiles: int = 2
     max_bad_fraction: float = 0.05
     cache_samples: bool = False  # keep decoded tiles in memory (small data, e.g. the demo)
+    num_workers: int = 0  # DataLoader workers decoding this process's samples (0 = in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for faster copies to the GPU (CUDA only)
+    shuffle_window: int = 1024  # WebDataset shards: shuffled within windows of this many (1 = stored order)
 
 
 @dataclass
@@ -133,8 +139,11 @@ def build_model(cfg: ImageStageConfig, lm: torch.nn.Module, tok: Tokenizer) -> M
     )
 
 
-def start_from_hf_mllama(cfg: ImageStageConfig, device: torch.device) -> tuple[MultimodalLM, Tokenizer]:
-    """The model and tokenizer of `init_from_hf_mllama`; `cfg` records the checkpoint's encoder and placement."""
+def start_from_hf_mllama(
+    cfg: ImageStageConfig, device: torch.device, lm_dtype: torch.dtype | None = None
+) -> tuple[MultimodalLM, Tokenizer]:
+    """The model and tokenizer of `init_from_hf_mllama` (read lazily on the meta device, the LM in `lm_dtype`
+    when stored in it); `cfg` records the checkpoint's encoder and placement."""
     from mm.models.mllama import load_hf_mllama
 
     path = Path(cfg.init_from_hf_mllama).resolve()
@@ -144,7 +153,7 @@ def start_from_hf_mllama(cfg: ImageStageConfig, device: torch.device) -> tuple[M
             f"and encoder_weights unset (found lm={cfg.lm!r}, init_from={cfg.init_from!r}, "
             f"encoder_weights={cfg.encoder_weights!r})"
         )
-    model = load_hf_mllama(path, hf_row_compat=cfg.xattn.hf_row_compat, device=device)
+    model = load_hf_mllama(path, hf_row_compat=cfg.xattn.hf_row_compat, device=device, lm_dtype=lm_dtype)
     if cfg.xattn.layers is not None and sorted(cfg.xattn.layers) != model.xattn_layers:
         raise ValueError(f"xattn.layers={cfg.xattn.layers}, but {path} has them before {model.xattn_layers}")
     tok = Tokenizer.from_file(cfg.tokenizer or path)
@@ -219,21 +228,26 @@ class ImageStage(Stage):
         if cfg.init_from_hf_mllama:
             from mm.models.mllama import load_hf_mllama_transform
 
-            model, self.tok = start_from_hf_mllama(cfg, device)
+            model, self.tok = start_from_hf_mllama(cfg, device, self.frozen_dtype)
             self.lm_path = Path(cfg.init_from_hf_mllama).resolve()
             self.transform = load_hf_mllama_transform(self.lm_path, max_tiles=cfg.data.max_tiles)
         else:
             self.lm_path = Path(cfg.lm).resolve()
-            lm = load_hf(self.lm_path, device=device)
+            lm = load_hf(self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.frozen_dtype))
             self.tok = Tokenizer.from_file(cfg.tokenizer or self.lm_path)
             model = build_model(cfg, lm, self.tok).to(device)
         if cfg.init_from:
-            prev = read_config(cfg.init_from)
-            if prev["lm_fingerprint"] != fingerprint(model.lm):
-                raise FrozenLMChanged(f"{cfg.init_from} was trained against another LM than {self.lm_path}")
+            if device.type != "meta":  # else checked once the LM has its values (check_frozen)
+                self.check_frozen({"lm": fingerprint(model.lm)})
             load_adapter_weights(model, Path(cfg.init_from))
         self.model = model
         return model
+
+    def check_frozen(self, fingerprints: dict[str, str]) -> None:
+        """`init_from` must have been trained against this LM."""
+        cfg = self.cfg
+        if cfg.init_from and read_config(cfg.init_from)["lm_fingerprint"] != fingerprints["lm"]:
+            raise FrozenLMChanged(f"{cfg.init_from} was trained against another LM than {self.lm_path}")
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         """The image encoder, the cross-attention (and the caption head): never the LM."""
@@ -248,15 +262,17 @@ class ImageStage(Stage):
         return [*self.model.lm.layers, *self.model.image_xattn.values()]
 
     def parallelize(self) -> None:
-        """FSDP2 per LM layer, cross-attention block, encoder and caption head, then the root."""
+        """Activation checkpointing and compile of the LM layers and cross-attention blocks, then FSDP2 per
+        encoder, caption head, cross-attention block and LM layer (forward order), then the root."""
         model = self.model
-        blocks = [*model.lm.layers, *model.image_xattn.values(), model.image_encoder]
+        units = [model.image_encoder]
         extra = {"media_kv": list(model.image_xattn.values()), "encode_media": [model]}
         if model.image_aux is not None:
-            blocks.append(model.image_aux)
+            units.append(model.image_aux)
             extra["bag_of_words_logits"] = [model.image_aux]
+        units += [*model.image_xattn.values(), *model.lm.layers]
         # the loss encodes the media first (the caption head reads them), then runs the forward
-        dist_utils.apply_fsdp(model, blocks, extra_forward_methods=extra)
+        parallelize_model(model, self.blocks(), self.cfg.train, fsdp_units=units, extra_forward_methods=extra)
 
     def record(self) -> dict[str, Any]:
         """Where the frozen LM lives."""
@@ -269,13 +285,17 @@ class ImageStage(Stage):
             enc = cfg.image_encoder
             self.transform = TileTransform(cfg.data.tile_size, cfg.data.max_tiles, id_max_tiles=enc.max_tiles)
         d = cfg.data
-        self.stream = open_pairs(d, self.transform, cfg.train.seed, rank, world)
         self.collator = ImageCaptionCollator(self.tok, prompt=d.prompt, max_tiles=d.max_tiles)
+        pairs = open_pairs(d, self.transform, cfg.train.seed, rank, world)
+        self.stream = ResumableLoader(
+            SampleReader(pairs, rank, world, self.collator), LoaderOptions.from_config(d)
+        )
         self.curve = curve_images(cfg)
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next `rows` usable samples (bad files are skipped and counted by the readers)."""
-        return self.collator([self.stream.next() for _ in range(rows)])
+        """This process's `rows` samples of the next global batch, decoded, tiled and collated by the DataLoader
+        workers (`data.num_workers`; bad files are skipped and counted by the readers)."""
+        return self.stream.next(rows)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over caption tokens (+ the weighted caption-head losses, per caption token)."""
@@ -312,9 +332,10 @@ class ImageStage(Stage):
             return {}
         images, refs = self.curve
         d = self.cfg.data
-        preds = caption_images(
-            self.model, self.tok, self.transform, images, prompt=d.prompt, max_tiles=d.max_tiles
-        )
+        with autocast_context(self.cfg.train.autocast, self.device):
+            preds = caption_images(
+                self.model, self.tok, self.transform, images, prompt=d.prompt, max_tiles=d.max_tiles
+            )
         self.model.train()
         r = caption_attribute_report(preds, refs)
         return {f"heldout_{k}": float(v) for k, v in r.items() if k not in ("n", "order_n")}
@@ -364,8 +385,8 @@ class ImageStage(Stage):
 
 def open_pairs(
     d: TiledPairsConfig, transform: TileTransform, seed: int, rank: int, world: int
-) -> ManifestStream | ShardStream:
-    """Process `rank`'s share of the training pairs, tiled (bad files skipped and counted)."""
+) -> SampleStream:
+    """The training pairs, tiled, by stream position (bad files skipped and counted)."""
     return open_stream(
         d.train,
         transform,
@@ -374,6 +395,7 @@ def open_pairs(
         cache=d.cache_samples,
         rank=rank,
         world=world,
+        shuffle_window=d.shuffle_window,
     )
 
 

@@ -4,12 +4,20 @@ Packed sequences with document masking, a weighted mixture of sources, a batch-s
 tokens seen, a long-context stage that switches RoPE scaling, and a final annealing phase on a chosen source
 whose final model is the Polyak average of the last K checkpoints. The final LM is exported as a Hugging
 Face Llama directory (`OUT/final`) with its tokenizer.
+
+Data: each source is a folder written by `mm data tokenize` (memory-mapped token shards, the way to train on real
+corpora) or text files tokenized in memory at start (small corpora such as the demo's). Rows are packed by
+position (`mm.datasets.tokens`), so each process reads only its rows of every global batch, straight from the
+memory map, and the data state in a checkpoint (rows taken, each source's offset) does not depend on the number
+of processes. Presets of real size need a tokenizer (`tokenizer.path`; the Llama 3 presets use Meta's
+`tokenizer.model`): training a BPE of 32k ids or more is refused in a multi-process run.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,14 +26,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.datasets.text import PackedText, TextSource, heldout_batches, read_documents
+from mm.datasets.loader import LoaderOptions, ResumableLoader
+from mm.datasets.text import TextSource, heldout_batches, read_documents
+from mm.datasets.tokens import (
+    TokenCorpus,
+    TokenReader,
+    check_tokenizer,
+    heldout_token_batches,
+    is_token_folder,
+    read_index,
+)
 from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import polyak_average_into
 from mm.training.config import DataSourceConfig, LMPretrainConfig
+from mm.training.parallelize import parallelize_model
+from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.lm_pretrain")
+
+# A BPE of this many ids or more is not trained inside a multi-process run (rank 0 would train it on the whole
+# corpus while the others wait at a barrier, past NCCL's timeout): train it beforehand or name a tokenizer.
+MAX_BPE_IN_RUN = 32_000
+# Models of at least this many parameters are "of real size": they must name their tokenizer.
+REAL_SIZE_PARAMS = 100_000_000
 
 
 def _sources(cfgs: list[DataSourceConfig]) -> list[TextSource]:
@@ -54,6 +79,8 @@ class LMPretrainStage(Stage):
             missing = [p for p in s.paths if not Path(p).exists()]
             if missing:
                 raise FileNotFoundError(f"data path(s) not found: {', '.join(missing)}")
+            tokenized(s)  # refuses a source mixing tokenized folders and text files
+        check_tokenizer_config(cfg)
         names = [s.name for s in cfg.data if s.name]
         an = cfg.anneal
         if an.steps > 0 and an.source and an.source not in names:
@@ -89,13 +116,25 @@ class LMPretrainStage(Stage):
         return list(self.model.layers)
 
     def parallelize(self) -> None:
-        """FSDP2 per layer, then the root (embeddings, norm, output)."""
-        dist_utils.apply_fsdp(self.model, list(self.model.layers))
+        """Activation checkpointing and compile of each layer, then FSDP2 per layer and the root (embeddings,
+        norm, output), in torchtitan's order."""
+        layers = list(self.model.layers)
+        parallelize_model(self.model, layers, self.cfg.train, fsdp_units=layers)
 
     def open_data(self, rank: int, world: int) -> None:
-        """The packed, weighted text stream (each process cuts only its rows of every global batch)."""
-        self.data = PackedText(self.sources, self.tokenizer, seed=self.cfg.train.seed)
-        self.base_weights = {s.name: s.weight for s in self.data.sources}
+        """The packed, weighted row stream (each process reads only its rows of every global batch)."""
+        self.corpora = open_corpora(self.cfg.data, self.tokenizer)
+        self.base_weights = {s.name or f"source{i}": s.weight for i, s in enumerate(self.cfg.data)}
+        self.weights: tuple[float, ...] | None = None  # None: the configured weights
+        self.reader = TokenReader(
+            self.corpora,
+            list(self.base_weights.values()),
+            seed=self.cfg.train.seed,
+            rank=rank,
+            world=world,
+        )
+        # DataLoader workers when the config has a `loader` section (num_workers, ...); else in-process
+        self.data = ResumableLoader(self.reader, LoaderOptions.from_config(getattr(self.cfg, "loader", None)))
 
     # batch-size / sequence-length ramp (paper §2: 4M tokens at 4096 -> 8M at 8192 -> 16M)
     def _ramp_stage(self, tokens_seen: int) -> Any:
@@ -122,7 +161,8 @@ class LMPretrainStage(Stage):
                 log.info("step %d: RoPE scaling switched to %s", step, want)
         an = self.cfg.anneal
         if an.steps > 0 and an.source and step >= self.cfg.train.max_steps - an.steps:
-            self.data.set_weights(self._anneal_weights())
+            anneal = self._anneal_weights()
+            self.weights = tuple(float(anneal[n]) for n in self.base_weights)
 
     def _anneal_weights(self) -> dict[str, float]:
         an = self.cfg.anneal
@@ -137,7 +177,7 @@ class LMPretrainStage(Stage):
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
         """This process's rows of the next packed batch: tokens, labels, doc_ids (rows, T)."""
-        return self.data.next_batch(rows * self.world, seq_len, self.rank, self.world)
+        return self.data.next((rows * self.world, seq_len, self.weights))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over label tokens, and their count."""
@@ -149,17 +189,17 @@ class LMPretrainStage(Stage):
         return loss, (labels != -100).sum()
 
     def data_state(self) -> dict[str, Any]:
-        """Position in the packed stream."""
+        """The packing position: global rows taken, each source's offset (the same on every process)."""
         return self.data.state_dict()
 
     def load_data_state(self, state: dict[str, Any]) -> None:
-        """Continue the packed stream."""
+        """Continue the packed stream at a saved position (nothing before it is read)."""
         if state:
             self.data.load_state_dict(state)
 
     def data_stats(self) -> dict[str, Any]:
-        """Documents drawn per source."""
-        return dict(self.data.stats)
+        """Rows and tokens this process read (per source), and the run's position per source."""
+        return {**self.data.stats(), **self.reader.progress(self.data.state_dict())}
 
     def flops_per_token(self, seq_len: int) -> float:
         """6N + 12 L d T."""
@@ -167,26 +207,56 @@ class LMPretrainStage(Stage):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss and perplexity over the whole held-out split (or `train.eval_batches` batches)."""
+        """Held-out loss and perplexity over the whole held-out split (or `train.eval_batches` batches of
+        `train.batch_size` rows): each process its rows of every batch, in micro-batches of
+        `train.micro_batch_size` rows under `train.autocast`; the sums are added over processes."""
         if not self.heldout:
             return {}
+        tr = self.cfg.train
         was_training = self.model.training
         self.model.eval()
+        dev = self.device
+        autocast = autocast_context(tr.autocast, dev)
         nll, n = 0.0, 0
-        seq = self.cfg.train.seq_len
-        bs = max(1, self.cfg.train.batch_size)
-        for i, b in enumerate(heldout_batches(self.heldout, self.tokenizer, seq, bs)):
-            if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
+        for i, b in enumerate(self._heldout_batches(tr.seq_len, max(1, tr.batch_size))):
+            if tr.eval_batches and i >= tr.eval_batches:
                 break
-            dev = next(self.model.parameters()).device
-            b = {k: v.to(dev) for k, v in b.items()}
-            loss, cnt = self.loss(b)
-            nll += float(loss)
-            n += int(cnt)
+            for mb in self._eval_micro_batches(b):
+                with autocast:
+                    loss, cnt = self.loss({k: v.to(dev) for k, v in mb.items()})
+                nll += float(loss)
+                n += int(cnt)
         self.model.train(was_training)
+        nll, n = (
+            float(x)
+            for x in dist_utils.all_reduce_sum(torch.tensor([nll, n], dtype=torch.float64, device=dev))
+        )
         if n == 0:
             return {}
-        return {"heldout_loss": nll / n, "heldout_ppl": math.exp(nll / n), "heldout_tokens": float(n)}
+        return {"heldout_loss": nll / n, "heldout_ppl": math.exp(nll / n), "heldout_tokens": n}
+
+    def _heldout_batches(self, seq_len: int, batch_size: int) -> Any:
+        """One pass over the held-out documents: tokenized folders read from their shards, text tokenized."""
+        if self.heldout and all(tokenized(s) for s in self.cfg.heldout):
+            corpora = open_corpora(self.cfg.heldout, self.tokenizer)
+            return heldout_token_batches(corpora, seq_len, batch_size, self.tokenizer.eos_id)
+        return heldout_batches(self.heldout, self.tokenizer, seq_len, batch_size)
+
+    def _eval_micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """This process's rows of a held-out batch in micro-batches; every process gets the same number (the
+        forwards of a sharded model are collective), a process short of rows fills in rows without labels."""
+        rows = batch["tokens"].shape[0]
+        per = -(-rows // self.world)
+        mine = {k: v[self.rank * per : (self.rank + 1) * per] for k, v in batch.items()}
+        mb = self.cfg.train.micro_batch_size or per
+        out = []
+        for s in range(0, per, mb):
+            part = {k: v[s : s + mb] for k, v in mine.items()}
+            if part["tokens"].shape[0] == 0:  # nothing left here: a row that counts for nothing
+                part = {k: v[:1].clone() for k, v in batch.items()}
+                part["labels"].fill_(-100)
+            out.append(part)
+        return out
 
     def finish(self, trainer: Any, summary: dict[str, Any]) -> None:
         """The Polyak average of the annealing checkpoints becomes the final model (when asked for)."""
@@ -201,7 +271,7 @@ class LMPretrainStage(Stage):
             **self.evaluate(),
             "params": self.lm_cfg.num_params(),
             "tokenizer_vocab_size": self.tokenizer.vocab_size,
-            "data_stats": dict(self.data.stats),
+            "data_stats": self.data_stats(),
         }
 
     def export(self, final: Path, meta: dict[str, Any]) -> None:
@@ -219,9 +289,18 @@ class LMPretrainStage(Stage):
 
 
 def build_tokenizer(cfg: LMPretrainConfig, out: Path, sources: list[TextSource], resume: bool) -> Tokenizer:
-    """Load the configured tokenizer, or the run's own (a resumed run), or train one on the training data."""
+    """Load the configured tokenizer, or the one tokenized data was made with, or the run's own (a resumed run),
+    or train one on the training data."""
     if cfg.tokenizer.path:
         return Tokenizer.from_file(cfg.tokenizer.path)
+    folders = [Path(p) for s in cfg.data if tokenized(s) for p in s.paths]
+    if folders:
+        saved = read_index(folders[0])["tokenizer"].get("file")
+        if not saved or not (folders[0] / saved).is_file():
+            raise ValueError(
+                f"tokenizer.path is unset and {folders[0]} holds no copy of its tokenizer: set it"
+            )
+        return Tokenizer.from_file(folders[0] / saved)
     own = out / "tokenizer.json"
     if own.is_file() and resume:
         return Tokenizer.from_file(own)
@@ -233,3 +312,74 @@ def build_tokenizer(cfg: LMPretrainConfig, out: Path, sources: list[TextSource],
         log.info("trained a %d-token BPE tokenizer on the training data -> %s", tok.vocab_size, own)
     dist_utils.barrier()
     return Tokenizer.from_file(own)
+
+
+def tokenized(source: DataSourceConfig) -> bool:
+    """True if every path of a source is a `mm data tokenize` folder, False if none is (text files)."""
+    flags = [is_token_folder(p) for p in source.paths]
+    if any(flags) and not all(flags):
+        raise ValueError(
+            f"data source {source.name or source.paths[0]!r} mixes tokenized folders and text files; give each "
+            "its own source"
+        )
+    return bool(flags) and all(flags)
+
+
+def open_corpora(sources: list[DataSourceConfig], tokenizer: Tokenizer) -> list[TokenCorpus]:
+    """Each source's documents: memory-mapped token folders (checked against the tokenizer), or text tokenized
+    in memory (every process tokenizes the whole source: for small corpora; use `mm data tokenize` otherwise)."""
+    corpora = []
+    for i, s in enumerate(sources):
+        name = s.name or f"source{i}"
+        if tokenized(s):
+            for p in s.paths:
+                check_tokenizer(p, tokenizer)
+            corpora.append(TokenCorpus.open(s.paths, name))
+            continue
+        size = sum(
+            f.stat().st_size
+            for p in s.paths
+            for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*"))
+            if f.is_file()
+        )
+        if size > 256 * 2**20:
+            log.warning(
+                "data source %s: %.1f GB of text tokenized in memory by every process; `mm data tokenize` it "
+                "once and train on the folder instead",
+                name,
+                size / 2**30,
+            )
+        source = TextSource(paths=list(s.paths), weight=s.weight, name=name, doc_split=s.doc_split)
+        corpora.append(TokenCorpus.from_text(source, tokenizer))
+    return corpora
+
+
+def check_tokenizer_config(cfg: LMPretrainConfig) -> None:
+    """A named tokenizer must exist; presets of real size must name one; no large BPE is trained in a
+    multi-process run (each refusal names the key)."""
+    tok = cfg.tokenizer
+    if tok.path:
+        if not Path(tok.path).exists():
+            raise FileNotFoundError(
+                f"tokenizer.path={tok.path} does not exist: give a tokenizer.json, a tiktoken tokenizer.model "
+                "(the Llama 3 presets use Meta's Llama 3 tokenizer.model, e.g. original/tokenizer.model of "
+                "meta-llama/Meta-Llama-3-8B) or a folder holding one"
+            )
+        return
+    if cfg.data and all(tokenized(s) for s in cfg.data):
+        return  # the tokenizer the folders were made with
+    params = cfg.model.build().num_params()
+    if params >= REAL_SIZE_PARAMS:
+        raise ValueError(
+            f"tokenizer.path is unset for model.preset={cfg.model.preset!r} ({params / 1e9:.1f}B parameters): a "
+            "model of real size trains with a given tokenizer (the Llama 3 presets: Meta's Llama 3 "
+            "tokenizer.model); set tokenizer.path=PATH"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and tok.vocab_size >= MAX_BPE_IN_RUN:
+        raise ValueError(
+            f"tokenizer.vocab_size={tok.vocab_size} with tokenizer.path unset would train a BPE of "
+            f"{tok.vocab_size} ids on the whole corpus inside this {world}-process run (the other processes "
+            f"wait at a barrier meanwhile); below {MAX_BPE_IN_RUN} ids it is allowed. Train it beforehand "
+            "(`mm tokenizer train`) and set tokenizer.path"
+        )

@@ -2,8 +2,9 @@
 adapter's outputs are spliced into the LM input as token embeddings between `<|speech_start|>` and
 `<|speech_end|>` (no cross-attention; the model is `mm.models.speech.SpeechLM`). Evaluation: the word error
 rate (`mm.stages.evaluation.word_error_rate`) on held-out manifests, beside the CTC head alone and the frozen
-LM copying the text. Replicated under torchrun (gradients all-reduced; the masked batch norm of the speech
-encoder synchronises its statistics), each process reading only its clips.
+LM copying the text. Under torchrun FSDP2 shards the frozen LM; the speech encoder and adapter are replicated
+(gradients all-reduced; the masked batch norm of the speech encoder synchronises its statistics), each process
+reading only its clips.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ from torch import nn
 
 from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from mm.datasets.audio import AudioFeatures, SpeechCollator, open_audio_stream
+from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.shapes import ASR_PROMPT
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm.lm import Tokenizer, Transformer, load_hf
 from mm.models.loading import SPEECH_STAGES
 from mm.models.speech import SpeechLM, token_embedding_rms
 from mm.stages.evaluation import evaluate_wer
+from mm.training import distributed as dist_utils
 from mm.training.bundle import dataclass_dict, save_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.config import OptimConfig, TrainConfig
+from mm.training.parallelize import frozen_lm_dtype, parallelize_model
+from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.speech")
@@ -69,6 +74,10 @@ class SpeechDataConfig:
     prompt: str = ASR_PROMPT  # used when a record has no `prompt` of its own (e.g. an AST instruction)
     max_bad_fraction: float = 0.05
     cache_samples: bool = False  # keep features in memory (small data, e.g. the demo)
+    num_workers: int = 0  # DataLoader workers decoding this process's samples (0 = in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for faster copies to the GPU (CUDA only)
+    shuffle_window: int = 1024  # WebDataset shards: shuffled within windows of this many (1 = stored order)
     features: SpeechFeaturesConfig = field(default_factory=SpeechFeaturesConfig)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
 
@@ -106,7 +115,8 @@ def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
         encoder.load_state_dict(sd)  # strict: shapes and names must match speech_encoder
         log.info("speech encoder weights from %s (%d tensors)", cfg.encoder_weights, len(sd))
     adapter = SpeechAdapter(cfg.speech_encoder.dim, lm.cfg.dim, cfg.adapter)
-    adapter.set_output_rms(token_embedding_rms(lm))
+    if not lm.tok_embeddings.weight.is_meta:  # else once the LM has its values (SpeechStage.materialized)
+        adapter.set_output_rms(token_embedding_rms(lm))
     return SpeechLM(lm, encoder, adapter)
 
 
@@ -125,12 +135,24 @@ class SpeechStage(Stage):
             )
 
     def build(self, device: torch.device) -> nn.Module:
-        """Frozen LM + speech encoder (+ BEST-RQ weights) + adapter."""
+        """Frozen LM (read lazily on the meta device) + speech encoder (+ BEST-RQ weights) + adapter."""
         self.lm_path = Path(self.cfg.lm).resolve()
-        lm = load_hf(self.lm_path, device=device)
+        lm = load_hf(self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.frozen_dtype))
         self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
         self.model = build_speech_model(self.cfg, lm).to(device)
         return self.model
+
+    def materialized(self) -> None:
+        """The adapter's output scale: the LM's token-embedding RMS, now that the LM has its values (from every
+        process's rows when the embeddings are sharded)."""
+        w = self.model.lm.tok_embeddings.weight
+        if not hasattr(w, "to_local"):
+            rms = token_embedding_rms(self.model.lm)
+        else:
+            local = w.to_local().detach().double()
+            sq = dist_utils.all_reduce_sum(local.pow(2).sum().reshape(1))
+            rms = float((sq / w.numel()).sqrt())
+        self.model.speech_adapter.set_output_rms(rms)
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         """The speech encoder and adapter (never an `lm.` parameter)."""
@@ -144,6 +166,15 @@ class SpeechStage(Stage):
         """The LM's layers."""
         return list(self.model.lm.layers)
 
+    def parallelize(self) -> None:
+        """Activation checkpointing and compile of the LM layers, then FSDP2 on the frozen LM only (per layer,
+        then its embeddings, norm and output); the small speech encoder and adapter stay replicated (the
+        trainer all-reduces their gradients)."""
+        lm, layers = self.model.lm, self.blocks()
+        parallelize_model(
+            lm, layers, self.cfg.train, fsdp_units=layers, extra_forward_methods={"embed": [lm]}
+        )
+
     def record(self) -> dict[str, Any]:
         """Where the frozen LM lives."""
         return {"lm_path": str(self.lm_path)}
@@ -152,7 +183,7 @@ class SpeechStage(Stage):
         """This process's clips and the collator (SpecAugment per clip, seeded by its stream position)."""
         d, tr = self.cfg.data, self.cfg.train
         self.features: AudioFeatures = d.features.build()
-        self.stream = open_audio_stream(
+        clips = open_audio_stream(
             d.train,
             self.features,
             seed=tr.seed,
@@ -160,16 +191,21 @@ class SpeechStage(Stage):
             cache=d.cache_samples,
             rank=rank,
             world=world,
+            shuffle_window=d.shuffle_window,
         )
         sa = d.spec_augment
         augment = None
         if sa.enabled:
             augment = {k: getattr(sa, k) for k in ("freq_masks", "freq_width", "time_masks", "time_width")}
         self.collator = SpeechCollator(self.tok, d.prompt, self.model.n_slots, augment=augment, seed=tr.seed)
+        self.stream = ResumableLoader(
+            SampleReader(clips, rank, world, self.collator), LoaderOptions.from_config(d)
+        )
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next `rows` usable clips (bad files skipped and counted by the readers)."""
-        return self.collator([self.stream.next() for _ in range(rows)])
+        """This process's `rows` clips of the next global batch, featurised and collated by the DataLoader
+        workers (bad files skipped and counted by the readers)."""
+        return self.stream.next(rows)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over the text tokens (+ `ctc_weight` x the summed CTC loss when configured)."""
@@ -194,7 +230,8 @@ class SpeechStage(Stage):
         return loss, (labels != -100).sum()
 
     def _wer(self, manifest: str, n: int) -> dict[str, Any]:
-        res = evaluate_wer(self.model, self.tok, self.features, manifest, n, self.cfg.data.prompt)
+        with autocast_context(self.cfg.train.autocast, self.device):
+            res = evaluate_wer(self.model, self.tok, self.features, manifest, n, self.cfg.data.prompt)
         self.model.train()
         return res
 

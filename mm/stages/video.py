@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.adapters.temporal_aggregator import AggregatorConfig
+from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.shapes import VIDEO_PROMPT
-from mm.datasets.streams import ManifestStream
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
 from mm.encoders.clip import gather_rows
 from mm.models.loading import (
@@ -39,8 +39,17 @@ from mm.models.loading import (
 from mm.models.multimodal import video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
 from mm.stages.evaluation import evaluate_videos, load_clips, motion_report
-from mm.training.bundle import dataclass_dict, image_path_fingerprint, save_bundle
+from mm.training.bundle import (
+    dataclass_dict,
+    image_path_fingerprint,
+    read_config,
+    resolve_lm_path,
+    save_bundle,
+)
 from mm.training.config import OptimConfig, TrainConfig
+from mm.training.freeze import FrozenLMChanged
+from mm.training.parallelize import frozen_lm_dtype, parallelize_model
+from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.video")
@@ -66,6 +75,10 @@ class VideoDataConfig:
     max_bad_fraction: float = 0.05
     prompt: str = VIDEO_PROMPT
     cache_features: bool = False  # keep each clip's frozen image-encoder features in memory (small data)
+    num_workers: int = 0  # DataLoader workers decoding this process's samples (0 = in the training process)
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    pin_memory: bool = True  # page-locked batches for faster copies to the GPU (CUDA only)
+    shuffle_window: int = 1024  # WebDataset shards: shuffled within windows of this many (1 = stored order)
 
 
 @dataclass
@@ -112,8 +125,9 @@ class CachedClips:
 class VideoStage(Stage):
     """Caption loss on clips (+ the video-text contrastive loss); the LM and the whole image path frozen.
 
-    Replicated under torchrun (the trainable part, aggregator and video cross-attention, is small; the frozen
-    LM and image path hold no gradients); each process reads and encodes only its clips."""
+    Under torchrun FSDP2 shards the frozen LM and image cross-attention; what trains (aggregator, video
+    cross-attention) and the image encoder are replicated (`parallelize`); each process reads and encodes
+    only its clips."""
 
     def check(self) -> None:
         """The stage name, the image bundle, the data and the frame count."""
@@ -127,11 +141,18 @@ class VideoStage(Stage):
             )
 
     def build(self, device: torch.device) -> nn.Module:
-        """The image bundle's model (LM fingerprint checked) plus a fresh video path."""
+        """The image bundle's model (its LM read lazily on the meta device, its fingerprint checked in
+        `check_frozen`; else at once) plus a fresh video path."""
         cfg = self.cfg
         self.init = Path(cfg.init_from).resolve()
+        lazy = None
+        if device.type == "meta":
+            lm_path = resolve_lm_path(self.init, read_config(self.init))
+            lazy = frozen_lm_dtype(lm_path, self.frozen_dtype)
         try:
-            image_model, self.tok, self.transform, self.image_meta = load_image_bundle(self.init)
+            image_model, self.tok, self.transform, self.image_meta = load_image_bundle(
+                self.init, lazy_lm_dtype=lazy
+            )
         except ValueError as e:
             raise ValueError(
                 f"init_from: {e}; give the image-stage bundle the video stage starts from"
@@ -141,6 +162,22 @@ class VideoStage(Stage):
             layers = video_xattn_layer_ids(image_model.xattn_layers, cfg.video_xattn.every)
         self.model = attach_video(image_model, self.tok, cfg.aggregator, list(layers)).to(device)
         return self.model
+
+    def meta_init(self) -> bool:
+        """Built on the meta device unless the image bundle's LM is a Mllama checkpoint's (read whole)."""
+        try:
+            return read_config(Path(self.cfg.init_from)).get("lm_format", "hf_llama") == "hf_llama"
+        except FileNotFoundError:
+            return False  # build names the problem
+
+    def check_frozen(self, fingerprints: dict[str, str]) -> None:
+        """The LM must be the one the image bundle was trained against."""
+        want = self.image_meta["lm_fingerprint"]
+        if fingerprints["lm"] != want:
+            raise FrozenLMChanged(
+                f"the LM at {self.image_meta['lm_path']} has fingerprint {fingerprints['lm'][:16]}..., but "
+                f"{self.init} was trained against {want[:16]}...; refusing to combine them"
+            )
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         """The aggregator and the video cross-attention only."""
@@ -154,6 +191,17 @@ class VideoStage(Stage):
     def blocks(self) -> list[nn.Module]:
         """The LM's layers and the video cross-attention blocks."""
         return [*self.model.lm.layers, *self.model.video_xattn.values()]
+
+    def parallelize(self) -> None:
+        """Activation checkpointing and compile of the LM layers and video cross-attention blocks, then FSDP2
+        on the frozen parts: per image cross-attention block and LM layer, and the root (the LM's embeddings,
+        norm and output). What trains (temporal aggregator, video cross-attention) stays replicated (the
+        trainer all-reduces its gradients), and so does the frozen image encoder (the data side runs it on
+        each process's own clips, a different number of times on each) and the caption head."""
+        m = self.model
+        units = [*m.image_xattn.values(), *m.lm.layers]
+        keep = [x for x in (m.image_encoder, m.image_aux, m.video_aggregator, m.video_xattn) if x is not None]
+        parallelize_model(m, self.blocks(), self.cfg.train, fsdp_units=units, replicated=keep)
 
     def record(self) -> dict[str, Any]:
         """The image bundle it builds on; refuses one whose tensors are not the model's whole image path."""
@@ -176,7 +224,7 @@ class VideoStage(Stage):
             self.tok, prompt=d.prompt, max_tiles=self.image_meta["max_tiles"], merge=cfg.aggregator.merge
         )
         self.features = ClipFeatures(self.model, self.collator, cache=d.cache_features)
-        self.stream = open_video_stream(
+        clips = open_video_stream(
             d.train,
             self.transform,
             n_frames=d.n_frames,
@@ -184,16 +232,20 @@ class VideoStage(Stage):
             max_bad_fraction=d.max_bad_fraction,
             rank=rank,
             world=world,
+            shuffle_window=d.shuffle_window,
         )
-        if self.features.cache is not None and isinstance(self.stream, ManifestStream):
-            self.stream.dataset = CachedClips(self.stream.dataset, self.features.cache)
+        if self.features.cache is not None and isinstance(clips.dataset, VideoTextDataset):
+            # with DataLoader workers, each sees the cache as it was when the workers started
+            clips.dataset = CachedClips(clips.dataset, self.features.cache)
+        self.stream = ResumableLoader(SampleReader(clips, rank, world), LoaderOptions.from_config(d))
         self.curve = None
         if cfg.train.eval_every and cfg.curve_samples and d.heldout:
             self.curve = load_clips(d.heldout[0], self.transform, d.n_frames, cfg.curve_samples)
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
-        """The next `rows` usable clips: token rows and masks plus their frozen frame features."""
-        samples = [self.stream.next() for _ in range(rows)]
+        """This process's `rows` clips of the next global batch (decoded and tiled by the DataLoader workers):
+        token rows and masks plus their frozen frame features (computed here, with the model)."""
+        samples = self.stream.next(rows)
         feats, tile_mask = self.features(samples)
         text = self.collator.text(samples, self.cfg.data.n_frames)
         return {**text, "video_features": feats, "video_tile_mask": tile_mask}
@@ -240,7 +292,9 @@ class VideoStage(Stage):
         if not self.curve:
             return {}
         samples, refs = self.curve
-        r = motion_report(describe_clips(self.model, self.collator, samples, features=self.features), refs)
+        with autocast_context(self.cfg.train.autocast, self.device):
+            described = describe_clips(self.model, self.collator, samples, features=self.features)
+        r = motion_report(described, refs)
         return {
             "heldout_exact_match": r["exact_match"],
             "heldout_direction_accuracy": r["direction_accuracy"],

@@ -57,13 +57,20 @@ def resolve_lm_path(bundle: Path, cfg: dict[str, Any]) -> Path:
     return p if p.is_absolute() else (bundle / p).resolve()
 
 
-def load_lm(lm_path: Path, cfg: dict[str, Any]) -> torch.nn.Module:
-    """The LM a bundle names: an HF Llama directory, or the LM of a Mllama directory (`lm_format`)."""
+def load_lm(
+    lm_path: Path,
+    cfg: dict[str, Any],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """The LM a bundle names: an HF Llama directory (lazily on the meta device, `load_hf`), or the LM of a
+    Mllama directory (`lm_format`; read whole)."""
     if cfg.get("lm_format", "hf_llama") == "hf_mllama":
         from mm.models.mllama import load_hf_mllama_lm
 
         return load_hf_mllama_lm(lm_path)
-    return load_hf(lm_path)
+    return load_hf(lm_path, device=device, dtype=dtype)
 
 
 def load_lm_checked(bundle: Path, cfg: dict[str, Any]) -> torch.nn.Module:

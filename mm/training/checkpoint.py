@@ -225,7 +225,8 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint folder whole, in one process (tools and tests; training resumes with `load_state`):
-    {'model': tensors, 'optimizer': state or None, 'trainer': dict, 'rng': tensors}.
+    {'model': tensors, 'optimizer': {'state': {parameter: {slot: tensor}}} or None, 'trainer': dict,
+    'rng': tensors}.
 
     Folders written before DCP (`model.safetensors` + `optimizer.pt`) are read too.
     """
@@ -235,7 +236,12 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
     rng = load_tensors(path / "rng.safetensors") if (path / "rng.safetensors").is_file() else {}
     trainer = json.loads((path / "trainer.json").read_text())
     if (path / DCP_DIR).is_dir():
-        return {"model": read_full(path / DCP_DIR), "optimizer": None, "trainer": trainer, "rng": rng}
+        state: dict[str, dict[str, torch.Tensor]] = {}  # parameter name -> {"exp_avg": ..., "step": ...}
+        for key, t in read_full(path / DCP_DIR, "optimizer.state.").items():
+            name, _, slot = key.rpartition(".")
+            state.setdefault(name, {})[slot] = t
+        model = read_full(path / DCP_DIR)
+        return {"model": model, "optimizer": {"state": state}, "trainer": trainer, "rng": rng}
     opt_file = path / "optimizer.pt"
     optimizer = None
     if opt_file.is_file():

@@ -91,7 +91,7 @@ class AnnealConfig:
 
     steps: int = 0
     source: str | None = None
-    source_weight: float = 1.0  # the named source's share of documents while annealing (1.0 = only it)
+    source_weight: float = 1.0  # the named source's share of rows (tokens) while annealing (1.0 = only it)
     polyak_k: int = 0  # average of the last K checkpoints (saved evenly during the anneal) is the final model
 
 
@@ -120,6 +120,17 @@ class TrainConfig:
 
 
 @dataclass
+class LoaderConfig:
+    """LM pretraining's DataLoader (`mm.datasets.loader.LoaderOptions`): worker processes (0 = read in the
+    training process), batches prefetched per worker, pinned host memory, worker start method."""
+
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+    start_method: str = ""  # "" = the platform's default (fork on Linux); spawn | forkserver
+
+
+@dataclass
 class LMPretrainConfig:
     """`mm pretrain-lm` (`mm train` with `stage: lm-pretrain`): the Llama 3 text pretraining recipe."""
 
@@ -130,6 +141,7 @@ class LMPretrainConfig:
     heldout: list[DataSourceConfig] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
     out: str = "runs/lm"
 

@@ -1,11 +1,15 @@
 """Distributed set-up, applied from outside the model code: torchrun process groups (gloo on CPU, nccl on
-CUDA), FSDP2 `fully_shard` per Transformer block, and full (unsharded) state dicts for checkpoints, so that a
-checkpoint written by N processes loads in one. Every helper is a no-op in a single process.
+CUDA), FSDP2 `fully_shard` per block with the run's mixed-precision policy, and full (unsharded) state dicts
+for checkpoints, so that a checkpoint written by N processes loads in one. Every helper is a no-op in a single
+process.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -85,12 +89,14 @@ def any_flag(flag: bool, device: torch.device) -> bool:
 
 
 def broadcast_module(model: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every process (a replicated model starts identical)."""
+    """Copy rank 0's parameters and buffers to every process (a replicated model starts identical); sharded
+    (DTensor) parameters are left alone."""
     if not is_distributed():
         return
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(t.data, src=0)
+            if not hasattr(t, "device_mesh"):
+                dist.broadcast(t.data, src=0)
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:
@@ -128,22 +134,59 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+@dataclass
+class FSDPSettings:
+    """How `apply_fsdp` shards: the mesh's device type and the mixed-precision policy (None: keep the parameters'
+    own dtype, as on CPU). Set by the runner around `Stage.parallelize` (`fsdp_settings`)."""
+
+    device_type: str = "cpu"
+    mp_policy: Any = None
+
+
+_FSDP = FSDPSettings()
+
+
+@contextmanager
+def fsdp_settings(device_type: str, mp_policy: Any = None) -> Iterator[None]:
+    """`apply_fsdp` inside this shards on a `device_type` mesh with `mp_policy`."""
+    global _FSDP
+    old, _FSDP = _FSDP, FSDPSettings(device_type, mp_policy)
+    try:
+        yield
+    finally:
+        _FSDP = old
+
+
 def apply_fsdp(
-    model: nn.Module, blocks: list[nn.Module], extra_forward_methods: dict[str, list[nn.Module]] | None = None
+    model: nn.Module,
+    blocks: list[nn.Module],
+    extra_forward_methods: dict[str, list[nn.Module]] | None = None,
+    *,
+    ignored: list[nn.Module] | None = None,
 ) -> nn.Module:
-    """Shard each block with FSDP2 `fully_shard`, then the root (embeddings, norm, output).
+    """Shard each block with FSDP2 `fully_shard`, then the root (what no block holds: embeddings, norm,
+    output); a no-op in one process. Works on a meta-device model (`mm.training.materialize` fills it after).
 
+    As torchtitan: every block frees its gathered parameters after its forward except the last one (its
+    backward comes first, FSDP would gather it straight back), so list the blocks in forward order, the last
+    LM layer last; the root keeps its parameters gathered between forward and backward (FSDP2's root rule).
     `extra_forward_methods` names methods other than `forward` that use a block's parameters (e.g. the
-    cross-attention blocks' `media_kv`), so FSDP gathers the parameters around them too.
+    cross-attention blocks' `media_kv`), so FSDP gathers the parameters around them too. The parameters of
+    the `ignored` modules stay whole on every process (replicated: the trainer all-reduces their gradients), e.g.
+    a part called outside the model's forward or one with a scalar parameter. The mixed-precision policy and the
+    mesh's device come from `fsdp_settings`.
     """
+    if world_size() <= 1:
+        return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
-    mesh = init_device_mesh(device_type, (world_size(),))
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    mesh = init_device_mesh(_FSDP.device_type, (world_size(),))
+    kw: dict[str, Any] = {"mesh": mesh, "mp_policy": _FSDP.mp_policy or MixedPrecisionPolicy()}
+    for i, block in enumerate(blocks):
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
+    skip = {p for m in ignored or [] for p in m.parameters()}
+    fully_shard(model, ignored_params=skip or None, **kw)
     for method, modules in (extra_forward_methods or {}).items():
         for m in modules:
             register_fsdp_forward_method(m, method)
@@ -151,7 +194,9 @@ def apply_fsdp(
 
 
 def set_grad_sync(model: nn.Module, sync: bool) -> None:
-    """Reduce gradients only on the last micro-step of an accumulation (FSDP2)."""
+    """Reduce gradients only when `sync` (FSDP2). The trainer does not use it: skipping the reduce-scatter keeps
+    every micro-step's unsharded gradients until the last, as much memory as the trainable parameters in fp32
+    per process; the trainer reduce-scatters every micro-step into sharded gradients instead (torchtitan)."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(sync)
 

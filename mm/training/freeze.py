@@ -21,11 +21,16 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of named tensors, sorted by name (`fingerprint` of a dict)."""
+    """sha256 over (name, dtype, shape, bytes) of named tensors, sorted by name (`fingerprint` of a dict).
+
+    Half-precision tensors are hashed as their (exact) float32 values: an LM kept in bf16 on GPUs fingerprints
+    as the float32 load of the same bf16 checkpoint."""
     h = hashlib.sha256()
     for name, t in sorted(tensors.items()):
         if hasattr(t, "full_tensor"):  # FSDP-sharded: hash the whole tensor (a collective)
             t = t.full_tensor()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()
         t = t.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode())

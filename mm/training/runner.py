@@ -1,17 +1,20 @@
 """The one runner of every stage (`mm train --config CFG`): set-up, freeze guard, resume, the loop,
 verification, evaluation, export and summary, done once here for whatever `Stage` the config names.
 
-    check -> threads, process group, device, seed -> build -> fingerprint the frozen parts -> (resume check)
-    -> activation checkpointing, parallelize (FSDP2 or replicate), compile -> open this process's data
-    -> Trainer.fit -> fingerprints again (refuse a change) -> finish -> final evaluation -> export -> summary
+    check -> threads, process group, device, seed -> build (on the meta device, its initialisation recorded)
+    -> parallelize (activation checkpointing, compile, FSDP2 or replicate: `Stage.parallelize`) -> materialise
+    (each process allocates and fills only its shard) -> fingerprint the frozen parts -> (resume check)
+    -> open this process's data -> Trainer.fit -> fingerprints again (refuse a change) -> finish
+    -> final evaluation -> export -> summary
 
-Multi-process runs (torchrun): every process builds the same model and reads only its share of the data; the
-trainer averages gradients (FSDP2 for the stages that shard their model, an all-reduce for replicated ones).
+Multi-process runs (torchrun): every process builds the same model on the meta device, keeps only its shard of
+it (`mm.training.materialize`: the same values as a one-process build under the same seed) and reads only its
+share of the data; the trainer averages gradients (FSDP2 for the stages that shard their model, an all-reduce
+for replicated ones).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,12 +22,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import latest_checkpoint, write_json
 from mm.training.config import config_to_yaml
 from mm.training.freeze import FrozenLMChanged, fingerprint, fingerprint_tensors
+from mm.training.materialize import materialize, record_init
+from mm.training.parallelize import apply_activation_checkpointing, frozen_dtype, mixed_precision
+from mm.training.services import autocast_context
 from mm.training.stage import Stage, stage_class
 from mm.training.trainer import Trainer, setup_run
 
@@ -51,27 +56,34 @@ def fingerprints(stage: Stage) -> dict[str, str]:
     return {name: part_fingerprint(part) for name, part in stage.frozen().items()}
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
-    """Recompute each block's activations in the backward pass (applied from outside the model code)."""
-    for block in blocks:
-        fwd = block.forward
-        block.forward = functools.partial(checkpoint, fwd, use_reentrant=False)  # type: ignore[method-assign]
+def build(stage: Stage, device: torch.device) -> None:
+    """`stage.build`: on the meta device with its initialisation recorded (`Stage.meta_init`), else on `device`."""
+    stage.device = device
+    stage.frozen_dtype = frozen_dtype(stage.cfg.train, device)
+    if not stage.meta_init():
+        stage.build(device)
+        return
+    with record_init() as rec:
+        stage.build(torch.device("meta"))
+    rec.bind(stage.model)
+    stage.init_record = rec
 
 
-def prepare(stage: Stage) -> None:
-    """Activation checkpointing, multi-process set-up and compilation, in that order (from outside)."""
-    tr = stage.cfg.train
+def prepare(stage: Stage, *, materialise: bool = True) -> None:
+    """The stage's `parallelize` (activation checkpointing, compile, FSDP2 in several processes, with the run's
+    mixed-precision policy), then, for a meta-built model, each process's part of every tensor (`materialise`
+    False leaves it on the meta device: e.g. to measure a model too big to hold)."""
+    tr, device = stage.cfg.train, stage.device
     blocks = stage.blocks()
     for flag in ("activation_checkpointing", "compile"):
         if getattr(tr, flag) and not blocks:
             raise ValueError(f"train.{flag}: the {stage.name} stage has no repeated blocks to apply it to")
-    if tr.activation_checkpointing:
-        apply_activation_checkpointing(blocks)
-    if stage.world > 1:
+    with dist_utils.fsdp_settings(device.type, mixed_precision(tr, device)):
         stage.parallelize()
-    if tr.compile:
-        for block in blocks:
-            block.compile()
+    if materialise and stage.init_record is not None:
+        materialize(stage.model, stage.init_record, device)
+        stage.init_record = None
+        stage.materialized()
 
 
 def check_resume(out: Path, record: dict[str, Any], frozen: dict[str, str]) -> None:
@@ -99,8 +111,10 @@ def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     stage.rank, stage.world = dist_utils.rank(), dist_utils.world_size()
     stage.resume = resume
     out = Path(cfg.out)
-    stage.build(device)
+    build(stage, device)
+    prepare(stage)
     fp_start = fingerprints(stage)
+    stage.check_frozen(fp_start)
     record = {
         "stage": stage.name,
         "yaml": config_to_yaml(cfg),
@@ -109,7 +123,6 @@ def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     }
     if resume:
         check_resume(out, record, fp_start)
-    prepare(stage)
     stage.open_data(stage.rank, stage.world)
     trainer = Trainer(
         stage,
@@ -123,7 +136,10 @@ def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     if stage.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(cfg))
-    summary = trainer.fit(resume=resume)
+    try:
+        summary = trainer.fit(resume=resume)
+    finally:
+        stage.close_data()  # the DataLoader workers end with training, also when it fails
     fp_end = fingerprints(stage)
     for name, fp in fp_start.items():
         if fp_end[name] != fp:
@@ -137,7 +153,8 @@ def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     if summary["stopped"] != "max_steps":
         return summary
     stage.finish(trainer, summary)
-    summary.update(stage.final_evaluation())
+    with autocast_context(tr.autocast, device):  # as the training forwards (bf16 on CUDA)
+        summary.update(stage.final_evaluation())
     meta = {"stage": stage.name, **stage.bundle_meta()}
     for name, fp in fp_start.items():
         meta.update(
@@ -153,3 +170,6 @@ def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
         write_json(json.loads(json.dumps(summary, default=str)), out / "summary.json")
     dist_utils.barrier()
     return summary
+
+
+__all__ = ["apply_activation_checkpointing", "build", "fingerprints", "prepare", "run", "stage_for"]

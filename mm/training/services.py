@@ -1,5 +1,6 @@
-"""The loop's services: the learning-rate schedule and AdamW groups, device and autocast, the run's start
-(threads, process group, seed), the MFU denominator, and `metrics.jsonl` + TensorBoard.
+"""The loop's services: the learning-rate schedule and AdamW groups, device, autocast and compute dtype, the
+run's start (threads, process group, seed), the MFU denominator (a matmul in the compute dtype), and
+`metrics.jsonl` + TensorBoard.
 
 Numerics on CPU: float32 by default (`autocast: auto` means bf16 autocast on CUDA only). bf16 autocast on
 CPU is allowed (`autocast: bf16`) but is slower than float32 on CPUs without bf16 matrix units and makes
@@ -61,36 +62,47 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_context(setting: str, device: torch.device) -> Any:
-    """The autocast context for `train.autocast` (auto = bf16 on CUDA, none on CPU)."""
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype the matrix products run in under `train.autocast` (auto = bf16 on CUDA, float32 on CPU)."""
     if setting == "auto":
         setting = "bf16" if device.type == "cuda" else "none"
     if setting == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.bfloat16
     if setting == "none":
-        return nullcontext()
+        return torch.float32
     raise ValueError(f"train.autocast={setting!r}; allowed: auto, bf16, none")
 
 
-_PEAK_CACHE: dict[tuple[str, str], float] = {}
+def autocast_context(setting: str, device: torch.device) -> Any:
+    """The autocast context for `train.autocast` (auto = bf16 on CUDA, none on CPU)."""
+    if compute_dtype(setting, device) == torch.bfloat16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
-_PEAK_CACHE: dict[tuple[str, str], float] = {}
+_PEAK_CACHE: dict[tuple[str, str, int], float] = {}
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    """FLOP/s of a large square matmul on this device (the denominator of MFU)."""
-    key = (str(device), str(dtype))
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 0) -> float:
+    """FLOP/s of a large square `dtype` matmul on this device (the denominator of MFU: pass the dtype the
+    model computes in, `compute_dtype`). n = 0: 8192 on CUDA (smaller products do not reach the tensor
+    cores' peak), 1024 on CPU."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    key = (str(device), str(dtype), n)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < 0.3:
         a @ b
         reps += 1
+        if device.type == "cuda" and reps % 10 == 0:
+            torch.cuda.synchronize()
     if device.type == "cuda":
         torch.cuda.synchronize()
     _PEAK_CACHE[key] = 2 * n**3 * reps / (time.perf_counter() - t0)

@@ -35,6 +35,9 @@ class Stage:
         self.name: str = getattr(cfg, "stage", self.names[0] if self.names else "stage")
         self.rank, self.world = 0, 1
         self.resume = False  # set by the runner: this run continues from its last checkpoint
+        self.device = torch.device("cpu")  # set by the runner: where the model runs
+        self.frozen_dtype = torch.float32  # set by the runner: bf16 for bf16 compute on CUDA (parallelize.py)
+        self.init_record: Any = None  # the recorded initialisation of a meta-built model (runner.build)
         self.anneal_steps, self.polyak_k = 0, 0  # the final LR decay to 0 and its Polyak average
 
     # ---- before anything is read --------------------------------------------------------------------
@@ -61,9 +64,24 @@ class Stage:
         """Refuse impossible configurations, naming the key and what is allowed (reads no weights or data)."""
 
     # ---- the model ----------------------------------------------------------------------------------
+    def meta_init(self) -> bool:
+        """Whether `build` may run on the meta device with its initialisation recorded and replayed after
+        sharding (`mm.training.materialize`): it reads no tensor value and loads big weights lazily."""
+        return True
+
     def build(self, device: torch.device) -> nn.Module:
-        """Build (or load) the model on `device`, set `self.model` and return it."""
+        """Build (or load) the model on `device`, set `self.model` and return it. With `meta_init` the runner
+        passes the meta device and records what gives each tensor its value; frozen weights are loaded lazily
+        (`load_hf(..., device=device, dtype=self.frozen_dtype)`) and read after sharding, each process its part."""
         raise NotImplementedError
+
+    def materialized(self) -> None:
+        """After a meta-built model received its values (steps of building that read them, e.g. a scale taken
+        from the frozen LM's embeddings)."""
+
+    def check_frozen(self, fingerprints: dict[str, str]) -> None:
+        """Refuse frozen parts other than those the stage builds on, given their fingerprints (after
+        materialisation, before training)."""
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs handed to the optimizer; every other parameter stays as it is."""
@@ -78,8 +96,12 @@ class Stage:
         return []
 
     def parallelize(self) -> None:
-        """Multi-process set-up, applied from outside the model: by default the model is replicated and the
-        trainer all-reduces the gradients (a stage worth sharding applies FSDP2 here)."""
+        """Parallelise the model from outside, in torchtitan's order (`mm.training.parallelize.parallelize_model`):
+        activation checkpointing and `compile` of `blocks()` as `train` asks, then FSDP2 for a stage worth
+        sharding. By default the model is replicated and the trainer all-reduces the gradients."""
+        from mm.training.parallelize import parallelize_model
+
+        parallelize_model(self.model, self.blocks(), self.cfg.train)
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint records about the run besides the frozen fingerprints (checked on `--resume`)."""
@@ -146,6 +168,13 @@ class Stage:
         stream = getattr(self, "stream", None)
         return stream.stats() if stream is not None else {}
 
+    def close_data(self) -> None:
+        """Stop the data workers (the training stream's; LM pretraining's packed rows)."""
+        for name in ("stream", "data"):
+            loader = getattr(self, name, None)
+            if loader is not None and hasattr(loader, "close"):
+                loader.close()
+
     def on_step(self, step: int, tokens_seen: int) -> None:
         """Called before each optimizer step (e.g. a data mixture or RoPE switch)."""
 
@@ -160,7 +189,8 @@ class Stage:
 
     # ---- evaluation and export ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Held-out figures during training (`train.eval_every`); every process calls it."""
+        """Held-out figures during training (`train.eval_every`); every process calls it (under FSDP2 each
+        process must run the same forwards), under `train.autocast` like the training forwards."""
         return {}
 
     def final_evaluation(self) -> dict[str, Any]:

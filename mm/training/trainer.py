@@ -45,6 +45,7 @@ from mm.training.freeze import assert_not_in_optimizer
 from mm.training.services import (
     MetricsWriter,
     autocast_context,
+    compute_dtype,
     lr_at,
     measure_peak_flops,
     param_groups,
@@ -95,8 +96,12 @@ class Trainer:
         trainable_ids = {id(p) for _, p in self.params}
         for p in stage.model.parameters():  # the optimizer sees only what the stage trains
             p.requires_grad_(id(p) in trainable_ids)
-        self.replicated = self.world > 1 and not dist_utils.is_fsdp(stage.model)
-        if self.replicated:  # every process starts from rank 0's weights
+        # What FSDP2 does not shard (a replicated model, or the replicated parts of a partly sharded one) starts
+        # from rank 0's values and has its gradients all-reduced here; FSDP2 reduces the sharded ones.
+        self.replicated = (
+            [p for _, p in self.params if not hasattr(p, "device_mesh")] if self.world > 1 else []
+        )
+        if self.replicated:
             dist_utils.broadcast_module(stage.model)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -223,7 +228,7 @@ class Trainer:
             self.resume()
         metrics = MetricsWriter(self.out, self.step, enabled=self.rank == 0)
         self._autocast = autocast_context(tr.autocast, self.device)
-        self._peak = tr.peak_flops or measure_peak_flops(self.device)
+        self._peak = tr.peak_flops or measure_peak_flops(self.device, compute_dtype(tr.autocast, self.device))
         old_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -324,15 +329,15 @@ class Trainer:
             raise ValueError(f"step {self.step + 1}: the batch has no loss tokens")
         loss_sum = torch.zeros((), device=self.device)
         self.stage.model.train()
-        for i, mb in enumerate(micro):
-            dist_utils.set_grad_sync(self.stage.model, i == len(micro) - 1)
+        # Under FSDP2 every micro-step reduce-scatters into the gradient shards (mm.training.parallelize).
+        for mb in micro:
             with self._autocast:
                 ls, _ = self.stage.loss(mb)
             # Gradients are averaged over processes, so scale by world size: sum / all loss tokens.
             (ls * self.world / n_tok).backward()
             loss_sum += ls.detach().float()
         if self.replicated:  # FSDP2 reduces its own gradients
-            dist_utils.average_gradients([p for _, p in self.params])
+            dist_utils.average_gradients(self.replicated)
         loss = float(dist_utils.all_reduce_sum(loss_sum) / n_tok)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,558 @@
+"""Pre-tokenized text for LM pretraining: `mm data tokenize` writes memory-mapped token shards once, and training
+streams packed rows from them, each process reading only its rows of every global batch.
+
+Folder layout (`tokenize_to_folder`):
+
+    index.json             {"format": "mm-tokens", "version": 1, "dtype": "uint32", "tokenizer": {...},
+                            "shards": [{"tokens": "tokens-00000.bin", "documents": "tokens-00000.docs.npy",
+                            "num_tokens": n, "num_documents": d}, ...], "num_tokens": N, "num_documents": D, ...}
+    tokens-00000.bin       uint32 token ids; every document is bos + ids + eos, documents back to back
+    tokens-00000.docs.npy  int64 start of each document in the shard (the document boundaries)
+    tokenizer.json|.model  the tokenizer the folder was made with
+
+`index.json` is written last, so a folder without it is an unfinished run. Its `tokenizer` entry (vocabulary size,
+bos/eos ids and the ids of a probe text) is checked against the training tokenizer when the folder is opened.
+
+The stream (`TokenReader`) is addressed by position, so it is the same whatever the number of processes:
+
+- each source (`TokenCorpus`: a tokenized folder, memory-mapped, or text files tokenized in memory for small
+  corpora such as the demo's) is an endless token stream (`SourceStream`): epoch e lays its documents back to
+  back in a seeded order -- blocks of `block_docs` consecutive documents in a shuffled order, documents shuffled
+  within each block (a full shuffle when the corpus has at most `block_docs` documents);
+- global row k comes from source s_k, drawn with probability proportional to the source weights from a counter-
+  based hash of (seed, k) -- the data mix, by tokens; a row of length L from a source at offset p is that
+  source's tokens [p, p + L] (L + 1 tokens; the next row of the source starts at p + L, so every token except a
+  document's BOS is a label exactly once, as `PackedText` packs);
+- the state (`RowCursor`) is the global row count and each source's offset: advancing past a global batch of B
+  rows only counts (no token is read), and process `rank` of `world` reads only rows rank * B/world ...
+  (rank + 1) * B/world - 1 of each batch, straight from the memory map.
+
+Batch sizes, sequence lengths and mixture weights may change between batches (the ramp, the anneal): they are
+parameters of the next batch, not of the stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .text import (
+    TextSource,
+    TokenizerLike,
+    _chunks,
+    _derive_seed,
+    _encode_docs,
+    _load_corpus,
+    new_read_stats,
+    pack_heldout,
+    read_documents,
+    rows_from_windows,
+)
+
+__all__ = [
+    "FORMAT",
+    "INDEX",
+    "RowCursor",
+    "SourceStream",
+    "TokenCorpus",
+    "TokenReader",
+    "check_tokenizer",
+    "heldout_token_batches",
+    "is_token_folder",
+    "read_index",
+    "tokenize_to_folder",
+    "tokenizer_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mm-tokens"
+INDEX = "index.json"
+_VERSION = 1
+_STATE = "mm.tokens.rows/1"
+_PROBE = "The quick brown fox, 0123456789 -- naïve café 漢字 🙂\n\tdef f(x): return {x: [x]}"
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+
+def tokenizer_fingerprint(tokenizer: TokenizerLike) -> dict[str, Any]:
+    """What identifies a tokenizer's ids: vocabulary size, bos/eos ids and a hash of a probe text's ids."""
+    ids = [int(i) for i in tokenizer.encode(_PROBE)]
+    return {
+        "vocab_size": int(getattr(tokenizer, "vocab_size", 0)),
+        "bos_id": int(tokenizer.bos_id),
+        "eos_id": int(tokenizer.eos_id),
+        "probe_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+    }
+
+
+def is_token_folder(path: str | os.PathLike[str]) -> bool:
+    """True for a folder written by `mm data tokenize` (it holds an `index.json` of format mm-tokens)."""
+    index = Path(path) / INDEX
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def read_index(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `index.json` of a token folder (checked for format and version)."""
+    folder = Path(folder)
+    path = folder / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a tokenized folder: no {INDEX} (unfinished `mm data tokenize`?)"
+        )
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT or index.get("version") != _VERSION:
+        raise ValueError(
+            f"{path}: format {index.get('format')!r} version {index.get('version')!r}; expected {FORMAT!r} {_VERSION}"
+        )
+    return index
+
+
+def check_tokenizer(folder: str | os.PathLike[str], tokenizer: TokenizerLike) -> None:
+    """Refuse a token folder made with another tokenizer than `tokenizer`, naming both."""
+    index = read_index(folder)
+    saved, mine = index["tokenizer"]["fingerprint"], tokenizer_fingerprint(tokenizer)
+    if saved != mine:
+        differ = sorted(k for k in mine if saved.get(k) != mine[k])
+        raise ValueError(
+            f"{folder} was tokenized with another tokenizer ({index['tokenizer'].get('source') or 'unnamed'}): "
+            f"{', '.join(differ)} differ (folder {[saved.get(k) for k in differ]}, training tokenizer "
+            f"{[mine[k] for k in differ]}); tokenize again with the training tokenizer, or set tokenizer.path "
+            f"to the folder's own ({Path(folder) / index['tokenizer'].get('file', '')})"
+        )
+
+
+def tokenize_to_folder(
+    paths: Sequence[str | os.PathLike[str]],
+    tokenizer: TokenizerLike,
+    out: str | os.PathLike[str],
+    *,
+    doc_split: str = "paragraph",
+    shard_tokens: int = 1 << 28,
+    tokenizer_source: str | None = None,
+    chunk_docs: int = 1024,
+) -> dict[str, Any]:
+    """Tokenize the documents of text files / folders (`read_documents`) into memory-mapped shards in `out`;
+    return the index. Shards hold at most `shard_tokens` tokens (a longer document gets a shard of its own)."""
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    vocab = int(getattr(tokenizer, "vocab_size", 0))
+    if vocab > 2**32:
+        raise ValueError(f"a vocabulary of {vocab} ids does not fit uint32 token shards")
+    out = Path(out)
+    if (out / INDEX).exists():
+        raise ValueError(f"{out} already holds tokenized data ({INDEX}); remove it or choose another --out")
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"text data path {p} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    stats = new_read_stats()
+    shards: list[dict[str, Any]] = []
+    handle = None
+    starts: list[int] = []
+    n_tok = 0
+
+    def close() -> None:
+        nonlocal handle
+        if handle is None:
+            return
+        handle.close()
+        name = shards[-1]["tokens"].removesuffix(".bin")
+        np.save(out / f"{name}.docs.npy", np.asarray(starts, dtype=np.int64))
+        shards[-1].update(num_tokens=n_tok, num_documents=len(starts))
+        handle = None
+
+    docs = (d for p in paths for d in read_documents(p, doc_split, stats))
+    for chunk in _chunks(docs, chunk_docs):
+        for ids in _encode_docs(tokenizer, chunk):
+            arr = np.asarray(ids, dtype=np.uint32)
+            if handle is not None and n_tok + len(arr) > shard_tokens:
+                close()
+            if handle is None:
+                name = f"tokens-{len(shards):05d}"
+                shards.append({"tokens": f"{name}.bin", "documents": f"{name}.docs.npy"})
+                handle = (out / f"{name}.bin").open("wb")
+                starts, n_tok = [], 0
+            starts.append(n_tok)
+            handle.write(arr.tobytes())
+            n_tok += len(arr)
+    close()
+    tok_file = tokenizer.save(out) if hasattr(tokenizer, "save") else None
+    index = {
+        "format": FORMAT,
+        "version": _VERSION,
+        "dtype": "uint32",
+        "tokenizer": {
+            "source": tokenizer_source,
+            "file": Path(tok_file).name if tok_file else None,
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+        },
+        "doc_split": doc_split,
+        "inputs": [str(p) for p in paths],
+        "shards": shards,
+        "num_tokens": int(sum(s["num_tokens"] for s in shards)),
+        "num_documents": int(sum(s["num_documents"] for s in shards)),
+        "read_stats": stats,
+    }
+    tmp = out / f"{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, out / INDEX)
+    return index
+
+
+# -------------------------------------------------------------------------------------------------- corpora
+
+
+class TokenCorpus:
+    """One source's documents as token arrays: memory-mapped shards of token folders, or arrays in memory.
+
+    Documents never span shards; `document(d)` is the token ids of document d (bos + ids + eos) in stored
+    order over all shards."""
+
+    def __init__(
+        self, name: str, shards: Sequence[tuple[np.ndarray, np.ndarray]], info: dict[str, Any] | None = None
+    ) -> None:
+        self.name = name
+        self.info = info or {}
+        self._tokens = [t for t, _ in shards]
+        self._starts = [s for _, s in shards]
+        docs = np.asarray([len(s) for s in self._starts], dtype=np.int64)
+        toks = np.asarray([len(t) for t in self._tokens], dtype=np.int64)
+        self._doc_base = np.concatenate([[0], np.cumsum(docs)]).astype(np.int64)
+        self._tok_base = np.concatenate([[0], np.cumsum(toks)]).astype(np.int64)
+        self.num_documents = int(self._doc_base[-1])
+        self.num_tokens = int(self._tok_base[-1])
+        if self.num_documents == 0 or self.num_tokens == 0:
+            raise ValueError(f"text source {name!r} holds no documents")
+
+    @classmethod
+    def open(cls, folders: Sequence[str | os.PathLike[str]], name: str) -> TokenCorpus:
+        """Memory-map the shards of one or more token folders (nothing is read until used)."""
+        shards = []
+        for folder in folders:
+            folder = Path(folder)
+            index = read_index(folder)
+            if index.get("dtype") != "uint32":
+                raise ValueError(f"{folder / INDEX}: dtype {index.get('dtype')!r}; expected uint32")
+            for s in index["shards"]:
+                if s["num_tokens"] == 0:
+                    continue
+                tokens = np.memmap(folder / s["tokens"], dtype=np.uint32, mode="r")
+                if len(tokens) != s["num_tokens"]:
+                    raise ValueError(
+                        f"{folder / s['tokens']}: {len(tokens)} tokens, the index says {s['num_tokens']}"
+                    )
+                starts = np.load(folder / s["documents"], mmap_mode="r")
+                if len(starts) != s["num_documents"]:
+                    raise ValueError(
+                        f"{folder / s['documents']}: {len(starts)} documents, the index says "
+                        f"{s['num_documents']}"
+                    )
+                shards.append((tokens, starts))
+        return cls(name, shards, {"folders": [str(f) for f in folders]})
+
+    @classmethod
+    def from_text(cls, source: TextSource, tokenizer: TokenizerLike) -> TokenCorpus:
+        """Read and tokenize a text source into memory (small corpora, e.g. the demo's)."""
+        c = _load_corpus(source, tokenizer)
+        return cls(source.name, [(c.tokens, c.offsets[:-1])], {"read_stats": c.read_stats})
+
+    def global_starts(self, docs: np.ndarray) -> np.ndarray:
+        """Token offset of each document in the concatenation of the shards (`num_documents` -> the end)."""
+        docs = np.asarray(docs, dtype=np.int64)
+        out = np.full(docs.shape, self.num_tokens, dtype=np.int64)
+        inside = docs < self.num_documents
+        si = np.searchsorted(self._doc_base, docs, side="right") - 1
+        for s in np.unique(si[inside]):
+            m = inside & (si == s)
+            out[m] = self._tok_base[s] + np.asarray(self._starts[s][docs[m] - self._doc_base[s]], np.int64)
+        return out
+
+    def document(self, d: int) -> np.ndarray:
+        """Token ids of document d (a view into the memory map)."""
+        s = int(np.searchsorted(self._doc_base, d, side="right")) - 1
+        local = d - int(self._doc_base[s])
+        starts = self._starts[s]
+        end = int(starts[local + 1]) if local + 1 < len(starts) else len(self._tokens[s])
+        return self._tokens[s][int(starts[local]) : end]
+
+    def documents(self) -> Any:
+        """Every document in stored order."""
+        return (self.document(d) for d in range(self.num_documents))
+
+
+def heldout_token_batches(corpora: Sequence[TokenCorpus], seq_len: int, batch_size: int, eos_id: int) -> Any:
+    """One pass over the documents of token corpora in stored order, packed as `heldout_batches` packs."""
+    return pack_heldout((d for c in corpora for d in c.documents()), seq_len, batch_size, eos_id)
+
+
+# --------------------------------------------------------------------------------------------------- orders
+
+
+class SourceStream:
+    """One source's endless token stream (see the module docstring): `read(p, n)` returns tokens p .. p + n - 1
+    and their document-start flags, reading only those documents."""
+
+    def __init__(self, corpus: TokenCorpus, seed: int, block_docs: int = 4096) -> None:
+        if block_docs < 1:
+            raise ValueError(f"block_docs must be >= 1, got {block_docs}")
+        self.corpus, self.seed, self.block_docs = corpus, seed, block_docs
+        d = corpus.num_documents
+        self.n_blocks = math.ceil(d / block_docs)
+        bounds = corpus.global_starts(np.minimum(np.arange(self.n_blocks + 1) * block_docs, d))
+        self.block_tokens = np.diff(bounds)
+        self._epochs: OrderedDict[int, tuple[list[int], np.ndarray]] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for spawned workers without the order caches."""
+        return {**self.__dict__, "_epochs": OrderedDict(), "_blocks": OrderedDict()}
+
+    def _epoch(self, e: int) -> tuple[list[int], np.ndarray]:
+        """(block order, cumulative tokens along it) of epoch e."""
+        hit = self._epochs.get(e)
+        if hit is None:
+            order = list(range(self.n_blocks))
+            _shuffle(order, "mm.tokens.blocks", self.seed, self.corpus.name, e)
+            hit = (order, np.cumsum(self.block_tokens[order]))
+            self._epochs[e] = hit
+            while len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return hit
+
+    def _block(self, e: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(documents in order, cumulative tokens along them) of block b in epoch e."""
+        hit = self._blocks.get((e, b))
+        if hit is None:
+            lo = b * self.block_docs
+            hi = min(lo + self.block_docs, self.corpus.num_documents)
+            perm = list(range(hi - lo))
+            _shuffle(perm, "mm.tokens.docs", self.seed, self.corpus.name, e, b)
+            docs = lo + np.asarray(perm, dtype=np.int64)
+            lengths = self.corpus.global_starts(docs + 1) - self.corpus.global_starts(docs)
+            hit = (docs, np.cumsum(lengths))
+            self._blocks[(e, b)] = hit
+            while len(self._blocks) > 8:
+                self._blocks.popitem(last=False)
+        return hit
+
+    def read(self, p: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [p, p + n) of the stream (int64) and True where a document starts."""
+        tokens = np.empty(n, dtype=np.int64)
+        starts = np.zeros(n, dtype=bool)
+        total = self.corpus.num_tokens
+        got = 0
+        while got < n:
+            e, q = divmod(p + got, total)
+            order, cum = self._epoch(e)
+            i = int(np.searchsorted(cum, q, side="right"))
+            q -= int(cum[i - 1]) if i else 0
+            docs, dcum = self._block(e, order[i])
+            j = int(np.searchsorted(dcum, q, side="right"))
+            off = q - (int(dcum[j - 1]) if j else 0)
+            doc = self.corpus.document(int(docs[j]))
+            take = min(n - got, len(doc) - off)
+            tokens[got : got + take] = doc[off : off + take]
+            starts[got] = off == 0
+            got += take
+        return tokens, starts
+
+
+def _shuffle(items: list[int], *key: object) -> None:
+    """Shuffle in place, seeded by the key (Python's `random`: the same order on every platform and version)."""
+    import random
+
+    random.Random(_derive_seed(*key)).shuffle(items)
+
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _uniforms(seed: int, rows: np.ndarray) -> np.ndarray:
+    """A uniform in [0, 1) per global row, from a counter-based hash (SplitMix64) of (seed, row)."""
+    with np.errstate(over="ignore"):
+        x = rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# --------------------------------------------------------------------------------------------------- reader
+
+
+class RowCursor:
+    """The global packing state before a batch: rows taken so far, each source's offset and rows, tokens;
+    `params` = (global rows B, sequence length L, weights per source or None)."""
+
+    def __init__(self, reader: TokenReader, state: dict[str, Any], params: Hashable) -> None:
+        self.reader = reader
+        self.row = int(state["row"])
+        self.offsets = [int(x) for x in state["offsets"]]
+        self.rows = [int(x) for x in state["rows"]]
+        self.tokens = int(state["tokens"])
+        self.batch_rows, self.seq_len, weights = params if params is not None else (0, 0, None)
+        w = np.asarray(weights if weights is not None else reader.weights, dtype=np.float64)
+        if w.shape != (len(reader.streams),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(
+                f"mixture weights must be >= 0 with a positive sum, one per source; got {weights}"
+            )
+        self.cum_weights = np.cumsum(w)
+        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(source, source offset) of each row of the next global batch."""
+        if self._plan is not None and self._plan[0] == self.row:
+            return self._plan[1], self._plan[2]
+        b, L = self.batch_rows, self.seq_len
+        rows = np.arange(self.row, self.row + b, dtype=np.int64)
+        if len(self.reader.streams) == 1:
+            src = np.zeros(b, dtype=np.int64)
+        else:
+            u = _uniforms(self.reader.mix_seed, rows) * self.cum_weights[-1]
+            src = np.minimum(np.searchsorted(self.cum_weights, u, side="right"), len(self.cum_weights) - 1)
+        off = np.empty(b, dtype=np.int64)
+        for s in np.unique(src):
+            m = src == s
+            off[m] = self.offsets[s] + L * np.arange(int(m.sum()), dtype=np.int64)
+        self._plan = (self.row, src, off)
+        return src, off
+
+    def advance(self) -> None:
+        """Move past the global batch (no token is read)."""
+        src, _ = self.plan()
+        counts = np.bincount(src, minlength=len(self.offsets))
+        for s, c in enumerate(counts):
+            self.offsets[s] += int(c) * self.seq_len
+            self.rows[s] += int(c)
+        self.row += self.batch_rows
+        self.tokens += self.batch_rows * self.seq_len
+
+    def state_dict(self) -> dict[str, Any]:
+        """The world-size independent packing state (plain JSON)."""
+        return {
+            "format": _STATE,
+            "row": self.row,
+            "offsets": list(self.offsets),
+            "rows": list(self.rows),
+            "tokens": self.tokens,
+            "sources": self.reader.signature(),
+        }
+
+
+class TokenReader:
+    """Packed rows of a weighted mixture of token corpora, for `mm.datasets.loader.ResumableLoader` (see the
+    module docstring). `stats()` counts what this process read: rows and tokens, per source."""
+
+    def __init__(
+        self,
+        corpora: Sequence[TokenCorpus],
+        weights: Sequence[float],
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        block_docs: int = 4096,
+    ) -> None:
+        if not corpora:
+            raise ValueError("TokenReader needs at least one source")
+        names = [c.name for c in corpora]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"text source names must be unique, repeated: {', '.join(dupes)} (set name=...)")
+        if len(weights) != len(corpora) or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"one weight >= 0 per source with a positive sum, got {list(weights)}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+        self.corpora = list(corpora)
+        self.weights = [float(w) for w in weights]
+        self.seed, self.rank, self.world = int(seed), rank, world
+        self.mix_seed = _derive_seed("mm.tokens.mixture", seed)
+        self.streams = [SourceStream(c, self.seed, block_docs) for c in corpora]
+        self._rows_read = [0] * len(corpora)
+        self._tokens_read = [0] * len(corpora)
+
+    def signature(self) -> list[list[Any]]:
+        """(name, documents, tokens) per source: what a saved state must match."""
+        return [[c.name, c.num_documents, c.num_tokens] for c in self.corpora]
+
+    def initial_state(self) -> dict[str, Any]:
+        """Nothing read yet."""
+        k = len(self.corpora)
+        return {"format": _STATE, "row": 0, "offsets": [0] * k, "rows": [0] * k, "tokens": 0}
+
+    def cursor(self, state: dict[str, Any], params: Hashable) -> RowCursor:
+        """A cursor at a saved state (checked against these sources) for batches of `params`."""
+        if state.get("format") != _STATE:
+            raise ValueError(
+                f"data state of format {state.get('format', state.get('version'))!r} is not a packed-row "
+                f"position ({_STATE}); a checkpoint of the older in-memory text stream cannot be continued "
+                "by position: start the stage again"
+            )
+        saved = state.get("sources")
+        if saved is not None and [list(s) for s in saved] != self.signature():
+            raise ValueError(
+                f"data state belongs to other text sources: saved (name, documents, tokens) {saved}, these "
+                f"sources {self.signature()}"
+            )
+        if params is not None:
+            b, seq_len, _ = params
+            if b % self.world or b < self.world or seq_len < 1:
+                raise ValueError(
+                    f"global batch of {b} rows is not divisible by the {self.world} processes (seq_len {seq_len})"
+                )
+        return RowCursor(self, state, params)
+
+    def read(self, cursor: RowCursor) -> dict[str, torch.Tensor]:
+        """This process's rows of the batch at the cursor: tokens, labels, doc_ids (B / world, L)."""
+        src, off = cursor.plan()
+        per = cursor.batch_rows // self.world
+        lo, L = self.rank * per, cursor.seq_len
+        windows = np.empty((per, L + 1), dtype=np.int64)
+        starts = np.empty((per, L + 1), dtype=bool)
+        for i in range(per):
+            s = int(src[lo + i])
+            windows[i], starts[i] = self.streams[s].read(int(off[lo + i]), L + 1)
+            self._rows_read[s] += 1
+            self._tokens_read[s] += L + 1
+        return rows_from_windows(windows, starts)
+
+    def stats(self) -> dict[str, Any]:
+        """Rows and tokens this process read, in total and per source."""
+        names = [c.name for c in self.corpora]
+        return {
+            "rows_read": sum(self._rows_read),
+            "tokens_read": sum(self._tokens_read),
+            "rows_read_per_source": dict(zip(names, self._rows_read)),
+            "tokens_read_per_source": dict(zip(names, self._tokens_read)),
+        }
+
+    def progress(self, state: dict[str, Any]) -> dict[str, Any]:
+        """World-size independent figures of a state: tokens seen, and per source rows, tokens, epoch."""
+        out: dict[str, Any] = {"tokens_seen": int(state.get("tokens", 0)), "sources": {}}
+        for i, c in enumerate(self.corpora):
+            off = int(state["offsets"][i]) if "offsets" in state else 0
+            out["sources"][c.name] = {
+                "documents": c.num_documents,
+                "tokens": c.num_tokens,
+                "rows": int(state["rows"][i]) if "rows" in state else 0,
+                "epoch": off // c.num_tokens,
+                **{k: v for k, v in c.info.get("read_stats", {}).items() if k in ("files", "replaced_bytes")},
+            }
+        return out

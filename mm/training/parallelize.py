@@ -1,0 +1,102 @@
+"""How a stage's model is parallelised, applied from outside the model code in torchtitan's order: activation
+checkpointing of each block, then `compile` of each block, then FSDP2 `fully_shard` of each unit and the root
+(`parallelize_model`, called by every `Stage.parallelize` with its own blocks and units).
+
+Numerics: on CUDA with bf16 compute (`train.autocast` auto or bf16) FSDP2 gathers parameters in bf16 and
+reduce-scatters gradients in fp32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`, torchtitan's
+default) and a frozen LM whose weights are stored in bf16 stays in bf16; on the CPU every parameter stays in
+float32 and no policy applies, so CPU runs compute exactly what they did before sharding existed.
+
+Gradient accumulation under FSDP2 reduce-scatters every micro-step (torchtitan): each process accumulates into
+its gradient shard. Skipping the reduce-scatter until the last micro-step (`set_requires_gradient_sync(False)`)
+saves communication but keeps the unsharded gradients of every trainable parameter between micro-steps, a full
+fp32 copy of the trainable model per process: what FSDP is there to avoid.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mm.training import distributed as dist_utils
+from mm.training.config import TrainConfig
+from mm.training.services import compute_dtype
+
+
+def apply_activation_checkpointing(blocks: list[nn.Module]) -> None:
+    """Recompute each block's activations in the backward pass (applied from outside the model code)."""
+    for block in blocks:
+        fwd = block.forward
+        block.forward = functools.partial(checkpoint, fwd, use_reentrant=False)  # type: ignore[method-assign]
+
+
+def apply_compile(blocks: list[nn.Module]) -> None:
+    """`torch.compile` each block (compiled on its first call)."""
+    for block in blocks:
+        block.compile()
+
+
+def mixed_precision(train: TrainConfig, device: torch.device) -> Any:
+    """FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` for bf16 compute on CUDA, else None."""
+    if device.type != "cuda" or compute_dtype(train.autocast, device) != torch.bfloat16:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def frozen_dtype(train: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype a frozen LM may be kept in: bf16 for bf16 compute on CUDA, else float32 (a stage keeps an LM
+    in bf16 only when its weights are stored in bf16, so nothing is rounded)."""
+    return torch.bfloat16 if mixed_precision(train, device) is not None else torch.float32
+
+
+def frozen_lm_dtype(path: str | Path, frozen: torch.dtype) -> torch.dtype:
+    """The dtype a frozen HF LM directory is loaded in: `frozen` (`frozen_dtype`) when its weights are stored
+    in that dtype, so nothing is rounded (and its fingerprint is its float32 load's); else float32."""
+    if frozen == torch.float32:
+        return frozen
+    from mm.lm.hf import stored_dtype
+
+    return frozen if stored_dtype(path) == frozen else torch.float32
+
+
+def parallelize_model(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    train: TrainConfig,
+    *,
+    fsdp_units: list[nn.Module] | None = None,
+    extra_forward_methods: dict[str, list[nn.Module]] | None = None,
+    replicated: list[nn.Module] | None = None,
+) -> None:
+    """Activation checkpointing and `compile` on `blocks` (as `train` asks), then FSDP2 on `fsdp_units` (in
+    forward order) and the root, except the `replicated` modules, when several processes run; `fsdp_units=None`
+    leaves the model replicated (`dist_utils.apply_fsdp`)."""
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(blocks)
+    if train.compile:
+        apply_compile(blocks)
+    if fsdp_units is None:
+        return
+    if replicated:
+        dist_utils.apply_fsdp(
+            model, fsdp_units, extra_forward_methods=extra_forward_methods, ignored=replicated
+        )
+    else:  # (the call `mm plan` records)
+        dist_utils.apply_fsdp(model, fsdp_units, extra_forward_methods=extra_forward_methods)
+
+
+__all__ = [
+    "apply_activation_checkpointing",
+    "apply_compile",
+    "frozen_dtype",
+    "frozen_lm_dtype",
+    "mixed_precision",
+    "parallelize_model",
+]
