@@ -552,7 +552,11 @@ def decode_image_group(
     if image_ext is None:
         raise BadSample("no_image", f"members {sorted(group)} hold no {'/'.join(IMAGE_EXTENSIONS)}")
     text = _group_text(group)
-    sample = _make_sample(decode_image(group[image_ext], max_pixels), transform)
+    return _with_text(_make_sample(decode_image(group[image_ext], max_pixels), transform), text, group)
+
+
+def _with_text(sample: dict[str, Any], text: str, group: dict[str, Any]) -> dict[str, Any]:
+    """A decoded shard sample with its caption, and the group's `.json` record as `meta` when it parses."""
     sample["text"] = text
     if "json" in group:
         try:

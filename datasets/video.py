@@ -50,6 +50,7 @@ from .images import (
     _derive_seed,
     _group_text,
     _read_groups,
+    _with_text,
     expand_shards,
 )
 from .shapes import VIDEO_PROMPT
@@ -386,14 +387,7 @@ def decode_video_group(
     if ext is None:
         raise BadSample("no_video", f"members {sorted(group)} hold no {'/'.join(VIDEO_EXTENSIONS)}")
     text = _group_text(group)
-    sample = _clip_sample(group[ext], transform, n_frames, max_pixels)
-    sample["text"] = text
-    if "json" in group:
-        try:
-            sample["meta"] = json.loads(group["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-    return sample
+    return _with_text(_clip_sample(group[ext], transform, n_frames, max_pixels), text, group)
 
 
 class VideoTextShards(IterableDataset):

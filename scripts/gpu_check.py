@@ -24,15 +24,7 @@ from typing import Any
 
 import torch
 
-STAGES = (
-    "lm-pretrain",
-    "clip-pretrain",
-    "image-pretrain",
-    "image-anneal",
-    "video",
-    "bestrq-pretrain",
-    "speech",
-)
+from mm.app.report_figures import STAGE_ORDER as STAGES  # the order the demo runs the stages
 
 
 def world(data: Path, rank: int) -> dict[str, Path]:

@@ -95,3 +95,25 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         tr.write_line(f"{kind:>13}: {counts[kind]:4d} in {_SESSION['tests'][kind]} tests ({parts})")
     tally = " ".join(f"{k}={counts[k]}" for k in FAULT_CLASSES)
     tr.write_line(f"faults: {tally} lost={_SESSION['lost']}")
+
+
+@pytest.fixture(scope="module")
+def meta_parallel():
+    """Meta's reference code (llama-models) runs with fairscale at model-parallel size 1: a gloo process group
+    of one (unless one exists) for the module's tests, torn down after them."""
+    import socket
+
+    import torch.distributed as dist
+
+    fs_init = pytest.importorskip("fairscale.nn.model_parallel.initialize")
+    started = not dist.is_initialized()
+    if started:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    fs_init.initialize_model_parallel(1)
+    yield
+    fs_init.destroy_model_parallel()
+    if started:
+        dist.destroy_process_group()

@@ -5,7 +5,6 @@ Transformer with the same logits."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from mm.lm import load_meta
 from mm.lm.meta import merge_shards
 
 meta_model = pytest.importorskip("llama_models.llama3.model")
-fs_init = pytest.importorskip("fairscale.nn.model_parallel.initialize")
 
 PARAMS = {
     "dim": 64,
@@ -30,21 +28,9 @@ PARAMS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def reference():
+def reference(meta_parallel):
     """A random tiny Meta Transformer (every weight drawn, norms away from 1) and its logits on 2 rows."""
-    import torch.distributed as dist
-
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    fs_init.initialize_model_parallel(1)
     torch.manual_seed(0)
     model = meta_model.Transformer(meta_model.ModelArgs(max_seq_len=64, max_batch_size=2, **PARAMS))
     with torch.no_grad():
@@ -57,9 +43,6 @@ def reference():
     logits = model(tokens, start_pos=0)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     yield {"state": sd, "tokens": tokens, "logits": logits}
-    fs_init.destroy_model_parallel()
-    if started:
-        dist.destroy_process_group()
 
 
 def write_meta(path, state, shards=1):

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.datasets.shapes import synth_motion, synth_shapes
-from mm.datasets.spoken_shapes import synth_speech
+from mm.datasets.shapes import synth_shapes
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.lm.hf import SafetensorsTensor, stored_dtype
 from mm.training.config import config_to_yaml, load_config
@@ -34,19 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 COMMON = ["train.max_steps=2", "train.batch_size=4", "train.save_every=2", "train.num_threads=1"]
 COMMON += ["train.peak_flops=1e9", "train.seed=3"]
-IMAGE_ENCODER = [
-    "image_encoder.embed_dim=32",
-    "image_encoder.depth=2",
-    "image_encoder.num_heads=2",
-    "image_encoder.intermediate_layers=[0]",
-]
-SPEECH_ENCODER = [
-    "speech_encoder.dim=32",
-    "speech_encoder.n_layers=1",
-    "speech_encoder.n_heads=2",
-    "speech_encoder.ffn_dim=64",
-    "speech_encoder.dropout=0.0",
-]
 STAGES = [
     "lm-pretrain",
     "clip-pretrain",
@@ -58,73 +44,12 @@ STAGES = [
 ]
 
 
-def stage_config(name: str, preset_file: str, overrides: list[str]):
-    return load_config(stage_class(name).config_class, ROOT / preset_file, [*overrides, f"stage={name}"])
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, corpus):
+def world(tmp_path_factory, corpus, stage_configs):
     """A nano LM, tiny data of every modality, an image bundle, and a config of every stage."""
     root = tmp_path_factory.mktemp("meta-start")
-    tok = Tokenizer.from_file(corpus["tokenizer"])
-    torch.manual_seed(0)
-    save_hf(Transformer(preset("nano", vocab_size=tok.vocab_size)), root / "lm")
-    tok.save(root / "lm")
-    shapes = synth_shapes(root, n=8, seed=0, split="train")
-    clips = synth_motion(root, n=4, seed=0, split="train")
-    speech = synth_speech(root, n=4, split="train")
+    cfgs = stage_configs(root, corpus, COMMON, n=8)
     lm = root / "lm"
-    image = [f"lm={lm}", f"data.train=[{shapes}]", "eval_samples=0", "curve_samples=0", *IMAGE_ENCODER]
-    bundle = stage_config("image-pretrain", "configs/stages/image_pretrain_tiny.yaml", [*image, *COMMON])
-    bundle.out = str(root / "image-bundle")
-    run(bundle)
-    init = f"init_from={root / 'image-bundle' / 'final'}"
-    cfgs = {
-        "lm-pretrain": stage_config(
-            "lm-pretrain",
-            "configs/lm/tiny.yaml",
-            [
-                "model.preset=nano",
-                f"tokenizer.path={corpus['tokenizer']}",
-                f"data=[{{paths: [{corpus['train']}], name: shapes, doc_split: line}}]",
-                "train.seq_len=32",
-                *COMMON,
-            ],
-        ),
-        "clip-pretrain": stage_config(
-            "clip-pretrain",
-            "configs/encoders/clip_tiny.yaml",
-            [f"tokenizer={lm}", f"data.train=[{shapes}]", "eval_samples=0", *IMAGE_ENCODER, *COMMON],
-        ),
-        "bestrq-pretrain": stage_config(
-            "bestrq-pretrain",
-            "configs/encoders/bestrq_tiny.yaml",
-            [f"data.train=[{speech}]", "eval_samples=0", *SPEECH_ENCODER, *COMMON],
-        ),
-        "image-pretrain": stage_config(
-            "image-pretrain", "configs/stages/image_pretrain_tiny.yaml", [*image, *COMMON]
-        ),
-        "image-anneal": stage_config(
-            "image-anneal", "configs/stages/image_anneal_tiny.yaml", [*image, init, *COMMON]
-        ),
-        "video": stage_config(
-            "video",
-            "configs/stages/video_tiny.yaml",
-            [
-                init,
-                f"data.train=[{clips}]",
-                "aggregator.merge=2",
-                "data.n_frames=4",
-                "eval_samples=0",
-                *COMMON,
-            ],
-        ),
-        "speech": stage_config(
-            "speech",
-            "configs/stages/speech_tiny.yaml",
-            [f"lm={lm}", f"data.train=[{speech}]", "eval_samples=0", *SPEECH_ENCODER, *COMMON],
-        ),
-    }
     for name, cfg in cfgs.items():
         cfg.out = str(root / "out" / name)
     return {"root": root, "cfgs": cfgs, "lm": lm}

@@ -5,7 +5,6 @@ non-zero, saved as Meta saves it (params.json + consolidated.NN.pth, 1 or 2 mode
 intermediate indices (block outputs), the logits move far beyond the bound."""
 
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ from mm.models.meta_vision import VISION_SPLIT_DIM, fusion_schedule, load_meta_v
 
 meta_mm = pytest.importorskip("llama_models.llama3.multimodal.model")
 meta_args = pytest.importorskip("llama_models.llama3.args")
-fs_init = pytest.importorskip("fairscale.nn.model_parallel.initialize")
 fs_layers = pytest.importorskip("fairscale.nn.model_parallel.layers")
 chat_format = pytest.importorskip("llama_models.llama3.chat_format")
 
@@ -69,12 +67,6 @@ class TinyVision(nn.Module):
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def random_image(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -96,14 +88,8 @@ def _randomize(model: nn.Module) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(monkeypatch_module):
+def reference(meta_parallel, monkeypatch_module):
     """Meta's tiny model, its state, and its outputs on two rows (1 and 2 images of several aspect ratios)."""
-    import torch.distributed as dist
-
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    fs_init.initialize_model_parallel(1)
     monkeypatch_module.setattr(meta_mm, "CrossAttentionTransformerVision", TinyVision)
     args = meta_args.ModelArgs(max_seq_len=64, max_batch_size=2, **PARAMS)
     model = meta_mm.CrossAttentionTransformer(args).eval()
@@ -141,9 +127,6 @@ def reference(monkeypatch_module):
         "features": features,
         "caches": caches,
     }
-    fs_init.destroy_model_parallel()
-    if started:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,10 @@ import pytest
 import torch
 
 from mm.datasets.shapes import synth_shapes
-from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.training.checkpoint import latest_checkpoint, load_checkpoint
-from mm.training.config import config_to_yaml, load_config
+from mm.training.config import config_to_yaml
 from mm.training.dcp import SafeReader
 from mm.training.runner import run
-from mm.training.stage import stage_class
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -32,10 +30,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def config(name: str, preset_file: str, overrides: list[str]):
-    return load_config(stage_class(name).config_class, ROOT / preset_file, [*overrides, f"stage={name}"])
 
 
 def torchrun(n: int, jobs: list[dict], root: Path, gathers: Path | None = None) -> None:
@@ -59,45 +53,18 @@ def save_yaml(cfg, path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus):
+def runs(tmp_path_factory, corpus, stage_helpers):
     """For both stages: an uninterrupted 1-process run of 4 steps, and a 4-process run stopped at step 2 whose
     checkpoint is then resumed to step 4 by 2 processes (torchrun) and by 1 process (here)."""
+    h = stage_helpers
     root = tmp_path_factory.mktemp("sharded")
-    tok = Tokenizer.from_file(corpus["tokenizer"])
-    torch.manual_seed(0)
-    save_hf(Transformer(preset("nano", vocab_size=tok.vocab_size)), root / "lm")
-    tok.save(root / "lm")
+    lm = h["nano_lm"](root, corpus)
     shapes = synth_shapes(root, n=32, seed=0, split="train")
+    image = [*h["image_overrides"](lm, shapes), "image_encoder.intermediate_layers=[1]", *TRAIN]
     cfgs = {
-        "lm-pretrain": config(
-            "lm-pretrain",
-            "configs/lm/tiny.yaml",
-            [
-                "model.preset=nano",
-                f"tokenizer.path={corpus['tokenizer']}",
-                f"data=[{{paths: [{corpus['train']}], name: shapes, doc_split: line}}]",
-                "heldout=[]",
-                "train.seq_len=32",
-                "anneal.steps=0",
-                "anneal.polyak_k=0",
-                "anneal.source=null",
-                *TRAIN,
-            ],
-        ),
-        "image-pretrain": config(
-            "image-pretrain",
-            "configs/stages/image_pretrain_tiny.yaml",
-            [
-                f"lm={root / 'lm'}",
-                f"data.train=[{shapes}]",
-                "eval_samples=0",
-                "curve_samples=0",
-                "image_encoder.embed_dim=32",
-                "image_encoder.depth=2",
-                "image_encoder.num_heads=2",
-                "image_encoder.intermediate_layers=[1]",
-                *TRAIN,
-            ],
+        "lm-pretrain": h["lm_pretrain_config"](corpus, TRAIN),
+        "image-pretrain": h["stage_config"](
+            "image-pretrain", "configs/stages/image_pretrain_tiny.yaml", image
         ),
     }
     four, two = [], []

@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.datasets.shapes import synth_motion, synth_shapes
-from mm.datasets.spoken_shapes import synth_speech
-from mm.lm import Tokenizer, Transformer, preset, save_hf
-from mm.training.config import config_to_yaml, load_config
+from mm.training.config import config_to_yaml
 from mm.training.runner import run
-from mm.training.stage import stage_class
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -32,19 +28,6 @@ COMMON = [
     "train.num_threads=1",
 ]
 COMMON += ["train.peak_flops=1e9", "train.seed=3"]
-IMAGE_ENCODER = [
-    "image_encoder.embed_dim=32",
-    "image_encoder.depth=2",
-    "image_encoder.num_heads=2",
-    "image_encoder.intermediate_layers=[0]",
-]
-SPEECH_ENCODER = [
-    "speech_encoder.dim=32",
-    "speech_encoder.n_layers=1",
-    "speech_encoder.n_heads=2",
-    "speech_encoder.ffn_dim=64",
-    "speech_encoder.dropout=0.0",  # dropout draws differ between processes: off for an exact comparison
-]
 
 
 @pytest.fixture(autouse=True)
@@ -55,82 +38,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def stage_config(name: str, preset_file: str, overrides: list[str]):
-    return load_config(stage_class(name).config_class, ROOT / preset_file, [*overrides, f"stage={name}"])
-
-
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory, corpus):
+def jobs(tmp_path_factory, corpus, stage_configs):
     """Tiny data of every modality, a nano LM, an image bundle, and the seven stage configs."""
     root = tmp_path_factory.mktemp("stages")
-    tok = Tokenizer.from_file(corpus["tokenizer"])
-    torch.manual_seed(0)
-    save_hf(Transformer(preset("nano", vocab_size=tok.vocab_size)), root / "lm")
-    tok.save(root / "lm")
-    shapes = synth_shapes(root, n=16, seed=0, split="train")
-    clips = synth_motion(root, n=8, seed=0, split="train")
-    speech = synth_speech(root, n=8, split="train")
-    lm = root / "lm"
-    image = [f"lm={lm}", f"data.train=[{shapes}]", "eval_samples=0", "curve_samples=0", *IMAGE_ENCODER]
-    bundle = stage_config("image-pretrain", "configs/stages/image_pretrain_tiny.yaml", [*image, *COMMON])
-    bundle.out = str(root / "image-bundle")
-    run(bundle)
-    cfgs = {
-        "lm-pretrain": stage_config(
-            "lm-pretrain",
-            "configs/lm/tiny.yaml",
-            [
-                "model.preset=nano",
-                f"tokenizer.path={corpus['tokenizer']}",
-                f"data=[{{paths: [{corpus['train']}], name: shapes, doc_split: line}}]",
-                "heldout=[]",
-                "train.seq_len=32",
-                "anneal.steps=0",
-                "anneal.polyak_k=0",
-                "anneal.source=null",
-                *COMMON,
-            ],
-        ),
-        "clip-pretrain": stage_config(
-            "clip-pretrain",
-            "configs/encoders/clip_tiny.yaml",
-            [f"tokenizer={lm}", f"data.train=[{shapes}]", "eval_samples=0", *IMAGE_ENCODER, *COMMON],
-        ),
-        "bestrq-pretrain": stage_config(
-            "bestrq-pretrain",
-            "configs/encoders/bestrq_tiny.yaml",
-            [f"data.train=[{speech}]", "eval_samples=0", *SPEECH_ENCODER, *COMMON],
-        ),
-        "image-pretrain": stage_config(
-            "image-pretrain", "configs/stages/image_pretrain_tiny.yaml", [*image, *COMMON]
-        ),
-        "image-anneal": stage_config(
-            "image-anneal",
-            "configs/stages/image_anneal_tiny.yaml",
-            [*image, f"init_from={root / 'image-bundle' / 'final'}", *COMMON],
-        ),
-        "video": stage_config(
-            "video",
-            "configs/stages/video_tiny.yaml",
-            [
-                f"init_from={root / 'image-bundle' / 'final'}",
-                f"data.train=[{clips}]",
-                "aggregator.merge=2",
-                "aggregator.n_latents=4",
-                "aggregator.depth=1",
-                "aggregator.n_heads=2",
-                "data.n_frames=4",
-                "eval_samples=0",
-                "curve_samples=0",
-                *COMMON,
-            ],
-        ),
-        "speech": stage_config(
-            "speech",
-            "configs/stages/speech_tiny.yaml",
-            [f"lm={lm}", f"data.train=[{speech}]", "eval_samples=0", *SPEECH_ENCODER, *COMMON],
-        ),
-    }
+    cfgs = stage_configs(root, corpus, COMMON)
     listing = []
     for name, cfg in cfgs.items():
         cfg.out = str(root / "two" / name)
