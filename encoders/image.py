@@ -188,6 +188,12 @@ class ConvStem(nn.Module):
     colour's projection (measured: colour read from the features fell from 0.80 to 0.37); without any norm the
     stem's output starts too small and CLIP pretraining stalled (held-out retrieval 0.08). BatchNorm would make a
     sample's features depend on its batch.
+
+    With `pool` (the "cnn" stem) each stage is [3x3 conv, stride 1 -> 2x2 max pool -> ReLU]: the same function
+    as conv -> ReLU -> pool (ReLU is monotone, so it commutes with the max; gradients agree too), with the
+    ReLU and its backward on a quarter of the values. The convolutions run channels-last (NHWC, oneDNN's
+    native layout on CPU: no reorder per call); measured on the image-pretrain step (AMD EPYC, 2 threads): the
+    two together 1.17x on forward + backward.
     """
 
     def __init__(
@@ -203,9 +209,9 @@ class ConvStem(nn.Module):
             channels = tuple(max(16, embed_dim >> (n - 1 - i)) for i in range(n))
         layers: list[nn.Module] = []
         c_in = 3
-        if pool:  # [3x3 conv (stride 1) -> ReLU -> 2x2 max pool] per stage, no norm
+        if pool:  # [3x3 conv (stride 1) -> 2x2 max pool -> ReLU] per stage, no norm (class docstring)
             for c in channels:
-                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
                 c_in = c
             channels = ()
         for i, c in enumerate(channels):
@@ -216,8 +222,8 @@ class ConvStem(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D, S / patch_size, S / patch_size)."""
-        return self.layers(x)
+        """(B, 3, S, S) -> (B, D, S / patch_size, S / patch_size) (channels-last strides)."""
+        return self.layers(x.contiguous(memory_format=torch.channels_last))
 
 
 def tile_grids(max_tiles: int) -> list[tuple[int, int]]:

@@ -4,4 +4,5 @@ import sys
 
 from mm.app.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned process (the demo's background section) imports this module
+    sys.exit(main())

@@ -231,6 +231,24 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     pl.set_defaults(func=plan.cmd_plan)
 
 
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    """`mm profile`."""
+    from mm.app import profile_step
+
+    pf = sub.add_parser(
+        "profile",
+        help="where a stage's training step spends its time: phases, operators, FLOP/s, evaluation, checkpoints",
+    )
+    pf.add_argument("--config", help="any stage config `mm train` accepts (its data paths must exist)")
+    pf.add_argument("--demo", metavar="OUT", help="profile the stages of `mm demo --out OUT` (run it first)")
+    pf.add_argument("--stage", nargs="+", help="with --demo: only these stages (default: all)")
+    pf.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up (default 20)")
+    pf.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    pf.add_argument("--json", default=None, help="write the records (one per stage) here")
+    pf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (with --config)")
+    pf.set_defaults(func=profile_step.cmd_profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `mm` subcommand."""
     from mm import __version__
@@ -243,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_generate, _add_training, _add_inference, _add_probe, _add_tools, _add_demo_and_bench):
         add(sub)  # in this order in `mm --help`
     _add_plan(sub)
+    _add_profile(sub)
     return p
 
 

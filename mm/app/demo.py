@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -107,7 +108,9 @@ def step_key(step: Step, cfg: Any, out: Path, data_dir: Path, finals: dict[str, 
     )
 
 
-def run_step(step: Step, out: Path, data_dir: Path, finals: dict[str, str]) -> StepRun:
+def run_step(
+    step: Step, out: Path, data_dir: Path, finals: dict[str, str], budget: ThreadBudget | None = None
+) -> StepRun:
     """Run (or reuse) one step through `cached_stage` and `run`; its stage record, curve and frozen check."""
     from mm.training.bundle import verify_frozen
 
@@ -115,7 +118,8 @@ def run_step(step: Step, out: Path, data_dir: Path, finals: dict[str, str]) -> S
     key = step_key(step, cfg, out, data_dir, finals)
     stage_dir = out / step.name
     t0 = time.perf_counter()
-    summary, reused = cached_stage(stage_dir, key, lambda resume: run(cfg, resume=resume))
+    hook = budget.hook(cfg.train.num_threads) if budget is not None else None
+    summary, reused = cached_stage(stage_dir, key, lambda resume: run(cfg, resume=resume, before_step=hook))
     finals.pop(step.name, None)  # rewritten (or confirmed): hash it afresh when a later step needs it
     record = {
         "reused": reused,
@@ -146,7 +150,13 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
             into[k] = v
 
 
-def run_section(steps: list[Step], out: Path, data_dir: Path, finals: dict[str, str]) -> dict[str, Any]:
+def run_section(
+    steps: list[Step],
+    out: Path,
+    data_dir: Path,
+    finals: dict[str, str],
+    budget: ThreadBudget | None = None,
+) -> dict[str, Any]:
     """Run one section's steps in order and build its report.json section from what each contributes."""
     t0 = time.perf_counter()
     section: dict[str, Any] = {"stages": {}, "synth_wall_time_s": {}}
@@ -154,7 +164,7 @@ def run_section(steps: list[Step], out: Path, data_dir: Path, finals: dict[str, 
     for step in steps:
         for part in step.world:
             section["synth_wall_time_s"].update(WORLD[part](data_dir))
-        r = run_step(step, out, data_dir, finals)
+        r = run_step(step, out, data_dir, finals, budget)
         section["stages"][step.name] = r.record
         if r.frozen is not None:
             section["lm_frozen"], section["lm_frozen_detail"] = r.frozen
@@ -198,6 +208,93 @@ def earlier_section(
     return kept
 
 
+class ThreadBudget:
+    """The machine's cores between the demo's main process and one background section (`BackgroundSection`).
+
+    The speech section (BEST-RQ, then the speech stage; one thread each, as its presets say) needs only the LM,
+    so it runs beside the image and video sections instead of after them. While it runs, the main process's
+    stages give up as many threads as it uses; once it has ended, they take their configured threads back,
+    checked before every optimizer step (`hook`)."""
+
+    def __init__(self, background: BackgroundSection | None = None) -> None:
+        self.background = background
+
+    def threads(self, wanted: int) -> int:
+        """Threads for a main-process stage that asks for `wanted` (0 = torch's current setting)."""
+        wanted = wanted or torch.get_num_threads()
+        bg = self.background
+        if bg is None or not bg.running():
+            return wanted
+        return max(1, min(wanted, (os.cpu_count() or 1) - bg.threads))
+
+    def hook(self, wanted: int) -> Callable[[int], None]:
+        """`before_step` for `run`: set torch's threads to `threads(wanted)` when that changed."""
+
+        def before_step(step: int) -> None:
+            n = self.threads(wanted)
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+
+        return before_step
+
+
+def _background_main(names: list[str], out: str, data_dir: str, result: str, log_file: str) -> None:
+    """Entry point of a background section's process: run the steps named, write the section to `result`."""
+    import sys
+
+    with open(log_file, "a", buffering=1) as f:
+        sys.stdout = sys.stderr = f
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=f, force=True
+        )
+        torch.set_num_threads(1)
+        steps = [s for s in STEPS if s.name in names]
+        section = run_section(steps, Path(out), Path(data_dir), {})
+        write_json(json.loads(json.dumps(section, default=str)), Path(result))
+
+
+class BackgroundSection:
+    """One report section run in a separate process (spawned; one thread), its output in `OUT/<name>.log`."""
+
+    threads = 1
+
+    def __init__(self, name: str, steps: list[Step], out: Path, data_dir: Path) -> None:
+        import multiprocessing
+
+        self.name = name
+        self.log = out / f"{name}.log"
+        self.result = out / f".{name}-section.json"
+        self.result.unlink(missing_ok=True)
+        args = ([s.name for s in steps], str(out), str(data_dir), str(self.result), str(self.log))
+        self.proc = multiprocessing.get_context("spawn").Process(target=_background_main, args=args)
+        self.proc.start()
+        log.info("%s: running beside the other sections (1 thread); its log: %s", name, self.log)
+
+    def running(self) -> bool:
+        """Whether the process is still working."""
+        return self.proc.is_alive()
+
+    def join(self) -> dict[str, Any]:
+        """Wait for the section and return it; a failed process is an error naming its log."""
+        self.proc.join()
+        if self.proc.exitcode != 0 or not self.result.is_file():
+            tail = self.log.read_text().splitlines()[-5:] if self.log.is_file() else []
+            raise RuntimeError(
+                f"the {self.name} section failed (exit code {self.proc.exitcode}); see {self.log}:\n"
+                + "\n".join(tail)
+            )
+        section = json.loads(self.result.read_text())
+        self.result.unlink()
+        return section
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """After an interruption: give the process time to save its checkpoint (it got the signal too), then end it."""
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+
+
 def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
     """Run the demo stages for `modality` and write OUT/report.json and OUT/report.md."""
     steps = selected_steps(modality)
@@ -222,10 +319,28 @@ def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
     }
     finals: dict[str, str] = {}
     ran = {}
-    for name in SECTIONS:
-        section_steps = [s for s in steps if s.section == name]
-        if section_steps:
-            ran[name] = run_section(section_steps, out, data_dir, finals)
+    by_section = {name: [s for s in steps if s.section == name] for name in SECTIONS}
+    # speech needs only the LM: beside image and video when both run and there is a core for each
+    beside = (
+        by_section["speech"] and (by_section["image"] or by_section["video"]) and (os.cpu_count() or 1) > 1
+    )
+    background: BackgroundSection | None = None
+    budget = ThreadBudget()
+    try:
+        for name in SECTIONS:
+            if not by_section[name] or (beside and name == "speech"):
+                continue
+            ran[name] = run_section(by_section[name], out, data_dir, finals, budget)
+            if name == "lm" and beside:
+                background = budget.background = BackgroundSection(
+                    "speech", by_section["speech"], out, data_dir
+                )
+        if background is not None:
+            ran["speech"] = background.join()
+            background = None
+    finally:
+        if background is not None:
+            background.stop()
     for name in SECTIONS:  # the report's sections in demo order, whether run now or kept
         section = ran.get(name) or (
             earlier_section(name, earlier.get(name), out, data_dir, finals) if name in earlier else None

@@ -35,14 +35,16 @@ VIDEO_ATTRIBUTE_KEYS = ("exact_match", "color_accuracy", "shape_accuracy", "dire
 
 
 def metric_curve(metrics: Path, key: str) -> list[dict[str, Any]]:
-    """(step, value) of every record of `metrics.jsonl` that holds `key`."""
+    """(step, seconds, value) of every record of `metrics.jsonl` that holds `key`; seconds: the stage's
+    training seconds before that evaluation (earlier evaluations and checkpoints included; None in records
+    written before they were logged)."""
     out = []
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
                 if key in r:
-                    out.append({"step": r["step"], "value": r[key]})
+                    out.append({"step": r["step"], "seconds": r.get("elapsed_s"), "value": r[key]})
     return out
 
 
@@ -68,7 +70,8 @@ def exact_match_curve(run: StepRun) -> list[dict[str, Any]]:
     """A stage's logged held-out exact match (metrics.jsonl) ending with its final evaluation."""
     curve = metric_curve(run.out / run.step.name / "metrics.jsonl", "eval/heldout_exact_match")
     final = run.summary.get("eval", {}).get("heldout", {}).get("exact_match")
-    curve.append({"step": run.summary.get("step"), "value": final})
+    seconds = run.summary.get("elapsed_s", run.summary.get("wall_time_s"))  # the stage's training seconds
+    curve.append({"step": run.summary.get("step"), "seconds": seconds, "value": final})
     return curve
 
 

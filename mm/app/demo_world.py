@@ -91,15 +91,6 @@ WORLD: dict[str, Callable[[Path], dict[str, float]]] = {
 }
 
 
-# The parts of the shapes world, by the names steps give in `Step.world`.
-WORLD: dict[str, Callable[[Path], dict[str, float]]] = {
-    "text": synth_text_world,
-    "shapes": synth_image_world,
-    "motion": synth_motion_world,
-    "speech": synth_speech_world,
-}
-
-
 def content_hash(*parts: Any) -> str:
     """sha256 (16 hex digits) of strings and of the names and bytes of files (folders: every file in them)."""
     h = hashlib.sha256()

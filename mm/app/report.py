@@ -114,17 +114,20 @@ def attribute_table(
 
 
 def curve_table(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Markdown table of learning curves: one row per step, one column per stage ("-" where not evaluated)."""
-    stages = [s for s, c in curves.items() if c]
-    if not stages:
-        return []
-    by_step: dict[Any, dict[str, Any]] = {}
-    for stage in stages:
-        for c in curves[stage]:
-            if c.get("step") is not None:
-                by_step.setdefault(c["step"], {})[stage] = c.get("value")
-    rows = [[step, *(_cell(by_step[step].get(s)) for s in stages)] for step in sorted(by_step)]
-    return _table(["step", *stages], rows)
+    """Markdown table of learning curves: one row per stage and evaluation (step, the stage's seconds of
+    training before it, exact match)."""
+    rows = [
+        [
+            stage,
+            c["step"],
+            _cell(None if c.get("seconds") is None else round(c["seconds"])),
+            _cell(c.get("value")),
+        ]
+        for stage, curve in curves.items()
+        for c in curve
+        if c.get("step") is not None
+    ]
+    return _table(["stage", "step", "seconds", "exact match"], rows) if rows else []
 
 
 def stage_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
@@ -202,7 +205,8 @@ def _learning_curves_section(out: Path, report: dict[str, Any]) -> list[str]:
         return []
     note = (
         "Exact match of the held-out captions during each stage (every `train.eval_every` steps, on the first"
-        " held-out images); the last point of a stage is its final evaluation."
+        " held-out images); the last point of a stage is its final evaluation. Seconds: the stage's training"
+        " time before that evaluation (earlier evaluations and checkpoints included), on the machine below."
     )
     drawn = exact_match_curves_figure(curves, out / "figures" / "exact_match_curves.png")
     figure = ["![exact match against step](figures/exact_match_curves.png)"] if drawn else []

@@ -157,25 +157,38 @@ def video_strips_figure(
 
 
 def exact_match_curves_figure(curves: dict[str, list[dict[str, Any]]], path: Path) -> int:
-    """Exact match against step, one line per stage (`{stage: [{step, value}, ...]}`); returns lines drawn."""
+    """Exact match against step (left) and against seconds (right; the stages end to end in the order given,
+    each from where the one before ended), one line per stage (`{stage: [{step, seconds, value}, ...]}`);
+    returns the lines drawn."""
     points = {
         stage: [
-            (c["step"], c["value"]) for c in curve if c.get("step") is not None and c.get("value") is not None
+            (c["step"], c.get("seconds"), c["value"])
+            for c in curve
+            if c.get("step") is not None and c.get("value") is not None
         ]
         for stage, curve in curves.items()
     }
-    points = {stage: sorted(p) for stage, p in points.items() if p}
+    points = {stage: sorted(p, key=lambda x: x[0]) for stage, p in points.items() if p}
     if not points:
         return 0
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    fig, (ax, ax_s) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    offset = 0.0
     for stage, p in points.items():
-        ax.plot([x for x, _ in p], [y for _, y in p], marker="o", ms=3, lw=1.2, label=stage)
+        ax.plot([x for x, _, _ in p], [y for _, _, y in p], marker="o", ms=3, lw=1.2, label=stage)
+        timed = [(s, y) for _, s, y in p if s is not None]
+        if timed:
+            ax_s.plot(
+                [offset + s for s, _ in timed], [y for _, y in timed], marker="o", ms=3, lw=1.2, label=stage
+            )
+            offset += max(s for s, _ in timed)
     ax.set_xlabel("step (of each stage)", fontsize=8)
-    ax.set_ylabel("held-out exact match", fontsize=8)
-    ax.set_ylim(-0.02, 1.02)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax_s.set_xlabel("seconds of training (stages end to end)", fontsize=8)
+    for a in (ax, ax_s):
+        a.set_ylabel("held-out exact match", fontsize=8)
+        a.set_ylim(-0.02, 1.02)
+        a.tick_params(labelsize=7)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     _save(plt, fig, path)
     return len(points)

@@ -16,7 +16,7 @@ for replicated ones).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,11 @@ def check_resume(out: Path, record: dict[str, Any], frozen: dict[str, str]) -> N
         raise ValueError(f"{ck} is a checkpoint of the {rec['stage']} stage, not {record['stage']}")
 
 
-def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
-    """Train the stage `cfg` describes; write OUT/final and OUT/summary.json; return the summary."""
+def run(
+    cfg: Any, *, resume: bool = False, before_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Train the stage `cfg` describes; write OUT/final and OUT/summary.json; return the summary.
+    `before_step(step)` runs before every optimizer step (e.g. the demo's thread budget)."""
     stage = stage_for(cfg)
     stage.check_common()  # before any weights or data are read
     stage.check()
@@ -132,6 +135,7 @@ def run(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
         anneal_steps=stage.anneal_steps,
         polyak_k=stage.polyak_k,
         config_record=record,
+        before_step=before_step,
     )
     if stage.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

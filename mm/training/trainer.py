@@ -22,6 +22,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,10 @@ class Trainer:
         anneal_steps: int = 0,
         polyak_k: int = 0,
         config_record: dict[str, Any] | None = None,
+        before_step: Callable[[int], None] | None = None,
     ) -> None:
         self.stage, self.train, self.optim = stage, train, optim
+        self.before_step = before_step  # called with the step number before every optimizer step
         self.out = Path(out)
         self.ckpt_root = self.out / "checkpoints"
         self.anneal_steps, self.polyak_k = anneal_steps, polyak_k
@@ -87,6 +90,8 @@ class Trainer:
         self.device = next(stage.model.parameters()).device
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.step, self.tokens_seen = 0, 0
+        self._t_start: float | None = None  # when this run's loop started
+        self._elapsed_before = 0.0  # training seconds of the runs this one resumed
         self._stop_signal: int | None = None
         if polyak_k > 0 and train.keep_last and train.keep_last < 1:
             raise ValueError("train.keep_last must be >= 1")
@@ -103,7 +108,11 @@ class Trainer:
         )
         if self.replicated:
             dist_utils.broadcast_module(stage.model)
-        fused = self.device.type == "cuda"
+        # AdamW's fused kernel (one pass over each parameter) on CUDA, and on CPU in one process (plain float32
+        # tensors; FSDP2's DTensors keep the foreach path): measured on the image-pretrain step, 10.9 -> 6.5 ms.
+        fused = self.device.type == "cuda" or (
+            self.world == 1 and all(p.dtype == torch.float32 for _, p in self.params)
+        )
         self.optimizer = torch.optim.AdamW(
             param_groups(self.params, optim),
             lr=optim.lr,
@@ -144,6 +153,7 @@ class Trainer:
             state=self.sharded_state(),
             trainer_state={
                 "tokens_seen": self.tokens_seen,
+                "elapsed_s": self.elapsed(),
                 "data": self.stage.data_state(),
                 "stage": self.stage.name,
                 "config": self.config_record,
@@ -190,6 +200,7 @@ class Trainer:
             trainer, rng = ck["trainer"], ck["rng"]
         self.step = int(trainer["step"])
         self.tokens_seen = int(trainer.get("tokens_seen", 0))
+        self._elapsed_before = float(trainer.get("elapsed_s", 0.0))
         self.stage.load_data_state(trainer.get("data", {}))
         restore_rng(rng)
         log.info("resumed from %s (step %d)", path, self.step)
@@ -246,10 +257,15 @@ class Trainer:
         )
         summary: dict[str, Any] = {"stopped": "max_steps"}
         last_loss = float("nan")
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         try:
             while self.step < tr.max_steps:
+                if self.before_step is not None:
+                    self.before_step(self.step)
                 rec = self.train_step()
+                rec["elapsed_s"] = (
+                    self.elapsed()
+                )  # the stage's seconds so far (evaluations and saves included)
                 last_loss = rec["loss"]
                 if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
                     rec.update({f"eval/{k}": v for k, v in self.stage.evaluate().items()})
@@ -277,8 +293,15 @@ class Trainer:
             tokens_seen=self.tokens_seen,
             final_loss=last_loss,
             wall_time_s=time.perf_counter() - t_start,
+            elapsed_s=self.elapsed(),  # resumed runs included
         )
         return summary
+
+    def elapsed(self) -> float:
+        """Seconds of training so far: this run's (steps, evaluations, checkpoints) plus those of the runs it
+        resumed."""
+        now = time.perf_counter() - self._t_start if self._t_start is not None else 0.0
+        return self._elapsed_before + now
 
     def _save_due(self) -> bool:
         tr = self.train

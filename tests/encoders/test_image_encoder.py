@@ -4,6 +4,7 @@ exact parity with transformers' `MllamaVisionModel` (weights mapped by `load_mll
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mm.encoders.image import (
@@ -292,3 +293,28 @@ def test_canvas_positions_follow_the_tiling_grid_order(max_tiles):
     xy = enc.canvas_position.coords  # (ids, tiles, tokens, 2)
     right = 1 + tile_grids(4).index((1, 2))  # two tiles side by side: the second tile is the right half
     assert float(xy[right, 0, 1:, 0].max()) < 0.5 < float(xy[right, 1, 1:, 0].min())
+
+
+def test_cnn_stem_pools_before_the_relu_with_the_values_and_gradients_of_relu_then_pool():
+    """The "cnn" stem runs [conv -> max pool -> ReLU] channels-last (fewer values through the ReLU); it must
+    compute what [conv -> ReLU -> max pool] computes in the default layout, values and input gradients."""
+    from mm.encoders.image import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(16, 24, (8, 8, 16, 16), pool=True)
+    kinds = [type(m).__name__ for m in stem.layers]
+    assert kinds[:3] == ["Conv2d", "MaxPool2d", "ReLU"]
+    x = torch.randn(3, 3, 64, 64, requires_grad=True)
+    y = stem(x)
+
+    def reference(h: torch.Tensor) -> torch.Tensor:
+        layers = list(stem.layers)
+        for i in range(0, len(layers) - 1, 3):
+            conv, pool = layers[i], layers[i + 1]
+            h = pool(torch.relu(F.conv2d(h.contiguous(), conv.weight, conv.bias, padding=1)))
+        return layers[-1](h)
+
+    ref = reference(x)
+    torch.testing.assert_close(y, ref)
+    g, g_ref = (torch.autograd.grad(t.square().sum(), x)[0] for t in (y, ref))
+    torch.testing.assert_close(g, g_ref)

@@ -24,7 +24,7 @@ class FakeRuns:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, cfg, resume=False):
+    def __call__(self, cfg, resume=False, before_step=None):
         out = Path(cfg.out)
         final = out / "final"
         final.mkdir(parents=True, exist_ok=True)

@@ -104,11 +104,14 @@ def test_report_attribute_robustness_and_curve_sections(tmp_path):
                 "sizes": image_figures(0.33, 0.81, 0.77, 0.62, 0.93, 0.75, 16, 100),
             },
             "exact_match_curves": {
-                "image-pretrain": [{"step": 100, "value": 0.05}, {"step": 200, "value": 0.21}],
+                "image-pretrain": [
+                    {"step": 100, "seconds": 20.4, "value": 0.05},
+                    {"step": 200, "seconds": 40.6, "value": 0.21},
+                ],
                 "image-anneal": [
-                    {"step": 100, "value": 0.44},
-                    {"step": 250, "value": 0.52},
-                    {"step": 300, "value": 0.61},
+                    {"step": 100, "seconds": 35.0, "value": 0.44},
+                    {"step": 250, "seconds": 88.2, "value": 0.52},
+                    {"step": 300, "value": 0.61},  # a record from before seconds were logged
                 ],
             },
         },
@@ -159,11 +162,12 @@ def test_report_attribute_robustness_and_curve_sections(tmp_path):
     assert "| heldout_pairs | 0.080 | - | - | 0.970 | 120 |" in video  # missing figures shown as "-"
     curves = section("## Learning curves (held-out exact match)")
     assert "![exact match against step](figures/exact_match_curves.png)" in curves
-    assert "| step | image-pretrain | image-anneal | video |" in curves
-    assert "| 100 | 0.050 | 0.440 | - |" in curves
-    assert "| 200 | 0.210 | - | - |" in curves
-    assert "| 300 | - | 0.610 | 0.660 |" in curves
-    assert "| 900 | - | - | 0.710 |" in curves
+    assert "| stage | step | seconds | exact match |" in curves
+    assert "| image-pretrain | 100 | 20 | 0.050 |" in curves
+    assert "| image-pretrain | 200 | 41 | 0.210 |" in curves
+    assert "| image-anneal | 250 | 88 | 0.520 |" in curves
+    assert "| image-anneal | 300 | - | 0.610 |" in curves
+    assert "| video | 900 | - | 0.710 |" in curves
     with Image.open(tmp_path / "figures" / "exact_match_curves.png") as im:
         assert im.size[0] > 400 and im.size[1] > 200
     # Headline figures still list only the numbers at the top of each part.

@@ -134,6 +134,7 @@ def test_asynchronous_checkpoints_resume_like_synchronous_ones(corpus, tmp_path)
         ]
         for t in trainer:
             del t["config"]  # the run's own folder and switches
+            assert t.pop("elapsed_s") > 0  # the run's training seconds so far (a measurement)
         assert trainer[0] == trainer[1]  # step, tokens seen, data position as at the save
     for mode in ("sync", "async"):
         run_stage(make_cfg(corpus, tmp_path / mode, max_steps=6), resume=True)
