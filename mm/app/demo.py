@@ -295,6 +295,13 @@ class BackgroundSection:
             self.proc.join()
 
 
+def runs_beside(steps: list[Step]) -> bool:
+    """Whether the speech section runs in a background process: it needs only the LM, so it goes beside the
+    image and video sections when some of them run too and the machine has a core for each."""
+    sections = {s.section for s in steps}
+    return "speech" in sections and bool(sections & {"image", "video"}) and (os.cpu_count() or 1) > 1
+
+
 def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
     """Run the demo stages for `modality` and write OUT/report.json and OUT/report.md."""
     steps = selected_steps(modality)
@@ -320,10 +327,7 @@ def run_demo(out: Path, modality: str = "all") -> dict[str, Any]:
     finals: dict[str, str] = {}
     ran = {}
     by_section = {name: [s for s in steps if s.section == name] for name in SECTIONS}
-    # speech needs only the LM: beside image and video when both run and there is a core for each
-    beside = (
-        by_section["speech"] and (by_section["image"] or by_section["video"]) and (os.cpu_count() or 1) > 1
-    )
+    beside = runs_beside(steps)
     background: BackgroundSection | None = None
     budget = ThreadBudget()
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -116,16 +117,20 @@ def save_state(state: Mapping[str, Any], path: Path, *, async_save: bool = False
     future completes when the folder is whole.
     """
     kw = {"checkpoint_id": str(path), "no_dist": _no_dist()}
-    if async_save:
-        return dcp.async_save(dict(state), **kw)
-    dcp.save(dict(state), **kw)
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, which it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        if async_save:
+            return dcp.async_save(dict(state), **kw)
+        dcp.save(dict(state), **kw)
     return None
 
 
 def _load(state: dict[str, Any], path: Path, no_dist: bool) -> None:
     """dcp.load through the safe reader and planner; a refused item surfaces as `UnsafeCheckpoint`."""
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=no_dist)
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes one process, which it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=no_dist)
     except CheckpointException as e:
         for exc, _ in e.failures.values():
             if isinstance(exc, UnsafeCheckpoint):

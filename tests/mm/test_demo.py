@@ -175,3 +175,49 @@ def test_earlier_sections_survive_only_while_their_stages_are_unchanged(tmp_path
         f.write("a small red circle\n")
     fourth = run_demo(out, modality="lm")
     assert fake_runs.calls == ["lm-pretrain"] and "speech" not in fourth
+
+
+class FakeBackground:
+    """Stands in for a `BackgroundSection`: running until `done` is set."""
+
+    threads = 1
+
+    def __init__(self):
+        self.done = False
+
+    def running(self):
+        return not self.done
+
+
+def test_thread_budget_gives_the_background_section_its_core_and_takes_it_back(monkeypatch):
+    import torch
+
+    from mm.app.demo import ThreadBudget
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    bg = FakeBackground()
+    budget = ThreadBudget(bg)
+    assert budget.threads(2) == 1 and budget.threads(1) == 1  # one core each while both run
+    before = torch.get_num_threads()
+    try:
+        hook = budget.hook(2)
+        hook(0)
+        assert torch.get_num_threads() == 1
+        bg.done = True  # the background section ended: the stage takes its threads back at the next step
+        hook(1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
+    assert ThreadBudget(FakeBackground()).threads(4) == 4  # cores to spare: nothing to give up
+    assert ThreadBudget().threads(3) == 3  # no background section
+
+
+def test_speech_runs_beside_image_and_video_only_when_both_run(monkeypatch):
+    from mm.app.demo import runs_beside
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    beside = {m: runs_beside(selected_steps(m)) for m in ("lm", "image", "video", "speech", "all")}
+    assert beside == {"lm": False, "image": False, "video": False, "speech": False, "all": True}
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 1)
+    assert runs_beside(selected_steps("all")) is False  # one core: one section after the other

@@ -92,6 +92,11 @@ def test_resume_continues_with_identical_losses(corpus, tmp_path):
     resumed = run_stage(make_cfg(corpus, tmp_path / "part", max_steps=8), resume=True)
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
     assert resumed["final_loss"] == full["final_loss"]
+    # the stage's training seconds (learning curves against seconds) go on from the interrupted run's
+    recs = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["elapsed_s"] for r in recs]
+    assert [r["step"] for r in recs] == list(range(1, 9)) and seconds == sorted(seconds) and seconds[0] > 0
+    assert resumed["elapsed_s"] > seconds[2] and resumed["elapsed_s"] > resumed["wall_time_s"]
 
 
 def test_accumulation_is_normalised_by_loss_tokens(corpus, tmp_path):
