@@ -80,7 +80,7 @@ def autocast_context(setting: str, device: torch.device) -> Any:
     return nullcontext()
 
 
-_PEAK_CACHE: dict[tuple[str, str, int], float] = {}
+_PEAK_CACHE: dict[tuple[str, str, int, int], float] = {}  # (device, dtype, n, CPU threads)
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 0) -> float:
@@ -88,7 +88,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     model computes in, `compute_dtype`). n = 0: 8192 on CUDA (smaller products do not reach the tensor
     cores' peak), 1024 on CPU."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    key = (str(device), str(dtype), n)
+    key = (str(device), str(dtype), n, torch.get_num_threads() if device.type == "cpu" else 0)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
     a = torch.randn(n, n, device=device, dtype=dtype)
