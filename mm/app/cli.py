@@ -241,6 +241,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     )
     pf.add_argument("--config", help="any stage config `mm train` accepts (its data paths must exist)")
     pf.add_argument("--demo", metavar="OUT", help="profile the stages of `mm demo --out OUT` (run it first)")
+    pf.add_argument("--data", nargs="+", help="with --config: the training data (as `mm train --data`)")
     pf.add_argument("--stage", nargs="+", help="with --demo: only these stages (default: all)")
     pf.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up (default 20)")
     pf.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")

@@ -224,7 +224,7 @@ def cmd_profile(args: Any) -> int:
     import sys
     from pathlib import Path
 
-    from mm.app.train_commands import stage_name
+    from mm.app.train_commands import set_data, stage_name
     from mm.training.config import load_config
     from mm.training.stage import stage_class
 
@@ -233,11 +233,14 @@ def cmd_profile(args: Any) -> int:
         raise ValueError("give either --config CFG or --demo OUT")
     if args.config:
         name = stage_name(args.config, args.overrides, "image-pretrain")
-        cfgs = [load_config(stage_class(name).config_class, args.config, [*args.overrides, f"stage={name}"])]
+        cfg = load_config(stage_class(name).config_class, args.config, [*args.overrides, f"stage={name}"])
+        if args.data:
+            set_data(cfg, list(args.data))
+        cfgs = [cfg]
     else:
         cfgs = demo_configs(args.demo, args.stage)
-        if args.overrides:
-            raise ValueError("KEY=VALUE overrides apply to --config only")
+        if args.overrides or args.data:
+            raise ValueError("--data and KEY=VALUE overrides apply to --config only")
     records = []
     for cfg in cfgs:
         rec = profile_stage(cfg, steps=args.steps, warmup=args.warmup)

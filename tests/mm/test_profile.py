@@ -55,6 +55,8 @@ def test_profile_command_needs_one_source(tmp_path, capsys):
     assert "either --config CFG or --demo OUT" in capsys.readouterr().err
     assert main(["profile", "--demo", str(tmp_path), "--stage", "nope"]) == 2
     assert "not a demo stage" in capsys.readouterr().err
+    assert main(["profile", "--demo", str(tmp_path), "--data", "x.txt"]) == 2
+    assert "apply to --config only" in capsys.readouterr().err
 
 
 def test_profile_command_writes_json(corpus, tmp_path, capsys):
@@ -62,11 +64,12 @@ def test_profile_command_writes_json(corpus, tmp_path, capsys):
     cfg.write_text(
         "stage: lm-pretrain\nmodel: {preset: nano}\n"
         f"tokenizer: {{path: {corpus['tokenizer']}}}\n"
-        f"data: [{{paths: [{corpus['train']}], name: shapes, doc_split: line}}]\n"
         "train: {batch_size: 2, seq_len: 16, max_steps: 10, save_every: 5}\n"
     )
     out = tmp_path / "p.json"
-    assert main(["profile", "--config", str(cfg), "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+    args = ["profile", "--config", str(cfg), "--data", str(corpus["train"]), "train.batch_size=3"]
+    assert main([*args, "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
     recs = json.loads(out.read_text())
     assert [r["stage"] for r in recs] == ["lm-pretrain"] and recs[0]["flops_per_step"] > 0
+    assert recs[0]["batch_size"] == 3  # the override reached the config
     assert "ms/step" in capsys.readouterr().out
