@@ -47,7 +47,7 @@ def _family(name: str) -> str:
 
 def _timed_step(trainer: Trainer) -> dict[str, float]:
     """One optimizer step of `trainer`, as `Trainer.train_step` runs it, timed phase by phase (seconds)."""
-    stage, tr = trainer.stage, trainer.train
+    stage = trainer.stage
     t0 = time.perf_counter()
     stage.on_step(trainer.step, trainer.tokens_seen)
     bsz, seq = stage.batch_shape(trainer.step, trainer.tokens_seen)
@@ -70,7 +70,6 @@ def _timed_step(trainer: Trainer) -> dict[str, float]:
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.step += 1
     t3 = time.perf_counter()
-    del tr
     return {"data": t1 - t0, "forward": fwd, "backward": bwd, "optimizer": t3 - t2, "step": t3 - t0}
 
 
