@@ -1,8 +1,8 @@
 """`mm profile`: where one training step of a stage spends its time, on the stage's real step.
 
 The stage is built exactly as `mm train` builds it (`mm.training.runner`: build, parallelize, materialise, open
-the data, the `Trainer`), then, after `warmup` steps, `steps` optimizer steps are timed phase by phase (the data
-path, forward + loss, backward, clipping + AdamW) and once under `torch.profiler` (operator self time: matrix
+the data, the `Trainer`), then, after `warmup` steps, `steps` optimizer steps of `Trainer.train_step` are timed
+phase by phase (the phases it records: the data path, forward + loss, backward, clipping + AdamW) and once under `torch.profiler` (operator self time: matrix
 products, convolutions, attention, everything else; what the operators leave of the wall time is Python and
 dispatch overhead). FLOPs of one forward + backward are counted by `torch.utils.flop_counter.FlopCounterMode`
 and set against a large float32 matmul timed on this machine (`measure_peak_flops`, the MFU denominator).
@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm.training import distributed as dist_utils
 from mm.training.runner import build, prepare, stage_for
 from mm.training.services import autocast_context, measure_peak_flops, setup_run
 from mm.training.trainer import Trainer
@@ -46,31 +45,11 @@ def _family(name: str) -> str:
 
 
 def _timed_step(trainer: Trainer) -> dict[str, float]:
-    """One optimizer step of `trainer`, as `Trainer.train_step` runs it, timed phase by phase (seconds)."""
-    stage = trainer.stage
-    t0 = time.perf_counter()
-    stage.on_step(trainer.step, trainer.tokens_seen)
-    bsz, seq = stage.batch_shape(trainer.step, trainer.tokens_seen)
-    batch = stage.next_batch(trainer.local_rows(bsz), seq)
-    micro = trainer._micro_batches(batch)
-    t1 = time.perf_counter()
-    stage.model.train()
-    fwd = bwd = 0.0
-    n_tok = float(sum(stage.count_loss_tokens(m) for m in micro))
-    for mb in micro:
-        a = time.perf_counter()
-        with trainer._autocast:
-            ls, _ = stage.loss(mb)
-        b = time.perf_counter()
-        (ls / n_tok).backward()
-        fwd, bwd = fwd + b - a, bwd + time.perf_counter() - b
-    t2 = time.perf_counter()
-    dist_utils.clip_grad_norm([p for _, p in trainer.params], trainer.optim.grad_clip)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.step += 1
-    t3 = time.perf_counter()
-    return {"data": t1 - t0, "forward": fwd, "backward": bwd, "optimizer": t3 - t2, "step": t3 - t0}
+    """One optimizer step of `trainer` (`Trainer.train_step` itself), its phases in seconds."""
+    rec = trainer.train_step()
+    return {k: rec[f"{k}_s"] for k in ("data", "forward", "backward", "optimizer")} | {
+        "step": rec["step_time_s"]
+    }
 
 
 def _flops(trainer: Trainer) -> float:
@@ -130,7 +109,7 @@ def profile_stage(cfg: Any, *, steps: int = 20, warmup: int = 5, profiled_steps:
     stage.open_data(0, 1)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(stage, cfg.train, cfg.optim, tmp)
-        trainer._autocast = autocast_context(cfg.train.autocast, device)
+        trainer.start_loop()
         try:
             t0 = time.perf_counter()
             first = _timed_step(trainer)["step"]  # includes one-off work (compilation, caches)

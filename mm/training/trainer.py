@@ -92,6 +92,7 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self._t_start: float | None = None  # when this run's loop started
         self._elapsed_before = 0.0  # training seconds of the runs this one resumed
+        self._phase = {"forward": 0.0, "backward": 0.0}  # seconds of the last step's forwards and backwards
         self._stop_signal: int | None = None
         if polyak_k > 0 and train.keep_last and train.keep_last < 1:
             raise ValueError("train.keep_last must be >= 1")
@@ -238,8 +239,7 @@ class Trainer:
         if resume:
             self.resume()
         metrics = MetricsWriter(self.out, self.step, enabled=self.rank == 0)
-        self._autocast = autocast_context(tr.autocast, self.device)
-        self._peak = tr.peak_flops or measure_peak_flops(self.device, compute_dtype(tr.autocast, self.device))
+        self.start_loop()
         old_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -308,13 +308,23 @@ class Trainer:
         every = tr.save_every and self.step % tr.save_every == 0
         return bool(every or self.step == tr.max_steps or self.step in self.polyak_steps())
 
+    def start_loop(self) -> None:
+        """What `train_step` needs before the first step: the autocast context and the MFU denominator."""
+        tr = self.train
+        self._autocast = autocast_context(tr.autocast, self.device)
+        self._peak = tr.peak_flops or measure_peak_flops(self.device, compute_dtype(tr.autocast, self.device))
+
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over this process's rows of the next global batch; its metrics record."""
+        """One optimizer step over this process's rows of the next global batch; its metrics record, with the
+        seconds of its phases (`data_s`, `forward_s`, `backward_s`, `optimizer_s`: `mm profile` reads them)."""
         t0 = time.perf_counter()
         self.stage.on_step(self.step, self.tokens_seen)
         bsz, seq = self.stage.batch_shape(self.step, self.tokens_seen)
         batch = self.stage.next_batch(self.local_rows(bsz), seq)
-        loss = self._accumulate(self._micro_batches(batch))
+        micro = self._micro_batches(batch)
+        t_data = time.perf_counter()
+        loss = self._accumulate(micro)
+        t_opt = time.perf_counter()
         grad_norm = dist_utils.clip_grad_norm([p for _, p in self.params], self.optim.grad_clip)
         lr = lr_at(self.step, self.optim, self.train.max_steps, self.anneal_steps)
         for g in self.optimizer.param_groups:
@@ -322,6 +332,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        optimizer_s = time.perf_counter() - t_opt
         local = float(self.stage.batch_tokens(batch, self.local_rows(bsz), seq))
         step_tokens = int(dist_utils.all_reduce_sum(torch.tensor(local, device=self.device)))
         self.tokens_seen += step_tokens
@@ -336,6 +347,10 @@ class Trainer:
             "batch_size": bsz,
             "seq_len": seq,
             "step_time_s": dt,
+            "data_s": t_data - t0,
+            "forward_s": self._phase["forward"],
+            "backward_s": self._phase["backward"],
+            "optimizer_s": optimizer_s,  # clipping and AdamW
         }
         fpt = self.stage.flops_per_token(seq)
         if fpt:
@@ -352,13 +367,18 @@ class Trainer:
             raise ValueError(f"step {self.step + 1}: the batch has no loss tokens")
         loss_sum = torch.zeros((), device=self.device)
         self.stage.model.train()
+        self._phase = {"forward": 0.0, "backward": 0.0}  # seconds of this step's forwards and backwards
         # Under FSDP2 every micro-step reduce-scatters into the gradient shards (mm.training.parallelize).
         for mb in micro:
+            t0 = time.perf_counter()
             with self._autocast:
                 ls, _ = self.stage.loss(mb)
+            t1 = time.perf_counter()
             # Gradients are averaged over processes, so scale by world size: sum / all loss tokens.
             (ls * self.world / n_tok).backward()
             loss_sum += ls.detach().float()
+            self._phase["forward"] += t1 - t0
+            self._phase["backward"] += time.perf_counter() - t1
         if self.replicated:  # FSDP2 reduces its own gradients
             dist_utils.average_gradients(self.replicated)
         loss = float(dist_utils.all_reduce_sum(loss_sum) / n_tok)
