@@ -19,6 +19,7 @@ from mm.app.bench_mllama import (
     load_mllama_pair,
 )
 from mm.app.bench_timing import rate, speedups, time_generation, time_interleaved
+from mm.models.media import MediaInput
 
 ADAPTER_KINDS = ("ours_frozen", "ours_lm_trainable", "hf_frozen")
 
@@ -76,7 +77,7 @@ def bench_caption(bc: BenchConfig, path: Path) -> dict[str, Any]:
         media = ours.encode_media(
             batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
         )
-        return generate(ours, batch["input_ids"], n, model_kwargs={"media": media})
+        return generate(ours, batch["input_ids"], n, model_kwargs={"media": {"image": MediaInput(media)}})
 
     def run_hf(n: int) -> list[list[int]]:
         out = hf.generate(

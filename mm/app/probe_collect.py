@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.app.probe_targets import ATTRS, IGNORE, TARGETS, VOCAB, caption_targets
+from mm.models.media import MediaInput
 
 log = logging.getLogger("mm.app.probe")
 
@@ -185,7 +186,7 @@ def _forward(
     f, p = proj.pop(B)
     per_tile = model.image_encoder.num_tokens_per_tile
     m = batch["aspect_ratio_mask"].bool().repeat_interleave(per_tile, dim=-1).reshape(B, -1)
-    logits = model(batch["tokens"], media=ctx, cross_attention_mask=batch["cross_attention_mask"])
+    logits = model(batch["tokens"], {"image": MediaInput(ctx, batch["cross_attention_mask"])})
     return f, p, m, tap.pop_sum(), logits.argmax(-1)
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mm.datasets.collate import ImageCaptionCollator
 from mm.lm import Tokenizer, generate
+from mm.models.media import MediaInput
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -50,7 +51,7 @@ def caption_images(
             [collator.prefix] * len(chunk),
             max_new_tokens,
             stop_tokens=[tokenizer.eos_id, tokenizer.eot_id],
-            model_kwargs={"media": ctx},
+            model_kwargs={"media": {"image": MediaInput(ctx)}},
         )
         out.extend(tokenizer.decode(t).strip() for t in new)
     return out

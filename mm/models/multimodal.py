@@ -8,6 +8,10 @@ generation the media's K/V for every cross-attention layer are computed once per
 passed to each step in a `MediaContext`, the media counterpart of the KV cache. `forward_hf` takes the tensors
 of transformers' `MllamaProcessor` (Llama 3.2 Vision checkpoints load through `mm.models.mllama`).
 
+Media are keyed by modality (`mm.models.media.MODALITIES`): `forward(tokens, media={"image": MediaInput(...),
+"video": ...})`; each entry names its parts, its cross-attention blocks, its placeholder token and the method
+that builds its context, so a new modality adds an entry (and its modules), not forward arguments.
+
 Video (paper §7.5, `paper-notes.md` §4): with a `video_aggregator`, each frame goes through the image encoder,
 a `TemporalAggregator` merges every M consecutive frames into one effective frame, and video cross-attention
 blocks (the same gated block, their own `<|video|>` token and mask) sit before the image cross-attention block
@@ -17,16 +21,14 @@ gates at 0 the model's outputs equal the image model's exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.lm import KVCache, Transformer
 from mm.lm.config import LMConfig
+from mm.models.media import MODALITIES, MediaContext, MediaInput, Modality, media_mask
 from mm.models.placement import (
     check_xattn_layers,
     video_xattn_layer_ids,
@@ -36,43 +38,17 @@ from mm.models.placement import (
 
 __all__ = [
     "MediaContext",
+    "MediaInput",
     "MultimodalLM",
     "check_xattn_layers",
     "video_xattn_layer_ids",
     "xattn_layer_ids",
 ]
 
-PARTS = (
-    "lm",
-    "image_encoder",
-    "image_xattn",
-    "extra_tok_embeddings",
-    "image_aux",
-    "video_aggregator",
-    "video_xattn",
-)
 # Everything that maps an image (or a video frame) to the LM: frozen in the video stage.
-IMAGE_PATH_PARTS = ("image_encoder", "image_xattn", "extra_tok_embeddings", "image_aux")
-VIDEO_PARTS = ("video_aggregator", "video_xattn")
-
-
-@dataclass
-class MediaContext:
-    """Per-prompt media state: K/V per cross-attention layer, and the mask row new tokens inherit."""
-
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    n_media_tokens: int  # M = images x tiles x tokens per tile
-    tokens_per_tile: int
-    last_mask: torch.Tensor | None = (
-        None  # (B, M): what the last prompt token sees; decoded tokens see it too
-    )
-    extra: dict = field(default_factory=dict)
-
-
-def expand_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int) -> torch.Tensor:
-    """Mllama-format mask (B, T, N_img, max_tiles) -> per media token (B, T, N_img*max_tiles*P), bool."""
-    B, T = mask.shape[:2]
-    return mask.bool().repeat_interleave(tokens_per_tile, dim=3).reshape(B, T, -1)
+IMAGE_PATH_PARTS = MODALITIES["image"].parts
+VIDEO_PARTS = MODALITIES["video"].parts
+PARTS = ("lm", *IMAGE_PATH_PARTS, *VIDEO_PARTS)
 
 
 class MultimodalLM(nn.Module):
@@ -252,91 +228,63 @@ class MultimodalLM(nn.Module):
             kv=kv, n_media_tokens=G * L, tokens_per_tile=L, extra={"tile_mask": tiles, "aggregated": agg}
         )
 
-    def _media_mask(
-        self,
-        tokens: torch.Tensor,
-        media: MediaContext,
-        cross_attention_mask: torch.Tensor | None,
-        cache: KVCache | None,
-        token_id: int | None,
-        what: str,
-    ) -> torch.Tensor:
-        """Per media token mask (B, T, M): given, inherited while decoding, or derived from the media tokens."""
-        B, T = tokens.shape
-        if cross_attention_mask is not None:
-            xmask = expand_cross_attention_mask(cross_attention_mask, media.tokens_per_tile)
-            if xmask.shape[-1] != media.n_media_tokens:
-                raise ValueError(
-                    f"{what} cross-attention mask covers {xmask.shape[-1]} media tokens, the {what} has "
-                    f"{media.n_media_tokens}"
-                )
-        elif media.last_mask is not None and cache is not None and cache.length > 0:
-            xmask = media.last_mask[:, None, :].expand(B, T, -1)  # decoding: see what the prompt's end saw
-        elif token_id is not None:  # the paper's rule, from the media tokens in the text
-            tile_mask = media.extra["tile_mask"]  # (B, N_img, max_tiles)
-            n_tiles = tile_mask.sum(-1).tolist()  # real tiles per image
-            ids = media.extra.get("aspect_ratio_ids")
-            if ids is not None:  # padding images (id 0, as MllamaProcessor pads rows) have no image token
-                n_tiles = [[n for n, i in zip(r, ri) if i != 0] for r, ri in zip(n_tiles, ids.tolist())]
-            cam = cross_attention_mask_from_tokens(tokens, token_id, n_tiles, tile_mask.shape[-1])
-            cam = F.pad(cam, (0, 0, 0, tile_mask.shape[1] - cam.shape[2]))  # (B, T, N_img, max_tiles)
-            xmask = expand_cross_attention_mask(cam, media.tokens_per_tile)
-        else:
-            raise ValueError(
-                f"{what} given without a cross-attention mask and no {what} token id to derive it"
-            )
-        media.last_mask = xmask[:, -1]
-        return xmask
+    def modalities(self) -> list[str]:
+        """The modalities this model has (those with cross-attention blocks), in the order their blocks run."""
+        return [name for name, m in MODALITIES.items() if getattr(self, m.xattn) is not None]
+
+    def modality(self, name: str) -> Modality:
+        """The `MODALITIES` entry of one of this model's modalities (ValueError for any other name)."""
+        if name not in self.modalities():
+            raise ValueError(f"{name} given to a model without a {name} path (it has {self.modalities()})")
+        return MODALITIES[name]
+
+    def encode(self, modality: str, *inputs: torch.Tensor | None, **kw: torch.Tensor) -> MediaContext:
+        """A modality's context from its encoder inputs (its `MODALITIES` entry names the method)."""
+        return getattr(self, self.modality(modality).encode)(*inputs, **kw)
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(
         self,
         tokens: torch.Tensor,
+        media: Mapping[str, MediaInput] | None = None,
         *,
-        pixel_values: torch.Tensor | None = None,
-        aspect_ratio_ids: torch.Tensor | None = None,
-        aspect_ratio_mask: torch.Tensor | None = None,
-        cross_attention_mask: torch.Tensor | None = None,
-        media: MediaContext | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        video_frames: torch.Tensor | None = None,
-        video_aspect_ratio_ids: torch.Tensor | None = None,
-        video_aspect_ratio_mask: torch.Tensor | None = None,
-        video_cross_attention_mask: torch.Tensor | None = None,
-        video: MediaContext | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) of the last position with `last_only`. Media (images; videos) come
-        as pixels (encoded here) or as a precomputed `MediaContext` (`media`; `video`, from `encode_video`)."""
-        if media is None and pixel_values is not None:
-            media = self.encode_media(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        if video is None and video_frames is not None:
-            video = self.encode_video(video_frames, video_aspect_ratio_ids, video_aspect_ratio_mask)
+        """Logits (B, T, V), or (B, 1, V) of the last position with `last_only`. `media` maps a modality
+        ("image", "video") to its `MediaInput`: a precomputed context (`encode`) and optionally its mask."""
         h = self.embed(tokens)
         B, T, _ = h.shape
         ctx = self.lm.context(
             B, T, device=h.device, positions=positions, attention_mask=attention_mask, cache=cache
         )
-        xmask = vmask = None
-        if media is not None:
-            xmask = self._media_mask(tokens, media, cross_attention_mask, cache, self.image_token_id, "image")
-        if video is not None:
-            if self.video_xattn is None:
-                raise ValueError("video given to a model without a video path")
-            vmask = self._media_mask(
-                tokens, video, video_cross_attention_mask, cache, self.video_token_id, "video"
-            )
+        joins = self._joins(tokens, media or {}, cache)
         for i, layer in enumerate(self.lm.layers):
-            if vmask is not None and str(i) in self.video_xattn:  # video block before the image block
-                h = self.video_xattn[str(i)](h, video.kv[i], vmask)
-            if xmask is not None and str(i) in self.image_xattn:
-                h = self.image_xattn[str(i)](h, media.kv[i], xmask)
+            for blocks, kv, mask in joins:  # in `MODALITIES` order: the video block before the image block
+                if str(i) in blocks:
+                    h = blocks[str(i)](h, kv[i], mask)
             h = layer(h, ctx)
         if cache is not None:
             cache.advance(T)
         return self.lm.head(h[:, -1:] if last_only else h)
+
+    def _joins(
+        self, tokens: torch.Tensor, media: Mapping[str, MediaInput], cache: KVCache | None
+    ) -> list[tuple[nn.ModuleDict, dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]:
+        """(blocks, K/V, per media token mask) of each given modality, in the order their blocks run."""
+        for name in media:
+            self.modality(name)
+        return [
+            (
+                getattr(self, m.xattn),
+                media[name].context.kv,
+                media_mask(tokens, media[name], cache, getattr(self, m.token_id), name),
+            )
+            for name, m in MODALITIES.items()
+            if name in media
+        ]
 
     def forward_hf(
         self,
@@ -375,11 +323,7 @@ class MultimodalLM(nn.Module):
                 f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}, expected {want} "
                 "(B, T, images, max_tiles)"
             )
+        image = self.encode("image", pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         return self(
-            input_ids,
-            pixel_values=pixel_values,
-            aspect_ratio_ids=aspect_ratio_ids,
-            aspect_ratio_mask=aspect_ratio_mask,
-            cross_attention_mask=cross_attention_mask,
-            attention_mask=attention_mask,
+            input_ids, {"image": MediaInput(image, cross_attention_mask)}, attention_mask=attention_mask
         )

@@ -12,7 +12,7 @@ import torch
 from mm.datasets.tiling import TileTransform
 from mm.datasets.video import VideoCaptionCollator
 from mm.lm import Tokenizer, generate
-from mm.models.multimodal import MultimodalLM
+from mm.models.multimodal import MediaInput, MultimodalLM
 
 
 class ClipFeatures:
@@ -69,7 +69,7 @@ def describe_clips(
             [collator.prefix] * len(chunk),
             max_new_tokens,
             stop_tokens=[tok.eos_id, tok.eot_id],
-            model_kwargs={"video": video},
+            model_kwargs={"media": {"video": MediaInput(video)}},
         )
         out.extend(tok.decode(t).strip() for t in new)
     model.train(was_training)

@@ -36,7 +36,7 @@ from mm.lm import Tokenizer, load_hf
 from mm.lm.hf import config_from_hf
 from mm.models.caption import caption_images, load_rgb
 from mm.models.loading import IMAGE_STAGES, caption_head_parts
-from mm.models.multimodal import MultimodalLM
+from mm.models.multimodal import MediaInput, MultimodalLM
 from mm.stages.evaluation import evaluate_captions
 from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import load_tensors
@@ -303,7 +303,7 @@ class ImageStage(Stage):
         media = model.encode_media(
             batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
         )
-        logits = model(batch["tokens"], media=media, cross_attention_mask=batch["cross_attention_mask"])
+        logits = model(batch["tokens"], {"image": MediaInput(media, batch["cross_attention_mask"])})
         # rows are right-padded: causal attention keeps pads out of real tokens, no key mask needed
         labels = batch["labels"]
         loss = F.cross_entropy(

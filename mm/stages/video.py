@@ -36,7 +36,7 @@ from mm.models.loading import (
     load_image_bundle,
     video_state,
 )
-from mm.models.multimodal import video_xattn_layer_ids
+from mm.models.multimodal import MediaInput, video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
 from mm.stages.evaluation import evaluate_videos, load_clips, motion_report
 from mm.training.bundle import (
@@ -254,9 +254,7 @@ class VideoStage(Stage):
         """Summed cross-entropy over caption tokens (+ the contrastive loss per clip, scaled to tokens)."""
         model = self.model
         video = model.encode_video(frame_features=batch["video_features"], tile_mask=batch["video_tile_mask"])
-        logits = model(
-            batch["tokens"], video=video, video_cross_attention_mask=batch["video_cross_attention_mask"]
-        )
+        logits = model(batch["tokens"], {"video": MediaInput(video, batch["video_cross_attention_mask"])})
         labels = batch["labels"]  # right-padded rows: causal attention keeps pads out of real tokens
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"

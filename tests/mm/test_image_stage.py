@@ -150,6 +150,7 @@ def test_real_encoder_gates_at_zero_equal_bare_lm_and_cached_captioning_equals_r
     from mm.datasets.collate import ImageCaptionCollator
     from mm.datasets.images import ImageTextDataset
     from mm.lm import generate
+    from mm.models.media import MediaInput
 
     model, tok, transform, meta = load_image_bundle(trained["out"] / "final")
     ds = ImageTextDataset(world["heldout"], transform)
@@ -164,20 +165,22 @@ def test_real_encoder_gates_at_zero_equal_bare_lm_and_cached_captioning_equals_r
             if k.startswith("image_xattn") and "gate" in k:
                 v.zero_()
         bare = model.lm(batch["tokens"], attention_mask=batch["attention_mask"])
-        assert torch.equal(model(batch["tokens"], attention_mask=batch["attention_mask"], **media), bare)
+        assert torch.equal(
+            model.forward_hf(batch["tokens"], attention_mask=batch["attention_mask"], **media), bare
+        )
         model.load_state_dict(saved, strict=False)
         for k, v in model.state_dict().items():  # open the gates so the image matters
             if k.startswith("image_xattn") and "gate" in k:
                 v.fill_(0.7)
         ctx = model.encode_media(media["pixel_values"], media["aspect_ratio_ids"], media["aspect_ratio_mask"])
         prefix = torch.tensor([col.prefix] * 2)
-        cached = generate(model, prefix, 10, model_kwargs={"media": ctx})
+        cached = generate(model, prefix, 10, model_kwargs={"media": {"image": MediaInput(ctx)}})
         seq = prefix.clone()
         for _ in range(10):
             n = seq.shape[1]
             cam = media["cross_attention_mask"][:, 1:2].expand(-1, n, -1, -1).clone()  # a row after the image
             cam[:, 0] = 0  # the BOS before the image sees nothing
-            logits = model(seq, **{**media, "cross_attention_mask": cam})
+            logits = model.forward_hf(seq, **{**media, "cross_attention_mask": cam})
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert cached == seq[:, prefix.shape[1] :].tolist()
 

@@ -16,6 +16,7 @@ from mm import load_hf_mllama
 from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.datasets.tiling import supported_aspect_ratios
 from mm.lm import generate
+from mm.models.media import MediaInput
 from mm.models.meta_vision import VISION_SPLIT_DIM, fusion_schedule, load_meta_vision
 
 meta_mm = pytest.importorskip("llama_models.llama3.multimodal.model")
@@ -242,7 +243,9 @@ def test_greedy_generation_equals_meta(reference, tmp_path):
         intermediate_layers=INTERMEDIATE,
     )
     media = model.encode_media(**mm_media(reference))
-    ours = generate(model, reference["text"], n_new, stop_tokens=[], model_kwargs={"media": media})
+    ours = generate(
+        model, reference["text"], n_new, stop_tokens=[], model_kwargs={"media": {"image": MediaInput(media)}}
+    )
     assert ours == meta_greedy(reference, n_new, last_to_end=True)
     assert len({t for row in ours for t in row}) >= 3  # not one token repeated
     as_generator = meta_greedy(reference, n_new, last_to_end=False)

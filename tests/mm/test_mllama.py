@@ -18,6 +18,7 @@ from mm import load_hf_mllama, save_hf_mllama
 from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.datasets.tiling import CLIP_MEAN, CLIP_STD
 from mm.lm import generate
+from mm.models.media import MediaInput
 from mm.models.mllama import (
     MllamaCheckpointError,
     load_hf_mllama_lm,
@@ -264,7 +265,9 @@ def test_greedy_generation_equals_transformers_generate(ckpt, batch):
     ref = [row[: row.index(EOS)] if EOS in row else row for row in ref]
     model = load_hf_mllama(ckpt["path"], hf_row_compat=True, **HF5)
     media = model.encode_media(**batch["media"])  # K/V computed once; masks from the <|image|> tokens
-    ours = generate(model, batch["ids"], n_new, stop_tokens=[EOS], model_kwargs={"media": media})
+    ours = generate(
+        model, batch["ids"], n_new, stop_tokens=[EOS], model_kwargs={"media": {"image": MediaInput(media)}}
+    )
     assert ours == ref
     assert sum(len(r) for r in ref) >= 2 * n_new and len({t for r in ref for t in r}) > 2
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mm.lm import KVCache, Transformer, generate, preset
-from mm.models.multimodal import MultimodalLM, xattn_layer_ids
+from mm.models.multimodal import MediaInput, MultimodalLM, xattn_layer_ids
 from mm.training.freeze import assert_no_lm_tensors, fingerprint
 
 
@@ -60,16 +60,7 @@ def test_gates_at_zero_equal_the_bare_lm_exactly():
     pv, ar, arm = media()
     bare = m.lm(tokens)
     assert torch.equal(m(tokens), bare)
-    assert torch.equal(
-        m(
-            tokens,
-            pixel_values=pv,
-            aspect_ratio_ids=ar,
-            aspect_ratio_mask=arm,
-            cross_attention_mask=xmask(tokens),
-        ),
-        bare,
-    )
+    assert torch.equal(m(tokens, {"image": MediaInput(m.encode("image", pv, ar, arm), xmask(tokens))}), bare)
 
 
 def test_open_gates_change_only_rows_that_see_the_image():
@@ -81,13 +72,7 @@ def test_open_gates_change_only_rows_that_see_the_image():
     tokens = torch.randint(0, 400, (2, 10))
     tokens[:, 4] = IMG
     pv, ar, arm = media()
-    out = m(
-        tokens,
-        pixel_values=pv,
-        aspect_ratio_ids=ar,
-        aspect_ratio_mask=arm,
-        cross_attention_mask=xmask(tokens),
-    )
+    out = m(tokens, {"image": MediaInput(m.encode_media(pv, ar, arm), xmask(tokens))})
     bare = m.lm(tokens)
     torch.testing.assert_close(out[:, :4], bare[:, :4], rtol=0, atol=0)  # rows before the image: untouched
     assert (out[:, 4:] - bare[:, 4:]).abs().max() > 1e-3
@@ -117,13 +102,11 @@ def test_cached_media_generation_equals_recomputing_media_each_step():
     prompt[:, 1] = IMG
     pv, ar, arm = media()
     ctx = m.encode_media(pv, ar, arm)
-    cached = generate(m, prompt, 12, model_kwargs={"media": ctx})
+    cached = generate(m, prompt, 12, model_kwargs={"media": {"image": MediaInput(ctx)}})
     # Reference: no KV cache, encode the image again and rebuild the mask for the whole sequence each step.
     seq = prompt.clone()
     for _ in range(12):
-        logits = m(
-            seq, pixel_values=pv, aspect_ratio_ids=ar, aspect_ratio_mask=arm, cross_attention_mask=xmask(seq)
-        )
+        logits = m(seq, {"image": MediaInput(m.encode_media(pv, ar, arm), xmask(seq))})
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert cached == seq[:, 6:].tolist()
 

@@ -14,6 +14,7 @@ from mm.app import plan as P
 from mm.app.cli import main
 from mm.lm.config import preset
 from mm.lm.model import rope_inv_freq
+from mm.models.media import MediaInput
 
 LM_8B = "configs/lm/llama3-8b.yaml"
 VISION_11B = "configs/stages/image_pretrain_11b.yaml"
@@ -228,7 +229,7 @@ def test_whole_step_activations_match_autograd_for_both_stage_kinds():
     xmask[:, :5] = 0  # the prompt's first tokens see no image
 
     def image_loss():
-        logits = m(tok, media=m.encode_media(px, ids, tile_mask), cross_attention_mask=xmask)
+        logits = m(tok, {"image": MediaInput(m.encode_media(px, ids, tile_mask), xmask)})
         return F.cross_entropy(logits.float().flatten(0, 1), tok.flatten(), reduction="sum")
 
     parts, _ = P.activation_bytes(st, T, "none")

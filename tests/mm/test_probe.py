@@ -24,7 +24,7 @@ from mm.datasets.shapes import IMAGE_PROMPT, synth_shapes
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.models.caption import load_rgb
-from mm.models.multimodal import MultimodalLM
+from mm.models.multimodal import MediaInput, MultimodalLM
 from mm.training.bundle import dataclass_dict, save_bundle
 from mm.training.freeze import fingerprint, freeze
 
@@ -198,13 +198,10 @@ def test_collect_positions_labels_and_zero_contribution_with_closed_gates(bundle
         [{"tiles": tiled[0].tiles, "aspect_ratio_id": tiled[0].aspect_ratio_id, "text": recs[0].text}]
     )
     with torch.no_grad(), XAttnTap(model) as tap:
-        logits = model(
-            batch["tokens"],
-            pixel_values=batch["pixel_values"],
-            aspect_ratio_ids=batch["aspect_ratio_ids"],
-            aspect_ratio_mask=batch["aspect_ratio_mask"],
-            cross_attention_mask=batch["cross_attention_mask"],
+        image = model.encode_media(
+            batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
         )
+        logits = model(batch["tokens"], {"image": MediaInput(image, batch["cross_attention_mask"])})
         assert len(tap.deltas) == len(model.image_xattn)
         assert torch.equal(tap.pop_sum(), torch.zeros(*batch["tokens"].shape, model.cfg.dim))
         assert torch.equal(logits, model.lm(batch["tokens"]))

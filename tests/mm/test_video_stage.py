@@ -18,7 +18,7 @@ from mm.datasets.shapes import synth_motion, synth_shapes
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.models.loading import FrozenImagePathChanged, attach_video, load_image_bundle, load_video_bundle
-from mm.models.multimodal import video_xattn_layer_ids
+from mm.models.multimodal import MediaInput, video_xattn_layer_ids
 from mm.models.video import describe_clips
 from mm.stages.evaluation import motion_report
 from mm.stages.image import ImageStageConfig
@@ -127,29 +127,28 @@ def test_video_gates_at_zero_equal_the_image_model_exactly(world):
     col = VideoCaptionCollator(tok, max_tiles=meta["max_tiles"], merge=2)
     ds = VideoTextDataset(world["heldout"], transform, n_frames=4)
     batch = col([ds[0], ds[1]])
-    images = {
-        "pixel_values": torch.randn(2, 1, meta["max_tiles"], 3, meta["tile_size"], meta["tile_size"]),
-        "aspect_ratio_ids": torch.ones(2, 1, dtype=torch.long),
-        "aspect_ratio_mask": torch.ones(2, 1, meta["max_tiles"], dtype=torch.long),
-        "cross_attention_mask": torch.ones(
-            2, batch["tokens"].shape[1], 1, meta["max_tiles"], dtype=torch.long
-        ),
-    }
-    video = {k: v for k, v in batch.items() if k.startswith("video_")}
+    pixels = (
+        torch.randn(2, 1, meta["max_tiles"], 3, meta["tile_size"], meta["tile_size"]),
+        torch.ones(2, 1, dtype=torch.long),
+        torch.ones(2, 1, meta["max_tiles"], dtype=torch.long),
+    )
+    seen = torch.ones(2, batch["tokens"].shape[1], 1, meta["max_tiles"], dtype=torch.long)
+    frames = (batch["video_frames"], batch["video_aspect_ratio_ids"], batch["video_aspect_ratio_mask"])
+    video = {"video": MediaInput(model.encode("video", *frames), batch["video_cross_attention_mask"])}
     assert all(
         float(p.detach().abs().sum()) == 0
         for n, p in model.named_parameters()
         if "video_xattn" in n and "gate" in n
     )
     with torch.no_grad():
-        for extra in ({}, images):
-            want = image_model(batch["tokens"], **extra)
-            got = model(batch["tokens"], **extra, **video)
+        for extra in ({}, {"image": MediaInput(image_model.encode("image", *pixels), seen)}):
+            want = image_model(batch["tokens"], extra)
+            got = model(batch["tokens"], {**extra, **video})
             assert torch.equal(got, want)
         for n, p in model.named_parameters():  # open the video gates: the video now changes the logits
             if "video_xattn" in n and "gate" in n:
                 p.fill_(0.5)
-        assert not torch.allclose(model(batch["tokens"], **video), image_model(batch["tokens"]))
+        assert not torch.allclose(model(batch["tokens"], video), image_model(batch["tokens"]))
 
 
 def test_lm_and_image_path_bit_identical_after_a_real_video_stage(world, trained):
