@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.lm import KVCache, Transformer, generate, preset
+from mm.models.media import media_mask
 from mm.models.multimodal import MediaInput, MultimodalLM, xattn_layer_ids
 from mm.training.freeze import assert_no_lm_tensors, fingerprint
 
@@ -139,3 +141,84 @@ def test_kv_cache_works_with_composite_model():
     m = build()
     c = KVCache.for_model(m, 1, 8)
     assert c.max_len == 8 and c.k.shape[0] == m.cfg.n_layers
+
+
+# Two images mid-row (row 0: apart; row 1: a run of two), 2 of 3 tiles real in image 0 and 1 in image 1.
+TWO_IMAGES = torch.tensor([[1, 5, IMG, 6, 7, IMG, 8, 9, 10], [1, IMG, IMG, 6, 7, 8, 9, 10, 11]])
+# What each token sees, by the rule (a token sees the latest image, or run of images, placed before it).
+SEES = [
+    [(), (), (0,), (0,), (0,), (1,), (1,), (1,), (1,)],
+    [(), (0,), (0, 1), (0, 1), (0, 1), (0, 1), (0, 1), (0, 1), (0, 1)],
+]
+
+
+def two_images(B=2, max_tiles=3):
+    pv = torch.randn(B, 2, max_tiles, 3, 4, 4)
+    ar = torch.ones(B, 2, dtype=torch.long)
+    arm = torch.zeros(B, 2, max_tiles, dtype=torch.long)
+    arm[:, 0, :2] = 1
+    arm[:, 1, :1] = 1
+    return pv, ar, arm
+
+
+def media_tokens(images, arm, P=PixelEncoder.num_tokens_per_tile):
+    """Indices of the real-tile media tokens of `images` (image n, tile j, token p at (n*max_tiles + j)*P + p)."""
+    T = arm.shape[-1]
+    return [(n * T + j) * P + p for n in images for j in range(int(arm[n].sum())) for p in range(P)]
+
+
+def test_several_images_mask_follows_the_rule_per_token():
+    m = build()
+    pv, ar, arm = two_images()
+    image = MediaInput(m.encode_media(pv, ar, arm))
+    mask = media_mask(TWO_IMAGES, image, None, IMG, "image")  # derived from the image tokens
+    assert mask.shape == (2, 9, 2 * 3 * PixelEncoder.num_tokens_per_tile)
+    for b, row in enumerate(SEES):
+        for t, images in enumerate(row):
+            assert mask[b, t].nonzero().flatten().tolist() == media_tokens(images, arm[b]), (b, t)
+    given = cross_attention_mask_from_tokens(TWO_IMAGES, IMG, [[2, 1], [2, 1]], 3)
+    assert torch.equal(media_mask(TWO_IMAGES, MediaInput(image.context, given), None, IMG, "image"), mask)
+
+
+def test_forward_with_two_images_mid_row_equals_per_token_cross_attention():
+    torch.manual_seed(0)
+    m = build(every=2)
+    with torch.no_grad():
+        for blk in m.image_xattn.values():
+            blk.gate_attn.fill_(0.9)
+            blk.gate_ffn.fill_(0.7)
+    pv, ar, arm = two_images()
+    ctx = m.encode_media(pv, ar, arm)
+    with torch.no_grad():
+        out = m(TWO_IMAGES, {"image": MediaInput(ctx)})
+        # Reference: each token through each block alone, with the K/V of exactly the images it sees.
+        h = m.embed(TWO_IMAGES)
+        lm_ctx = m.lm.context(*TWO_IMAGES.shape, device=h.device)
+        for i, layer in enumerate(m.lm.layers):
+            if str(i) in m.image_xattn:
+                blk, (k, v) = m.image_xattn[str(i)], ctx.kv[i]
+                rows = []
+                for b, row in enumerate(SEES):
+                    for t, images in enumerate(row):
+                        x = h[b : b + 1, t : t + 1]
+                        if images:
+                            idx = torch.tensor(media_tokens(images, arm[b]))
+                            kv = (k[b : b + 1, :, idx], v[b : b + 1, :, idx])
+                            x = blk(x, kv, torch.ones(1, 1, len(idx), dtype=torch.bool))
+                        rows.append(x)
+                h = torch.cat(rows, dim=1).reshape_as(h)
+            h = layer(h, lm_ctx)
+        ref = m.lm.head(h)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - m.lm(TWO_IMAGES)).abs().max() > 1e-3  # the images matter
+
+
+def test_media_keyed_by_modality_and_unknown_modalities_rejected():
+    m = build()
+    assert m.modalities() == ["image"]
+    assert m.modality("image").xattn == "image_xattn" and m.modality("image").encode == "encode_media"
+    ctx = m.encode("image", *media())
+    with pytest.raises(ValueError, match="video given to a model without a video path"):
+        m(torch.zeros(2, 4, dtype=torch.long), {"video": MediaInput(ctx)})
+    with pytest.raises(ValueError, match="audio given to a model without a audio path"):
+        m.encode("audio", torch.zeros(1))
