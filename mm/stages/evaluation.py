@@ -10,7 +10,6 @@ from typing import Any
 
 from mm.datasets.audio import AudioFeatures, read_audio_manifest
 from mm.datasets.images import BadSample, read_manifest
-from mm.datasets.shapes import caption_attribute_report, parse_caption
 from mm.datasets.tiling import TileTransform
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
 from mm.lm import Tokenizer
@@ -18,6 +17,7 @@ from mm.models.caption import caption_images, load_rgb
 from mm.models.multimodal import MultimodalLM
 from mm.models.speech import SpeechLM, copy_transcripts, ctc_transcripts, transcribe_features
 from mm.models.video import ClipFeatures, describe_clips
+from mm.world import caption_attribute_report, parse_caption
 
 log = logging.getLogger("mm.stages.evaluation")
 

@@ -27,7 +27,6 @@ from mm.adapters.caption_head import CaptionHeadConfig, caption_slot_targets
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import read_manifest
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
-from mm.datasets.shapes import IMAGE_PROMPT, caption_attribute_report, parse_caption
 from mm.datasets.streams import SampleStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.clip import bag_of_words_loss
@@ -37,6 +36,7 @@ from mm.lm.hf import config_from_hf
 from mm.models.caption import caption_images, load_rgb
 from mm.models.loading import IMAGE_STAGES, caption_head_parts
 from mm.models.multimodal import MultimodalLM
+from mm.prompts import IMAGE_PROMPT
 from mm.stages.evaluation import evaluate_captions
 from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import load_tensors
@@ -45,6 +45,7 @@ from mm.training.freeze import FrozenLMChanged, fingerprint
 from mm.training.parallelize import frozen_lm_dtype, parallelize_model
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
+from mm.world import caption_attribute_report, parse_caption
 
 log = logging.getLogger("mm.stages.image")
 

@@ -26,7 +26,6 @@ from torch import nn
 
 from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
-from mm.datasets.shapes import VIDEO_PROMPT
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
 from mm.encoders.clip import gather_rows
 from mm.models.loading import (
@@ -38,6 +37,7 @@ from mm.models.loading import (
 )
 from mm.models.multimodal import video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
+from mm.prompts import VIDEO_PROMPT
 from mm.stages.evaluation import evaluate_videos, load_clips, motion_report
 from mm.training.bundle import (
     dataclass_dict,
