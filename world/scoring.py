@@ -1,13 +1,16 @@
-"""Scores of the shapes world's captions: exact match and per-attribute accuracy (size, colour, shape, object
-count, left-right order) of image captions against the world's references."""
+"""Scorers of the shapes world's captions, plugged into the stages' evaluation by name
+(`scorers: [exact_match, "mm.world.scoring:shapes_attributes"]` for images, `"mm.world.scoring:motion_report"`
+for videos; see `mm.stages.evaluation.score`): per-attribute accuracy of image captions (size, colour, shape,
+object count, left-right order) and of motion captions (colour, shape, direction)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from .grammar import parse_caption
 
-__all__ = ["caption_attribute_report"]
+__all__ = ["caption_attribute_report", "motion_report", "shapes_attributes"]
 
 
 def caption_attribute_report(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float | int]:
@@ -42,5 +45,37 @@ def caption_attribute_report(preds: Sequence[str], refs: Sequence[str]) -> dict[
         "order_accuracy": counts["order"] / max(1, counts["order_n"]),
         "order_n": counts["order_n"],
         "well_formed": counts["parsed"] / n,
+        "n": len(refs),
+    }
+
+
+def shapes_attributes(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float | int]:
+    """`caption_attribute_report` when every reference is a caption of the world, else no figures."""
+    if not all(parse_caption(r) is not None for r in refs):
+        return {}
+    return caption_attribute_report(preds, refs)
+
+
+def motion_report(preds: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
+    """Exact match, and accuracy of the colour, shape and direction words ("a red circle moves left")."""
+
+    def parts(caption: str) -> tuple[str | None, str | None, str | None]:
+        words = caption.split()
+        if "moves" not in words:
+            return None, None, None
+        k = words.index("moves")
+        color = words[k - 2] if k >= 2 else None
+        shape = words[k - 1] if k >= 1 else None
+        return color, shape, words[k + 1] if k + 1 < len(words) else None
+
+    n = max(1, len(refs))
+    got = [parts(p) for p in preds]
+    want = [parts(r) for r in refs]
+    acc = [sum(g[j] == w[j] for g, w in zip(got, want, strict=True)) / n for j in range(3)]
+    return {
+        "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / n,
+        "color_accuracy": acc[0],
+        "shape_accuracy": acc[1],
+        "direction_accuracy": acc[2],
         "n": len(refs),
     }

@@ -37,7 +37,7 @@ from mm.models.caption import caption_images, load_rgb
 from mm.models.loading import IMAGE_STAGES, caption_head_parts
 from mm.models.multimodal import MultimodalLM
 from mm.prompts import IMAGE_PROMPT
-from mm.stages.evaluation import evaluate_captions
+from mm.stages.evaluation import evaluate_captions, score
 from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.config import OptimConfig, TrainConfig
@@ -45,7 +45,6 @@ from mm.training.freeze import FrozenLMChanged, fingerprint
 from mm.training.parallelize import frozen_lm_dtype, parallelize_model
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
-from mm.world import caption_attribute_report, parse_caption
 
 log = logging.getLogger("mm.stages.image")
 
@@ -99,6 +98,7 @@ class ImageStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # captions scored at the end (0 = none)
+    scorers: list[str] = field(default_factory=lambda: ["exact_match"])  # `mm.stages.evaluation.score`
     curve_samples: int = 64  # images of the first held-out manifest captioned every train.eval_every steps
     out: str = "runs/image"
 
@@ -338,7 +338,7 @@ class ImageStage(Stage):
                 self.model, self.tok, self.transform, images, prompt=d.prompt, max_tiles=d.max_tiles
             )
         self.model.train()
-        r = caption_attribute_report(preds, refs)
+        r = score(preds, refs, self.cfg.scorers)
         return {f"heldout_{k}": float(v) for k, v in r.items() if k not in ("n", "order_n")}
 
     def final_evaluation(self) -> dict[str, Any]:
@@ -355,6 +355,7 @@ class ImageStage(Stage):
                 limit=cfg.eval_samples,
                 prompt=d.prompt,
                 max_tiles=d.max_tiles,
+                scorers=cfg.scorers,
             )
         }
 
@@ -401,10 +402,8 @@ def open_pairs(
 
 
 def curve_images(cfg: ImageStageConfig) -> tuple[list[Any], list[str]] | None:
-    """The learning-curve images: the first `curve_samples` of the first held-out manifest (world captions)."""
+    """The learning-curve images: the first `curve_samples` of the first held-out manifest."""
     if not (cfg.train.eval_every and cfg.curve_samples and cfg.data.heldout):
         return None
     recs = read_manifest(cfg.data.heldout[0])[: cfg.curve_samples]
-    if not all(parse_caption(r.text) is not None for r in recs):
-        return None
     return [load_rgb(r.image) for r in recs], [r.text for r in recs]
