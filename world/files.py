@@ -13,7 +13,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["remove_stale", "tar_add", "write_lines", "write_split"]
+from .grammar import check_word
+
+__all__ = ["remove_stale", "split_count", "tar_add", "write_lines", "write_split"]
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
@@ -46,6 +48,16 @@ def remove_stale(folder: Path, pattern: str, keep: int) -> None:
         m = regex.fullmatch(p.name)
         if m and int(m.group(1)) >= keep:
             p.unlink()
+
+
+def split_count(split: str, n: int | None, shard_size: int, defaults: dict[str, int]) -> int:
+    """The number of samples to write: `n`, or the split's default; the split must be one of `defaults`."""
+    check_word(split, tuple(defaults), "split")
+    if n is None:
+        n = defaults[split]
+    if n < 1 or shard_size < 1:
+        raise ValueError(f"n and shard_size must be at least 1, got n={n}, shard_size={shard_size}")
+    return n
 
 
 def write_split(

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .files import write_split
-from .grammar import COLOR_SHAPE_PAIRS, COLORS, HELDOUT_PAIRS, SIZES, TRAIN_PAIRS, caption, check_word
+from .files import split_count, write_split
+from .grammar import COLOR_SHAPE_PAIRS, COLORS, HELDOUT_PAIRS, SIZES, TRAIN_PAIRS, caption
 
 __all__ = [
     "DEFAULT_IMAGE_COUNTS",
@@ -76,6 +76,16 @@ class Scene:
     def caption(self) -> str:
         """The caption, e.g. "a large red circle and a small blue square"."""
         return caption([(o.size, o.color, o.shape) for o in self.objects])
+
+    def as_dict(self) -> dict:
+        """JSON form: text (the caption), width, height, background, objects."""
+        return {
+            "text": self.caption,
+            "width": self.width,
+            "height": self.height,
+            "background": list(self.background),
+            "objects": [o.as_dict() for o in self.objects],
+        }
 
 
 def _image_size(rng: random.Random, bucket: int) -> tuple[int, int]:
@@ -189,23 +199,12 @@ def synth_shapes(
     (n, seed, split) gives identical bytes; files of an earlier, larger run of the split are removed.
     `n` defaults to `DEFAULT_IMAGE_COUNTS[split]`.
     """
-    check_word(split, IMAGE_SPLITS, "split")
-    if n is None:
-        n = DEFAULT_IMAGE_COUNTS[split]
-    if n < 1 or shard_size < 1:
-        raise ValueError(f"n and shard_size must be at least 1, got n={n}, shard_size={shard_size}")
+    n = split_count(split, n, shard_size, DEFAULT_IMAGE_COUNTS)
 
     def sample(i: int) -> tuple[bytes, dict]:
         scene = _scene_for(seed, split, i)
         buf = io.BytesIO()
         render_scene(scene).save(buf, format="PNG")
-        meta = {
-            "text": scene.caption,
-            "width": scene.width,
-            "height": scene.height,
-            "background": list(scene.background),
-            "objects": [o.as_dict() for o in scene.objects],
-        }
-        return buf.getvalue(), meta
+        return buf.getvalue(), scene.as_dict()
 
     return write_split(Path(out_dir) / "shapes", split, n, shard_size, ("image", "png"), sample)

@@ -144,15 +144,7 @@ def synth_shapes_variants(
         scene, data, ext, variant = _variant_image(seed, kind, i)
         name = f"{i:06d}.{ext}"
         (image_dir / name).write_bytes(data)
-        meta = {
-            "text": scene.caption,
-            "width": scene.width,
-            "height": scene.height,
-            "background": list(scene.background),
-            "objects": [o.as_dict() for o in scene.objects],
-            "variant": variant,
-        }
-        lines.append(json.dumps({"image": f"{folder}/{name}", **meta}))
+        lines.append(json.dumps({"image": f"{folder}/{name}", **scene.as_dict(), "variant": variant}))
     manifest = root / f"{folder}.jsonl"
     write_lines(manifest, lines)
     return manifest

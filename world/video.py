@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .files import write_split
+from .files import split_count, write_split
 from .grammar import DIRECTIONS, HELDOUT_PAIRS, TRAIN_PAIRS, check_word, motion_caption
-from .images import IMAGE_SPLITS, draw_object
+from .images import draw_object
 
 __all__ = ["DEFAULT_MOTION_COUNTS", "MOTION_FPS", "MotionClip", "encode_mp4", "motion_clip", "synth_motion"]
 
@@ -158,11 +158,7 @@ def synth_motion(
     bytes (from a fresh process: with decord's FFmpeg loaded too, libx264 may differ in a few bits); files of
     an earlier, larger run of the split are removed. `n` defaults to `DEFAULT_MOTION_COUNTS[split]`.
     """
-    check_word(split, IMAGE_SPLITS, "split")
-    if n is None:
-        n = DEFAULT_MOTION_COUNTS[split]
-    if n < 1 or shard_size < 1:
-        raise ValueError(f"n and shard_size must be at least 1, got n={n}, shard_size={shard_size}")
+    n = split_count(split, n, shard_size, DEFAULT_MOTION_COUNTS)
 
     def sample(i: int) -> tuple[bytes, dict]:
         clip = _motion_for(seed, split, i)
