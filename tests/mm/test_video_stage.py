@@ -20,13 +20,13 @@ from mm.models.loading import FrozenImagePathChanged, attach_video, load_image_b
 from mm.models.multimodal import video_xattn_layer_ids
 from mm.models.video import describe_clips
 from mm.prompts import VIDEO_PROMPT
-from mm.stages.evaluation import motion_report
 from mm.stages.image import ImageStageConfig
 from mm.training.bundle import verify_frozen
 from mm.training.checkpoint import list_checkpoints, load_checkpoint
 from mm.training.config import load_config
 from mm.training.runner import run as run_stage
 from mm.world import synth_motion, synth_shapes
+from mm.world.scoring import motion_report
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
