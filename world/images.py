@@ -202,6 +202,7 @@ def synth_shapes(
     n = split_count(split, n, shard_size, DEFAULT_IMAGE_COUNTS)
 
     def sample(i: int) -> tuple[bytes, dict]:
+        """Image i: PNG bytes and metadata."""
         scene = _scene_for(seed, split, i)
         buf = io.BytesIO()
         render_scene(scene).save(buf, format="PNG")

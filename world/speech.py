@@ -152,6 +152,7 @@ def synth_speech(
         clips = list(pool.map(speak, range(n)))
 
     def sample(i: int) -> tuple[bytes, dict]:
+        """Clip i: WAV bytes and metadata."""
         wav, seconds = clips[i]
         return wav, {**params[i], "seconds": round(seconds, 4)}
 

@@ -161,6 +161,7 @@ def synth_motion(
     n = split_count(split, n, shard_size, DEFAULT_MOTION_COUNTS)
 
     def sample(i: int) -> tuple[bytes, dict]:
+        """Clip i: mp4 bytes and parameters."""
         clip = _motion_for(seed, split, i)
         return encode_mp4(clip.frames()), clip.as_dict()
 
