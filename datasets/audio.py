@@ -449,7 +449,7 @@ class SpeechCollator:
         <|begin_of_text|> <|speech_start|> [n speech slots] <|speech_end|> prompt text <|end_of_text|> pad...
 
     The speech comes first and the prompt follows it, as the LM text corpus's repeat lines have it
-    (`{sentence} Repeat after me in English: {sentence}`, `mm.datasets.shapes`): the frozen LM has learned there
+    (`{sentence} Repeat after me in English: {sentence}`, the demo's text corpus): the frozen LM has learned there
     to copy what precedes the prompt, and the speech embeddings take the first sentence's place.
 
     `n` = the number of adapter outputs for the clip (`n_slots(T)`); the slots hold `pad_id` in `tokens` and are

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from .shapes import IMAGE_PROMPT
 from .text import IGNORE_INDEX
 
 __all__ = ["ImageCaptionCollator", "cross_attention_mask_from_tokens"]
@@ -72,9 +71,7 @@ class ImageCaptionCollator:
     dropped.
     """
 
-    def __init__(
-        self, tokenizer: Any, prompt: str = IMAGE_PROMPT, *, max_tiles: int = 4, max_len: int | None = None
-    ):
+    def __init__(self, tokenizer: Any, prompt: str, *, max_tiles: int = 4, max_len: int | None = None):
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_tiles = max_tiles

@@ -53,7 +53,6 @@ from .images import (
     _with_text,
     expand_shards,
 )
-from .shapes import VIDEO_PROMPT
 from .streams import SampleStream, check_paths, open_shards
 from .text import IGNORE_INDEX
 from .tiling import TiledImage
@@ -482,7 +481,7 @@ class VideoCaptionCollator:
     (B, F, max_tiles, 3, S, S), `video_aspect_ratio_ids` (B, F), `video_aspect_ratio_mask` (B, F, max_tiles).
     """
 
-    def __init__(self, tokenizer: Any, prompt: str = VIDEO_PROMPT, *, max_tiles: int = 4, merge: int = 1):
+    def __init__(self, tokenizer: Any, prompt: str, *, max_tiles: int = 4, merge: int = 1):
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_tiles = max_tiles

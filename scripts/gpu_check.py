@@ -29,9 +29,9 @@ from mm.app.report_figures import STAGE_ORDER as STAGES  # the order the demo ru
 
 def world(data: Path, rank: int) -> dict[str, Path]:
     """The tiny shapes world (made by rank 0, read by every rank)."""
-    from mm.datasets.shapes import synth_motion, synth_shapes, synth_text
-    from mm.datasets.spoken_shapes import synth_speech
     from mm.training import distributed
+    from mm.world import synth_motion, synth_shapes, synth_text
+    from mm.world.speech import synth_speech
 
     paths = {
         "text": data / "text" / "train.txt",

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.datasets.shapes import synth_text
 from mm.datasets.text import read_documents
 from mm.lm import Tokenizer
+from mm.world import synth_text
 
 torch.set_num_threads(2)
 

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mm import world
 from mm.app.demo_world import VARIANT_COUNTS, content_hash
-from mm.datasets import shapes
 from mm.training.checkpoint import write_json
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def run_image_robustness(bundle: Path, data_dir: Path) -> dict[str, dict[str, An
         preds = caption_images(
             model, tok, transform, images, prompt=meta["prompt"], max_tiles=meta["max_tiles"]
         )
-        result[kind] = shapes.caption_attribute_report(preds, [r.text for r in recs])
+        result[kind] = world.caption_attribute_report(preds, [r.text for r in recs])
         log.info(
             "image robustness: %s exact match %.3f (%d images)", kind, result[kind]["exact_match"], len(recs)
         )

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mm.datasets import shapes
+from mm import world
 
 IMAGE_COUNTS = {"train": 4000, "heldout": 200, "heldout_pairs": 200}
 MOTION_COUNTS = {"train": 2000, "heldout": 200, "heldout_pairs": 120}
-# Robustness variants of the image world (`shapes.synth_shapes_variants`), captioned by the image-anneal bundle.
+# Robustness variants of the image world (`world.synth_shapes_variants`), captioned by the image-anneal bundle.
 VARIANT_COUNTS = {"jpeg": 100, "antialias": 100, "sizes": 100}
 
 
@@ -34,7 +34,7 @@ def synth_text_world(data_dir: Path) -> dict[str, float]:
     """The LM's text corpus (`DATA/text/{train,heldout}.txt`) unless present; seconds per split."""
     return _synth_splits(
         lambda s: (data_dir / "text" / f"{s}.txt").is_file(),
-        lambda s: shapes.synth_text(data_dir, split=s, seed=0),
+        lambda s: world.synth_text(data_dir, split=s, seed=0),
         ["train", "heldout"],
     )
 
@@ -44,13 +44,13 @@ def synth_image_world(data_dir: Path) -> dict[str, float]:
     sh = data_dir / "shapes"
     spent = _synth_splits(
         lambda s: (sh / f"{s}.jsonl").is_file(),
-        lambda s: shapes.synth_shapes(data_dir, n=IMAGE_COUNTS[s], seed=0, split=s),
+        lambda s: world.synth_shapes(data_dir, n=IMAGE_COUNTS[s], seed=0, split=s),
         list(IMAGE_COUNTS),
     )
     spent.update(
         _synth_splits(
             lambda s: (sh / f"{s}.jsonl").is_file(),
-            lambda s: shapes.synth_shapes_variants(
+            lambda s: world.synth_shapes_variants(
                 data_dir,
                 n=VARIANT_COUNTS[s.removeprefix("variants_")],
                 seed=0,
@@ -66,14 +66,14 @@ def synth_motion_world(data_dir: Path) -> dict[str, float]:
     """The moving-shapes clips (`MOTION_COUNTS`) unless present; seconds per split."""
     return _synth_splits(
         lambda s: (data_dir / "motion" / f"{s}.jsonl").is_file(),
-        lambda s: shapes.synth_motion(data_dir, n=MOTION_COUNTS[s], seed=0, split=s),
+        lambda s: world.synth_motion(data_dir, n=MOTION_COUNTS[s], seed=0, split=s),
         list(MOTION_COUNTS),
     )
 
 
 def synth_speech_world(data_dir: Path) -> dict[str, float]:
     """The spoken shapes world's splits (espeak-ng) unless present; seconds per split."""
-    from mm.datasets.spoken_shapes import DEFAULT_SPEECH_COUNTS, synth_speech
+    from mm.world.speech import DEFAULT_SPEECH_COUNTS, synth_speech
 
     return _synth_splits(
         lambda s: (data_dir / "speech" / f"{s}.jsonl").is_file(),

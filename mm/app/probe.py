@@ -67,7 +67,8 @@ from mm.app.probe_targets import (
     slot1_by_count,
     targets_of_objects,
 )
-from mm.datasets.shapes import ASR_PROMPT, parse_caption
+from mm.prompts import ASR_PROMPT
+from mm.world import parse_caption
 
 __all__ = [
     "ATTRS",

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mm.datasets.shapes import COLORS, SHAPES, SIZES, parse_caption
+from mm.world import COLORS, SHAPES, SIZES, parse_caption
 
 ATTRS: tuple[str, ...] = ("size", "colour", "shape")
 VOCAB: dict[str, tuple[str, ...]] = {"size": SIZES, "colour": tuple(COLORS), "shape": SHAPES}

@@ -43,18 +43,18 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """Write a part of the embedded shapes world."""
-    from mm.datasets import shapes
+    from mm import world
 
     if args.kind == "text":
-        if args.split not in shapes.SPLITS:
-            raise ValueError(f"--split {args.split} is not a text split; allowed: {list(shapes.SPLITS)}")
-        path = shapes.synth_text(args.out, n=args.n or None, seed=args.seed, split=args.split)
+        if args.split not in world.SPLITS:
+            raise ValueError(f"--split {args.split} is not a text split; allowed: {list(world.SPLITS)}")
+        path = world.synth_text(args.out, n=args.n or None, seed=args.seed, split=args.split)
     elif args.kind == "shapes":
-        path = shapes.synth_shapes(args.out, n=args.n or None, seed=args.seed, split=args.split)
+        path = world.synth_shapes(args.out, n=args.n or None, seed=args.seed, split=args.split)
     elif args.kind == "motion":
-        path = shapes.synth_motion(args.out, n=args.n or None, seed=args.seed, split=args.split)
+        path = world.synth_motion(args.out, n=args.n or None, seed=args.seed, split=args.split)
     elif args.kind == "speech":
-        from mm.datasets.spoken_shapes import SPEECH_SPLITS, synth_speech
+        from mm.world.speech import SPEECH_SPLITS, synth_speech
 
         if args.split not in SPEECH_SPLITS:
             raise ValueError(f"--split {args.split} is not a speech split; allowed: {list(SPEECH_SPLITS)}")

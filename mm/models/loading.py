@@ -22,6 +22,7 @@ from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm.lm import Tokenizer
 from mm.models.multimodal import IMAGE_PATH_PARTS, VIDEO_PARTS, MultimodalLM
 from mm.models.speech import SpeechLM
+from mm.prompts import ASR_PROMPT, IMAGE_PROMPT, VIDEO_PROMPT
 from mm.training.bundle import (
     load_adapter_weights,
     load_lm,
@@ -44,6 +45,9 @@ COMMAND = {
 }
 
 
+_DEFAULT_PROMPTS = {"image-pretrain": IMAGE_PROMPT, "image-anneal": IMAGE_PROMPT, "speech": ASR_PROMPT}
+
+
 def read_stage_config(path: Path, stages: tuple[str, ...]) -> dict[str, Any]:
     """A bundle's `mm_config.json`, refused (naming the command that reads it) when it holds another stage."""
     meta = read_config(path)
@@ -51,6 +55,10 @@ def read_stage_config(path: Path, stages: tuple[str, ...]) -> dict[str, Any]:
     if stage not in stages:
         reader = COMMAND.get(str(stage), "mm generate" if stage is None else "mm train")
         raise ValueError(f"{path} holds a {stage!r} stage, not {' or '.join(stages)}; {reader} reads it")
+    if stage in _DEFAULT_PROMPTS:  # a bundle that records no prompt: the stage's default
+        meta.setdefault("prompt", _DEFAULT_PROMPTS[stage])
+    elif isinstance(meta.get("video"), dict):
+        meta["video"].setdefault("prompt", VIDEO_PROMPT)
     enc = meta.get("image_encoder")
     if isinstance(enc, dict) and enc.get("intermediate_layers") and "intermediate_from" not in enc:
         enc["intermediate_from"] = "block_output"  # bundles written before mm followed Meta's reference

@@ -18,7 +18,6 @@ from torch import nn
 
 from mm.adapters.speech import SpeechAdapter
 from mm.datasets.audio import SpeechCollator
-from mm.datasets.shapes import ASR_PROMPT
 from mm.encoders.speech import SpeechEncoder
 from mm.lm import Tokenizer, Transformer, generate
 
@@ -183,7 +182,7 @@ def transcribe_features(
     tok: Tokenizer,
     feats: list[torch.Tensor],
     *,
-    prompt: str = ASR_PROMPT,
+    prompt: str,
     batch_size: int = 64,
     max_new_tokens: int = 32,
 ) -> list[str]:
@@ -227,7 +226,7 @@ def ctc_transcripts(
     """Greedy CTC transcripts of the adapter's CTC head (repeats merged, blanks dropped): the audio side alone."""
     model.eval()
     device = next(model.parameters()).device
-    collator = SpeechCollator(tok, ASR_PROMPT, model.n_slots)
+    collator = SpeechCollator(tok, "", model.n_slots)  # features only: no prompt
     out: list[str] = []
     for s in range(0, len(feats), batch_size):
         x, lengths = collator.features([{"features": f} for f in feats[s : s + batch_size]])
@@ -238,9 +237,7 @@ def ctc_transcripts(
 
 
 @torch.no_grad()
-def copy_transcripts(
-    lm: Transformer, tok: Tokenizer, texts: list[str], prompt: str = ASR_PROMPT
-) -> list[str]:
+def copy_transcripts(lm: Transformer, tok: Tokenizer, texts: list[str], prompt: str) -> list[str]:
     """The frozen LM repeating each text given as text (`{text} {prompt}`): the ceiling of the speech path."""
     lm.eval()
     prompts = [[tok.bos_id, *tok.encode(f"{t.strip()} {prompt.rstrip()}")] for t in texts]

@@ -102,7 +102,7 @@ class ClipCollator:
         if max_len < 2:
             raise ValueError(f"text.max_len={max_len}: need at least 2 tokens")
         self.tokenizer, self.max_len = tokenizer, max_len
-        self.media = ImageCaptionCollator(tokenizer, max_tiles=max_tiles)
+        self.media = ImageCaptionCollator(tokenizer, "", max_tiles=max_tiles)
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate one batch (samples must not be None)."""

@@ -1,16 +1,23 @@
-"""Held-out evaluation shared by the stages, the demo and the probe: caption exact match and attributes
-(images), motion captions (videos), word error rate (speech)."""
+"""Held-out evaluation shared by the stages, the demo and the probe: captions (images), descriptions (videos),
+word error rate (speech), with pluggable scorers.
+
+A scorer maps (predictions, references) to a dict of figures. `SCORERS` holds the generic ones (`exact_match`,
+`wer`, `bleu`); a stage config names its scorers (`scorers: [exact_match, ...]`), and a name `module:function`
+(e.g. the demo world's `mm.world.scoring:shapes_attributes`) is imported on first use and registered. The
+figures of a stage's scorers are merged in order (a later scorer's key replaces an earlier one's).
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from mm.datasets.audio import AudioFeatures, read_audio_manifest
 from mm.datasets.images import BadSample, read_manifest
-from mm.datasets.shapes import caption_attribute_report, parse_caption
 from mm.datasets.tiling import TileTransform
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
 from mm.lm import Tokenizer
@@ -22,8 +29,8 @@ from mm.models.video import ClipFeatures, describe_clips
 log = logging.getLogger("mm.stages.evaluation")
 
 
-def exact_match_report(preds: list[str], refs: list[str]) -> dict[str, Any]:
-    """Exact match and attribute accuracy (size, colour, shape per object slot) of captions."""
+def exact_match_report(preds: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
+    """Exact match, and `attribute_accuracy`: the share of reference words (not a/an/and) matched in place."""
     em = sum(p == r for p, r in zip(preds, refs, strict=True)) / max(1, len(refs))
     correct = total = 0
     for p, r in zip(preds, refs, strict=True):
@@ -45,51 +52,23 @@ def evaluate_captions(
     limit: int,
     prompt: str,
     max_tiles: int,
+    scorers: Sequence[str] = ("exact_match",),
 ) -> dict[str, Any]:
-    """Caption the first `limit` images of each held-out manifest; exact match and attributes."""
+    """Caption the first `limit` images of each held-out manifest; the figures of `scorers`."""
     res = {}
     for m in manifests:
         recs = read_manifest(m)[:limit]
         images = [load_rgb(r.image) for r in recs]
         preds = caption_images(model, tok, transform, images, prompt=prompt, max_tiles=max_tiles)
         refs = [r.text for r in recs]
-        world = all(
-            parse_caption(t) is not None for t in refs
-        )  # shapes-world captions: per-attribute figures
         res[Path(m).stem] = {
-            **exact_match_report(preds, refs),
-            **(caption_attribute_report(preds, refs) if world else {}),
+            **score(preds, refs, scorers),
             "examples": [
                 {"image": str(r.image), "text": r.text, "pred": p}
                 for r, p in zip(recs[:16], preds, strict=False)
             ],
         }
     return res
-
-
-def motion_report(preds: list[str], refs: list[str]) -> dict[str, Any]:
-    """Exact match, and accuracy of the colour, shape and direction words ("a red circle moves left")."""
-
-    def parts(caption: str) -> tuple[str | None, str | None, str | None]:
-        words = caption.split()
-        if "moves" not in words:
-            return None, None, None
-        k = words.index("moves")
-        color = words[k - 2] if k >= 2 else None
-        shape = words[k - 1] if k >= 1 else None
-        return color, shape, words[k + 1] if k + 1 < len(words) else None
-
-    n = max(1, len(refs))
-    got = [parts(p) for p in preds]
-    want = [parts(r) for r in refs]
-    acc = [sum(g[j] == w[j] for g, w in zip(got, want, strict=True)) / n for j in range(3)]
-    return {
-        "exact_match": sum(p == r for p, r in zip(preds, refs, strict=True)) / n,
-        "color_accuracy": acc[0],
-        "shape_accuracy": acc[1],
-        "direction_accuracy": acc[2],
-        "n": len(refs),
-    }
 
 
 def load_clips(
@@ -115,14 +94,15 @@ def evaluate_videos(
     n_frames: int,
     limit: int,
     features: ClipFeatures | None = None,
+    scorers: Sequence[str] = ("exact_match",),
 ) -> dict[str, Any]:
-    """Describe the first `limit` clips of each held-out manifest; exact match and word accuracies."""
+    """Describe the first `limit` clips of each held-out manifest; the figures of `scorers`."""
     res = {}
     for m in manifests:
         samples, refs = load_clips(m, transform, n_frames, limit)
         preds = describe_clips(model, collator, samples, features=features)
         res[Path(m).stem] = {
-            **motion_report(preds, refs),
+            **score(preds, refs, scorers),
             "examples": [
                 {"video": str(s.get("source", "")), "text": r, "pred": p}
                 for s, r, p in zip(samples[:8], refs, preds, strict=False)
@@ -144,6 +124,45 @@ def word_error_rate(refs: list[str], hyps: list[str]) -> float:
     h = [normalize_text(t) for t in hyps]
     keep = [i for i, t in enumerate(r) if t]
     return float(jiwer.wer([r[i] for i in keep], [h[i] for i in keep]))
+
+
+def wer_report(preds: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
+    """Corpus word error rate (`word_error_rate`) of predictions against references."""
+    return {"wer": word_error_rate(list(refs), list(preds)), "n": len(refs)}
+
+
+def bleu_report(preds: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
+    """Corpus BLEU (sacrebleu, one reference per prediction, 0-100)."""
+    import sacrebleu
+
+    return {"bleu": float(sacrebleu.corpus_bleu(list(preds), [list(refs)]).score), "n": len(refs)}
+
+
+Scorer = Callable[[Sequence[str], Sequence[str]], dict[str, Any]]
+SCORERS: dict[str, Scorer] = {"exact_match": exact_match_report, "wer": wer_report, "bleu": bleu_report}
+
+
+def register_scorer(name: str, scorer: Scorer) -> None:
+    """Make `scorer` available to stage configs as `name`."""
+    SCORERS[name] = scorer
+
+
+def resolve_scorer(name: str) -> Scorer:
+    """The scorer registered as `name`, or `module:function` imported (and registered) on first use."""
+    if name not in SCORERS:
+        module, sep, attr = name.partition(":")
+        if not sep:
+            raise ValueError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}, or module:function")
+        register_scorer(name, getattr(importlib.import_module(module), attr))
+    return SCORERS[name]
+
+
+def score(preds: Sequence[str], refs: Sequence[str], scorers: Sequence[str]) -> dict[str, Any]:
+    """The figures of each named scorer, merged in order."""
+    res: dict[str, Any] = {}
+    for name in scorers:
+        res.update(resolve_scorer(name)(preds, refs))
+    return res
 
 
 def evaluate_wer(

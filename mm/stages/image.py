@@ -27,7 +27,6 @@ from mm.adapters.caption_head import CaptionHeadConfig, caption_slot_targets
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import read_manifest
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
-from mm.datasets.shapes import IMAGE_PROMPT, caption_attribute_report, parse_caption
 from mm.datasets.streams import SampleStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.clip import bag_of_words_loss
@@ -37,7 +36,8 @@ from mm.lm.hf import config_from_hf
 from mm.models.caption import caption_images, load_rgb
 from mm.models.loading import IMAGE_STAGES, caption_head_parts
 from mm.models.multimodal import MediaInput, MultimodalLM
-from mm.stages.evaluation import evaluate_captions
+from mm.prompts import IMAGE_PROMPT
+from mm.stages.evaluation import evaluate_captions, score
 from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.config import OptimConfig, TrainConfig
@@ -98,6 +98,7 @@ class ImageStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # captions scored at the end (0 = none)
+    scorers: list[str] = field(default_factory=lambda: ["exact_match"])  # `mm.stages.evaluation.score`
     curve_samples: int = 64  # images of the first held-out manifest captioned every train.eval_every steps
     out: str = "runs/image"
 
@@ -337,7 +338,7 @@ class ImageStage(Stage):
                 self.model, self.tok, self.transform, images, prompt=d.prompt, max_tiles=d.max_tiles
             )
         self.model.train()
-        r = caption_attribute_report(preds, refs)
+        r = score(preds, refs, self.cfg.scorers)
         return {f"heldout_{k}": float(v) for k, v in r.items() if k not in ("n", "order_n")}
 
     def final_evaluation(self) -> dict[str, Any]:
@@ -354,6 +355,7 @@ class ImageStage(Stage):
                 limit=cfg.eval_samples,
                 prompt=d.prompt,
                 max_tiles=d.max_tiles,
+                scorers=cfg.scorers,
             )
         }
 
@@ -400,10 +402,8 @@ def open_pairs(
 
 
 def curve_images(cfg: ImageStageConfig) -> tuple[list[Any], list[str]] | None:
-    """The learning-curve images: the first `curve_samples` of the first held-out manifest (world captions)."""
+    """The learning-curve images: the first `curve_samples` of the first held-out manifest."""
     if not (cfg.train.eval_every and cfg.curve_samples and cfg.data.heldout):
         return None
     recs = read_manifest(cfg.data.heldout[0])[: cfg.curve_samples]
-    if not all(parse_caption(r.text) is not None for r in recs):
-        return None
     return [load_rgb(r.image) for r in recs], [r.text for r in recs]

@@ -21,11 +21,11 @@ from torch import nn
 from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from mm.datasets.audio import AudioFeatures, SpeechCollator, open_audio_stream
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
-from mm.datasets.shapes import ASR_PROMPT
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm.lm import Tokenizer, Transformer, load_hf
 from mm.models.loading import SPEECH_STAGES
 from mm.models.speech import SpeechLM, token_embedding_rms
+from mm.prompts import ASR_PROMPT
 from mm.stages.evaluation import evaluate_wer
 from mm.training import distributed as dist_utils
 from mm.training.bundle import dataclass_dict, save_bundle

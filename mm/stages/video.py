@@ -26,7 +26,6 @@ from torch import nn
 
 from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
-from mm.datasets.shapes import VIDEO_PROMPT
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
 from mm.encoders.clip import gather_rows
 from mm.models.loading import (
@@ -38,7 +37,8 @@ from mm.models.loading import (
 )
 from mm.models.multimodal import MediaInput, video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
-from mm.stages.evaluation import evaluate_videos, load_clips, motion_report
+from mm.prompts import VIDEO_PROMPT
+from mm.stages.evaluation import evaluate_videos, load_clips, score
 from mm.training.bundle import (
     dataclass_dict,
     image_path_fingerprint,
@@ -93,6 +93,7 @@ class VideoStageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # clips of each held-out manifest described at the end (0 = none)
+    scorers: list[str] = field(default_factory=lambda: ["exact_match"])  # `mm.stages.evaluation.score`
     curve_samples: int = 64  # clips of the first held-out manifest scored every `train.eval_every` steps
     out: str = "runs/video"
 
@@ -292,11 +293,8 @@ class VideoStage(Stage):
         samples, refs = self.curve
         with autocast_context(self.cfg.train.autocast, self.device):
             described = describe_clips(self.model, self.collator, samples, features=self.features)
-        r = motion_report(described, refs)
-        return {
-            "heldout_exact_match": r["exact_match"],
-            "heldout_direction_accuracy": r["direction_accuracy"],
-        }
+        r = score(described, refs, self.cfg.scorers)
+        return {f"heldout_{k}": r[k] for k in ("exact_match", "direction_accuracy") if k in r}
 
     def final_evaluation(self) -> dict[str, Any]:
         """Captions of the first `eval_samples` clips of each held-out manifest."""
@@ -305,7 +303,13 @@ class VideoStage(Stage):
             return {}
         return {
             "eval": evaluate_videos(
-                self.model, self.collator, self.transform, self.heldout(), d.n_frames, self.cfg.eval_samples
+                self.model,
+                self.collator,
+                self.transform,
+                self.heldout(),
+                d.n_frames,
+                self.cfg.eval_samples,
+                scorers=self.cfg.scorers,
             )
         }
 

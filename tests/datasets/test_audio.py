@@ -22,15 +22,15 @@ from mm.datasets.audio import (
     spec_augment,
 )
 from mm.datasets.images import BadSample
-from mm.datasets.shapes import ASR_PROMPT
-from mm.datasets.spoken_shapes import (
+from mm.lm import Tokenizer
+from mm.prompts import ASR_PROMPT
+from mm.world.speech import (
     HELDOUT_VOICES,
     EspeakMissing,
     is_heldout_sentence,
     speech_clip_params,
     synth_speech,
 )
-from mm.lm import Tokenizer
 
 
 def tone(seconds: float, sr: int, channels: int = 1, amp: float = 0.3) -> np.ndarray:

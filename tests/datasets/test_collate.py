@@ -11,10 +11,11 @@ from transformers.models.mllama.processing_mllama import (
 )
 
 from mm.datasets.collate import ImageCaptionCollator, cross_attention_mask_from_tokens
-from mm.datasets.shapes import IMAGE_PROMPT, synth_text
 from mm.datasets.text import IGNORE_INDEX
 from mm.datasets.tiling import CLIP_MEAN, CLIP_STD, TileTransform
 from mm.lm import Tokenizer
+from mm.prompts import IMAGE_PROMPT
+from mm.world import synth_text
 
 IMG = 9  # image token id in the mask-rule tests
 S = 8  # tile size
@@ -76,7 +77,7 @@ def test_cross_attention_mask_rule_values():
 
 
 def test_training_batch_tokens_labels_and_masks(tok):
-    collate = ImageCaptionCollator(tok, max_tiles=4)
+    collate = ImageCaptionCollator(tok, IMAGE_PROMPT, max_tiles=4)
     batch = collate(
         [
             sample(1, "a large red circle", 0.5, 1),
@@ -113,7 +114,7 @@ def test_training_batch_tokens_labels_and_masks(tok):
 
 
 def test_image_token_in_caption_is_plain_text(tok):
-    collate = ImageCaptionCollator(tok, max_tiles=4)
+    collate = ImageCaptionCollator(tok, IMAGE_PROMPT, max_tiles=4)
     batch = collate([sample(2, "a red <|image|> circle <|image|>")])
     assert (batch["tokens"] == tok.image_id).sum().item() == 1
     assert batch["tokens"][0, 1].item() == tok.image_id
@@ -123,7 +124,7 @@ def test_image_token_in_caption_is_plain_text(tok):
 
 
 def test_max_len_truncates_the_caption_and_none_samples_are_dropped(tok):
-    collate = ImageCaptionCollator(tok, max_tiles=4, max_len=7)
+    collate = ImageCaptionCollator(tok, IMAGE_PROMPT, max_tiles=4, max_len=7)
     batch = collate([None, sample(1, "a large red circle and a small blue square"), None])
     full = [tok.bos_id, tok.image_id, *tok.encode("Caption: a large red circle and a small blue square")]
     assert batch["tokens"].tolist() == [full[:7]]
@@ -132,13 +133,13 @@ def test_max_len_truncates_the_caption_and_none_samples_are_dropped(tok):
     with pytest.raises(ValueError, match="empty batch"):
         collate([None])
     with pytest.raises(ValueError, match="max_len=3"):
-        ImageCaptionCollator(tok, max_len=3)
+        ImageCaptionCollator(tok, IMAGE_PROMPT, max_len=3)
     with pytest.raises(ValueError, match="tiles of shape"):
-        ImageCaptionCollator(tok, max_tiles=2)([sample(3, "a red circle")])
+        ImageCaptionCollator(tok, IMAGE_PROMPT, max_tiles=2)([sample(3, "a red circle")])
 
 
 def test_prompt_only_matches_training_prefix(tok):
-    collate = ImageCaptionCollator(tok, max_tiles=4)
+    collate = ImageCaptionCollator(tok, IMAGE_PROMPT, max_tiles=4)
     samples = [sample(1, "a large red circle"), sample(2, "a small blue square", ar_id=2)]
     gen = collate.prompt_only(samples)
     train = collate(samples)
@@ -160,7 +161,7 @@ def test_media_tensors_match_mllama_image_processor(tok):
     for image in images:
         t = transform(image)
         samples.append({"tiles": t.tiles, "aspect_ratio_id": t.aspect_ratio_id, "text": "a red circle"})
-    batch = ImageCaptionCollator(tok, max_tiles=4)(samples)
+    batch = ImageCaptionCollator(tok, IMAGE_PROMPT, max_tiles=4)(samples)
     hf = MllamaImageProcessor(
         size={"height": S, "width": S},
         max_image_tiles=4,

@@ -14,12 +14,12 @@ import torch
 from mm.app.cli import main as mm_main
 from mm.datasets.images import SkipStats, iter_webdataset
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader, add_counts
-from mm.datasets.shapes import synth_shapes
 from mm.datasets.streams import ShardStream, open_stream
 from mm.datasets.text import TextSource
 from mm.datasets.tiling import TileTransform
 from mm.datasets.tokens import TokenCorpus, TokenReader, check_tokenizer, read_index
 from mm.lm import Tokenizer
+from mm.world import synth_shapes
 
 ROWS4 = 2  # rows per process at world 4: global batch 8
 

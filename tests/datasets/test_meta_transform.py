@@ -35,6 +35,7 @@ from mm.datasets.tiling import (  # noqa: E402
     optimal_canvas,
     supported_aspect_ratios,
 )
+from mm.prompts import IMAGE_PROMPT  # noqa: E402
 
 META_TILE = 560  # Llama 3.2 Vision's tile size
 ONE_LEVEL = 1 / 255 / min(CLIP_STD)  # one uint8 grey level after normalisation (~0.0150)
@@ -243,7 +244,7 @@ def test_ar_maps_to_mm_id_mask_and_stacked_pixels():
     for i, (h, w) in enumerate(grids):
         table[i + 1, : h * w] = tile_embed.embedding.data[:h, :w].reshape(h * w, 1, dim)
     tokenizer = SimpleNamespace(bos_id=1, image_id=2, encode=lambda text: [3])
-    collator = ImageCaptionCollator(tokenizer, max_tiles=enc_tiles)
+    collator = ImageCaptionCollator(tokenizer, IMAGE_PROMPT, max_tiles=enc_tiles)
     cases = [(TileTransform(t, enc_tiles, backend="pil"), enc_tiles, grid) for grid in grids]
     # a stage tiling with 2 tiles for a 4-tile encoder: Meta's ar does not depend on max_num_chunks
     two = TileTransform(t, 2, backend="pil", id_max_tiles=enc_tiles)

@@ -3,9 +3,9 @@ and shards, across epoch boundaries); bad files are skipped, not repeated."""
 
 import pytest
 
-from mm.datasets.shapes import synth_shapes
 from mm.datasets.streams import ManifestStream, ShardStream, open_stream
 from mm.datasets.tiling import TileTransform
+from mm.world import synth_shapes
 
 
 @pytest.fixture(scope="module")

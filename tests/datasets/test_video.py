@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from mm.datasets.images import BadSample, TooManyBadSamples
-from mm.datasets.shapes import DIRECTIONS, HELDOUT_PAIRS, encode_mp4, motion_clip, synth_motion
 from mm.datasets.tiling import TileTransform
 from mm.datasets.video import (
     VideoTextDataset,
@@ -22,6 +21,7 @@ from mm.datasets.video import (
     sample_frame_indices,
     tile_clip,
 )
+from mm.world import DIRECTIONS, HELDOUT_PAIRS, encode_mp4, motion_clip, synth_motion
 
 
 def numbered_clip(n: int, side: int = 32) -> bytes:

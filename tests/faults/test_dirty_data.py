@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from mm.datasets.images import TooManyBadSamples
-from mm.datasets.shapes import synth_shapes
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.stages.image import ImageStageConfig
 from mm.training.config import load_config
 from mm.training.runner import run as run_stage
+from mm.world import synth_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 60

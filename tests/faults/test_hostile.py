@@ -19,6 +19,7 @@ from mm.datasets.tiling import TileTransform
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig, load_timm_weights
 from mm.lm import SPECIAL_TOKENS, Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.models.multimodal import MultimodalLM
+from mm.prompts import IMAGE_PROMPT
 from mm.training.bundle import load_adapter_weights
 from mm.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -184,7 +185,7 @@ def test_special_token_strings_in_user_text_stay_text(corpus, faults):
         assert not set(ids) & specials, s
         assert tok.decode(ids) == f"a red {s} circle {s}"
     faults.record("hostile", len(SPECIAL_TOKENS), what="special-token string in text")
-    col = ImageCaptionCollator(tok, max_tiles=2)
+    col = ImageCaptionCollator(tok, IMAGE_PROMPT, max_tiles=2)
     sample = {
         "tiles": torch.zeros(1, 3, 16, 16),
         "aspect_ratio_id": 1,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.datasets.shapes import synth_shapes
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from mm.world import synth_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

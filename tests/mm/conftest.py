@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from mm.datasets.shapes import synth_motion, synth_shapes
-from mm.datasets.spoken_shapes import synth_speech
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.training.config import load_config
 from mm.training.runner import run
 from mm.training.stage import stage_class
+from mm.world import synth_motion, synth_shapes
+from mm.world.speech import synth_speech
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_ENCODER = [

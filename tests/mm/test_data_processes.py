@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from mm.app.cli import main as mm_main
-from mm.datasets.shapes import synth_shapes
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.training.config import config_to_yaml, load_config
 from mm.training.runner import run
 from mm.training.stage import stage_class
+from mm.world import synth_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

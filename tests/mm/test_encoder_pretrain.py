@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.datasets.shapes import synth_shapes
 from mm.encoders.image import ImageEncoder
 from mm.lm import Tokenizer
 from mm.stages.clip_pretrain import ClipPretrainConfig, build_clip_model
@@ -19,6 +18,7 @@ from mm.training.checkpoint import load_tensors
 from mm.training.config import load_config
 from mm.training.runner import run as run_encoder_pretrain
 from mm.training.trainer import set_seed
+from mm.world import synth_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mm.datasets.shapes import synth_shapes
 from mm.lm import Transformer, load_hf, preset, save_hf
 from mm.models.loading import load_image_bundle
 from mm.stages.image import ImageStageConfig
@@ -20,6 +19,7 @@ from mm.training.checkpoint import list_checkpoints, load_checkpoint
 from mm.training.config import load_config
 from mm.training.freeze import FrozenLMChanged, fingerprint
 from mm.training.runner import run as run_stage
+from mm.world import synth_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -252,7 +252,7 @@ def test_exact_match_report_counts_attributes_by_slot():
 
 
 def test_caption_attribute_report_per_attribute():
-    from mm.datasets.shapes import caption_attribute_report, parse_caption
+    from mm.world import caption_attribute_report, parse_caption
 
     assert parse_caption("a large red circle and a small blue square") == [
         ("large", "red", "circle"),

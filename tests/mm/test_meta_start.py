@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.datasets.shapes import synth_shapes
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.lm.hf import SafetensorsTensor, stored_dtype
 from mm.training.config import config_to_yaml, load_config
 from mm.training.materialize import materialize, record_init
 from mm.training.runner import build, prepare, run, stage_for
 from mm.training.stage import stage_class
+from mm.world import synth_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

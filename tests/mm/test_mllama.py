@@ -435,11 +435,11 @@ def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_p
     from transformers import MllamaForConditionalGeneration
 
     from mm.app.cli import main
-    from mm.datasets.shapes import synth_shapes
     from mm.lm import Tokenizer
     from mm.models.loading import load_image_bundle
     from mm.training.bundle import verify_frozen
     from mm.training.checkpoint import list_checkpoints, load_checkpoint
+    from mm.world import synth_shapes
 
     tok = Tokenizer.from_file(corpus["tokenizer"])
     vocab = tok.vocab_size - 8  # as Llama 3.2: <|image|> is one of the 8 ids after the LM's vocabulary
@@ -531,10 +531,10 @@ def test_an_exported_image_stage_captions_in_transformers_as_mm_caption(corpus, 
 
     from mm.app.cli import main
     from mm.datasets.collate import ImageCaptionCollator
-    from mm.datasets.shapes import synth_shapes
     from mm.lm import Tokenizer
     from mm.models.caption import load_rgb
     from mm.training.bundle import read_config
+    from mm.world import synth_shapes
 
     tok = Tokenizer.from_file(corpus["tokenizer"])
     ckpt = tmp_path / "mllama"

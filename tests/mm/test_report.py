@@ -12,7 +12,7 @@ from mm.app.report import (
     stage_rows,
     write_report,
 )
-from mm.datasets.shapes import synth_shapes
+from mm.world import synth_shapes
 
 
 def test_report_sections_and_figures(tmp_path):

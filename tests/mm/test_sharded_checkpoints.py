@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm.datasets.shapes import synth_shapes
 from mm.training.checkpoint import latest_checkpoint, load_checkpoint
 from mm.training.config import config_to_yaml
 from mm.training.dcp import SafeReader
 from mm.training.runner import run
+from mm.world import synth_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

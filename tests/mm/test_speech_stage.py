@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mm.datasets.spoken_shapes import synth_speech
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.models.loading import load_speech_bundle
 from mm.stages.bestrq_pretrain import load_bestrq
 from mm.stages.evaluation import normalize_text, word_error_rate
 from mm.training.checkpoint import load_tensors
 from mm.training.freeze import FrozenLMChanged, fingerprint
+from mm.world.speech import synth_speech
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -237,8 +237,8 @@ def test_ctc_head_scores_the_transcript_tokens_in_order(corpus):
     starts a repeat line, and empty for a row with another prompt."""
     from mm.adapters.speech import SpeechAdapterConfig
     from mm.datasets.audio import SpeechCollator
-    from mm.datasets.shapes import ASR_PROMPT
     from mm.encoders.speech import SpeechEncoderConfig
+    from mm.prompts import ASR_PROMPT
     from mm.stages.speech import SpeechStageConfig, build_speech_model
 
     tok = Tokenizer.from_file(corpus["tokenizer"])
@@ -285,8 +285,8 @@ def test_ctc_compression_in_training_equals_leaving_the_frames_out(corpus):
     equal those of the row built with only the kept frames, as transcription builds it."""
     from mm.adapters.speech import SpeechAdapterConfig
     from mm.datasets.audio import SpeechCollator
-    from mm.datasets.shapes import ASR_PROMPT
     from mm.encoders.speech import SpeechEncoderConfig
+    from mm.prompts import ASR_PROMPT
     from mm.stages.speech import SpeechStageConfig, build_speech_model
 
     tok = Tokenizer.from_file(corpus["tokenizer"])

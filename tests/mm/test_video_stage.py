@@ -14,18 +14,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mm.adapters.temporal_aggregator import AggregatorConfig
-from mm.datasets.shapes import synth_motion, synth_shapes
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.models.loading import FrozenImagePathChanged, attach_video, load_image_bundle, load_video_bundle
 from mm.models.multimodal import MediaInput, video_xattn_layer_ids
 from mm.models.video import describe_clips
-from mm.stages.evaluation import motion_report
+from mm.prompts import VIDEO_PROMPT
 from mm.stages.image import ImageStageConfig
 from mm.training.bundle import verify_frozen
 from mm.training.checkpoint import list_checkpoints, load_checkpoint
 from mm.training.config import load_config
 from mm.training.runner import run as run_stage
+from mm.world import synth_motion, synth_shapes
+from mm.world.scoring import motion_report
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -124,7 +125,7 @@ def test_video_gates_at_zero_equal_the_image_model_exactly(world):
     agg = AggregatorConfig(merge=2, n_latents=4, depth=1, n_heads=2)
     model = attach_video(image_model, tok, agg, list(image_model.xattn_layers))
     model.eval()
-    col = VideoCaptionCollator(tok, max_tiles=meta["max_tiles"], merge=2)
+    col = VideoCaptionCollator(tok, VIDEO_PROMPT, max_tiles=meta["max_tiles"], merge=2)
     ds = VideoTextDataset(world["heldout"], transform, n_frames=4)
     batch = col([ds[0], ds[1]])
     pixels = (

@@ -1,17 +1,16 @@
-"""The shapes world's vocabulary, caption wording and LM text corpus (mm.datasets.shapes)."""
+"""The shapes world's vocabulary, caption wording and LM text corpus (mm.world.grammar, mm.world.corpus)."""
 
 import random
 import re
 
 import pytest
 
-from mm.datasets import shapes
-from mm.datasets.shapes import (
-    ASR_PROMPT,
+from mm import world
+from mm.datasets.text import PackedText, TextSource, read_documents
+from mm.prompts import ASR_PROMPT, IMAGE_PROMPT, VIDEO_PROMPT
+from mm.world import (
     COLORS,
     HELDOUT_PAIRS,
-    IMAGE_PROMPT,
-    VIDEO_PROMPT,
     caption,
     is_heldout,
     motion_caption,
@@ -19,7 +18,6 @@ from mm.datasets.shapes import (
     random_sentence,
     synth_text,
 )
-from mm.datasets.text import PackedText, TextSource, read_documents
 
 
 def test_vocabulary_constants():
@@ -31,12 +29,12 @@ def test_vocabulary_constants():
         "purple": (140, 50, 170),
         "orange": (240, 130, 20),
     }
-    assert shapes.SHAPES == ("circle", "square", "triangle")
-    assert shapes.SIZES == ("small", "large")
-    assert shapes.DIRECTIONS == ("left", "right", "up", "down")
+    assert world.SHAPES == ("circle", "square", "triangle")
+    assert world.SIZES == ("small", "large")
+    assert world.DIRECTIONS == ("left", "right", "up", "down")
     assert HELDOUT_PAIRS == (("green", "triangle"), ("purple", "circle"), ("orange", "square"))
-    assert len(shapes.COLOR_SHAPE_PAIRS) == 18 and len(shapes.TRAIN_PAIRS) == 15
-    assert not set(shapes.TRAIN_PAIRS) & set(HELDOUT_PAIRS)
+    assert len(world.COLOR_SHAPE_PAIRS) == 18 and len(world.TRAIN_PAIRS) == 15
+    assert not set(world.TRAIN_PAIRS) & set(HELDOUT_PAIRS)
     assert is_heldout("green", "triangle") and is_heldout("orange", "square")
     assert not is_heldout("green", "circle") and not is_heldout("red", "triangle")
     assert (IMAGE_PROMPT, VIDEO_PROMPT, ASR_PROMPT) == (
@@ -133,9 +131,9 @@ def test_text_corpus_teaches_copying(tmp_path):
     """About COPY_FRACTION of the lines repeat one sentence after the ASR prompt, word for word."""
     lines = synth_text(tmp_path, n=3000, seed=0).read_text(encoding="utf-8").splitlines()
     repeats = [line for line in lines if _REPEAT.fullmatch(line)]
-    assert abs(len(repeats) / len(lines) - shapes.COPY_FRACTION) < 0.03, len(repeats)
+    assert abs(len(repeats) / len(lines) - world.COPY_FRACTION) < 0.03, len(repeats)
     assert (
-        0.1 <= shapes.COPY_FRACTION <= 0.5
+        0.1 <= world.COPY_FRACTION <= 0.5
     )  # enough to teach copying; the prompt formats keep half the lines
     for line in repeats:
         first, second = line.split(" " + ASR_PROMPT)
@@ -151,7 +149,7 @@ def test_text_corpus_teaches_copying(tmp_path):
 
 def test_small_corpus_still_covers_every_pair(tmp_path):
     lines = synth_text(tmp_path, n=18, seed=5).read_text().splitlines()
-    for color, shape in shapes.COLOR_SHAPE_PAIRS:
+    for color, shape in world.COLOR_SHAPE_PAIRS:
         # Either "color shape" adjacent, or "the [size] shape is color."
         assert any(
             f"{color} {shape}" in line or re.search(rf"{shape} is {color}\.", line) for line in lines
@@ -180,7 +178,7 @@ def test_text_corpus_deterministic_and_splits_differ(tmp_path):
 
 
 def test_default_sizes(tmp_path):
-    assert shapes.DEFAULT_TEXT_LINES == {"train": 20000, "heldout": 1000}
+    assert world.DEFAULT_TEXT_LINES == {"train": 20000, "heldout": 1000}
     assert len(synth_text(tmp_path, split="heldout").read_text().splitlines()) == 1000
 
 

@@ -1,10 +1,10 @@
-"""The spoken shapes world (`shared/design.md`): sentences of the world (`shapes.random_sentence`) spoken by
+"""The spoken shapes world (`shared/design.md`): sentences of the world (`grammar.random_sentence`) spoken by
 espeak-ng, resampled to 16 kHz mono 16-bit WAV; transcript = the sentence.
 
 Splits (`synth_speech`):
 
 - `train`: voice `en-us`, speed 140-180 words per minute, pitch 30-70 (uniform integers per clip); sentences of
-  the training partition only, and never a held-out colour-shape pair (`shapes.HELDOUT_PAIRS`).
+  the training partition only, and never a held-out colour-shape pair (`grammar.HELDOUT_PAIRS`).
 - `heldout_sentences`: same voice and ranges, sentences of the held-out partition: their text never occurs in
   `train` (the partition is fixed by a hash of the sentence text, `is_heldout_sentence`, about 10% of them).
 - `heldout_voices`: sentences of the training partition (new clips) spoken by `HELDOUT_VOICES`, other espeak-ng
@@ -20,15 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import math
 import os
 import random
-import re
 import shutil
 import subprocess
-import tarfile
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,7 +32,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from .shapes import _remove_stale, _tar_add, _write_lines, random_sentence
+from .files import write_split
+from .grammar import random_sentence
 
 __all__ = [
     "DEFAULT_SPEECH_COUNTS",
@@ -146,12 +142,6 @@ def synth_speech(
         n = DEFAULT_SPEECH_COUNTS[split]
     if n < 1 or shard_size < 1:
         raise ValueError(f"n and shard_size must be at least 1, got n={n}, shard_size={shard_size}")
-    root = Path(out_dir) / "speech"
-    clip_dir = root / split
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = math.ceil(n / shard_size)
-    _remove_stale(clip_dir, r"(\d+)\.wav", n)
-    _remove_stale(root, re.escape(split) + r"-(\d{5})\.tar", n_shards)
     params = [speech_clip_params(seed, split, i) for i in range(n)]
 
     def speak(i: int) -> tuple[bytes, float]:
@@ -160,30 +150,10 @@ def synth_speech(
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         clips = list(pool.map(speak, range(n)))
-    lines = []
-    for k in range(n_shards):
-        shard = root / f"{split}-{k:05d}.tar"
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{shard.name}.", suffix=".tmp")
-        try:
-            with (
-                os.fdopen(fd, "wb") as f,
-                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
-            ):
-                for i in range(k * shard_size, min(n, (k + 1) * shard_size)):
-                    wav, seconds = clips[i]
-                    name = f"{i:06d}"
-                    (clip_dir / f"{name}.wav").write_bytes(wav)
-                    meta = {**params[i], "seconds": round(seconds, 4)}
-                    lines.append(json.dumps({"audio": f"{split}/{name}.wav", **meta}))
-                    _tar_add(tar, f"{name}.wav", wav)
-                    _tar_add(tar, f"{name}.txt", meta["text"].encode("utf-8"))
-                    _tar_add(
-                        tar, f"{name}.json", json.dumps({"split": split, "index": i, **meta}).encode("utf-8")
-                    )
-            os.replace(tmp, shard)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    manifest = root / f"{split}.jsonl"
-    _write_lines(manifest, lines)
-    return manifest
+
+    def sample(i: int) -> tuple[bytes, dict]:
+        """Clip i: WAV bytes and metadata."""
+        wav, seconds = clips[i]
+        return wav, {**params[i], "seconds": round(seconds, 4)}
+
+    return write_split(Path(out_dir) / "speech", split, n, shard_size, ("audio", "wav"), sample)

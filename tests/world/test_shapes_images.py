@@ -1,4 +1,4 @@
-"""The shapes world's images (mm.datasets.shapes.synth_shapes): layout, captions, held-out pairs, outputs."""
+"""The shapes world's images (mm.world.images.synth_shapes): layout, captions, held-out pairs, outputs."""
 
 import json
 import random
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mm.datasets.images import ImageTextDataset, iter_webdataset
-from mm.datasets.shapes import (
+from mm.datasets.tiling import TileTransform
+from mm.world import (
     COLORS,
     DEFAULT_IMAGE_COUNTS,
     HELDOUT_PAIRS,
@@ -26,7 +27,6 @@ from mm.datasets.shapes import (
     synth_shapes,
     synth_shapes_variants,
 )
-from mm.datasets.tiling import TileTransform
 
 N = 64
 
