@@ -4,11 +4,12 @@ Imports nothing from the other rooms.
 """
 
 from .config import PRESETS, LMConfig, RopeScaling, preset
+from .doc_attention import positions_in_documents
 from .generate import generate
 from .hf import load_hf, save_hf
 from .kv_cache import KVCache
 from .meta import load_meta
-from .model import RMSNorm, Transformer, apply_rope, positions_in_documents, rope_inv_freq
+from .model import RMSNorm, Transformer, apply_rope, rope_inv_freq
 from .tokenizer import SPECIAL_TOKENS, Tokenizer
 
 __all__ = [
