@@ -10,7 +10,8 @@ from .hf import load_hf, save_hf
 from .kv_cache import KVCache
 from .meta import load_meta
 from .model import RMSNorm, Transformer, apply_rope, rope_inv_freq
-from .tokenizer import SPECIAL_TOKENS, Tokenizer
+from .tokenizer import Tokenizer
+from .vocab import SPECIAL_TOKENS
 
 __all__ = [
     "PRESETS",
