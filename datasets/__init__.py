@@ -19,6 +19,8 @@ from .images import (
     iter_webdataset,
     read_manifest,
 )
+from .mixture import PackedText
+from .packing import heldout_batches
 from .shapes import (
     ASR_PROMPT,
     COLORS,
@@ -36,7 +38,7 @@ from .shapes import (
     synth_shapes,
     synth_text,
 )
-from .text import PackedText, TextSource, heldout_batches, read_documents
+from .text import TextSource, read_documents
 from .tiling import TiledImage, TileTransform, supported_aspect_ratios
 
 __all__ = [

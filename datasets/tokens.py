@@ -46,18 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .text import (
-    TextSource,
-    TokenizerLike,
-    _chunks,
-    _derive_seed,
-    _encode_docs,
-    _load_corpus,
-    new_read_stats,
-    pack_heldout,
-    read_documents,
-    rows_from_windows,
-)
+from .mixture import load_corpus
+from .packing import chunked, encode_documents, pack_heldout, rows_from_windows
+from .seeding import derive_seed
+from .text import TextSource, TokenizerLike, new_read_stats, read_documents
 
 __all__ = [
     "FORMAT",
@@ -179,8 +171,8 @@ def tokenize_to_folder(
         handle = None
 
     docs = (d for p in paths for d in read_documents(p, doc_split, stats))
-    for chunk in _chunks(docs, chunk_docs):
-        for ids in _encode_docs(tokenizer, chunk):
+    for chunk in chunked(docs, chunk_docs):
+        for ids in encode_documents(tokenizer, chunk):
             arr = np.asarray(ids, dtype=np.uint32)
             if handle is not None and n_tok + len(arr) > shard_tokens:
                 close()
@@ -270,7 +262,7 @@ class TokenCorpus:
     @classmethod
     def from_text(cls, source: TextSource, tokenizer: TokenizerLike) -> TokenCorpus:
         """Read and tokenize a text source into memory (small corpora, e.g. the demo's)."""
-        c = _load_corpus(source, tokenizer)
+        c = load_corpus(source, tokenizer)
         return cls(source.name, [(c.tokens, c.offsets[:-1])], {"read_stats": c.read_stats})
 
     def global_starts(self, docs: np.ndarray) -> np.ndarray:
@@ -378,7 +370,7 @@ def _shuffle(items: list[int], *key: object) -> None:
     """Shuffle in place, seeded by the key (Python's `random`: the same order on every platform and version)."""
     import random
 
-    random.Random(_derive_seed(*key)).shuffle(items)
+    random.Random(derive_seed(*key)).shuffle(items)
 
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -483,7 +475,7 @@ class TokenReader:
         self.corpora = list(corpora)
         self.weights = [float(w) for w in weights]
         self.seed, self.rank, self.world = int(seed), rank, world
-        self.mix_seed = _derive_seed("mm.tokens.mixture", seed)
+        self.mix_seed = derive_seed("mm.tokens.mixture", seed)
         self.streams = [SourceStream(c, self.seed, block_docs) for c in corpora]
         self._rows_read = [0] * len(corpora)
         self._tokens_read = [0] * len(corpora)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.datasets.loader import LoaderOptions, ResumableLoader
-from mm.datasets.text import TextSource, heldout_batches, read_documents
+from mm.datasets.packing import heldout_batches
+from mm.datasets.text import TextSource, read_documents
 from mm.datasets.tokens import (
     TokenCorpus,
     TokenReader,

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from mm.datasets import shapes
+from mm.datasets.mixture import PackedText
 from mm.datasets.shapes import (
     ASR_PROMPT,
     COLORS,
@@ -19,7 +20,7 @@ from mm.datasets.shapes import (
     random_sentence,
     synth_text,
 )
-from mm.datasets.text import PackedText, TextSource, read_documents
+from mm.datasets.text import TextSource, read_documents
 
 
 def test_vocabulary_constants():
