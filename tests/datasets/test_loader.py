@@ -18,7 +18,8 @@ from mm.datasets.shapes import synth_shapes
 from mm.datasets.streams import ShardStream, open_stream
 from mm.datasets.text import TextSource
 from mm.datasets.tiling import TileTransform
-from mm.datasets.tokens import TokenCorpus, TokenReader, check_tokenizer, read_index
+from mm.datasets.token_folders import check_tokenizer, read_index
+from mm.datasets.tokens import TokenCorpus, TokenReader
 from mm.lm import Tokenizer
 
 ROWS4 = 2  # rows per process at world 4: global batch 8
