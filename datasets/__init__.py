@@ -18,7 +18,9 @@ from .images import (
     iter_webdataset,
     read_manifest,
 )
-from .text import PackedText, TextSource, heldout_batches, read_documents
+from .mixture import PackedText
+from .packing import heldout_batches
+from .text import TextSource, read_documents
 from .tiling import TiledImage, TileTransform, supported_aspect_ratios
 
 __all__ = [

@@ -4,12 +4,14 @@ Imports nothing from the other rooms.
 """
 
 from .config import PRESETS, LMConfig, RopeScaling, preset
+from .doc_attention import positions_in_documents
 from .generate import generate
 from .hf import load_hf, save_hf
 from .kv_cache import KVCache
 from .meta import load_meta
-from .model import RMSNorm, Transformer, apply_rope, positions_in_documents, rope_inv_freq
-from .tokenizer import SPECIAL_TOKENS, Tokenizer
+from .model import RMSNorm, Transformer, apply_rope, rope_inv_freq
+from .tokenizer import Tokenizer
+from .vocab import SPECIAL_TOKENS
 
 __all__ = [
     "PRESETS",

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 # Document attention for packed rows: "flex" (FlexAttention with a block mask built from the document
 # boundaries), "varlen" (one causal attention per document: the flash varlen kernel on CUDA in half
 # precision, a per-document SDPA loop otherwise), "dense" (a (B, 1, T, T) boolean mask, the reference) or
-# "auto" (flex on CUDA; on CPU dense up to `lm.model.DENSE_DOC_MASK_MAX_T` = 512 tokens, varlen beyond).
+# "auto" (flex on CUDA; on CPU dense up to `lm.doc_attention.DENSE_DOC_MASK_MAX_T` = 512 tokens, varlen beyond).
 DOC_ATTENTION = ("auto", "flex", "varlen", "dense")
 
 

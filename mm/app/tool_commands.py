@@ -67,7 +67,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_tokenize(args: argparse.Namespace) -> int:
     """Tokenize text into memory-mapped token shards (`mm.datasets.tokens`); print the folder and its counts."""
-    from mm.datasets.tokens import tokenize_to_folder
+    from mm.datasets.token_folders import tokenize_to_folder
     from mm.lm import Tokenizer
 
     tok = Tokenizer.from_file(args.tokenizer)

@@ -27,15 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.datasets.loader import LoaderOptions, ResumableLoader
-from mm.datasets.text import TextSource, heldout_batches, read_documents
-from mm.datasets.tokens import (
-    TokenCorpus,
-    TokenReader,
-    check_tokenizer,
-    heldout_token_batches,
-    is_token_folder,
-    read_index,
-)
+from mm.datasets.packing import heldout_batches
+from mm.datasets.text import TextSource, read_documents
+from mm.datasets.token_folders import check_tokenizer, is_token_folder, read_index
+from mm.datasets.tokens import TokenCorpus, TokenReader, heldout_token_batches
 from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import polyak_average_into

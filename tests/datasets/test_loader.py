@@ -17,7 +17,8 @@ from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader, add
 from mm.datasets.streams import ShardStream, open_stream
 from mm.datasets.text import TextSource
 from mm.datasets.tiling import TileTransform
-from mm.datasets.tokens import TokenCorpus, TokenReader, check_tokenizer, read_index
+from mm.datasets.token_folders import check_tokenizer, read_index
+from mm.datasets.tokens import TokenCorpus, TokenReader
 from mm.lm import Tokenizer
 from mm.world import synth_shapes
 

@@ -7,14 +7,9 @@ import logging
 import pytest
 import torch
 
-from mm.datasets.text import (
-    IGNORE_INDEX,
-    PackedText,
-    TextSource,
-    heldout_batches,
-    new_read_stats,
-    read_documents,
-)
+from mm.datasets.mixture import PackedText
+from mm.datasets.packing import heldout_batches
+from mm.datasets.text import IGNORE_INDEX, TextSource, new_read_stats, read_documents
 from mm.lm.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()

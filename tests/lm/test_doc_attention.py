@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm.lm import Transformer, preset
-from mm.lm.model import (
+from mm.lm.doc_attention import (
     DENSE_DOC_MASK_MAX_T,
     document_block_mask,
     document_runs,

@@ -6,7 +6,8 @@ import pickle
 
 import pytest
 
-from mm.lm.tokenizer import LLAMA3_PAT_STR, MULTIMODAL_TOKENS, SPECIAL_TOKENS, Tokenizer
+from mm.lm.tokenizer import Tokenizer
+from mm.lm.vocab import LLAMA3_PAT_STR, MULTIMODAL_TOKENS, SPECIAL_TOKENS
 
 SIZES = ["small", "large"]
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]

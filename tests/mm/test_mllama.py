@@ -432,8 +432,6 @@ def test_weights_that_do_not_fill_the_model_are_refused_with_a_message(ckpt, mon
 
 
 def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_path, capsys):
-    from transformers import MllamaForConditionalGeneration
-
     from mm.app.cli import main
     from mm.lm import Tokenizer
     from mm.models.loading import load_image_bundle
@@ -488,22 +486,30 @@ def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_p
     model, _, transform, meta = load_image_bundle(out / "final")
     assert meta["lm_format"] == "hf_mllama" and model.xattn_layers == [1, 3]
     assert transform.max_tiles == 2 and transform.id_grids == load_hf_mllama_transform(ckpt).grids
+    _assert_hf_mllama_export_equals(out / "final", ckpt, tmp_path / "export", tok, model, meta)
+
+
+def _assert_hf_mllama_export_equals(final, ckpt, export_dir, tok, model, meta):
+    """`mm export --format hf-mllama` of the trained bundle `final`: transformers loads the directory, its image
+    processor and tokenizer, and gives the logits of the reloaded bundle `model`."""
+    from transformers import MllamaForConditionalGeneration, MllamaImageProcessor, PreTrainedTokenizerFast
+
+    from mm.app.cli import main
+
     # `mm export --format hf-mllama`: the directory, its image processor and tokenizer load in transformers
     export = [
         "export",
         "--checkpoint",
-        str(out / "final"),
+        str(final),
         "--format",
         "hf-mllama",
         "--out",
-        str(tmp_path / "export"),
+        str(export_dir),
     ]
     assert main(export) == 0
-    hf = MllamaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
-    from transformers import MllamaImageProcessor, PreTrainedTokenizerFast
-
-    assert MllamaImageProcessor.from_pretrained(tmp_path / "export").max_image_tiles == 4  # the encoder's
-    assert PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "export" / "tokenizer.json")).encode(
+    hf = MllamaForConditionalGeneration.from_pretrained(export_dir).eval()
+    assert MllamaImageProcessor.from_pretrained(export_dir).max_image_tiles == 4  # the encoder's
+    assert PreTrainedTokenizerFast(tokenizer_file=str(export_dir / "tokenizer.json")).encode(
         "a red circle", add_special_tokens=False
     ) == tok.encode("a red circle")
     assert hf.config.text_config.eos_token_id == tok.eos_id

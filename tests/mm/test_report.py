@@ -90,8 +90,9 @@ def image_figures(em, color, shape, size, count, order, order_n, n):
     }
 
 
-def test_report_attribute_robustness_and_curve_sections(tmp_path):
-    report = {
+def attribute_report():
+    """A report with per-attribute, robustness and learning-curve figures for the image and video parts."""
+    return {
         "image": {
             "caption_exact_match": 0.61,
             "attributes": {
@@ -130,22 +131,28 @@ def test_report_attribute_robustness_and_curve_sections(tmp_path):
             "exact_match_curves": {"video": [{"step": 300, "value": 0.66}, {"step": 900, "value": 0.71}]},
         },
     }
-    md = write_report(tmp_path, report).read_text()
+
+
+def markdown_section(md, title):
+    """The lines of the `## ` section of md titled `title`, up to the next one."""
     lines = md.splitlines()
+    start = lines.index(title)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
 
-    def section(title):
-        start = lines.index(title)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        return lines[start:end]
 
-    image = section("## Image captions per attribute")
+def test_report_attribute_robustness_and_curve_sections(tmp_path):
+    report = attribute_report()
+    md = write_report(tmp_path, report).read_text()
+
+    image = markdown_section(md, "## Image captions per attribute")
     assert (
         "| split | exact match | colour | shape | size | count | left-right order | well-formed | images |"
         in image
     )
     assert "| heldout | 0.610 | 0.930 | 0.880 | 0.970 | 0.990 | 0.875 (40) | 0.995 | 200 |" in image
     assert "| heldout_pairs | 0.120 | 0.710 | 0.640 | 0.960 | 0.980 | 0.500 (30) | 0.995 | 200 |" in image
-    robust = section("## Robustness (image-anneal on images drawn differently)")
+    robust = markdown_section(md, "## Robustness (image-anneal on images drawn differently)")
     assert (
         "| heldout (drawn as in training) | 0.610 | 0.930 | 0.880 | 0.970 | 0.990 | 0.875 (40) | 0.995 | 200 |"
         in robust
@@ -156,11 +163,11 @@ def test_report_attribute_robustness_and_curve_sections(tmp_path):
     )  # no pair to order
     assert "| sizes | 0.330 | 0.810 | 0.770 | 0.620 | 0.930 | 0.750 (16) | 0.995 | 100 |" in robust
     assert any(line.startswith("- jpeg: JPEG at quality 40-85") for line in robust)
-    video = section("## Video captions per attribute")
+    video = markdown_section(md, "## Video captions per attribute")
     assert "| split | exact match | colour | shape | direction | clips |" in video
     assert "| heldout | 0.710 | 0.960 | 0.940 | 0.990 | 200 |" in video
     assert "| heldout_pairs | 0.080 | - | - | 0.970 | 120 |" in video  # missing figures shown as "-"
-    curves = section("## Learning curves (held-out exact match)")
+    curves = markdown_section(md, "## Learning curves (held-out exact match)")
     assert "![exact match against step](figures/exact_match_curves.png)" in curves
     assert "| stage | step | seconds | exact match |" in curves
     assert "| image-pretrain | 100 | 20 | 0.050 |" in curves

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from mm import world
-from mm.datasets.text import PackedText, TextSource, read_documents
+from mm.datasets.mixture import PackedText
+from mm.datasets.text import TextSource, read_documents
 from mm.prompts import ASR_PROMPT, IMAGE_PROMPT, VIDEO_PROMPT
 from mm.world import (
     COLORS,
