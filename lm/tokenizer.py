@@ -26,7 +26,6 @@ import base64
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 import tiktoken
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from .io import atomic_write_bytes
 
 __all__ = [
     "LLAMA3_PAT_STR",
@@ -119,19 +120,6 @@ def _merges_from_ranks(vocab: dict[str, int]) -> list[tuple[str, str]]:
                 found.append((rank, vocab[left], vocab[right], left, right))
     found.sort()
     return [(left, right) for _, _, _, left, right in found]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to path through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -287,7 +275,7 @@ class Tokenizer:
         directory = Path(directory)
         if self._hf is not None:
             path = directory / "tokenizer.json"
-            _atomic_write(path, self._hf.to_str(pretty=True).encode("utf-8"))
+            atomic_write_bytes(path, self._hf.to_str(pretty=True).encode("utf-8"))
             return path
         path = directory / "tokenizer.model"
         self.export_tiktoken(path)
@@ -320,7 +308,7 @@ class Tokenizer:
             f"{base64.b64encode(t).decode('ascii')} {r}\n"
             for t, r in sorted(ranks.items(), key=lambda x: x[1])
         ]
-        _atomic_write(path, "".join(lines).encode("ascii"))
+        atomic_write_bytes(path, "".join(lines).encode("ascii"))
         return path
 
     # ------------------------------------------------------------------------------------ encode / decode

@@ -6,7 +6,7 @@ or before the LM layers listed in `xattn_layers`, a `CrossAttentionBlock` lets t
 tokens. With every gate at 0 the text logits equal the bare LM's exactly, with or without media. During
 generation the media's K/V for every cross-attention layer are computed once per prompt (`encode_media`) and
 passed to each step in a `MediaContext`, the media counterpart of the KV cache. `forward_hf` takes the tensors
-of transformers' `MllamaProcessor` (Llama 3.2 Vision checkpoints load through `mm.models.mllama`).
+of transformers' `MllamaProcessor` (Llama 3.2 Vision checkpoints load through `mm.formats.hf_mllama`).
 
 Video (paper §7.5, `paper-notes.md` §4): with a `video_aggregator`, each frame goes through the image encoder,
 a `TemporalAggregator` merges every M consecutive frames into one effective frame, and video cross-attention

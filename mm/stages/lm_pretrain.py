@@ -36,7 +36,8 @@ from mm.datasets.tokens import (
     is_token_folder,
     read_index,
 )
-from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
+from mm.formats.hf_llama import save_hf
+from mm.lm import RopeScaling, Tokenizer, Transformer
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import polyak_average_into
 from mm.training.config import DataSourceConfig, LMPretrainConfig

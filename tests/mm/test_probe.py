@@ -22,10 +22,10 @@ from mm.app.probe import (
 )
 from mm.datasets.shapes import IMAGE_PROMPT, synth_shapes
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.formats.bundle import dataclass_dict, save_bundle
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.models.caption import load_rgb
 from mm.models.multimodal import MultimodalLM
-from mm.training.bundle import dataclass_dict, save_bundle
 from mm.training.freeze import fingerprint, freeze
 
 
