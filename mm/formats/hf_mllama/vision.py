@@ -19,6 +19,49 @@ def mllama_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
     return encoder
 
 
+def _vision_names(
+    encoder: ImageEncoder,
+) -> tuple[list[tuple[str, str]], dict[str, tuple[tuple[int, ...], ...]]]:
+    """(Mllama name, our name) of every vision tensor in checkpoint order, and {our name: (Mllama shape, our
+    shape)} for the two that differ in shape. A Mllama name with "{}" stands for its q, k and v projections,
+    which timm fuses into one `attn.qkv.weight` (q rows, then k, then v)."""
+    D = encoder.width
+    names = [
+        ("patch_embedding.weight", "vit.patch_embed.proj.weight"),
+        ("class_embedding", "vit.cls_token"),
+        ("gated_positional_embedding.embedding", "vit.pos_embed"),
+        ("gated_positional_embedding.gate", "pos_gate"),
+        ("gated_positional_embedding.tile_embedding.weight", "tile_pos_embed.weight"),
+    ]
+    for which in ("pre_tile", "post_tile"):
+        names.append((f"{which}_positional_embedding.embedding.weight", f"{which}.embedding.weight"))
+        names.append((f"{which}_positional_embedding.gate", f"{which}.gate"))
+    for part in ("weight", "bias"):
+        names += [
+            (f"layernorm_pre.{part}", f"vit.norm_pre.{part}"),
+            (f"layernorm_post.{part}", f"vit.norm.{part}"),
+        ]
+    stacks = [
+        ("transformer", "vit.blocks", len(encoder.vit.blocks), ""),
+        ("global_transformer", "global_layers", len(encoder.global_layers), "block."),
+    ]
+    for hf_stack, ours, n, inner in stacks:
+        for i in range(n):
+            h, o = f"{hf_stack}.layers.{i}.", f"{ours}.{i}.{inner}"
+            names.append((f"{h}self_attn.{{}}_proj.weight", f"{o}attn.qkv.weight"))
+            names.append((f"{h}self_attn.o_proj.weight", f"{o}attn.proj.weight"))
+            for part in ("weight", "bias"):
+                names.append((f"{h}mlp.fc1.{part}", f"{o}mlp.fc1.{part}"))
+                names.append((f"{h}mlp.fc2.{part}", f"{o}mlp.fc2.{part}"))
+                names.append((f"{h}input_layernorm.{part}", f"{o}norm1.{part}"))
+                names.append((f"{h}post_attention_layernorm.{part}", f"{o}norm2.{part}"))
+            if hf_stack == "global_transformer":
+                names.append((f"{h}gate_attn", f"global_layers.{i}.gate_attn"))
+                names.append((f"{h}gate_ffn", f"global_layers.{i}.gate_ffn"))
+    shapes = {"vit.cls_token": ((D,), (1, 1, D)), "vit.pos_embed": ((-1, D), (1, -1, D))}
+    return names, shapes
+
+
 def load_mllama_vision_state_dict(
     encoder: ImageEncoder,
     vision_state_dict: Mapping[str, torch.Tensor],
@@ -33,45 +76,18 @@ def load_mllama_vision_state_dict(
     """
     hf = dict(vision_state_dict)
     out: dict[str, torch.Tensor] = {}
-
-    def take(hf_key: str, ours: str, shape: tuple[int, ...] | None = None) -> None:
+    names, shapes = _vision_names(encoder)
+    for hf_key, ours in names:
+        if "{}" in hf_key:
+            qkv = [hf.pop(hf_key.format(p), None) for p in "qkv"]
+            if any(t is None for t in qkv):
+                raise KeyError(f"Mllama vision state dict lacks {hf_key.format('{q,k,v}')}")
+            out[ours] = torch.cat(qkv, dim=0)  # timm's fused (3 * D, D), q then k then v
+            continue
         if hf_key not in hf:
             raise KeyError(f"Mllama vision state dict has no {hf_key!r}")
         t = hf.pop(hf_key)
-        out[ours] = t.reshape(shape) if shape is not None else t
-
-    D = encoder.width
-    take("patch_embedding.weight", "vit.patch_embed.proj.weight")
-    take("class_embedding", "vit.cls_token", (1, 1, D))
-    take("gated_positional_embedding.embedding", "vit.pos_embed", (1, -1, D))
-    take("gated_positional_embedding.gate", "pos_gate")
-    take("gated_positional_embedding.tile_embedding.weight", "tile_pos_embed.weight")
-    for which in ("pre_tile", "post_tile"):
-        take(f"{which}_positional_embedding.embedding.weight", f"{which}.embedding.weight")
-        take(f"{which}_positional_embedding.gate", f"{which}.gate")
-    for part in ("weight", "bias"):
-        take(f"layernorm_pre.{part}", f"vit.norm_pre.{part}")
-        take(f"layernorm_post.{part}", f"vit.norm.{part}")
-    stacks = [
-        ("transformer", "vit.blocks", len(encoder.vit.blocks), ""),
-        ("global_transformer", "global_layers", len(encoder.global_layers), "block."),
-    ]
-    for hf_stack, ours, n, inner in stacks:
-        for i in range(n):
-            h, o = f"{hf_stack}.layers.{i}.", f"{ours}.{i}.{inner}"
-            qkv = [hf.pop(f"{h}self_attn.{p}_proj.weight", None) for p in "qkv"]
-            if any(t is None for t in qkv):
-                raise KeyError(f"Mllama vision state dict lacks {h}self_attn.{{q,k,v}}_proj.weight")
-            out[f"{o}attn.qkv.weight"] = torch.cat(qkv, dim=0)  # timm's fused (3 * D, D), q then k then v
-            take(f"{h}self_attn.o_proj.weight", f"{o}attn.proj.weight")
-            for part in ("weight", "bias"):
-                take(f"{h}mlp.fc1.{part}", f"{o}mlp.fc1.{part}")
-                take(f"{h}mlp.fc2.{part}", f"{o}mlp.fc2.{part}")
-                take(f"{h}input_layernorm.{part}", f"{o}norm1.{part}")
-                take(f"{h}post_attention_layernorm.{part}", f"{o}norm2.{part}")
-            if hf_stack == "global_transformer":
-                take(f"{h}gate_attn", f"global_layers.{i}.gate_attn")
-                take(f"{h}gate_ffn", f"global_layers.{i}.gate_ffn")
+        out[ours] = t.reshape(shapes[ours][1]) if ours in shapes else t
     current = encoder.state_dict()
     proj = {"weight": current["project.weight"], "bias": current["project.bias"]}
     if projector_state_dict is not None:
@@ -94,46 +110,20 @@ def mllama_vision_state_dict(encoder: ImageEncoder) -> dict[str, torch.Tensor]:
     """Inverse of `load_mllama_vision_state_dict`: `vision_model.*` and `multi_modal_projector.*` tensors."""
     sd = dict(encoder.state_dict())
     out: dict[str, torch.Tensor] = {}
-    D = encoder.width
 
     def take(ours: str) -> torch.Tensor:
         if ours not in sd:
             raise MllamaCheckpointError(f"image encoder has no {ours!r}, which Mllama's vision model needs")
         return sd.pop(ours)
 
-    def put(hf: str, ours: str, shape: tuple[int, ...] | None = None) -> None:
+    names, shapes = _vision_names(encoder)
+    for hf_key, ours in names:
         t = take(ours)
-        out[f"vision_model.{hf}"] = t.reshape(shape) if shape is not None else t
-
-    put("patch_embedding.weight", "vit.patch_embed.proj.weight")
-    put("class_embedding", "vit.cls_token", (D,))
-    put("gated_positional_embedding.embedding", "vit.pos_embed", (-1, D))
-    put("gated_positional_embedding.gate", "pos_gate")
-    put("gated_positional_embedding.tile_embedding.weight", "tile_pos_embed.weight")
-    for which in ("pre_tile", "post_tile"):
-        put(f"{which}_positional_embedding.embedding.weight", f"{which}.embedding.weight")
-        put(f"{which}_positional_embedding.gate", f"{which}.gate")
-    for part in ("weight", "bias"):
-        put(f"layernorm_pre.{part}", f"vit.norm_pre.{part}")
-        put(f"layernorm_post.{part}", f"vit.norm.{part}")
-    stacks = [
-        ("transformer", "vit.blocks", len(encoder.vit.blocks), ""),
-        ("global_transformer", "global_layers", len(encoder.global_layers), "block."),
-    ]
-    for hf_stack, ours, n, inner in stacks:
-        for i in range(n):
-            h, o = f"{hf_stack}.layers.{i}.", f"{ours}.{i}.{inner}"
-            for p, t in zip("qkv", take(f"{o}attn.qkv.weight").chunk(3, dim=0)):  # timm's fused q, k, v rows
-                out[f"vision_model.{h}self_attn.{p}_proj.weight"] = t
-            put(f"{h}self_attn.o_proj.weight", f"{o}attn.proj.weight")
-            for part in ("weight", "bias"):
-                put(f"{h}mlp.fc1.{part}", f"{o}mlp.fc1.{part}")
-                put(f"{h}mlp.fc2.{part}", f"{o}mlp.fc2.{part}")
-                put(f"{h}input_layernorm.{part}", f"{o}norm1.{part}")
-                put(f"{h}post_attention_layernorm.{part}", f"{o}norm2.{part}")
-            if hf_stack == "global_transformer":
-                put(f"{h}gate_attn", f"global_layers.{i}.gate_attn")
-                put(f"{h}gate_ffn", f"global_layers.{i}.gate_ffn")
+        if "{}" in hf_key:
+            for p, part in zip("qkv", t.chunk(3, dim=0)):  # timm's fused q, k, v rows
+                out[f"vision_model.{hf_key.format(p)}"] = part
+        else:
+            out[f"vision_model.{hf_key}"] = t.reshape(shapes[ours][0]) if ours in shapes else t
     out["multi_modal_projector.weight"] = take("project.weight")
     out["multi_modal_projector.bias"] = take("project.bias")
     if sd:
