@@ -5,8 +5,8 @@ The tensor names are ours already (mm follows Meta's reference: `tok_embeddings`
 `feed_forward.w1`, ..., and Meta's interleaved RoPE layout, so q/k need no permutation). Model-parallel shards
 are merged along the dimension fairscale split them on: column-parallel weights (wq, wk, wv, w1, w3, output)
 and the vocabulary-parallel embedding along dim 0, row-parallel weights (wo, w2) along dim 1; norms are
-replicated (every shard must hold the same values). Files are read with `mm.lm.io.read_tensors` (`torch.load(weights_only=True)`):
-a file that needs code to unpickle is refused, never executed.
+replicated (every shard must hold the same values). Files are read with `mm.lm.io.read_tensors`
+(`torch.load(weights_only=True)`): a file that needs code to unpickle is refused, never executed.
 """
 
 from __future__ import annotations
