@@ -5,8 +5,9 @@ Follows the Hugging Face Llama checkpoint format (`config.json` + `model.safeten
 llama-models / transformers' `convert_llama_weights_to_hf.py` for the q/k permutation: Hugging Face stores
 q/k rows in the rotate-half RoPE layout, we use Meta's interleaved layout (dims 2i and 2i+1 rotate together).
 
-Everything that knows Hugging Face names lives here, in one small adapter: `config_from_hf` / `config_to_hf`
-map the config, `hf_to_mm_state_dict` / `mm_to_hf_state_dict` map the weights. Weights are only ever read
+Everything that knows Hugging Face names lives here, in one small package: `config` (`config_from_hf` /
+`config_to_hf` map the config), `names` (`hf_to_mm_state_dict` / `mm_to_hf_state_dict` map the weights), `load`
+and `save` (files written through `mm.lm.io`). Weights are only ever read
 with `safetensors` (never pickle). Both RoPE config formats are read: transformers 5's `rope_parameters`
 and the legacy `rope_theta` + `rope_scaling` keys; both are written. `load_hf(..., device="meta")` reads
 nothing: each tensor says where its values live, so that a sharded run reads only each process's rows.
