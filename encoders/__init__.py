@@ -1,20 +1,13 @@
 """mm.encoders: see ../shared/design.md for what lives here.
 
 Image: `ImageEncoder` (timm ViT + tile embeddings + multi-layer features + gated global layers, after
-transformers' `MllamaVisionModel`) and its CLIP pretraining (`CLIPModel`, `TextTower`, `clip_loss`).
+transformers' `MllamaVisionModel`) and its CLIP pretraining (`CLIPModel`, `TextTower`, `clip_loss`). Checkpoint
+formats (timm weight files, Mllama's vision model) live in `mm.formats`.
 """
 
 from .clip import CLIPModel, TextTower, clip_loss, zero_shot_retrieval_accuracy
-from .image import (
-    AspectRatioEmbedding,
-    GatedBlock,
-    ImageEncoder,
-    ImageEncoderConfig,
-    config_from_mllama,
-    create_vit,
-    load_mllama_vision_state_dict,
-    load_timm_weights,
-)
+from .image import ImageEncoder, ImageEncoderConfig, create_vit
+from .image_layers import AspectRatioEmbedding, GatedBlock
 
 __all__ = [
     "AspectRatioEmbedding",
@@ -24,9 +17,6 @@ __all__ = [
     "ImageEncoderConfig",
     "TextTower",
     "clip_loss",
-    "config_from_mllama",
     "create_vit",
-    "load_mllama_vision_state_dict",
-    "load_timm_weights",
     "zero_shot_retrieval_accuracy",
 ]

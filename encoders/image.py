@@ -37,28 +37,26 @@ Attention mask (`mask_mode`):
   pairs; real tokens DO attend to padding tiles and pad-to-8 tokens. Needed for parity with released
   Llama 3.2 Vision weights (`config_from_mllama` selects it).
 
-This module knows nothing of checkpoint formats beyond loading a timm weights file; the mapping from
-transformers' Mllama names lives in `load_mllama_vision_state_dict` at the end of this file.
+This module knows nothing of checkpoint formats: timm weight files (`ImageEncoderConfig.weights`) are read by
+`mm.formats.timm`, transformers' Mllama names are mapped by `mm.formats.hf_mllama` (`config_from_mllama`,
+`load_mllama_vision_state_dict`). The layers around the ViT live in `encoders/image_layers.py`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import pickle
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from timm.layers import LayerNorm, LayerNorm2d
+from timm.layers import LayerNorm
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from torch import nn
+
+from .image_layers import AspectRatioEmbedding, CanvasPosition, ConvStem, GatedBlock
 
 MASK_MODES = ("strict", "mllama")
 INTERMEDIATE_FROM = ("block_input", "block_output")
@@ -80,7 +78,9 @@ class ImageEncoderConfig:
     proj_bias: bool | None = None  # attention/MLP output biases; Mllama has none on the attention output
     pre_norm: bool | None = None  # LayerNorm before the blocks (timm `norm_pre`, no patch bias); Mllama: True
     norm_eps: float | None = None  # LayerNorm eps of every timm norm; timm: 1e-6, Mllama: 1e-5
-    weights: str | None = None  # timm weights file for `vit` (.safetensors, or a torch file)
+    # timm weights file for `vit` (.safetensors, or a torch file), loaded by `mm.formats.timm.build_image_encoder`
+    # (the stages build the encoder with it); `ImageEncoder` itself reads no file
+    weights: str | None = None
     intermediate_layers: tuple[int, ...] = ()  # 0-based local block indices; Llama 3.2: (3, 7, 15, 23, 30)
     # which feature an index names: "block_input" (Meta's reference, transformers 4.45) or "block_output"
     # (transformers 5.x); see the module docstring
@@ -134,134 +134,6 @@ class ImageEncoderConfig:
             )
         if self.n_global_layers < 0:
             raise ValueError(f"ImageEncoderConfig.n_global_layers must be >= 0, got {self.n_global_layers}")
-
-
-class AspectRatioEmbedding(nn.Module):
-    """Gated per-tile embedding chosen by aspect-ratio id: x (BN, T, L, D) + tanh(gate) * E[id] (BN, T, 1, D)."""
-
-    def __init__(self, max_aspect_ratio_id: int, max_tiles: int, dim: int) -> None:
-        super().__init__()
-        self.max_tiles, self.dim = max_tiles, dim
-        self.embedding = nn.Embedding(max_aspect_ratio_id + 1, max_tiles * dim)
-        self.gate = nn.Parameter(torch.zeros(1))
-        nn.init.normal_(self.embedding.weight, std=0.02)
-
-    def forward(self, x: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
-        """x (BN, T, L, D), ids (BN,) -> (BN, T, L, D)."""
-        T = x.shape[1]
-        emb = self.embedding(aspect_ratio_ids).view(-1, self.max_tiles, 1, self.dim)[:, :T]
-        return x + emb * self.gate.tanh()
-
-
-class GatedBlock(nn.Module):
-    """A timm `Block` whose attention and MLP outputs are scaled by tanh(gate): the paper's global layers.
-
-    h = x + tanh(g_attn) * attn(norm1(x)); out = h + tanh(g_ffn) * mlp(norm2(h)). Gates start at 0 (identity).
-    """
-
-    def __init__(self, block: Block) -> None:
-        super().__init__()
-        if not isinstance(block, Block):
-            raise TypeError(
-                f"gated global layers need timm's vision_transformer.Block, got {type(block).__name__}"
-            )
-        self.block = block
-        self.gate_attn = nn.Parameter(torch.zeros(1))
-        self.gate_ffn = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, D) -> (B, L, D)."""
-        b = self.block
-        h = x + self.gate_attn.tanh() * b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=attn_mask)))
-        return h + self.gate_ffn.tanh() * b.drop_path2(b.ls2(b.mlp(b.norm2(h))))
-
-
-class ConvStem(nn.Module):
-    """Convolutional patch embedding ("Early Convolutions Help Transformers See Better", Xiao et al. 2021).
-
-    log2(patch_size) blocks of [3x3 conv, stride 2 (-> channel LayerNorm after the first) -> GELU], then a
-    1x1 conv to the ViT width:
-    (B, 3, S, S) -> (B, D, S / patch_size, S / patch_size), the shape of timm's patch projection, so it takes
-    the place of `vit.patch_embed.proj`. Each token then sees a neighbourhood of overlapping receptive fields
-    instead of one disjoint patch, which lets a small ViT tell shapes apart at a few pixels' size.
-    The first conv has no norm: a per-pixel LayerNorm over a linear map of RGB keeps only the direction of the
-    colour's projection (measured: colour read from the features fell from 0.80 to 0.37); without any norm the
-    stem's output starts too small and CLIP pretraining stalled (held-out retrieval 0.08). BatchNorm would make a
-    sample's features depend on its batch.
-
-    With `pool` (the "cnn" stem) each stage is [3x3 conv, stride 1 -> 2x2 max pool -> ReLU]: the same function
-    as conv -> ReLU -> pool (ReLU is monotone, so it commutes with the max; gradients agree too), with the
-    ReLU and its backward on a quarter of the values. The convolutions run channels-last (NHWC, oneDNN's
-    native layout on CPU: no reorder per call); measured on the image-pretrain step (AMD EPYC, 2 threads): the
-    two together 1.17x on forward + backward.
-    """
-
-    def __init__(
-        self,
-        patch_size: int,
-        embed_dim: int,
-        channels: tuple[int, ...] = (),
-        pool: bool = False,
-    ) -> None:
-        super().__init__()
-        n = patch_size.bit_length() - 1
-        if not channels:  # double per stage, ending at embed_dim (at least 16 wide)
-            channels = tuple(max(16, embed_dim >> (n - 1 - i)) for i in range(n))
-        layers: list[nn.Module] = []
-        c_in = 3
-        if pool:  # [3x3 conv (stride 1) -> 2x2 max pool -> ReLU] per stage, no norm (class docstring)
-            for c in channels:
-                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
-                c_in = c
-            channels = ()
-        for i, c in enumerate(channels):
-            norm: list[nn.Module] = [LayerNorm2d(c)] if i else []
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=i == 0), *norm, nn.GELU()]
-            c_in = c
-        layers.append(nn.Conv2d(c_in, embed_dim, 1))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D, S / patch_size, S / patch_size) (channels-last strides)."""
-        return self.layers(x.contiguous(memory_format=torch.channels_last))
-
-
-def tile_grids(max_tiles: int) -> list[tuple[int, int]]:
-    """Tile grids (rows, columns) in aspect-ratio-id order (id k is grid k-1), as Mllama numbers them."""
-    return [(h, w) for h in range(1, max_tiles + 1) for w in range(1, max_tiles + 1) if h * w <= max_tiles]
-
-
-class CanvasPosition(nn.Module):
-    """Learned embedding of each output token's place on the image canvas: (x, y) in [0, 1] of the token's
-    centre across the whole tile grid -> [x, y, sin(k pi x), cos(k pi x), sin(k pi y), cos(k pi y)]_k -> Linear.
-
-    Prefix tokens (class token) get the canvas centre. Pure function of the aspect-ratio id and token index.
-    """
-
-    def __init__(self, max_tiles: int, grid: int, n_prefix: int, dim: int, n_freqs: int = 4) -> None:
-        super().__init__()
-        self.max_tiles, self.grid, self.n_prefix, self.n_freqs = max_tiles, grid, n_prefix, n_freqs
-        self.proj = nn.Linear(2 + 4 * n_freqs, dim)
-        nn.init.normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
-        table = [torch.zeros(max_tiles, n_prefix + grid * grid, 2)]  # id 0 (padding image)
-        for rows, cols in tile_grids(max_tiles):
-            xy = torch.full((max_tiles, n_prefix + grid * grid, 2), 0.5)
-            ij = torch.arange(grid * grid)
-            for t in range(min(max_tiles, rows * cols)):
-                r, c = divmod(t, cols)
-                xy[t, n_prefix:, 0] = (c * grid + ij % grid + 0.5) / (cols * grid)
-                xy[t, n_prefix:, 1] = (r * grid + ij // grid + 0.5) / (rows * grid)
-            table.append(xy)
-        self.register_buffer("coords", torch.stack(table), persistent=False)  # (ids, max_tiles, n, 2)
-
-    def forward(self, aspect_ratio_ids: torch.Tensor, T: int) -> torch.Tensor:
-        """ids (B, N) -> embeddings (B, N, T, n, dim) for the first T tiles."""
-        xy = self.coords[aspect_ratio_ids.clamp(max=self.coords.shape[0] - 1)][:, :, :T]  # (B, N, T, n, 2)
-        k = torch.arange(1, self.n_freqs + 1, device=xy.device, dtype=xy.dtype) * math.pi
-        ang = xy[..., None] * k  # (B, N, T, n, 2, F)
-        feats = torch.cat([xy, ang.sin().flatten(-2), ang.cos().flatten(-2)], dim=-1)
-        return self.proj(feats.to(self.proj.weight.dtype))
 
 
 def create_vit(cfg: ImageEncoderConfig) -> VisionTransformer:
@@ -333,8 +205,6 @@ class ImageEncoder(nn.Module):
             if cfg.canvas_position
             else None
         )
-        if cfg.weights is not None:
-            load_timm_weights(self.vit, cfg.weights)
 
     def _fresh_block(self) -> Block:
         """A newly initialised block built exactly like the ViT's own (same norm, act, biases, width)."""
@@ -470,181 +340,3 @@ class ImageEncoder(nn.Module):
         if self.canvas_position is not None:
             out = out + self.canvas_position(aspect_ratio_ids, T)
         return out.view(B, N, T * n, -1)
-
-
-# ---- weights ----------------------------------------------------------------------------------------
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file or a torch file (loaded with weights_only=True, never plain pickle)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # arbitrary objects (code) in the pickle: refused, never run
-        raise ValueError(
-            f"{path}: refused to load, the file holds more than tensors (weights_only=True rejected it: "
-            f"{str(e).splitlines()[0]}); convert it to .safetensors"
-        ) from None
-    for wrapper in ("state_dict", "model"):  # timm's training checkpoints wrap the weights
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a mapping of parameter names to tensors")
-    return sd
-
-
-def _check_and_load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict) after naming every unexpected, missing or mis-shaped key."""
-    expected = module.state_dict()
-    errors = [f"unexpected key {k!r} (shape {tuple(sd[k].shape)})" for k in sorted(set(sd) - set(expected))]
-    errors += [
-        f"missing key {k!r} (expected shape {tuple(expected[k].shape)})"
-        for k in sorted(set(expected) - set(sd))
-    ]
-    errors += [
-        f"key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(expected[k].shape)}"
-        for k in sorted(set(sd) & set(expected))
-        if sd[k].shape != expected[k].shape
-    ]
-    errors += [
-        f"key {k!r} has dtype {sd[k].dtype}, expected a floating dtype like {expected[k].dtype}"
-        for k in sorted(set(sd) & set(expected))
-        if expected[k].is_floating_point() and not sd[k].is_floating_point()
-    ]
-    if errors:
-        raise ValueError(f"{source} does not fit {type(module).__name__}: " + "; ".join(errors))
-    module.load_state_dict(sd, strict=True)
-
-
-def load_timm_weights(vit: nn.Module, path: str | Path) -> None:
-    """Load a timm ViT weights file into `vit`; a classifier head (`head.*`) in the file is ignored."""
-    path = Path(path)
-    sd = {k: v for k, v in _read_tensors(path).items() if not k.startswith("head.")}
-    _check_and_load(vit, sd, str(path))
-
-
-# ---- transformers' Mllama -----------------------------------------------------------------------------
-def config_from_mllama(
-    vision_config: Any,
-    out_dim: int,
-    timm_name: str = "vit_huge_patch14_224",
-    intermediate_from: str | None = None,
-) -> ImageEncoderConfig:
-    """ImageEncoderConfig of a Mllama vision config (mask_mode "mllama"), its indices read as Meta reads them.
-
-    `intermediate_from` None: the config's own `intermediate_from` if it has one (mm's export writes it), else
-    "block_input", the meaning the released weights were trained with (Meta's reference); "block_output"
-    reproduces transformers 5.x's `MllamaVisionModel` exactly.
-    """
-    c = vision_config
-    if intermediate_from is None:
-        intermediate_from = getattr(c, "intermediate_from", None) or "block_input"
-    if c.hidden_act != "gelu":
-        raise ValueError(
-            f"MllamaVisionConfig.hidden_act={c.hidden_act!r}; only 'gelu' (erf, timm's nn.GELU) maps"
-        )
-    if c.norm_eps != 1e-5:
-        raise ValueError(
-            f"MllamaVisionConfig.norm_eps={c.norm_eps}; its layernorm_pre/post use 1e-5, so must 1e-5"
-        )
-    if not isinstance(c.image_size, int) or not isinstance(c.patch_size, int):
-        raise ValueError(f"square tiles only: image_size={c.image_size}, patch_size={c.patch_size}")
-    if c.num_channels != 3:
-        raise ValueError(f"MllamaVisionConfig.num_channels={c.num_channels}; only 3 is supported")
-    mlp_ratio = c.intermediate_size / c.hidden_size
-    if int(c.hidden_size * mlp_ratio) != c.intermediate_size:
-        raise ValueError(
-            f"intermediate_size={c.intermediate_size} is not reachable as int(hidden_size * ratio)"
-        )
-    return ImageEncoderConfig(
-        timm_name=timm_name,
-        tile_size=c.image_size,
-        patch_size=c.patch_size,
-        embed_dim=c.hidden_size,
-        depth=c.num_hidden_layers,
-        num_heads=c.attention_heads,
-        mlp_ratio=mlp_ratio,
-        qkv_bias=False,
-        proj_bias=True,  # the MLP has biases; the attention output bias is loaded as zeros
-        pre_norm=True,
-        norm_eps=1e-5,
-        intermediate_layers=tuple(c.intermediate_layers_indices),
-        intermediate_from=intermediate_from,
-        n_global_layers=c.num_global_layers,
-        max_tiles=c.max_num_tiles,
-        max_aspect_ratio_id=len(c.supported_aspect_ratios),
-        out_dim=out_dim,
-        mask_mode="mllama",
-    )
-
-
-def load_mllama_vision_state_dict(
-    encoder: ImageEncoder,
-    vision_state_dict: Mapping[str, torch.Tensor],
-    projector_state_dict: Mapping[str, torch.Tensor] | None = None,
-) -> None:
-    """Copy transformers' `MllamaVisionModel` weights (its own key names, no prefix) into `encoder`.
-
-    `projector_state_dict` ({"weight", "bias"} of MllamaModel's `multi_modal_projector`) goes to
-    `encoder.project`; without it `project` is left as it is. Our biases that Mllama lacks (attention output
-    projection, and qkv/patch-embedding if the encoder has them) are set to zero. Any Mllama key left unused,
-    or any other of our keys left unfilled, is an error naming it.
-    """
-    hf = dict(vision_state_dict)
-    out: dict[str, torch.Tensor] = {}
-
-    def take(hf_key: str, ours: str, shape: tuple[int, ...] | None = None) -> None:
-        if hf_key not in hf:
-            raise KeyError(f"Mllama vision state dict has no {hf_key!r}")
-        t = hf.pop(hf_key)
-        out[ours] = t.reshape(shape) if shape is not None else t
-
-    D = encoder.width
-    take("patch_embedding.weight", "vit.patch_embed.proj.weight")
-    take("class_embedding", "vit.cls_token", (1, 1, D))
-    take("gated_positional_embedding.embedding", "vit.pos_embed", (1, -1, D))
-    take("gated_positional_embedding.gate", "pos_gate")
-    take("gated_positional_embedding.tile_embedding.weight", "tile_pos_embed.weight")
-    for which in ("pre_tile", "post_tile"):
-        take(f"{which}_positional_embedding.embedding.weight", f"{which}.embedding.weight")
-        take(f"{which}_positional_embedding.gate", f"{which}.gate")
-    for part in ("weight", "bias"):
-        take(f"layernorm_pre.{part}", f"vit.norm_pre.{part}")
-        take(f"layernorm_post.{part}", f"vit.norm.{part}")
-    stacks = [
-        ("transformer", "vit.blocks", len(encoder.vit.blocks), ""),
-        ("global_transformer", "global_layers", len(encoder.global_layers), "block."),
-    ]
-    for hf_stack, ours, n, inner in stacks:
-        for i in range(n):
-            h, o = f"{hf_stack}.layers.{i}.", f"{ours}.{i}.{inner}"
-            qkv = [hf.pop(f"{h}self_attn.{p}_proj.weight", None) for p in "qkv"]
-            if any(t is None for t in qkv):
-                raise KeyError(f"Mllama vision state dict lacks {h}self_attn.{{q,k,v}}_proj.weight")
-            out[f"{o}attn.qkv.weight"] = torch.cat(qkv, dim=0)  # timm's fused (3 * D, D), q then k then v
-            take(f"{h}self_attn.o_proj.weight", f"{o}attn.proj.weight")
-            for part in ("weight", "bias"):
-                take(f"{h}mlp.fc1.{part}", f"{o}mlp.fc1.{part}")
-                take(f"{h}mlp.fc2.{part}", f"{o}mlp.fc2.{part}")
-                take(f"{h}input_layernorm.{part}", f"{o}norm1.{part}")
-                take(f"{h}post_attention_layernorm.{part}", f"{o}norm2.{part}")
-            if hf_stack == "global_transformer":
-                take(f"{h}gate_attn", f"global_layers.{i}.gate_attn")
-                take(f"{h}gate_ffn", f"global_layers.{i}.gate_ffn")
-    current = encoder.state_dict()
-    proj = {"weight": current["project.weight"], "bias": current["project.bias"]}
-    if projector_state_dict is not None:
-        if set(projector_state_dict) != {"weight", "bias"}:
-            raise ValueError(
-                f"projector state dict must hold 'weight' and 'bias', got {sorted(projector_state_dict)}"
-            )
-        proj = dict(projector_state_dict)
-    out["project.weight"], out["project.bias"] = proj["weight"], proj["bias"]
-    if hf:
-        raise ValueError(f"Mllama vision keys with no place in ImageEncoder: {sorted(hf)}")
-    zero_ok = (".attn.proj.bias", ".attn.qkv.bias", "patch_embed.proj.bias")
-    for k, v in current.items():
-        if k not in out and k.endswith(zero_ok):
-            out[k] = torch.zeros_like(v)
-    _check_and_load(encoder, out, "Mllama vision state dict")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import tiktoken
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .io import atomic_write_bytes
 from .vocab import (
     LLAMA3_PAT_STR,
     MULTIMODAL_TOKENS,
@@ -50,19 +50,6 @@ def _merges_from_ranks(vocab: dict[str, int]) -> list[tuple[str, str]]:
                 found.append((rank, vocab[left], vocab[right], left, right))
     found.sort()
     return [(left, right) for _, _, _, left, right in found]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to path through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -218,7 +205,7 @@ class Tokenizer(SpecialTokenIds):
         directory = Path(directory)
         if self._hf is not None:
             path = directory / "tokenizer.json"
-            _atomic_write(path, self._hf.to_str(pretty=True).encode("utf-8"))
+            atomic_write_bytes(path, self._hf.to_str(pretty=True).encode("utf-8"))
             return path
         path = directory / "tokenizer.model"
         self.export_tiktoken(path)
@@ -242,7 +229,7 @@ class Tokenizer(SpecialTokenIds):
             f"{base64.b64encode(t).decode('ascii')} {r}\n"
             for t, r in sorted(ranks.items(), key=lambda x: x[1])
         ]
-        _atomic_write(path, "".join(lines).encode("ascii"))
+        atomic_write_bytes(path, "".join(lines).encode("ascii"))
         return path
 
     # ------------------------------------------------------------------------------------ encode / decode

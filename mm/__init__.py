@@ -2,7 +2,7 @@
 
 The rooms install as `mm.lm`, `mm.encoders`, `mm.adapters`, `mm.datasets`; this package holds the
 composition layer, training, and the `mm` command line. `from mm import load_hf_mllama, save_hf_mllama`
-(Llama 3.2 Vision directories <-> `MultimodalLM`, see `mm.models.mllama`) imports torch on first use only.
+(Llama 3.2 Vision directories <-> `MultimodalLM`, see `mm.formats.hf_mllama`) imports torch on first use only.
 """
 
 from typing import Any
@@ -15,9 +15,9 @@ _LAZY = ("load_hf_mllama", "save_hf_mllama")
 def __getattr__(name: str) -> Any:
     """Lazy top-level exports (keep `import mm` and `mm --help` free of torch)."""
     if name in _LAZY:
-        from mm.models import mllama
+        from mm.formats import hf_mllama
 
-        return getattr(mllama, name)
+        return getattr(hf_mllama, name)
     raise AttributeError(f"module 'mm' has no attribute {name!r}")
 
 

@@ -105,7 +105,8 @@ def configs(out: Path, data: dict[str, Path], steps: int, compile_: bool, device
 
 def bf16_copy(final: Path, out: Path, rank: int) -> None:
     """The trained LM saved again in bf16 (what a real Llama checkpoint is), with its tokenizer."""
-    from mm.lm import Tokenizer, load_hf, save_hf
+    from mm.formats.hf_llama import load_hf, save_hf
+    from mm.lm import Tokenizer
     from mm.training import distributed
 
     if rank == 0:

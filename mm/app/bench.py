@@ -54,9 +54,9 @@ from mm.app.bench_mllama import (
     freeze_mllama_lm,
     load_hf_mllama_for_bench,
     load_mllama_pair,
-    mllama_config,
     mllama_xattn_text_layers,
     save_mllama,
+    transformers_mllama_config,
 )
 from mm.app.bench_timing import cpu_model, measure_matmul_peak, paired_speedup, time_interleaved, time_repeats
 
@@ -82,7 +82,6 @@ __all__ = [
     "main",
     "measure_matmul_peak",
     "memory_probe",
-    "mllama_config",
     "mllama_xattn_text_layers",
     "paired_speedup",
     "peak_memory_mb",
@@ -92,6 +91,7 @@ __all__ = [
     "time_interleaved",
     "time_repeats",
     "tiny_config",
+    "transformers_mllama_config",
 ]
 
 

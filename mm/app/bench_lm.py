@@ -17,9 +17,9 @@ def lm_pair(bc: BenchConfig, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.M
     """Our `Transformer` and a transformers `LlamaForCausalLM` (SDPA) holding the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from mm.formats.hf_llama import config_to_hf, mm_to_hf_state_dict
     from mm.lm import Transformer
     from mm.lm.config import LMConfig
-    from mm.lm.hf import config_to_hf, mm_to_hf_state_dict
 
     torch.manual_seed(seed)
     cfg = LMConfig(**bc.lm)

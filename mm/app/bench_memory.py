@@ -35,7 +35,7 @@ def memory_probe(bc_json: str, path: str, kind: str) -> float:
     """In a fresh process: MiB of peak resident memory of `memory_steps` adapter steps, above the pre-model RSS."""
     import transformers.models.mllama.modeling_mllama  # noqa: F401  (code, not training memory: import first)
 
-    import mm.models.mllama  # noqa: F401
+    import mm.formats.hf_mllama  # noqa: F401
 
     bc = BenchConfig(**json.loads(bc_json))
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mm.app.bench_config import BOS, IMAGE_TOKEN_OFFSET, BenchConfig
 
 
-def mllama_config(bc: BenchConfig) -> Any:
+def transformers_mllama_config(bc: BenchConfig) -> Any:
     """A transformers `MllamaConfig` whose text model is the item-1 LM plus cross-attention layers."""
     from transformers import MllamaConfig
 
@@ -38,7 +38,7 @@ def save_mllama(bc: BenchConfig, path: Path, seed: int = 0) -> Path:
     from transformers import MllamaForConditionalGeneration
 
     torch.manual_seed(seed)
-    hf = MllamaForConditionalGeneration(mllama_config(bc))
+    hf = MllamaForConditionalGeneration(transformers_mllama_config(bc))
     for name, p in hf.named_parameters():
         if "gate" in name:  # transformers starts cross-attention gates at 0: open them
             p.uniform_(-1.0, 1.0)

@@ -41,8 +41,8 @@ from mm.app.demo_figures import exact_match_curve, windowed_curve
 from mm.app.demo_steps import STEPS, Step, StepRun
 from mm.app.demo_world import WORLD, content_hash
 from mm.app.report import SECTIONS, stage_rows, write_report
-from mm.lm import load_hf
-from mm.training.checkpoint import write_json
+from mm.formats.hf_llama import load_hf
+from mm.lm.io import write_json
 from mm.training.config import config_to_yaml
 from mm.training.freeze import fingerprint
 from mm.training.runner import run
@@ -112,7 +112,7 @@ def run_step(
     step: Step, out: Path, data_dir: Path, finals: dict[str, str], budget: ThreadBudget | None = None
 ) -> StepRun:
     """Run (or reuse) one step through `cached_stage` and `run`; its stage record, curve and frozen check."""
-    from mm.training.bundle import verify_frozen
+    from mm.formats.bundle import verify_frozen
 
     cfg = step.config(out, data_dir)
     key = step_key(step, cfg, out, data_dir, finals)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from mm import world
 from mm.app.demo_world import VARIANT_COUNTS, content_hash
-from mm.training.checkpoint import write_json
+from mm.lm.io import write_json
 
 if TYPE_CHECKING:
     from mm.app.demo_steps import StepRun
@@ -77,7 +77,8 @@ def exact_match_curve(run: StepRun) -> list[dict[str, Any]]:
 
 def lm_figures(run: StepRun) -> dict[str, Any]:
     """Held-out perplexity (curve and final), greedy completions of `DEMO_PROMPTS` and the LM's fingerprint."""
-    from mm.lm import Tokenizer, generate, load_hf
+    from mm.formats.hf_llama import load_hf
+    from mm.lm import Tokenizer, generate
     from mm.training.freeze import fingerprint
 
     s = run.summary

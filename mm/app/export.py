@@ -27,7 +27,9 @@ FORMATS = ("hf-llama", "hf-mllama")
 
 def export_llama(checkpoint: Path, out: Path) -> Path:
     """An LM checkpoint (HF Llama or Meta format) -> an HF Llama directory with the tokenizer."""
-    from mm.lm import Tokenizer, load_hf, load_meta, save_hf
+    from mm.formats.hf_llama import load_hf, save_hf
+    from mm.formats.meta_llama import load_meta
+    from mm.lm import Tokenizer
 
     if (checkpoint / "params.json").is_file():
         model, tok_src = load_meta(checkpoint), checkpoint / "tokenizer.model"
@@ -61,8 +63,8 @@ def export_meta_vision(
 ) -> Path:
     """A Meta-format Llama 3.2 Vision directory -> a transformers Mllama directory (weights, config, processor)."""
     from mm.datasets.tiling import TileTransform
-    from mm.models.meta_vision import META_INTERMEDIATE_LAYERS, META_VISION_HEADS, load_meta_vision
-    from mm.models.mllama import save_hf_mllama
+    from mm.formats.hf_mllama import save_hf_mllama
+    from mm.formats.meta_vision import META_INTERMEDIATE_LAYERS, META_VISION_HEADS, load_meta_vision
 
     model = load_meta_vision(
         checkpoint,
@@ -82,8 +84,8 @@ def export_mllama(
     checkpoint: Path, out: Path, heads: int | None = None, intermediate_layers: list[int] | None = None
 ) -> Path:
     """An image-stage bundle with a Mllama-shaped encoder -> a transformers Mllama directory + tokenizer."""
+    from mm.formats.hf_mllama import save_hf_mllama
     from mm.models.loading import load_image_bundle
-    from mm.models.mllama import save_hf_mllama
 
     if (checkpoint / "params.json").is_file():
         return export_meta_vision(checkpoint, out, heads, intermediate_layers)
@@ -93,8 +95,8 @@ def export_mllama(
     check_mllama_shaped(enc)
     # the image processor of the export tiles up to the encoder's capacity (the stage may have used fewer tiles)
     if meta.get("lm_format") == "hf_mllama":
-        from mm.models.mllama import load_hf_mllama_transform
-        from mm.training.bundle import resolve_lm_path
+        from mm.formats.bundle import resolve_lm_path
+        from mm.formats.hf_mllama import load_hf_mllama_transform
 
         transform = load_hf_mllama_transform(resolve_lm_path(checkpoint, meta))
     else:

@@ -86,7 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Greedy (or sampled) completion of a prompt with an HF Llama checkpoint directory and its tokenizer."""
     import torch
 
-    from mm.lm import Tokenizer, generate, load_hf
+    from mm.formats.hf_llama import load_hf
+    from mm.lm import Tokenizer, generate
 
     ckpt = Path(args.checkpoint)
     model = load_hf(ckpt).eval()

@@ -165,8 +165,8 @@ def head_bytes(c: LMConfig, trainable: bool = True) -> tuple[int, int]:
 # ---- the config and its model on the meta device ------------------------------------------------------------
 def lm_shape(lm: str) -> LMConfig:
     """The frozen LM's shape: an HF Llama directory's config.json, or (for planning) an LM preset name."""
+    from mm.formats.hf_llama import config_from_hf
     from mm.lm.config import PRESETS, preset
-    from mm.lm.hf import config_from_hf
 
     if not lm:
         raise ValueError("`lm` must name the frozen LM: an HF Llama directory, or an LM preset for planning")
@@ -196,7 +196,7 @@ def _build_model(name: str, cfg: Any) -> nn.Module:
     from mm.stages.image import build_model, check_image_stage_config
 
     if cfg.init_from_hf_mllama:
-        from mm.models.mllama import build_mllama_model, read_mllama_config
+        from mm.formats.hf_mllama import build_mllama_model, read_mllama_config
 
         spec = read_mllama_config(cfg.init_from_hf_mllama)
         return build_mllama_model(spec, hf_row_compat=cfg.xattn.hf_row_compat)

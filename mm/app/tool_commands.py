@@ -19,7 +19,7 @@ def setup_logging() -> None:
 
 def cmd_verify_frozen(args: argparse.Namespace) -> int:
     """Exit 0 when the LM a stage checkpoint names is bit-identical to the one it was trained against."""
-    from mm.training.bundle import verify_frozen
+    from mm.formats.bundle import verify_frozen
 
     ok, msg = verify_frozen(Path(args.checkpoint))
     print(("OK: " if ok else "CHANGED: ") + msg)

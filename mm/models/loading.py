@@ -1,4 +1,4 @@
-"""Rebuilding trained models from stage bundles (`mm.training.bundle`): the image model (an image-stage
+"""Rebuilding trained models from stage bundles (`mm.formats.bundle`): the image model (an image-stage
 bundle), the video model (a video bundle and the image bundle it builds on, both fingerprints checked) and
 the speech LM. Each loader refuses an LM (or image path) whose fingerprint differs from the recorded one, and
 a bundle of another stage with a message naming the command that reads it.
@@ -17,13 +17,9 @@ from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.audio import AudioFeatures
 from mm.datasets.tiling import TileTransform
-from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.encoders.image import ImageEncoderConfig
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
-from mm.lm import Tokenizer
-from mm.models.multimodal import IMAGE_PATH_PARTS, VIDEO_PARTS, MultimodalLM
-from mm.models.speech import SpeechLM
-from mm.prompts import ASR_PROMPT, IMAGE_PROMPT, VIDEO_PROMPT
-from mm.training.bundle import (
+from mm.formats.bundle import (
     load_adapter_weights,
     load_lm,
     load_lm_checked,
@@ -32,6 +28,11 @@ from mm.training.bundle import (
     resolve_image_bundle,
     resolve_lm_path,
 )
+from mm.formats.timm import build_image_encoder
+from mm.lm import Tokenizer
+from mm.models.multimodal import IMAGE_PATH_PARTS, VIDEO_PARTS, MultimodalLM
+from mm.models.speech import SpeechLM
+from mm.prompts import ASR_PROMPT, IMAGE_PROMPT, VIDEO_PROMPT
 from mm.training.freeze import fingerprint_tensors
 
 IMAGE_STAGES = ("image-pretrain", "image-anneal")
@@ -92,11 +93,11 @@ def load_image_bundle(
     enc_cfg = ImageEncoderConfig(**meta["image_encoder"])
     mllama = meta.get("lm_format") == "hf_mllama"
     if mllama:
-        from mm.models.mllama import MLLAMA_EXTRA_TOKENS, load_hf_mllama_transform, mllama_image_encoder
+        from mm.formats.hf_mllama import MLLAMA_EXTRA_TOKENS, load_hf_mllama_transform, mllama_image_encoder
 
         encoder = mllama_image_encoder(enc_cfg)
     else:
-        encoder = ImageEncoder(enc_cfg)
+        encoder = build_image_encoder(enc_cfg)
     model = MultimodalLM(
         lm,
         encoder,

@@ -6,7 +6,7 @@ or before the LM layers listed in `xattn_layers`, a `CrossAttentionBlock` lets t
 tokens. With every gate at 0 the text logits equal the bare LM's exactly, with or without media. During
 generation the media's K/V for every cross-attention layer are computed once per prompt (`encode_media`) and
 passed to each step in a `MediaContext`, the media counterpart of the KV cache. `forward_hf` takes the tensors
-of transformers' `MllamaProcessor` (Llama 3.2 Vision checkpoints load through `mm.models.mllama`).
+of transformers' `MllamaProcessor` (Llama 3.2 Vision checkpoints load through `mm.formats.hf_mllama`).
 
 Media are keyed by modality (`mm.models.media.MODALITIES`): `forward(tokens, media={"image": MediaInput(...),
 "video": ...})`; each entry names its parts, its cross-attention blocks, its placeholder token and the method

@@ -28,8 +28,9 @@ from torch import nn
 from mm.datasets.audio import AudioTextDataset, SpeechCollator, open_audio_stream
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig, sample_generator
+from mm.lm.io import write_json
 from mm.stages.speech import SpeechFeaturesConfig
-from mm.training.checkpoint import load_tensors, save_tensors, write_json
+from mm.training.checkpoint import load_tensors, save_tensors
 from mm.training.config import OptimConfig, TrainConfig
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register

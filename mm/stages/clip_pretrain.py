@@ -38,7 +38,8 @@ from mm.encoders.clip import (
     same_caption,
     zero_shot_retrieval_accuracy,
 )
-from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.encoders.image import ImageEncoderConfig
+from mm.formats.timm import build_image_encoder
 from mm.lm import Tokenizer, preset
 from mm.stages.image import TiledPairsConfig, open_pairs
 from mm.training.checkpoint import save_tensors
@@ -129,7 +130,7 @@ class ClipCollator:
 
 def build_clip_model(cfg: ClipPretrainConfig, vocab_size: int) -> CLIPModel:
     """Image encoder + text tower + projections, from the config."""
-    encoder = ImageEncoder(cfg.image_encoder)
+    encoder = build_image_encoder(cfg.image_encoder)
     tower = TextTower(cfg.text.build(vocab_size), cfg.embed_dim)
     if cfg.bag_of_words < 0:
         raise ValueError(f"bag_of_words must be >= 0 (0 = off), got {cfg.bag_of_words}")

@@ -6,7 +6,7 @@ no LM parameter, checkpoints and the final bundle hold only non-LM tensors plus 
 location. `image-anneal` starts from the `image-pretrain` bundle with more tiles and a re-warmed LR.
 
 `init_from_hf_mllama: DIR` continues training a Llama 3.2 Vision checkpoint (a transformers Mllama directory,
-`mm.models.mllama`): its LM is the frozen LM, its vision model, projection, cross-attention layers and 8 extra token
+`mm.formats.hf_mllama`): its LM is the frozen LM, its vision model, projection, cross-attention layers and 8 extra token
 embeddings train, its `preprocessor_config.json` sets the tiling; `lm`, `init_from` and `encoder_weights` stay
 unset, and the `image_encoder` / `xattn.every` sections are replaced by the checkpoint's.
 """
@@ -30,15 +30,16 @@ from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.streams import SampleStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.clip import bag_of_words_loss
-from mm.encoders.image import ImageEncoder, ImageEncoderConfig
-from mm.lm import Tokenizer, load_hf
-from mm.lm.hf import config_from_hf
+from mm.encoders.image import ImageEncoderConfig
+from mm.formats.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
+from mm.formats.hf_llama import config_from_hf, load_hf
+from mm.formats.timm import build_image_encoder
+from mm.lm import Tokenizer
 from mm.models.caption import caption_images, load_rgb
 from mm.models.loading import IMAGE_STAGES, caption_head_parts
 from mm.models.multimodal import MediaInput, MultimodalLM
 from mm.prompts import IMAGE_PROMPT
 from mm.stages.evaluation import evaluate_captions, score
-from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.config import OptimConfig, TrainConfig
 from mm.training.freeze import FrozenLMChanged, fingerprint
@@ -112,7 +113,7 @@ def build_model(cfg: ImageStageConfig, lm: torch.nn.Module, tok: Tokenizer) -> M
             f"data.max_tiles={cfg.data.max_tiles} / data.tile_size={cfg.data.tile_size} do not fit the image "
             f"encoder (max_tiles={enc_cfg.max_tiles}, tile_size={enc_cfg.tile_size})"
         )
-    encoder = ImageEncoder(enc_cfg)
+    encoder = build_image_encoder(enc_cfg)
     if cfg.encoder_weights:
         # The projection to the LM width is trained here (CLIP pretraining never trains it): not loaded.
         sd = {
@@ -145,7 +146,7 @@ def start_from_hf_mllama(
 ) -> tuple[MultimodalLM, Tokenizer]:
     """The model and tokenizer of `init_from_hf_mllama` (read lazily on the meta device, the LM in `lm_dtype`
     when stored in it); `cfg` records the checkpoint's encoder and placement."""
-    from mm.models.mllama import load_hf_mllama
+    from mm.formats.hf_mllama import load_hf_mllama
 
     path = Path(cfg.init_from_hf_mllama).resolve()
     if cfg.lm or cfg.init_from or cfg.encoder_weights:
@@ -227,7 +228,7 @@ class ImageStage(Stage):
         cfg = self.cfg
         self.transform: TileTransform | None = None
         if cfg.init_from_hf_mllama:
-            from mm.models.mllama import load_hf_mllama_transform
+            from mm.formats.hf_mllama import load_hf_mllama_transform
 
             model, self.tok = start_from_hf_mllama(cfg, device, self.frozen_dtype)
             self.lm_path = Path(cfg.init_from_hf_mllama).resolve()

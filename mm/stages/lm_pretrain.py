@@ -31,7 +31,8 @@ from mm.datasets.packing import heldout_batches
 from mm.datasets.text import TextSource, read_documents
 from mm.datasets.token_folders import check_tokenizer, is_token_folder, read_index
 from mm.datasets.tokens import TokenCorpus, TokenReader, heldout_token_batches
-from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
+from mm.formats.hf_llama import save_hf
+from mm.lm import RopeScaling, Tokenizer, Transformer
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import polyak_average_into
 from mm.training.config import DataSourceConfig, LMPretrainConfig

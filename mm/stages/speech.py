@@ -22,13 +22,14 @@ from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from mm.datasets.audio import AudioFeatures, SpeechCollator, open_audio_stream
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
-from mm.lm import Tokenizer, Transformer, load_hf
+from mm.formats.bundle import dataclass_dict, save_bundle
+from mm.formats.hf_llama import load_hf
+from mm.lm import Tokenizer, Transformer
 from mm.models.loading import SPEECH_STAGES
 from mm.models.speech import SpeechLM, token_embedding_rms
 from mm.prompts import ASR_PROMPT
 from mm.stages.evaluation import evaluate_wer
 from mm.training import distributed as dist_utils
-from mm.training.bundle import dataclass_dict, save_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.config import OptimConfig, TrainConfig
 from mm.training.parallelize import frozen_lm_dtype, parallelize_model

@@ -28,6 +28,13 @@ from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
 from mm.encoders.clip import gather_rows
+from mm.formats.bundle import (
+    dataclass_dict,
+    image_path_fingerprint,
+    read_config,
+    resolve_lm_path,
+    save_bundle,
+)
 from mm.models.loading import (
     VIDEO_STAGES,
     attach_video,
@@ -39,13 +46,6 @@ from mm.models.multimodal import MediaInput, video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
 from mm.prompts import VIDEO_PROMPT
 from mm.stages.evaluation import evaluate_videos, load_clips, score
-from mm.training.bundle import (
-    dataclass_dict,
-    image_path_fingerprint,
-    read_config,
-    resolve_lm_path,
-    save_bundle,
-)
 from mm.training.config import OptimConfig, TrainConfig
 from mm.training.freeze import FrozenLMChanged
 from mm.training.parallelize import frozen_lm_dtype, parallelize_model

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mm.lm.io import read_json, torch_load, write_json
 from mm.training.dcp import DCP_DIR, load_state, read_full, save_state
 
 STEP_PREFIX = "step_"
@@ -69,17 +69,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     for alias, src in json.loads(meta.get("aliases", "{}")).items():
         out[alias] = out[src]
     return out
-
-
-def write_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -234,7 +223,7 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
     rng = load_tensors(path / "rng.safetensors") if (path / "rng.safetensors").is_file() else {}
-    trainer = json.loads((path / "trainer.json").read_text())
+    trainer = read_json(path / "trainer.json")
     if (path / DCP_DIR).is_dir():
         state: dict[str, dict[str, torch.Tensor]] = {}  # parameter name -> {"exp_avg": ..., "step": ...}
         for key, t in read_full(path / DCP_DIR, "optimizer.state.").items():
@@ -245,12 +234,9 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
     opt_file = path / "optimizer.pt"
     optimizer = None
     if opt_file.is_file():
-        try:
-            optimizer = torch.load(opt_file, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:  # objects beyond tensors and numbers: refused, never run
-            raise ValueError(
-                f"{opt_file}: refused to load, it holds more than tensors and numbers ({str(e).splitlines()[0]})"
-            ) from None
+        optimizer = torch_load(
+            opt_file, map_location=map_location
+        )  # objects beyond tensors and numbers: refused, never run
     return {
         "model": load_tensors(path / "model.safetensors"),
         "optimizer": optimizer,

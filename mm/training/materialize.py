@@ -16,8 +16,8 @@ lives only while its operation runs (a draw later overwritten by the model's own
 keep the generator in step, and dropped at once); a process copies its shard of each final value and frees it,
 so the transient peak is one full tensor, not the model.
 
-Tensors whose values live in files (`lm.hf.load_hf(..., device="meta")`: the frozen LM) carry a `lazy_source`
-with `read(start, stop)`; each process reads only its rows of them (safetensors `get_slice`).
+Tensors whose values live in files (`mm.formats.hf_llama.load_hf(..., device="meta")`: the frozen LM) carry a
+`lazy_source` with `read(start, stop)`; each process reads only its rows of them (safetensors `get_slice`).
 
 Limits: build code must not read values (`.item()`, `float(t)`, `.tolist()` fail on the meta device: move such
 steps after materialisation), must not draw from the global generator with real tensors while recording

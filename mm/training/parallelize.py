@@ -61,7 +61,7 @@ def frozen_lm_dtype(path: str | Path, frozen: torch.dtype) -> torch.dtype:
     in that dtype, so nothing is rounded (and its fingerprint is its float32 load's); else float32."""
     if frozen == torch.float32:
         return frozen
-    from mm.lm.hf import stored_dtype
+    from mm.formats.hf_llama import stored_dtype
 
     return frozen if stored_dtype(path) == frozen else torch.float32
 

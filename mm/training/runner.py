@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm.lm.io import write_json
 from mm.training import distributed as dist_utils
-from mm.training.checkpoint import latest_checkpoint, write_json
+from mm.training.checkpoint import latest_checkpoint
 from mm.training.config import config_to_yaml
 from mm.training.freeze import FrozenLMChanged, fingerprint, fingerprint_tensors
 from mm.training.materialize import materialize, record_init

@@ -7,13 +7,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mm.encoders.image import (
-    GatedBlock,
-    ImageEncoder,
-    ImageEncoderConfig,
-    config_from_mllama,
-    load_mllama_vision_state_dict,
-)
+from mm.encoders.image import GatedBlock, ImageEncoder, ImageEncoderConfig
+from mm.formats.hf_mllama import config_from_mllama, load_mllama_vision_state_dict
+from mm.formats.timm import build_image_encoder
 
 TINY = dict(tile_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, max_tiles=4, out_dim=16)
 N_TOK = (32 // 8) ** 2 + 1  # 16 patches + class token
@@ -94,7 +90,7 @@ def test_timm_weight_file_loads_and_reproduces_the_timm_model(tmp_path, fmt):
     save_file(sd, str(path)) if fmt == "safetensors" else torch.save({"state_dict": sd}, path)
 
     torch.manual_seed(0)
-    enc = ImageEncoder(ImageEncoderConfig(**TINY, weights=str(path))).eval()
+    enc = build_image_encoder(ImageEncoderConfig(**TINY, weights=str(path))).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = ref.forward_features(x)
@@ -111,22 +107,22 @@ def test_timm_weight_file_errors_name_the_key_and_shapes(tmp_path):
     with pytest.raises(
         ValueError, match=r"unexpected key 'blocks\.1\.attn\.qkv\.weightX'.*missing key 'blocks\.1"
     ):
-        ImageEncoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "renamed.safetensors")))
+        build_image_encoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "renamed.safetensors")))
 
     wrong = dict(sd, pos_embed=torch.zeros(1, 50, 32))
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match=r"'pos_embed' has shape \(1, 50, 32\), expected \(1, 17, 32\)"):
-        ImageEncoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "wrong.pt")))
+        build_image_encoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "wrong.pt")))
 
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        ImageEncoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "nope.safetensors")))
+        build_image_encoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "nope.safetensors")))
 
 
 def test_classifier_head_in_weight_file_is_ignored(tmp_path):
     sd = {k: v.contiguous() for k, v in timm_tiny().state_dict().items()}
     sd |= {"head.weight": torch.randn(10, 32), "head.bias": torch.zeros(10)}
     save_file(sd, str(tmp_path / "cls.safetensors"))
-    enc = ImageEncoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "cls.safetensors")))
+    enc = build_image_encoder(ImageEncoderConfig(**TINY, weights=str(tmp_path / "cls.safetensors")))
     torch.testing.assert_close(enc.vit.pos_embed, sd["pos_embed"])
 
 
@@ -240,7 +236,7 @@ def test_matches_transformers_mllama_vision_model():
 
 
 def test_conv_stem_replaces_the_patch_projection_and_keeps_the_token_grid():
-    from mm.encoders.image import ConvStem
+    from mm.encoders.image_layers import ConvStem
 
     enc = tiny_encoder(stem="conv", tile_size=64, patch_size=16)
     assert isinstance(enc.vit.patch_embed.proj, ConvStem)
@@ -257,7 +253,7 @@ def test_conv_stem_replaces_the_patch_projection_and_keeps_the_token_grid():
 
 
 def test_cnn_stem_is_a_pooled_cnn_with_the_patch_grid():
-    from mm.encoders.image import ConvStem
+    from mm.encoders.image_layers import ConvStem
 
     enc = tiny_encoder(stem="cnn", tile_size=64, patch_size=16, stem_channels=(8, 8, 16, 16))
     stem = enc.vit.patch_embed.proj
@@ -285,7 +281,7 @@ def test_conv_stem_config_is_checked(kw, match):
 @pytest.mark.parametrize("max_tiles", [1, 2, 4, 6])
 def test_canvas_positions_follow_the_tiling_grid_order(max_tiles):
     from mm.datasets.tiling import supported_aspect_ratios
-    from mm.encoders.image import tile_grids
+    from mm.encoders.image_layers import tile_grids
 
     # encoders may not import datasets: the aspect-ratio id -> grid rule is written in both rooms
     assert tile_grids(max_tiles) == supported_aspect_ratios(max_tiles)
@@ -298,7 +294,7 @@ def test_canvas_positions_follow_the_tiling_grid_order(max_tiles):
 def test_cnn_stem_pools_before_the_relu_with_the_values_and_gradients_of_relu_then_pool():
     """The "cnn" stem runs [conv -> max pool -> ReLU] channels-last (fewer values through the ReLU); it must
     compute what [conv -> ReLU -> max pool] computes in the default layout, values and input gradients."""
-    from mm.encoders.image import ConvStem
+    from mm.encoders.image_layers import ConvStem
 
     torch.manual_seed(0)
     stem = ConvStem(16, 24, (8, 8, 16, 16), pool=True)

@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 from mm.datasets.collate import ImageCaptionCollator
 from mm.datasets.images import ImageTextDataset, SkipStats, iter_webdataset
 from mm.datasets.tiling import TileTransform
-from mm.encoders.image import ImageEncoder, ImageEncoderConfig, load_timm_weights
+from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.formats.bundle import load_adapter_weights
+from mm.formats.timm import load_timm_weights
 from mm.lm import SPECIAL_TOKENS, Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.models.multimodal import MultimodalLM
 from mm.prompts import IMAGE_PROMPT
-from mm.training.bundle import load_adapter_weights
 from mm.training.checkpoint import load_checkpoint, save_checkpoint
 
 

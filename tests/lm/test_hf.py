@@ -14,8 +14,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-from mm.lm import RopeScaling, Transformer, generate, load_hf, preset, rope_inv_freq, save_hf  # noqa: E402
-from mm.lm.hf import (  # noqa: E402
+from mm.formats.hf_llama import (  # noqa: E402
     config_from_hf,
     config_to_hf,
     hf_to_mm_state_dict,
@@ -23,6 +22,7 @@ from mm.lm.hf import (  # noqa: E402
     mm_to_hf_state_dict,
     rotate_half_to_interleaved,
 )
+from mm.lm import RopeScaling, Transformer, generate, load_hf, preset, rope_inv_freq, save_hf  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
+from mm.formats.meta_llama import merge_shards
 from mm.lm import load_meta
-from mm.lm.meta import merge_shards
 
 meta_model = pytest.importorskip("llama_models.llama3.model")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import mm.app.demo as demo
-import mm.training.bundle
+import mm.formats.bundle
 from mm.app.demo import run_demo, selected_steps
 from mm.app.demo_steps import STEPS, load_preset
 from mm.app.demo_world import WORLD
@@ -71,7 +71,7 @@ def fake_runs(monkeypatch):
     runs = FakeRuns()
     monkeypatch.setattr(demo, "run", runs)
     monkeypatch.setitem(WORLD, "speech", fake_speech_world)
-    monkeypatch.setattr(mm.training.bundle, "verify_frozen", lambda path: (True, f"fake check of {path}"))
+    monkeypatch.setattr(mm.formats.bundle, "verify_frozen", lambda path: (True, f"fake check of {path}"))
     return runs
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mm.formats.hf_llama import SafetensorsTensor, stored_dtype
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
-from mm.lm.hf import SafetensorsTensor, stored_dtype
 from mm.training.config import config_to_yaml, load_config
 from mm.training.materialize import materialize, record_init
 from mm.training.runner import build, prepare, run, stage_for
@@ -287,7 +287,7 @@ def test_lm_heldout_evaluation_in_two_processes_equals_one(world, corpus):
 def test_a_mllama_checkpoint_read_lazily_equals_its_eager_load(tmp_path):
     import importlib.util
 
-    from mm.models.mllama import load_hf_mllama
+    from mm.formats.hf_mllama import load_hf_mllama
 
     spec = importlib.util.spec_from_file_location("mllama_tests", Path(__file__).with_name("test_mllama.py"))
     helpers = importlib.util.module_from_spec(spec)
@@ -309,7 +309,7 @@ def test_a_mllama_checkpoint_read_lazily_equals_its_eager_load(tmp_path):
 def sparse_hf_lm(path: Path, name: str, tokenizer: Path, shard_bytes: int = 4 << 30) -> None:
     """An HF Llama directory of the `name` preset in bf16 whose weight shards are sparse files: real headers,
     data holes (no disk used); enough to build and shard a stage on the meta device, never to read values."""
-    from mm.lm.hf import config_to_hf, hf_name_map
+    from mm.formats.hf_llama import config_to_hf, hf_name_map
 
     cfg = preset(name)
     path.mkdir(parents=True)

@@ -15,9 +15,9 @@ from torch import nn
 from mm import load_hf_mllama
 from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.datasets.tiling import supported_aspect_ratios
+from mm.formats.meta_vision import VISION_SPLIT_DIM, fusion_schedule, load_meta_vision
 from mm.lm import generate
 from mm.models.media import MediaInput
-from mm.models.meta_vision import VISION_SPLIT_DIM, fusion_schedule, load_meta_vision
 
 meta_mm = pytest.importorskip("llama_models.llama3.multimodal.model")
 meta_args = pytest.importorskip("llama_models.llama3.args")

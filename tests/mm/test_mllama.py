@@ -1,4 +1,4 @@
-"""Llama 3.2 Vision checkpoints (mm.models.mllama): tiny random `MllamaForConditionalGeneration` models built and saved
+"""Llama 3.2 Vision checkpoints (mm.formats.hf_mllama): tiny random `MllamaForConditionalGeneration` models built and saved
 by transformers load into `MultimodalLM` with float32 logits parity (all-ones masks, and processor-built masks
 with `hf_row_compat`), the default differs only through rows that see no image, greedy generation equals
 transformers', `save_hf_mllama` round-trips, bad checkpoints are refused with the key named, and `mm train`
@@ -17,9 +17,7 @@ from safetensors.torch import load_file, save_file
 from mm import load_hf_mllama, save_hf_mllama
 from mm.datasets.collate import cross_attention_mask_from_tokens
 from mm.datasets.tiling import CLIP_MEAN, CLIP_STD
-from mm.lm import generate
-from mm.models.media import MediaInput
-from mm.models.mllama import (
+from mm.formats.hf_mllama import (
     MllamaCheckpointError,
     load_hf_mllama_lm,
     load_hf_mllama_transform,
@@ -27,6 +25,8 @@ from mm.models.mllama import (
     xattn_layers_from_mllama,
     xattn_layers_to_mllama,
 )
+from mm.lm import generate
+from mm.models.media import MediaInput
 from mm.training.freeze import fingerprint
 
 VOCAB = 120
@@ -414,7 +414,7 @@ def test_bad_checkpoints_are_refused_naming_key_found_and_expected(ckpt, tmp_pat
 def test_weights_that_do_not_fill_the_model_are_refused_with_a_message(ckpt, monkeypatch, edit, message):
     """The last check of `load_hf_mllama` (mapped weights vs the model's keys) is a ValueError naming the weights
     file, the key and config.json, never a bare assert (which `python -O` would also skip)."""
-    import mm.models.mllama as mllama
+    import mm.formats.hf_mllama.load as mllama
 
     real = mllama._lm_state_from_mllama
 
@@ -433,9 +433,9 @@ def test_weights_that_do_not_fill_the_model_are_refused_with_a_message(ckpt, mon
 
 def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_path, capsys):
     from mm.app.cli import main
+    from mm.formats.bundle import verify_frozen
     from mm.lm import Tokenizer
     from mm.models.loading import load_image_bundle
-    from mm.training.bundle import verify_frozen
     from mm.training.checkpoint import list_checkpoints, load_checkpoint
     from mm.world import synth_shapes
 
@@ -537,9 +537,9 @@ def test_an_exported_image_stage_captions_in_transformers_as_mm_caption(corpus, 
 
     from mm.app.cli import main
     from mm.datasets.collate import ImageCaptionCollator
+    from mm.formats.bundle import read_config
     from mm.lm import Tokenizer
     from mm.models.caption import load_rgb
-    from mm.training.bundle import read_config
     from mm.world import synth_shapes
 
     tok = Tokenizer.from_file(corpus["tokenizer"])

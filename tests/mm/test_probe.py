@@ -21,11 +21,11 @@ from mm.app.probe import (
     xattn_probe_accuracy,
 )
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.formats.bundle import dataclass_dict, save_bundle
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.models.caption import load_rgb
 from mm.models.multimodal import MediaInput, MultimodalLM
 from mm.prompts import IMAGE_PROMPT
-from mm.training.bundle import dataclass_dict, save_bundle
 from mm.training.freeze import fingerprint, freeze
 from mm.world import synth_shapes
 

@@ -5,14 +5,12 @@ The tensor names are ours already (mm follows Meta's reference: `tok_embeddings`
 `feed_forward.w1`, ..., and Meta's interleaved RoPE layout, so q/k need no permutation). Model-parallel shards
 are merged along the dimension fairscale split them on: column-parallel weights (wq, wk, wv, w1, w3, output)
 and the vocabulary-parallel embedding along dim 0, row-parallel weights (wo, w2) along dim 1; norms are
-replicated (every shard must hold the same values). Files are read with `torch.load(weights_only=True)`: a file
-that needs code to unpickle is refused, never executed.
+replicated (every shard must hold the same values). Files are read with `mm.lm.io.read_tensors`
+(`torch.load(weights_only=True)`): a file that needs code to unpickle is refused, never executed.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,8 +18,9 @@ from typing import Any
 
 import torch
 
-from .config import LMConfig, RopeScaling
-from .model import Transformer
+from mm.lm.config import LMConfig, RopeScaling
+from mm.lm.io import read_json, read_tensors
+from mm.lm.model import Transformer
 
 # Where fairscale's layers split a weight over model-parallel ranks (suffix of the tensor name -> dim).
 SPLIT_DIM = {
@@ -94,20 +93,6 @@ def merge_shards(
     return out
 
 
-def load_file(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one consolidated.NN.pth, read with weights_only (a file that needs code is refused)."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path}: refused: the file needs code to load (a pickle beyond tensors), so it is not read "
-            f"({str(e).splitlines()[0][:120]})"
-        ) from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a Meta consolidated checkpoint)")
-    return sd
-
-
 def meta_files(path: Path) -> tuple[Path, list[Path]]:
     """params.json and the consolidated.NN.pth files (in rank order) of a Meta-format directory."""
     params_file = path / "params.json"
@@ -128,12 +113,12 @@ def load_meta(path: str | Path, device: str | torch.device = "cpu") -> Transform
     """Our `Transformer` from a Meta-format directory (params.json + consolidated.00.pth, .01.pth, ...)."""
     path = Path(path)
     params_file, files = meta_files(path)
-    cfg = config_from_meta(json.loads(params_file.read_text()), str(params_file))
-    sd = merge_shards([load_file(p) for p in files], str(path))
+    cfg = config_from_meta(read_json(params_file), str(params_file))
+    sd = merge_shards([read_tensors(p, mmap=True) for p in files], str(path))
     if any(k.startswith("vision_model.") for k in sd):
         raise ValueError(
             f"{path} is a Llama 3.2 Vision checkpoint (it holds vision_model.* tensors): "
-            "mm.models.meta_vision.load_meta_vision reads it"
+            "mm.formats.meta_vision.load_meta_vision reads it"
         )
     model = Transformer(cfg).to(device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -152,4 +137,4 @@ def load_meta(path: str | Path, device: str | torch.device = "cpu") -> Transform
     return model.eval()
 
 
-__all__ = ["SPLIT_DIM", "config_from_meta", "load_file", "load_meta", "merge_shards", "meta_files"]
+__all__ = ["SPLIT_DIM", "config_from_meta", "load_meta", "merge_shards", "meta_files"]

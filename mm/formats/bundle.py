@@ -15,15 +15,16 @@ path; `verify_frozen` checks the LM and the image path.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mm.lm import Tokenizer, load_hf
-from mm.training.checkpoint import load_tensors, save_tensors, write_json
+from mm.formats.hf_llama import load_hf
+from mm.lm import Tokenizer
+from mm.lm.io import atomic_write, read_json, write_json
+from mm.training.checkpoint import load_tensors, save_tensors
 from mm.training.freeze import FrozenLMChanged, assert_no_lm_tensors, fingerprint, fingerprint_tensors
 
 CONFIG = "mm_config.json"
@@ -35,9 +36,7 @@ def save_bundle(state: dict[str, torch.Tensor], out: str | Path, meta: dict[str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     assert_no_lm_tensors(state, str(out / WEIGHTS))
-    tmp = out / f".{WEIGHTS}.tmp-{os.getpid()}"
-    save_tensors(state, tmp)
-    os.replace(tmp, out / WEIGHTS)
+    atomic_write(out / WEIGHTS, lambda tmp: save_tensors(state, tmp))
     write_json(meta, out / CONFIG)
     return out
 
@@ -48,7 +47,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     cfg_file = path / CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not an mm stage checkpoint: {CONFIG} is missing")
-    return json.loads(cfg_file.read_text())
+    return read_json(cfg_file)
 
 
 def resolve_lm_path(bundle: Path, cfg: dict[str, Any]) -> Path:
@@ -67,7 +66,7 @@ def load_lm(
     """The LM a bundle names: an HF Llama directory (lazily on the meta device, `load_hf`), or the LM of a
     Mllama directory (`lm_format`; read whole)."""
     if cfg.get("lm_format", "hf_llama") == "hf_mllama":
-        from mm.models.mllama import load_hf_mllama_lm
+        from mm.formats.hf_mllama import load_hf_mllama_lm
 
         return load_hf_mllama_lm(lm_path)
     return load_hf(lm_path, device=device, dtype=dtype)

@@ -18,12 +18,11 @@ after. The intermediate features are Meta's block INPUTS (`intermediate_from="bl
 `params.json` does not describe the vision encoder: Meta's code fixes it (ViT-H/14: 32 blocks, 8 global, 16 heads,
 intermediate layers 3, 7, 15, 23, 30). Width, depths, patch size, MLP width and tile count are read from the
 tensors; the head count and the intermediate layers, which no tensor shows, are arguments with Meta's values.
-Shards are merged as fairscale split them; files are read with `weights_only=True` (see `mm.lm.meta`).
+Shards are merged as fairscale split them; files are read with `weights_only=True` (see `mm.formats.meta_llama`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -33,10 +32,11 @@ import torch
 
 from mm.datasets.tiling import supported_aspect_ratios
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.formats.hf_mllama import MLLAMA_EXTRA_TOKENS, TRAINABLE, mllama_image_encoder
+from mm.formats.meta_llama import SPLIT_DIM, config_from_meta, merge_shards, meta_files
 from mm.lm import Transformer
-from mm.lm.meta import SPLIT_DIM, config_from_meta, load_file, merge_shards, meta_files
+from mm.lm.io import read_json, read_tensors
 from mm.lm.model import rope_inv_freq
-from mm.models.mllama import MLLAMA_EXTRA_TOKENS, TRAINABLE, mllama_image_encoder
 from mm.models.multimodal import MultimodalLM
 
 META_VISION_HEADS = 16  # Meta's CrossAttentionTransformerVision: ViT-H/14
@@ -204,13 +204,13 @@ def load_meta_vision(
     """A `MultimodalLM` (LM frozen) from a Meta-format Llama 3.2 Vision directory (module docstring)."""
     path = Path(path)
     params_file, files = meta_files(path)
-    params = json.loads(params_file.read_text())
+    params = read_json(params_file)
     if "vision_num_cross_attention_layers" not in params:
         raise ValueError(
             f"{params_file}: no vision_num_cross_attention_layers: a text-only checkpoint (read it with "
             "mm.lm.load_meta)"
         )
-    sd = merge_shards([load_file(f) for f in files], str(path), VISION_SPLIT_DIM)
+    sd = merge_shards([read_tensors(f, mmap=True) for f in files], str(path), VISION_SPLIT_DIM)
     lm_cfg = config_from_meta(params, str(params_file))
     enc_cfg = vision_config_from_meta(
         sd,
