@@ -1,24 +1,17 @@
 """mm.datasets: see ../shared/design.md for what lives here.
 
 Training data is addressed by position and loaded through `loader` (a DataLoader with workers over a
-world-size independent cursor): image/audio/video samples from `streams` (JSONL manifests, or WebDataset shards
-read at random through `shards`), packed text rows from `tokens` (memory-mapped token shards written by
-`mm data tokenize`). Text pretraining data (`text`: readers, weighted mixture, packing), the shapes world
-(`shapes`: vocabulary, caption wording, prompt formats, text corpus and image generators), image-text pairs
-(`images`: JSONL manifests, WebDataset shards, safe decoding, skip policy), aspect-ratio tiling (`tiling`)
-and the image-stage collator with its cross-attention masks (`collate`).
+world-size independent cursor): image/audio/video samples from `streams` over the one media-text source
+(`media`: JSONL manifests, or WebDataset shards read at random through `shards`; a decoder per modality in
+`images`, `audio`, `video`; the skip policy in `skips`), packed text rows from `tokens` (memory-mapped token
+shards written by `mm data tokenize`). Text pretraining data (`text`: readers, weighted mixture, packing), the
+shapes world (`shapes`: vocabulary, caption wording, prompt formats, text corpus and image generators), safe
+image decoding (`images`), aspect-ratio tiling (`tiling`) and the image-stage collator with its
+cross-attention masks (`collate`).
 """
 
 from .collate import ImageCaptionCollator, cross_attention_mask_from_tokens
-from .images import (
-    ImageTextDataset,
-    ImageTextRecord,
-    ImageTextShards,
-    SkipStats,
-    TooManyBadSamples,
-    iter_webdataset,
-    read_manifest,
-)
+from .media import MediaTextDataset, MediaTextRecord, iter_webdataset, read_manifest
 from .shapes import (
     ASR_PROMPT,
     COLORS,
@@ -36,6 +29,7 @@ from .shapes import (
     synth_shapes,
     synth_text,
 )
+from .skips import SkipStats, TooManyBadSamples
 from .text import PackedText, TextSource, heldout_batches, read_documents
 from .tiling import TiledImage, TileTransform, supported_aspect_ratios
 
@@ -50,9 +44,8 @@ __all__ = [
     "SIZES",
     "VIDEO_PROMPT",
     "ImageCaptionCollator",
-    "ImageTextDataset",
-    "ImageTextRecord",
-    "ImageTextShards",
+    "MediaTextDataset",
+    "MediaTextRecord",
     "PackedText",
     "SkipStats",
     "TextSource",
