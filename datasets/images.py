@@ -27,13 +27,7 @@ from .media import MediaDecoder
 from .skips import BadSample, read_media_file
 from .tiling import TiledImage
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
-    "decode_image",
-    "image_decoder",
-    "image_sample",
-]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "decode_image", "image_decoder", "image_sample"]
 
 DEFAULT_MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png")

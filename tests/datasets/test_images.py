@@ -356,27 +356,21 @@ def test_shard_stream_shuffles_shards_per_epoch_splits_ranks_and_skips_as_in_sto
     """The source's shard stream: the shard order is shuffled per epoch (fixed by the seed), process `rank` of
     `world` reads every `world`-th position, and the samples and skips are those of reading in stored order."""
     paths = [str(p) for p in sorted(shards.glob("s-0000[01].tar"))]
-
-    def stream(**kw):
-        return open_stream(paths, image_decoder(), seed=3, shuffle_window=1, max_bad_fraction=1.0, **kw)
-
-    ds = stream()
+    kw = {"seed": 3, "shuffle_window": 1, "max_bad_fraction": 1.0}
+    ds, again = open_stream(paths, image_decoder(), **kw), open_stream(paths, image_decoder(), **kw)
     n = len(ds)
-    first = [ds.dataset.locate(ds.index(e * n))[0] for e in range(8)]
-    assert set(first) == {0, 1} and first == [
-        stream().dataset.locate(stream().index(e * n))[0] for e in range(8)
-    ]
-    ranks = [stream(rank=r, world=2) for r in range(2)]
+    first = [[s.dataset.locate(s.index(e * n))[0] for e in range(8)] for s in (ds, again)]
+    assert first[0] == first[1] and set(first[0]) == {0, 1}  # the first shard of each epoch
+    ranks = [open_stream(paths, image_decoder(), rank=r, world=2, **kw) for r in range(2)]
     split = sorted((s["position"], s["source"]) for r in ranks for s in (r.next() for _ in range(n)))
     assert split == [(g, ds.sample(g)["source"]) for g in range(2 * n)]
     seq = SkipStats(max_bad_fraction=1.0)
     stored = [s["text"] for s in shard_pairs(paths, stats=seq)]
     assert stored == ["a red one", "from json", "small"] and seq.n_skipped == 5
-    ds = stream()
     assert {ds.sample(g)["text"] for g in range(n)} == set(stored)
     assert ds.stats()["skipped_by_reason"] == dict(seq.skipped)
     with pytest.raises(ValueError, match="rank"):
-        stream(rank=2, world=2)
+        open_stream(paths, image_decoder(), rank=2, world=2, **kw)
 
 
 @pytest.mark.parametrize("bug", [TypeError, AttributeError])
