@@ -1,14 +1,11 @@
 """Audio-text pairs: JSONL manifests and WebDataset shards of audio, decoded with soundfile, turned into 80-dim
 log-mel features with torchaudio (Llama 3 paper §7.6; `paper-notes.md` §5: "80-dim log-mel features, 10 ms hop").
 
-Storage is the media-text source's (`mm.datasets.media`, with `audio_decoder`):
-
-- A JSONL manifest, one record per line: `{"audio": "train/000001.wav", "text": "the circle is red."}`, with an
-  optional `prompt` (the instruction before the speech, e.g. `Translate the following sentence into French: `
-  for speech translation; default: the stage's ASR prompt). `audio` is relative to the manifest's folder (or
-  absolute); other fields are kept as `meta`.
-- WebDataset tar shards: members grouped by key, audio (`.wav`, `.flac` or `.ogg`) plus the text (`.txt`, or
-  `.json` with a string `text` and an optional `prompt`). Members are read into memory, never extracted.
+Storage is the media-text source's (`mm.datasets.media` with `audio_decoder`): a JSONL manifest names each clip
+under `audio` (`{"audio": "train/000001.wav", "text": "the circle is red."}`), a WebDataset shard holds it as a
+`.wav`, `.flac` or `.ogg` member next to its text; either may give a `prompt` (the instruction before the
+speech, e.g. `Translate the following sentence into French: ` for speech translation; default: the stage's ASR
+prompt). Unlabeled audio (BEST-RQ) is read with `require_text=False`.
 
 Features (`AudioFeatures`): decode (any soundfile format; we accept .wav/.flac/.ogg), downmix multi-channel audio
 to mono by averaging, resample to 16 kHz (`torchaudio.functional.resample`), 80 mel bins, 25 ms window, 10 ms hop,
@@ -16,10 +13,10 @@ log(mel + 1e-6), then per-utterance mean/variance normalisation of each bin (CMV
 speaker's average spectrum). Audio longer than `max_seconds` is cropped to its first `max_seconds` (`crop`) or
 rejected (`reject`). `spec_augment` (SpecAugment, Park et al. 2019) masks frequency bands and time spans.
 
-Bad input follows the readers' policy (`mm.datasets.skips`): a missing, zero-byte, corrupt or truncated file, a format
-soundfile cannot read or an extension we do not accept, audio shorter than `min_seconds`, a silent file (peak
-below `silence_peak`) or an over-long one (with `reject`) is skipped, counted per reason and logged with its
-path; a skipped fraction above `max_bad_fraction` (after `min_tried` samples) stops the run.
+Bad input follows the readers' policy (`mm.datasets.skips`): a missing, zero-byte, corrupt or truncated file, a
+format soundfile cannot read or an extension we do not accept, audio shorter than `min_seconds`, a silent file
+(peak below `silence_peak`) or an over-long one (with `reject`) is skipped, counted per reason and logged with
+its path; a skipped fraction above `max_bad_fraction` (after `min_tried` samples) stops the run.
 """
 
 from __future__ import annotations

@@ -2,12 +2,9 @@
 sampled uniformly, each frame tiled by the image transform (Llama 3 paper §7.5; `paper-notes.md` §4: "up to 64
 uniformly sampled frames, each encoded by the image encoder").
 
-Storage is the media-text source's (`mm.datasets.media`, with `video_decoder`):
-
-- A JSONL manifest, one record per line: `{"video": "train/000001.mp4", "text": "a red circle moves left", ...}`;
-  `video` is relative to the manifest's folder (or absolute); other fields are kept as `meta`.
-- WebDataset tar shards: members grouped by key, a video (`.mp4`, `.avi`, `.mov`, `.mkv`, `.webm`) plus a
-  caption (`.txt`, or `.json` with a string `text`). Members are read into memory, never extracted.
+Storage is the media-text source's (`mm.datasets.media` with `video_decoder`): a JSONL manifest names each clip
+under `video` (`{"video": "train/000001.mp4", "text": "a red circle moves left", ...}`); a WebDataset shard
+holds it as a `.mp4`, `.avi`, `.mov`, `.mkv` or `.webm` member next to its caption.
 
 Frame sampling (`sample_frame_indices`): the clip is cut into N equal spans and the frame at the centre of each
 span is taken, index floor((k + 1/2) * n_total / N) for k = 0..N-1. A clip with fewer than N frames repeats
@@ -17,9 +14,9 @@ clip costs about N short decodes, not 10,000. Clips with a variable frame rate a
 (the frame shown at the centre of each span, from decord's frame timestamps). Frames keep the clip's size
 whatever it is; every frame goes through the same `TileTransform` as images (a clip's frames share one grid).
 
-Bad input follows the readers' policy (`mm.datasets.skips`): a missing, zero-byte, corrupt, truncated-beyond-use,
-zero-frame or non-video file is skipped, counted per reason and logged with its path; a skipped fraction above
-`max_bad_fraction` (after `min_tried` samples) stops the run with `TooManyBadSamples`.
+Bad input follows the readers' policy (`mm.datasets.skips`): a missing, zero-byte, corrupt,
+truncated-beyond-use, zero-frame or non-video file is skipped, counted per reason and logged with its path; a
+skipped fraction above `max_bad_fraction` (after `min_tried` samples) stops the run with `TooManyBadSamples`.
 """
 
 from __future__ import annotations
