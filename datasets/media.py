@@ -17,10 +17,11 @@ The same bad-input rules hold for every modality and both stores (`mm.datasets.s
 skipped and counted per reason (`unsafe_name`, `too_large`, `no_<key>` (e.g. `no_image`), `no_text`, `bad_text`,
 `broken_shard`, and the decoder's own: `missing`, `empty`, `corrupt`, ...), and a skipped fraction above
 `max_bad_fraction` stops the run. Manifest problems found at construction are reported once, not counted as
-tried samples: records that are not JSON objects with a `<key>` string and a non-empty `text` string (any `text`
-with `require_text=False`, e.g. unlabeled audio) are skipped with a warning naming file and line; entries whose
-media file does not exist are dropped with one warning giving the count and the first few paths. A missing
-manifest raises FileNotFoundError; a manifest left with no usable entry raises ValueError. Texts are stripped.
+tried samples: records that are not JSON objects with a `<key>` string and a non-empty `text` string (with
+`require_text=False`, e.g. unlabeled audio, the text may be missing) are skipped with a warning naming file and
+line; entries whose media file does not exist are dropped with one warning giving the count and the first few
+paths. A missing manifest raises FileNotFoundError; a manifest left with no usable entry raises ValueError.
+Texts are stripped.
 """
 
 from __future__ import annotations
