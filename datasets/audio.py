@@ -1,14 +1,11 @@
 """Audio-text pairs: JSONL manifests and WebDataset shards of audio, decoded with soundfile, turned into 80-dim
 log-mel features with torchaudio (Llama 3 paper §7.6; `paper-notes.md` §5: "80-dim log-mel features, 10 ms hop").
 
-Storage mirrors the image pairs (`mm.datasets.images`):
-
-- A JSONL manifest, one record per line: `{"audio": "train/000001.wav", "text": "the circle is red."}`, with an
-  optional `prompt` (the instruction before the speech, e.g. `Translate the following sentence into French: `
-  for speech translation; default: the stage's ASR prompt). `audio` is relative to the manifest's folder (or
-  absolute); other fields are kept as `meta`.
-- WebDataset tar shards: members grouped by key, audio (`.wav` or `.flac`) plus the text (`.txt`, or `.json` with
-  a string `text` and an optional `prompt`). Members are read into memory, never extracted.
+Storage is the media-text source's (`mm.datasets.media` with `audio_decoder`): a JSONL manifest names each clip
+under `audio` (`{"audio": "train/000001.wav", "text": "the circle is red."}`), a WebDataset shard holds it as a
+`.wav`, `.flac` or `.ogg` member next to its text; either may give a `prompt` (the instruction before the
+speech, e.g. `Translate the following sentence into French: ` for speech translation; default: the stage's ASR
+prompt). Unlabeled audio (BEST-RQ) is read with `require_text=False`.
 
 Features (`AudioFeatures`): decode (any soundfile format; we accept .wav/.flac/.ogg), downmix multi-channel audio
 to mono by averaging, resample to 16 kHz (`torchaudio.functional.resample`), 80 mel bins, 25 ms window, 10 ms hop,
@@ -16,22 +13,19 @@ log(mel + 1e-6), then per-utterance mean/variance normalisation of each bin (CMV
 speaker's average spectrum). Audio longer than `max_seconds` is cropped to its first `max_seconds` (`crop`) or
 rejected (`reject`). `spec_augment` (SpecAugment, Park et al. 2019) masks frequency bands and time spans.
 
-Bad input follows the image policy (`SkipStats`): a missing, zero-byte, corrupt or truncated file, a format
-soundfile cannot read or an extension we do not accept, audio shorter than `min_seconds`, a silent file (peak
-below `silence_peak`) or an over-long one (with `reject`) is skipped, counted per reason and logged with its
-path; a skipped fraction above `max_bad_fraction` (after `min_tried` samples) stops the run.
+Bad input follows the readers' policy (`mm.datasets.skips`): a missing, zero-byte, corrupt or truncated file, a
+format soundfile cannot read or an extension we do not accept, audio shorter than `min_seconds`, a silent file
+(peak below `silence_peak`) or an over-long one (with `reject`) is skipped, counted per reason and logged with
+its path; a skipped fraction above `max_bad_fraction` (after `min_tried` samples) stops the run.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import json
-import logging
 import os
-import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,41 +33,25 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from torch.utils.data import IterableDataset, get_worker_info
 
-from .images import (
-    DEFAULT_MAX_MEMBER_BYTES,
-    BadSample,
-    ManifestSamples,
-    SkipStats,
-    _derive_seed,
-    _read_groups,
-    expand_shards,
-)
-from .streams import SampleStream, check_paths, open_shards
+from .media import MediaDecoder
+from .seeding import derive_seed
+from .skips import BadSample, read_media_file
 from .text import IGNORE_INDEX
 
 __all__ = [
     "AUDIO_EXTENSIONS",
     "SAMPLE_RATE",
     "AudioFeatures",
-    "AudioTextDataset",
-    "AudioTextRecord",
-    "AudioTextShards",
     "SpeechCollator",
+    "audio_decoder",
+    "audio_sample",
     "decode_audio",
-    "decode_audio_group",
-    "iter_audio_webdataset",
-    "open_audio_stream",
-    "read_audio_manifest",
     "spec_augment",
 ]
 
-logger = logging.getLogger(__name__)
-
 SAMPLE_RATE = 16_000
 AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg")
-_MAX_EXAMPLES = 5
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -86,12 +64,7 @@ def decode_audio(source: str | os.PathLike[str] | bytes, sample_rate: int = SAMP
         ext = path.suffix.lower().lstrip(".")
         if ext not in AUDIO_EXTENSIONS:
             raise BadSample("unsupported", f"extension .{ext}; accepted: {', '.join(AUDIO_EXTENSIONS)}")
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise BadSample("missing", "file does not exist") from None
-        except OSError as e:
-            raise BadSample("unreadable", f"{type(e).__name__}: {e}") from None
+        data = read_media_file(path)
     else:
         data = source
     if len(data) == 0:
@@ -181,263 +154,20 @@ def spec_augment(
     return out
 
 
-# ------------------------------------------------------------------------------------------------ manifests
+# ---------------------------------------------------------------------------------------------- the source
 
 
-@dataclass(frozen=True)
-class AudioTextRecord:
-    """One manifest entry: the audio's resolved path, its text, the optional prompt and other fields."""
-
-    audio: Path
-    text: str
-    prompt: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+def audio_sample(media: str | os.PathLike[str] | bytes, *, features: AudioFeatures) -> dict[str, Any]:
+    """The `features` of a clip from a file path or the file's bytes; raise BadSample if unusable."""
+    return {"features": features(decode_audio(media))}
 
 
-def _record_problem(rec: Any, require_text: bool = True) -> str | None:
-    """Why a parsed manifest line is unusable, or None."""
-    if not isinstance(rec, dict):
-        return f"a JSON {type(rec).__name__}, not an object"
-    if not isinstance(rec.get("audio"), str) or not rec["audio"]:
-        return "no 'audio' string"
-    if require_text and (not isinstance(rec.get("text"), str) or not rec["text"].strip()):
-        return "no non-empty 'text' string"
-    if not isinstance(rec.get("text", ""), str):
-        return "'text' is not a string"
-    if rec.get("prompt") is not None and not isinstance(rec["prompt"], str):
-        return "'prompt' is not a string"
-    return None
-
-
-def read_audio_manifest(path: str | os.PathLike[str], require_text: bool = True) -> list[AudioTextRecord]:
-    """Records of a JSONL audio manifest (`require_text=False`: unlabeled audio); malformed lines are skipped
-    with a warning naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"audio-text manifest {path} does not exist")
-    records, bad = [], 0
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                reason: str | None = f"not JSON ({e.msg})"
-            else:
-                reason = _record_problem(rec, require_text)
-            if reason is not None:
-                bad += 1
-                if bad <= _MAX_EXAMPLES:
-                    logger.warning("%s:%d: skipped manifest record: %s", path, lineno, reason)
-                continue
-            audio = Path(rec["audio"])
-            meta = {k: v for k, v in rec.items() if k not in ("audio", "text", "prompt")}
-            audio = audio if audio.is_absolute() else path.parent / audio
-            records.append(AudioTextRecord(audio, rec.get("text", "").strip(), rec.get("prompt"), meta))
-    if bad:
-        logger.warning("%s: skipped %d malformed records (need 'audio' and a non-empty 'text')", path, bad)
-    return records
-
-
-class AudioTextDataset(ManifestSamples):
-    """Map-style dataset over a JSONL audio manifest: `ds[i]` -> dict(features (T, 80), text, prompt, source, index).
-
-    `load(i)` returns None for an unusable entry (counted once in `stats`); `ds[i]` moves on to the next usable
-    entry. `sample_order(seed, epoch)` is the training order (`ManifestStream` keeps the position).
-    """
-
-    def __init__(
-        self,
-        manifest: str | os.PathLike[str],
-        features: AudioFeatures | None = None,
-        *,
-        max_bad_fraction: float = 0.05,
-        min_tried: int = 20,
-        require_text: bool = True,
-    ) -> None:
-        self.manifest = Path(manifest)
-        records = read_audio_manifest(self.manifest, require_text)
-        missing = [r.audio for r in records if not r.audio.is_file()]
-        if missing:
-            logger.warning(
-                "%s: dropped %d of %d entries whose audio file is missing (first: %s)",
-                self.manifest,
-                len(missing),
-                len(records),
-                ", ".join(str(p) for p in missing[:_MAX_EXAMPLES]),
-            )
-            gone = set(missing)
-            records = [r for r in records if r.audio not in gone]
-        if not records:
-            raise ValueError(f"audio-text manifest {self.manifest} has no usable entries")
-        self.records = records
-        self.missing = [str(p) for p in missing]
-        self.transform = features or AudioFeatures()  # `transform`: the name streams key their cache on
-        self.stats = SkipStats(max_bad_fraction, min_tried, what=f"clips of manifest {self.manifest}")
-        self._bad: set[int] = set()
-
-    kind = "audio-text"
-    order_tag = "mm.audio.order"
-
-    def _source(self, record: AudioTextRecord) -> Path:
-        """The audio file."""
-        return record.audio
-
-    def _decode(self, record: AudioTextRecord) -> dict[str, Any]:
-        """Log-mel features of the clip, and the record's prompt (None: the stage's default)."""
-        return {"features": self.transform.load(record.audio), "prompt": record.prompt}
-
-
-# --------------------------------------------------------------------------------------------------- shards
-
-
-def _group_text_prompt(group: dict[str, Any], require_text: bool = True) -> tuple[str, str | None]:
-    """(text, prompt) of a shard group: `.txt`, else `.json` `text`; the prompt only from `.json`."""
-    rec: Any = None
-    if "json" in group:
-        try:
-            rec = json.loads(group["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadSample("bad_text", f".json is not JSON ({e})") from None
-    prompt = rec.get("prompt") if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) else None
-    if "txt" in group:
-        text = group["txt"].decode("utf-8", errors="replace").strip()
-        if text:
-            return text, prompt
-    if isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"].strip():
-        return rec["text"].strip(), prompt
-    if not require_text:
-        return "", prompt
-    raise BadSample("no_text", "no non-empty .txt and no .json with a 'text' string")
-
-
-def iter_audio_webdataset(
-    shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    features: AudioFeatures | None = None,
-    *,
-    stats: SkipStats | None = None,
-    max_bad_fraction: float = 0.05,
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-    require_text: bool = True,
-) -> Iterator[dict[str, Any]]:
-    """Samples of audio WebDataset shards in stored order: dict(features, text, prompt, source="shard:key", key)."""
+def audio_decoder(features: AudioFeatures | None = None) -> MediaDecoder:
+    """The media-text source's decoder of audio: log-mel `features` (T, n_mels) by `features` (default
+    `AudioFeatures()`)."""
     features = features or AudioFeatures()
-    paths = expand_shards(shards)
-    if stats is None:
-        stats = SkipStats(max_bad_fraction, what="clips of shards")
-    for shard in paths:
-        for key, group in _read_groups(shard, stats, max_member_bytes):
-            source = f"{shard}:{key}"
-            try:
-                sample = decode_audio_group(group, source, features=features, require_text=require_text)
-            except BadSample as e:
-                stats.skip(e.reason, source, e.detail)
-                continue
-            stats.ok()
-            yield {**sample, "source": source, "key": key}
-
-
-def decode_audio_group(
-    group: dict[str, Any],
-    source: str = "",
-    *,
-    features: AudioFeatures | None = None,
-    require_text: bool = True,
-) -> dict[str, Any]:
-    """The sample of one shard group ({extension: bytes}): `features`, `text`, `prompt`; raise BadSample if it
-    is unusable (too large a member, no audio, no text when required, bad audio)."""
-    features = features or AudioFeatures()
-    if "_too_large" in group:
-        raise BadSample("too_large", group["_too_large"])
-    ext = next((e for e in AUDIO_EXTENSIONS if e in group), None)
-    if ext is None:
-        raise BadSample("no_audio", f"members {sorted(group)} hold no {'/'.join(AUDIO_EXTENSIONS)}")
-    text, prompt = _group_text_prompt(group, require_text)
-    return {"features": features(decode_audio(group[ext])), "text": text, "prompt": prompt}
-
-
-class AudioTextShards(IterableDataset):
-    """Audio WebDataset shards as an IterableDataset: shard order shuffled per epoch, split over ranks/workers.
-
-    Sequential reading (e.g. a quick pass); training reads shards by position (`mm.datasets.shards`).
-    """
-
-    def __init__(
-        self,
-        shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-        features: AudioFeatures | None = None,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        max_bad_fraction: float = 0.05,
-        require_text: bool = True,
-    ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.shards = expand_shards(shards)
-        self.require_text = require_text
-        self.features = features or AudioFeatures()
-        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
-        self.epoch = 0
-        self.stats = SkipStats(max_bad_fraction, what="clips of shards")
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shard order the next iteration uses."""
-        self.epoch = epoch
-
-    def shard_order(self, epoch: int | None = None, worker: int = 0, num_workers: int = 1) -> list[Path]:
-        """The shards this rank's `worker` reads in `epoch`, in reading order."""
-        order = list(self.shards)
-        if self.shuffle:
-            e = self.epoch if epoch is None else epoch
-            random.Random(_derive_seed("mm.audio.shards", self.seed, e)).shuffle(order)
-        total = self.world_size * num_workers
-        return order[self.rank * num_workers + worker :: total]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        shards = self.shard_order(self.epoch, worker, num_workers)
-        if not shards:
-            logger.warning("rank %d worker %d has no audio shard", self.rank, worker)
-            return iter(())
-        return iter_audio_webdataset(shards, self.features, stats=self.stats, require_text=self.require_text)
-
-
-def open_audio_stream(
-    paths: Sequence[str],
-    features: AudioFeatures,
-    *,
-    seed: int = 0,
-    max_bad_fraction: float = 0.05,
-    cache: bool = False,
-    require_text: bool = True,
-    rank: int = 0,
-    world: int = 1,
-    shuffle_window: int = 1024,
-) -> SampleStream:
-    """A position-addressed stream over one JSONL manifest (optionally cached in memory), or over shards;
-    `require_text=False` for unlabeled audio (BEST-RQ)."""
-    if check_paths(paths):
-        dataset = AudioTextDataset(
-            paths[0], features, max_bad_fraction=max_bad_fraction, require_text=require_text
-        )
-        return SampleStream(dataset, seed, cache=cache, rank=rank, world=world)
-    return open_shards(
-        paths,
-        functools.partial(decode_audio_group, features=features, require_text=require_text),
-        transform=features,
-        what="clips of shards",
-        seed=seed,
-        shuffle_window=shuffle_window,
-        max_bad_fraction=max_bad_fraction,
-        cache=cache,
-        rank=rank,
-        world=world,
-    )
+    decode = functools.partial(audio_sample, features=features)
+    return MediaDecoder("audio", AUDIO_EXTENSIONS, decode, "mm.audio.order", "clips", transform=features)
 
 
 # ------------------------------------------------------------------------------------------------- collate
@@ -497,7 +227,7 @@ class SpeechCollator:
         if "position" not in sample:
             return self.generator
         return torch.Generator().manual_seed(
-            _derive_seed("mm.specaugment", self.seed, int(sample["position"]))
+            derive_seed("mm.specaugment", self.seed, int(sample["position"]))
         )
 
     def features(self, samples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,10 +17,11 @@ into windows of `window` consecutive samples, each visited in a seeded order (se
 buffer whose contents are fixed by position, not by what a reader happened to read before. Process `rank`
 then reads every `world`-th position of each window (`mm.datasets.streams`), i.e. only its samples' bytes.
 
-Bad input follows the image policy (`SkipStats`): a member larger than `max_member_bytes` or a member cut off by
-the end of the file marks its sample bad without reading it; a shard whose headers stop early (corrupt or
-truncated) is counted once as `broken_shard` when it is indexed, keeping the samples before the break; member
-names that climb out of the folder mark their sample `unsafe_name` (members are never extracted anyway).
+Bad input follows the readers' policy (`mm.datasets.skips`): a member larger than `max_member_bytes` or a
+member cut off by the end of the file marks its sample bad without reading it; a shard whose headers stop early
+(corrupt or truncated) is counted once as `broken_shard` when it is indexed, keeping the samples before the
+break; member names that climb out of the folder mark their sample `unsafe_name` (members are never extracted
+anyway). A sample's members become the sample as in sequential reading (`mm.datasets.media.decode_group`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import io
 import os
 import random
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,15 +38,10 @@ from typing import Any
 import numpy as np
 from webdataset.tariterators import tar_file_iterator
 
-from .images import (
-    DEFAULT_MAX_MEMBER_BYTES,
-    BadSample,
-    SkipStats,
-    _derive_seed,
-    _split_name,
-    expand_shards,
-    unsafe_member_name,
-)
+from .media import MediaDecoder, decode_group
+from .seeding import derive_seed
+from .skips import BadSample, SkipStats
+from .tars import DEFAULT_MAX_MEMBER_BYTES, expand_shards, split_name, unsafe_member_name
 
 __all__ = ["IndexedShards", "ShardIndex", "index_shard"]
 
@@ -82,7 +78,7 @@ def index_shard(path: str | os.PathLike[str], max_member_bytes: int = DEFAULT_MA
                 if member is None:
                     break
                 tar.members = []  # keep memory flat on large shards
-                split = _split_name(member.name) if member.isfile() else None
+                split = split_name(member.name) if member.isfile() else None
                 if split is None:  # folders, links, names without an extension: not part of a sample
                     continue
                 end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
@@ -119,7 +115,7 @@ def _group(data: bytes) -> tuple[str, dict[str, Any]]:
     group: dict[str, Any] = {}
     try:
         for member in tar_file_iterator(io.BytesIO(data + b"\0" * (2 * _BLOCK))):
-            split = _split_name(member["fname"])
+            split = split_name(member["fname"])
             if split is None:
                 continue
             key = key or split[0]
@@ -138,19 +134,18 @@ class IndexedShards:
     """WebDataset shards as an indexed dataset: `len`, `load(i)` -> sample or None (a bad sample is counted
     in `stats` once and remembered), `order_index(seed, epoch, k)` (see the module docstring).
 
-    `decode(group, source)` turns a sample's members ({extension: bytes}) into the sample (raising BadSample
-    when unusable); the sample also gets `source` ("shard:key"), `key` and `index` (its number in the shards'
-    stored order)."""
+    A sample's members ({extension: bytes}) become the sample by `mm.datasets.media.decode_group` with the
+    modality's `decoder` (raising BadSample when unusable); the sample also gets `source` ("shard:key"), `key`
+    and `index` (its number in the shards' stored order)."""
 
     kind = "shard"
 
     def __init__(
         self,
         shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-        decode: Callable[[dict[str, Any], str], dict[str, Any]],
+        decoder: MediaDecoder,
         *,
-        transform: Any = None,
-        what: str = "samples of shards",
+        require_text: bool = True,
         window: int = 1024,
         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
         max_bad_fraction: float = 0.05,
@@ -159,8 +154,11 @@ class IndexedShards:
         if window < 1:
             raise ValueError(f"shuffle_window must be >= 1 (1 = stored order), got {window}")
         self.shards = expand_shards(shards)
-        self.decode, self.transform, self.window = decode, transform, int(window)
-        self.stats = SkipStats(max_bad_fraction, min_tried, what=f"{what} {self.shards[0].parent}")
+        self.decoder, self.require_text, self.window = decoder, require_text, int(window)
+        self.transform = decoder.transform  # what streams key their in-memory cache on
+        self.stats = SkipStats(
+            max_bad_fraction, min_tried, what=f"{decoder.unit} of shards {self.shards[0].parent}"
+        )
         self.indexes = [index_shard(p, max_member_bytes) for p in self.shards]
         for ix in self.indexes:
             if ix.broken is not None:
@@ -190,13 +188,13 @@ class IndexedShards:
             raise IndexError(f"place {k} out of range for {n} samples")
         if self._epoch is None or self._epoch[:2] != (seed, epoch):
             order = list(range(len(self.shards)))
-            random.Random(_derive_seed("mm.shards.order", seed, epoch)).shuffle(order)
+            random.Random(derive_seed("mm.shards.order", seed, epoch)).shuffle(order)
             self._epoch = (seed, epoch, order, np.cumsum(self.counts[order]))
         _, _, order, cum = self._epoch
         w, j = divmod(k, self.window)
         if self._perm is None or self._perm[:3] != (seed, epoch, w):
             perm = list(range(min(self.window, n - w * self.window)))
-            random.Random(_derive_seed("mm.shards.window", seed, epoch, w)).shuffle(perm)
+            random.Random(derive_seed("mm.shards.window", seed, epoch, w)).shuffle(perm)
             self._perm = (seed, epoch, w, perm)
         t = w * self.window + self._perm[3][j]  # place in the epoch's concatenation of shards
         si = int(np.searchsorted(cum, t, side="right"))
@@ -239,7 +237,7 @@ class IndexedShards:
                 raise BadSample(*ix.problems[local])
             key, group = _group(self._read(shard, int(ix.starts[local]), int(ix.ends[local])))
             source = f"{ix.path}:{key}"
-            sample = self.decode(group, source)
+            sample = decode_group(group, self.decoder, self.require_text)
         except BadSample as e:
             self._bad.add(i)
             self.stats.skip(e.reason, source, e.detail)

@@ -15,14 +15,11 @@ its stream `position` as the key of its per-sample randomness (masks, noise, Spe
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from .images import ImageTextDataset, decode_image_group
+from .media import MediaDecoder, MediaTextDataset
 
 # Decoded, tiled samples kept in memory across the stages of one process (e.g. the demo), keyed by
 # (data, transform); only used when a stream is opened with cache=True.
@@ -137,33 +134,6 @@ class ShardStream(SampleStream):
     """A `SampleStream` over WebDataset shards (`IndexedShards`)."""
 
 
-def open_shards(
-    paths: Sequence[str],
-    decode: Callable[[dict[str, Any], str], dict[str, Any]],
-    *,
-    transform: Any = None,
-    what: str = "samples of shards",
-    seed: int = 0,
-    shuffle_window: int = 1024,
-    max_bad_fraction: float = 0.05,
-    cache: bool = False,
-    rank: int = 0,
-    world: int = 1,
-) -> ShardStream:
-    """A position-addressed stream over WebDataset shards, each sample made by `decode(group, source)`."""
-    from .shards import IndexedShards
-
-    shards = IndexedShards(
-        list(paths),
-        decode,
-        transform=transform,
-        what=what,
-        window=shuffle_window,
-        max_bad_fraction=max_bad_fraction,
-    )
-    return ShardStream(shards, seed, cache=cache, rank=rank, world=world)
-
-
 def check_paths(paths: Sequence[str]) -> bool:
     """True for one JSONL manifest, False for shards; raise ValueError for no paths or a mix."""
     if not paths:
@@ -177,29 +147,31 @@ def check_paths(paths: Sequence[str]) -> bool:
 
 def open_stream(
     paths: Sequence[str],
-    transform: Callable[[Image.Image], Any],
+    decoder: MediaDecoder,
     *,
     seed: int = 0,
     max_bad_fraction: float = 0.05,
     cache: bool = False,
+    require_text: bool = True,
     rank: int = 0,
     world: int = 1,
     shuffle_window: int = 1024,
 ) -> SampleStream:
-    """A stream over one JSONL manifest, or over WebDataset shards (.tar files, globs, brace ranges, folders);
-    `next` reads process `rank`'s share of `world`, `sample(g)` any position."""
+    """A stream of media-text samples made by `decoder` (`image_decoder`, `audio_decoder`, `video_decoder`) over
+    one JSONL manifest, or over WebDataset shards (.tar files, globs, brace ranges, folders); `next` reads process
+    `rank`'s share of `world`, `sample(g)` any position; `require_text=False` for unlabeled data."""
     if check_paths(paths):
-        dataset = ImageTextDataset(paths[0], transform, max_bad_fraction=max_bad_fraction)
+        dataset = MediaTextDataset(
+            paths[0], decoder, max_bad_fraction=max_bad_fraction, require_text=require_text
+        )
         return SampleStream(dataset, seed, cache=cache, rank=rank, world=world)
-    return open_shards(
-        paths,
-        functools.partial(decode_image_group, transform=transform),
-        transform=transform,
-        what="samples of shards",
-        seed=seed,
-        shuffle_window=shuffle_window,
+    from .shards import IndexedShards  # reads with the webdataset package
+
+    shards = IndexedShards(
+        list(paths),
+        decoder,
+        require_text=require_text,
+        window=shuffle_window,
         max_bad_fraction=max_bad_fraction,
-        cache=cache,
-        rank=rank,
-        world=world,
     )
+    return ShardStream(shards, seed, cache=cache, rank=rank, world=world)

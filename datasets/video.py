@@ -2,12 +2,9 @@
 sampled uniformly, each frame tiled by the image transform (Llama 3 paper §7.5; `paper-notes.md` §4: "up to 64
 uniformly sampled frames, each encoded by the image encoder").
 
-Storage mirrors the image pairs (`mm.datasets.images`):
-
-- A JSONL manifest, one record per line: `{"video": "train/000001.mp4", "text": "a red circle moves left", ...}`;
-  `video` is relative to the manifest's folder (or absolute); other fields are kept as `meta`.
-- WebDataset tar shards: members grouped by key, a video (`.mp4`, `.avi`, `.mov`, `.mkv`, `.webm`) plus a
-  caption (`.txt`, or `.json` with a string `text`). Members are read into memory, never extracted.
+Storage is the media-text source's (`mm.datasets.media` with `video_decoder`): a JSONL manifest names each clip
+under `video` (`{"video": "train/000001.mp4", "text": "a red circle moves left", ...}`); a WebDataset shard
+holds it as a `.mp4`, `.avi`, `.mov`, `.mkv` or `.webm` member next to its caption.
 
 Frame sampling (`sample_frame_indices`): the clip is cut into N equal spans and the frame at the centre of each
 span is taken, index floor((k + 1/2) * n_total / N) for k = 0..N-1. A clip with fewer than N frames repeats
@@ -17,43 +14,28 @@ clip costs about N short decodes, not 10,000. Clips with a variable frame rate a
 (the frame shown at the centre of each span, from decord's frame timestamps). Frames keep the clip's size
 whatever it is; every frame goes through the same `TileTransform` as images (a clip's frames share one grid).
 
-Bad input follows the image policy (`SkipStats`): a missing, zero-byte, corrupt, truncated-beyond-use,
-zero-frame or non-video file is skipped, counted per reason and logged with its path; a skipped fraction above
-`max_bad_fraction` (after `min_tried` samples) stops the run with `TooManyBadSamples`.
+Bad input follows the readers' policy (`mm.datasets.skips`): a missing, zero-byte, corrupt,
+truncated-beyond-use, zero-frame or non-video file is skipped, counted per reason and logged with its path; a
+skipped fraction above `max_bad_fraction` (after `min_tried` samples) stops the run with `TooManyBadSamples`.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import json
-import logging
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
 
 from .collate import cross_attention_mask_from_tokens
-from .images import (
-    DEFAULT_MAX_MEMBER_BYTES,
-    DEFAULT_MAX_PIXELS,
-    BadSample,
-    ManifestSamples,
-    SkipStats,
-    _derive_seed,
-    _group_text,
-    _read_groups,
-    _with_text,
-    expand_shards,
-)
-from .streams import SampleStream, check_paths, open_shards
+from .images import DEFAULT_MAX_PIXELS
+from .media import MediaDecoder
+from .skips import BadSample
 from .text import IGNORE_INDEX
 from .tiling import TiledImage
 
@@ -61,23 +43,15 @@ __all__ = [
     "MAX_FRAMES",
     "VIDEO_EXTENSIONS",
     "VideoCaptionCollator",
-    "VideoTextDataset",
-    "VideoTextRecord",
-    "VideoTextShards",
+    "clip_sample",
     "decode_clip",
-    "decode_video_group",
-    "iter_video_webdataset",
-    "open_video_stream",
-    "read_video_manifest",
     "sample_frame_indices",
     "tile_clip",
+    "video_decoder",
 ]
-
-logger = logging.getLogger(__name__)
 
 MAX_FRAMES = 64  # the paper samples up to 64 frames
 VIDEO_EXTENSIONS: tuple[str, ...] = ("mp4", "avi", "mov", "mkv", "webm")
-_MAX_EXAMPLES = 5
 _VFR_TOLERANCE = 0.01  # relative spread of frame durations above which a clip counts as variable frame rate
 
 
@@ -219,254 +193,33 @@ def tile_clip(frames: np.ndarray, transform: Callable[[Image.Image], Any]) -> di
     }
 
 
-def _clip_sample(
-    source: str | os.PathLike[str] | bytes,
-    transform: Callable[[Image.Image], Any] | None,
-    n_frames: int,
-    max_pixels: int,
+def clip_sample(
+    media: str | os.PathLike[str] | bytes,
+    *,
+    transform: Callable[[Image.Image], Any] | None = None,
+    n_frames: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
-    """Decode and (with a transform) tile one clip."""
-    frames, info = decode_clip(source, n_frames, max_pixels=max_pixels)
+    """Decode and (with a transform) tile one clip (a file path or the file's bytes): `frames` and the grid
+    (`tile_clip`), or `raw_frames` (n_frames, H, W, 3) uint8 without a transform; plus `frame_indices`,
+    `n_source_frames` and `fps`. Raise BadSample if unusable."""
+    frames, info = decode_clip(media, n_frames, max_pixels=max_pixels)
     sample = {"raw_frames": frames} if transform is None else tile_clip(frames, transform)
     sample.update(frame_indices=info["indices"], n_source_frames=info["n_source_frames"], fps=info["fps"])
     return sample
 
 
-# ------------------------------------------------------------------------------------------------ manifests
-
-
-@dataclass(frozen=True)
-class VideoTextRecord:
-    """One manifest entry: the video's resolved path, its caption and any other fields of the record."""
-
-    video: Path
-    text: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def read_video_manifest(path: str | os.PathLike[str]) -> list[VideoTextRecord]:
-    """Records of a JSONL video manifest; malformed lines are skipped with a warning naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video-text manifest {path} does not exist")
-    records, bad = [], 0
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                reason: str | None = f"not JSON ({e.msg})"
-            else:
-                if not isinstance(rec, dict):
-                    reason = f"a JSON {type(rec).__name__}, not an object"
-                elif not isinstance(rec.get("video"), str) or not rec["video"]:
-                    reason = "no 'video' string"
-                elif not isinstance(rec.get("text"), str) or not rec["text"]:
-                    reason = "no non-empty 'text' string"
-                else:
-                    reason = None
-            if reason is not None:
-                bad += 1
-                if bad <= _MAX_EXAMPLES:
-                    logger.warning("%s:%d: skipped manifest record: %s", path, lineno, reason)
-                continue
-            video = Path(rec["video"])
-            meta = {k: v for k, v in rec.items() if k not in ("video", "text")}
-            records.append(
-                VideoTextRecord(video if video.is_absolute() else path.parent / video, rec["text"], meta)
-            )
-    if bad:
-        logger.warning("%s: skipped %d malformed records (need a 'video' and a non-empty 'text')", path, bad)
-    return records
-
-
-class VideoTextDataset(ManifestSamples):
-    """Map-style dataset over a JSONL video manifest: `ds[i]` -> dict(frames, aspect_ratio_id, text, ...).
-
-    With a `TileTransform` each sample holds `frames` (n_frames, n_tiles, 3, S, S), `aspect_ratio_id` and
-    `aspect_ratio`; with `transform=None` it holds `raw_frames` (n_frames, H, W, 3) uint8. Every sample also has
-    `text`, `source` (the video path), `index`, `frame_indices`, `n_source_frames` and `fps`. `load(i)` returns
-    None for an unusable entry (counted once in `stats`); `ds[i]` moves on to the next usable entry.
-    """
-
-    def __init__(
-        self,
-        manifest: str | os.PathLike[str],
-        transform: Callable[[Image.Image], Any] | None = None,
-        *,
-        n_frames: int = 16,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_bad_fraction: float = 0.05,
-        min_tried: int = 20,
-    ) -> None:
-        if not 1 <= n_frames <= MAX_FRAMES:
-            raise ValueError(f"n_frames must be in [1, {MAX_FRAMES}], got {n_frames}")
-        self.manifest = Path(manifest)
-        records = read_video_manifest(self.manifest)
-        missing = [r.video for r in records if not r.video.is_file()]
-        if missing:
-            logger.warning(
-                "%s: dropped %d of %d entries whose video file is missing (first: %s)",
-                self.manifest,
-                len(missing),
-                len(records),
-                ", ".join(str(p) for p in missing[:_MAX_EXAMPLES]),
-            )
-            gone = set(missing)
-            records = [r for r in records if r.video not in gone]
-        if not records:
-            raise ValueError(f"video-text manifest {self.manifest} has no usable entries")
-        self.records = records
-        self.missing = [str(p) for p in missing]
-        self.transform = transform
-        self.n_frames = n_frames
-        self.max_pixels = max_pixels
-        self.stats = SkipStats(max_bad_fraction, min_tried, what=f"clips of manifest {self.manifest}")
-        self._bad: set[int] = set()
-
-    kind = "video-text"
-    order_tag = "mm.video.order"
-
-    def _source(self, record: VideoTextRecord) -> Path:
-        """The video file."""
-        return record.video
-
-    def _decode(self, record: VideoTextRecord) -> dict[str, Any]:
-        """Sample, decode and tile the clip's frames."""
-        return _clip_sample(record.video, self.transform, self.n_frames, self.max_pixels)
-
-
-# --------------------------------------------------------------------------------------------------- shards
-
-
-def iter_video_webdataset(
-    shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+def video_decoder(
     transform: Callable[[Image.Image], Any] | None = None,
     *,
     n_frames: int = 16,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    stats: SkipStats | None = None,
-    max_bad_fraction: float = 0.05,
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-) -> Iterator[dict[str, Any]]:
-    """Clips of WebDataset tar shards in stored order: dict(frames..., text, source="shard:key", key[, meta])."""
-    paths = expand_shards(shards)
-    if stats is None:
-        stats = SkipStats(max_bad_fraction, what="clips of shards")
-    for shard in paths:
-        for key, group in _read_groups(shard, stats, max_member_bytes):
-            source = f"{shard}:{key}"
-            try:
-                sample = decode_video_group(
-                    group, source, transform=transform, n_frames=n_frames, max_pixels=max_pixels
-                )
-            except BadSample as e:
-                stats.skip(e.reason, source, e.detail)
-                continue
-            stats.ok()
-            sample.update(source=source, key=key)
-            yield sample
-
-
-def decode_video_group(
-    group: dict[str, Any],
-    source: str = "",
-    *,
-    transform: Callable[[Image.Image], Any] | None = None,
-    n_frames: int = 16,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> dict[str, Any]:
-    """The clip of one shard group ({extension: bytes}): frames, `text` and `meta` (from `.json`); raise
-    BadSample if it is unusable (too large a member, no video, no caption, bad video)."""
-    if "_too_large" in group:
-        raise BadSample("too_large", group["_too_large"])
-    ext = next((e for e in VIDEO_EXTENSIONS if e in group), None)
-    if ext is None:
-        raise BadSample("no_video", f"members {sorted(group)} hold no {'/'.join(VIDEO_EXTENSIONS)}")
-    text = _group_text(group)
-    return _with_text(_clip_sample(group[ext], transform, n_frames, max_pixels), text, group)
-
-
-class VideoTextShards(IterableDataset):
-    """Video WebDataset shards as an IterableDataset: shard order shuffled per epoch, split over ranks/workers.
-
-    Sequential reading (e.g. a quick pass); training reads shards by position (`mm.datasets.shards`).
-    """
-
-    def __init__(
-        self,
-        shards: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-        transform: Callable[[Image.Image], Any] | None = None,
-        *,
-        n_frames: int = 16,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        max_bad_fraction: float = 0.05,
-    ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.shards = expand_shards(shards)
-        self.transform, self.n_frames, self.max_pixels = transform, n_frames, max_pixels
-        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
-        self.epoch = 0
-        self.stats = SkipStats(max_bad_fraction, what="clips of shards")
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shard order the next iteration uses."""
-        self.epoch = epoch
-
-    def shard_order(self, epoch: int | None = None, worker: int = 0, num_workers: int = 1) -> list[Path]:
-        """The shards this rank's `worker` reads in `epoch`, in reading order."""
-        order = list(self.shards)
-        if self.shuffle:
-            e = self.epoch if epoch is None else epoch
-            random.Random(_derive_seed("mm.video.shards", self.seed, e)).shuffle(order)
-        total = self.world_size * num_workers
-        return order[self.rank * num_workers + worker :: total]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        shards = self.shard_order(self.epoch, worker, num_workers)
-        if not shards:
-            logger.warning("rank %d worker %d has no video shard", self.rank, worker)
-            return iter(())
-        return iter_video_webdataset(
-            shards, self.transform, n_frames=self.n_frames, max_pixels=self.max_pixels, stats=self.stats
-        )
-
-
-def open_video_stream(
-    paths: Sequence[str],
-    transform: Callable[[Image.Image], Any],
-    *,
-    n_frames: int,
-    seed: int = 0,
-    max_bad_fraction: float = 0.05,
-    rank: int = 0,
-    world: int = 1,
-    shuffle_window: int = 1024,
-) -> SampleStream:
-    """A position-addressed stream (`SampleStream`) over one JSONL manifest, or over WebDataset shards."""
-    if check_paths(paths):
-        dataset = VideoTextDataset(paths[0], transform, n_frames=n_frames, max_bad_fraction=max_bad_fraction)
-        return SampleStream(dataset, seed, rank=rank, world=world)
-    return open_shards(
-        paths,
-        functools.partial(decode_video_group, transform=transform, n_frames=n_frames),
-        transform=transform,
-        what="clips of shards",
-        seed=seed,
-        shuffle_window=shuffle_window,
-        max_bad_fraction=max_bad_fraction,
-        rank=rank,
-        world=world,
-    )
+) -> MediaDecoder:
+    """The media-text source's decoder of video: `n_frames` uniformly sampled frames per clip (`clip_sample`)."""
+    if not 1 <= n_frames <= MAX_FRAMES:
+        raise ValueError(f"n_frames must be in [1, {MAX_FRAMES}], got {n_frames}")
+    decode = functools.partial(clip_sample, transform=transform, n_frames=n_frames, max_pixels=max_pixels)
+    return MediaDecoder("video", VIDEO_EXTENSIONS, decode, "mm.video.order", "clips", transform=transform)
 
 
 # ------------------------------------------------------------------------------------------------- collate

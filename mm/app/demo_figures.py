@@ -112,7 +112,7 @@ def run_image_robustness(bundle: Path, data_dir: Path) -> dict[str, dict[str, An
     The first `VARIANT_COUNTS[kind]` images of `DATA/shapes/variants_{kind}.jsonl`; the result is kept in
     `bundle/../robustness.json` with a hash of the bundle and the variants, and reused while both are unchanged.
     """
-    from mm.datasets.images import read_manifest
+    from mm.datasets.media import read_manifest
     from mm.models.caption import caption_images, load_rgb
     from mm.models.loading import load_image_bundle
 
@@ -135,8 +135,8 @@ def run_image_robustness(bundle: Path, data_dir: Path) -> dict[str, dict[str, An
     model, tok, transform, meta = load_image_bundle(bundle)
     result = {}
     for kind, m in manifests.items():
-        recs = read_manifest(m)[: VARIANT_COUNTS[kind]]
-        images = [load_rgb(r.image) for r in recs]
+        recs = read_manifest(m, "image")[: VARIANT_COUNTS[kind]]
+        images = [load_rgb(r.media) for r in recs]
         preds = caption_images(
             model, tok, transform, images, prompt=meta["prompt"], max_tiles=meta["max_tiles"]
         )

@@ -107,7 +107,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     """Transcribe audio files with a speech-stage bundle; one transcript per line, in input order."""
     if refuse_other_stage("transcribe", args.checkpoint):
         return 2
-    from mm.datasets.images import BadSample
+    from mm.datasets.skips import BadSample
     from mm.models.loading import load_speech_bundle
     from mm.models.speech import transcribe_features
 
@@ -124,7 +124,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     """Describe videos with a video-stage bundle; one caption per line, in input order."""
     if refuse_other_stage("describe", args.checkpoint):
         return 2
-    from mm.datasets.images import BadSample
+    from mm.datasets.skips import BadSample
     from mm.datasets.video import decode_clip
     from mm.models.loading import load_video_bundle
     from mm.models.video import describe_videos

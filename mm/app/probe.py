@@ -175,9 +175,9 @@ class _Points:
 
 def _records(manifest: str | Path, n: int) -> list[Any]:
     """The first `n` records of a manifest whose captions are of the shapes world."""
-    from mm.datasets.images import read_manifest
+    from mm.datasets.media import read_manifest
 
-    return [r for r in read_manifest(manifest) if parse_caption(r.text)][:n]
+    return [r for r in read_manifest(manifest, "image") if parse_caption(r.text)][:n]
 
 
 def _probe_points(points: _Points, tr: Collected, te: Collected, steps: int, seed: int, laps: _Laps) -> None:
@@ -211,7 +211,7 @@ def _text_points(
 
     model, tok, transform, meta = bundle
     refs = [r.text for r in records]
-    images = [load_rgb(r.image) for r in records]
+    images = [load_rgb(r.media) for r in records]
     preds = caption_images(model, tok, transform, images, prompt=meta["prompt"], max_tiles=meta["max_tiles"])
     cap = caption_accuracies(preds, refs)
     points.add("caption", cap["accuracy"], cap["n"], cap["pred"])

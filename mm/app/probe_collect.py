@@ -171,7 +171,7 @@ def _collate_images(records: Sequence[Any], transform: Any, collator: Any) -> di
 
     samples = []
     for r in records:
-        tiled = transform(load_rgb(r.image))
+        tiled = transform(load_rgb(r.media))
         samples.append({"tiles": tiled.tiles, "aspect_ratio_id": tiled.aspect_ratio_id, "text": r.text})
     return collator(samples)
 

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm.datasets.audio import AudioTextDataset, SpeechCollator, open_audio_stream
+from mm.datasets.audio import SpeechCollator, audio_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
+from mm.datasets.media import MediaTextDataset
+from mm.datasets.streams import open_stream
 from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig, sample_generator
 from mm.lm.io import write_json
 from mm.stages.speech import SpeechFeaturesConfig
@@ -121,9 +123,9 @@ class BestRQStage(Stage):
     def open_data(self, rank: int, world: int) -> None:
         """This process's clips."""
         d = self.cfg.data
-        clips = open_audio_stream(
+        clips = open_stream(
             d.train,
-            d.features.build(),
+            audio_decoder(d.features.build()),
             seed=self.cfg.train.seed,
             max_bad_fraction=d.max_bad_fraction,
             cache=d.cache_samples,
@@ -212,7 +214,7 @@ class BestRQStage(Stage):
 @torch.no_grad()
 def masked_eval(model: BestRQ, manifest: str, cfg: BestRQPretrainConfig) -> dict[str, float]:
     """Mean masked-frame CE (per frame and codebook) and code accuracy on the first `eval_samples` clips."""
-    ds = AudioTextDataset(manifest, cfg.data.features.build(), require_text=False)
+    ds = MediaTextDataset(manifest, audio_decoder(cfg.data.features.build()), require_text=False)
     samples = [s for s in (ds.load(i) for i in range(min(cfg.eval_samples, len(ds)))) if s is not None]
     batch = FeatureCollator()(samples)
     model.eval()

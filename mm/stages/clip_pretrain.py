@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.datasets.collate import ImageCaptionCollator
-from mm.datasets.images import ImageTextDataset
+from mm.datasets.images import image_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
+from mm.datasets.media import MediaTextDataset
 from mm.datasets.tiling import TileTransform
 from mm.encoders.clip import (
     CLIPModel,
@@ -143,7 +144,7 @@ def retrieval_eval(
     model: CLIPModel, collator: ClipCollator, transform: TileTransform, manifest: str, n: int
 ) -> dict[str, Any]:
     """Zero-shot retrieval accuracy on the first `n` usable pairs of a manifest."""
-    ds = ImageTextDataset(manifest, transform)
+    ds = MediaTextDataset(manifest, image_decoder(transform))
     samples = [s for s in (ds.load(i) for i in range(min(n, len(ds)))) if s is not None]
     if not samples:
         raise ValueError(f"{manifest}: no usable held-out pairs")

@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mm.datasets.audio import AudioFeatures, read_audio_manifest
-from mm.datasets.images import BadSample, read_manifest
+from mm.datasets.audio import AudioFeatures
+from mm.datasets.media import MediaTextDataset, read_manifest
+from mm.datasets.skips import BadSample
 from mm.datasets.tiling import TileTransform
-from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
+from mm.datasets.video import VideoCaptionCollator, video_decoder
 from mm.lm import Tokenizer
 from mm.models.caption import caption_images, load_rgb
 from mm.models.multimodal import MultimodalLM
@@ -57,14 +58,14 @@ def evaluate_captions(
     """Caption the first `limit` images of each held-out manifest; the figures of `scorers`."""
     res = {}
     for m in manifests:
-        recs = read_manifest(m)[:limit]
-        images = [load_rgb(r.image) for r in recs]
+        recs = read_manifest(m, "image")[:limit]
+        images = [load_rgb(r.media) for r in recs]
         preds = caption_images(model, tok, transform, images, prompt=prompt, max_tiles=max_tiles)
         refs = [r.text for r in recs]
         res[Path(m).stem] = {
             **score(preds, refs, scorers),
             "examples": [
-                {"image": str(r.image), "text": r.text, "pred": p}
+                {"image": str(r.media), "text": r.text, "pred": p}
                 for r, p in zip(recs[:16], preds, strict=False)
             ],
         }
@@ -75,7 +76,7 @@ def load_clips(
     manifest: str | Path, transform: TileTransform, n_frames: int, limit: int = 0
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The first `limit` (0 = all) usable clips of a manifest, tiled, and their captions."""
-    ds = VideoTextDataset(manifest, transform, n_frames=n_frames, max_bad_fraction=1.0)
+    ds = MediaTextDataset(manifest, video_decoder(transform, n_frames=n_frames), max_bad_fraction=1.0)
     samples = []
     for i in range(len(ds)):
         if limit and len(samples) == limit:
@@ -169,15 +170,15 @@ def evaluate_wer(
     model: SpeechLM, tok: Tokenizer, features: AudioFeatures, manifest: str, n: int, prompt: str
 ) -> dict[str, Any]:
     """Transcribe the first `n` usable clips of a manifest; WER overall and per voice (when recorded)."""
-    recs = read_audio_manifest(manifest)[:n]
+    recs = read_manifest(manifest, "audio")[:n]
     feats, refs, voices = [], [], []
     skipped = 0
     for r in recs:
         try:
-            feats.append(features.load(r.audio))
+            feats.append(features.load(r.media))
         except BadSample as e:
             skipped += 1
-            log.warning("evaluation: skipped %s (%s)", r.audio, e)
+            log.warning("evaluation: skipped %s (%s)", r.media, e)
             continue
         refs.append(r.text)
         voices.append(r.meta.get("voice"))

@@ -25,8 +25,9 @@ from torch import nn
 
 from mm.adapters.caption_head import CaptionHeadConfig, caption_slot_targets
 from mm.datasets.collate import ImageCaptionCollator
-from mm.datasets.images import read_manifest
+from mm.datasets.images import image_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
+from mm.datasets.media import read_manifest
 from mm.datasets.streams import SampleStream, open_stream
 from mm.datasets.tiling import TileTransform, supported_aspect_ratios
 from mm.encoders.clip import bag_of_words_loss
@@ -392,7 +393,7 @@ def open_pairs(
     """The training pairs, tiled, by stream position (bad files skipped and counted)."""
     return open_stream(
         d.train,
-        transform,
+        image_decoder(transform),
         seed=seed,
         max_bad_fraction=d.max_bad_fraction,
         cache=d.cache_samples,
@@ -406,5 +407,5 @@ def curve_images(cfg: ImageStageConfig) -> tuple[list[Any], list[str]] | None:
     """The learning-curve images: the first `curve_samples` of the first held-out manifest."""
     if not (cfg.train.eval_every and cfg.curve_samples and cfg.data.heldout):
         return None
-    recs = read_manifest(cfg.data.heldout[0])[: cfg.curve_samples]
-    return [load_rgb(r.image) for r in recs], [r.text for r in recs]
+    recs = read_manifest(cfg.data.heldout[0], "image")[: cfg.curve_samples]
+    return [load_rgb(r.media) for r in recs], [r.text for r in recs]

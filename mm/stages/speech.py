@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
-from mm.datasets.audio import AudioFeatures, SpeechCollator, open_audio_stream
+from mm.datasets.audio import AudioFeatures, SpeechCollator, audio_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
+from mm.datasets.streams import open_stream
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm.formats.bundle import dataclass_dict, save_bundle
 from mm.formats.hf_llama import load_hf
@@ -184,9 +185,9 @@ class SpeechStage(Stage):
         """This process's clips and the collator (SpecAugment per clip, seeded by its stream position)."""
         d, tr = self.cfg.data, self.cfg.train
         self.features: AudioFeatures = d.features.build()
-        clips = open_audio_stream(
+        clips = open_stream(
             d.train,
-            self.features,
+            audio_decoder(self.features),
             seed=tr.seed,
             max_bad_fraction=d.max_bad_fraction,
             cache=d.cache_samples,

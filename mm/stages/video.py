@@ -26,7 +26,9 @@ from torch import nn
 
 from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
-from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
+from mm.datasets.media import MediaTextDataset
+from mm.datasets.streams import open_stream
+from mm.datasets.video import VideoCaptionCollator, video_decoder
 from mm.encoders.clip import gather_rows
 from mm.formats.bundle import (
     dataclass_dict,
@@ -99,10 +101,10 @@ class VideoStageConfig:
 
 
 class CachedClips:
-    """A `VideoTextDataset` view for `ManifestStream`: clips whose features are cached are not decoded again."""
+    """A video `MediaTextDataset` view for `ManifestStream`: clips with cached features are not decoded again."""
 
     def __init__(
-        self, dataset: VideoTextDataset, cache: dict[str, tuple[torch.Tensor, torch.Tensor]]
+        self, dataset: MediaTextDataset, cache: dict[str, tuple[torch.Tensor, torch.Tensor]]
     ) -> None:
         self.dataset, self.cache = dataset, cache
         self.manifest, self.transform, self.stats = dataset.manifest, dataset.transform, dataset.stats
@@ -117,8 +119,8 @@ class CachedClips:
     def load(self, i: int) -> dict[str, Any] | None:
         """Caption and source only when the clip's features are cached, else the decoded clip."""
         record = self.dataset.records[i]
-        if str(record.video) in self.cache:
-            return {"text": record.text, "source": str(record.video), "index": i}
+        if str(record.media) in self.cache:
+            return {"text": record.text, "source": str(record.media), "index": i}
         return self.dataset.load(i)
 
 
@@ -225,17 +227,16 @@ class VideoStage(Stage):
             self.tok, prompt=d.prompt, max_tiles=self.image_meta["max_tiles"], merge=cfg.aggregator.merge
         )
         self.features = ClipFeatures(self.model, self.collator, cache=d.cache_features)
-        clips = open_video_stream(
+        clips = open_stream(
             d.train,
-            self.transform,
-            n_frames=d.n_frames,
+            video_decoder(self.transform, n_frames=d.n_frames),
             seed=cfg.train.seed,
             max_bad_fraction=d.max_bad_fraction,
             rank=rank,
             world=world,
             shuffle_window=d.shuffle_window,
         )
-        if self.features.cache is not None and isinstance(clips.dataset, VideoTextDataset):
+        if self.features.cache is not None and isinstance(clips.dataset, MediaTextDataset):
             # with DataLoader workers, each sees the cache as it was when the workers started
             clips.dataset = CachedClips(clips.dataset, self.features.cache)
         self.stream = ResumableLoader(SampleReader(clips, rank, world), LoaderOptions.from_config(d))

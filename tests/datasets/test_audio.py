@@ -15,13 +15,13 @@ import torch
 
 from mm.datasets.audio import (
     AudioFeatures,
-    AudioTextDataset,
     SpeechCollator,
+    audio_decoder,
     decode_audio,
-    iter_audio_webdataset,
     spec_augment,
 )
-from mm.datasets.images import BadSample
+from mm.datasets.media import MediaTextDataset, iter_webdataset
+from mm.datasets.skips import BadSample, SkipStats
 from mm.lm import Tokenizer
 from mm.prompts import ASR_PROMPT
 from mm.world.speech import (
@@ -116,7 +116,7 @@ def test_bad_audio_is_skipped_counted_and_logged_with_its_path(tmp_path, caplog,
         (tmp_path / name).write_bytes(data)
         lines.append(json.dumps({"audio": name, "text": "the circle is red."}))
     (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
-    ds = AudioTextDataset(tmp_path / "m.jsonl", max_bad_fraction=1.0)
+    ds = MediaTextDataset(tmp_path / "m.jsonl", audio_decoder(), max_bad_fraction=1.0)
     with caplog.at_level("WARNING"):
         out = [ds.load(i) for i in range(len(ds))]
     assert [s is not None for s in out] == [True, True, False, False, False, False, False]
@@ -144,10 +144,9 @@ def test_shards_read_wav_flac_text_and_prompt_and_skip_bad_members(tmp_path, fau
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    from mm.datasets.images import SkipStats
 
     stats = SkipStats(1.0)
-    got = list(iter_audio_webdataset(shard, stats=stats))
+    got = list(iter_webdataset(shard, audio_decoder(), stats=stats))
     assert [(s["key"], s["text"], s["prompt"]) for s in got] == [
         ("a", "the square is blue.", None),
         ("b", "le carre est bleu.", "Translate into French: "),
@@ -201,7 +200,7 @@ def test_synth_speech_writes_16k_mono_wavs_manifest_and_shards_reproducibly(tmp_
         data, sr = sf.read(m.parent / r["audio"])
         assert sr == 16000 and data.ndim == 1 and abs(len(data) / sr - r["seconds"]) < 1e-3
         assert (m.parent / r["audio"]).read_bytes() == (m2.parent / r["audio"]).read_bytes()
-    assert [s["text"] for s in iter_audio_webdataset(m.parent / "heldout_voices-00000.tar")] == [
+    assert [s["text"] for s in iter_webdataset(m.parent / "heldout_voices-00000.tar", audio_decoder())] == [
         r["text"] for r in recs
     ]
 
@@ -216,7 +215,6 @@ def test_a_bug_in_our_code_propagates_and_is_not_counted_as_bad_audio(tmp_path, 
     """Only soundfile's errors for a file it cannot read count as bad audio ("corrupt"): a bug in our features
     or in how we call soundfile stops the reader (manifest and shard alike) instead of being skipped."""
     import mm.datasets.audio as audio
-    from mm.datasets.images import SkipStats
 
     wav = wav_bytes(tone(0.5, 16000), 16000)
     (tmp_path / "a.wav").write_bytes(wav)
@@ -232,13 +230,13 @@ def test_a_bug_in_our_code_propagates_and_is_not_counted_as_bad_audio(tmp_path, 
         def __call__(self, wave: torch.Tensor) -> torch.Tensor:
             raise TypeError("a bug in our features")
 
-    ds = AudioTextDataset(tmp_path / "m.jsonl", Buggy(), max_bad_fraction=1.0)
+    ds = MediaTextDataset(tmp_path / "m.jsonl", audio_decoder(Buggy()), max_bad_fraction=1.0)
     with pytest.raises(TypeError, match="a bug in our features"):
         ds.load(0)
     assert ds.stats.tried == 0 and not ds.stats.skipped
     stats = SkipStats(1.0)
     with pytest.raises(TypeError, match="a bug in our features"):
-        list(iter_audio_webdataset(shard, Buggy(), stats=stats))
+        list(iter_webdataset(shard, audio_decoder(Buggy()), stats=stats))
     assert stats.tried == 0 and not stats.skipped
 
     def wrong_call(*args, **kwargs):
@@ -247,7 +245,7 @@ def test_a_bug_in_our_code_propagates_and_is_not_counted_as_bad_audio(tmp_path, 
     monkeypatch.setattr(audio.sf, "read", wrong_call)
     with pytest.raises(TypeError, match="unexpected keyword"):
         decode_audio(wav)
-    ds = AudioTextDataset(tmp_path / "m.jsonl", max_bad_fraction=1.0)
+    ds = MediaTextDataset(tmp_path / "m.jsonl", audio_decoder(), max_bad_fraction=1.0)
     with pytest.raises(TypeError, match="unexpected keyword"):
         ds.load(0)
     assert ds.stats.tried == 0
@@ -255,4 +253,4 @@ def test_a_bug_in_our_code_propagates_and_is_not_counted_as_bad_audio(tmp_path, 
     with pytest.raises(BadSample) as e:  # soundfile's own refusal of a corrupt file stays a skip
         decode_audio(b"RIFF\x00\x00not really audio" * 10)
     assert e.value.reason == "corrupt" and "LibsndfileError" in e.value.detail
-    assert AudioTextDataset(tmp_path / "m.jsonl").load(0)["features"].shape == (51, 80)
+    assert MediaTextDataset(tmp_path / "m.jsonl", audio_decoder()).load(0)["features"].shape == (51, 80)

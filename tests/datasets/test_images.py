@@ -1,4 +1,5 @@
-"""Image-text pairs (mm.datasets.images): manifests, shards, safe decoding and the bad-input policy."""
+"""Image-text pairs (the media-text source of mm.datasets.media with mm.datasets.images' decoder): manifests,
+shards, safe decoding and the bad-input policy."""
 
 import io
 import json
@@ -11,20 +12,25 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from mm.datasets.images import (
-    ImageTextDataset,
-    ImageTextShards,
-    SkipStats,
-    TooManyBadSamples,
-    expand_shards,
-    iter_webdataset,
-    read_manifest,
-)
+from mm.datasets.images import DEFAULT_MAX_PIXELS, image_decoder
+from mm.datasets.media import MediaTextDataset, iter_webdataset, read_manifest
+from mm.datasets.skips import SkipStats, TooManyBadSamples
+from mm.datasets.streams import open_stream
+from mm.datasets.tars import expand_shards
 from mm.datasets.tiling import CLIP_MEAN, CLIP_STD, TileTransform
 
 TILE = 16
+
+
+def pairs(manifest, transform=None, *, max_pixels=DEFAULT_MAX_PIXELS, **kw) -> MediaTextDataset:
+    """The image-text pairs of a manifest."""
+    return MediaTextDataset(manifest, image_decoder(transform, max_pixels=max_pixels), **kw)
+
+
+def shard_pairs(shards, transform=None, **kw):
+    """The image-text pairs of shards, in stored order."""
+    return iter_webdataset(shards, image_decoder(transform), **kw)
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -103,8 +109,8 @@ def test_read_manifest_resolves_paths_and_keeps_metadata(tmp_path, caplog):
         ],
     )
     with caplog.at_level(logging.WARNING):
-        records = read_manifest(path)
-    assert [(r.image, r.text, r.meta) for r in records] == [
+        records = read_manifest(path, "image")
+    assert [(r.media, r.text, r.meta) for r in records] == [
         (tmp_path / "a.png", "a red thing", {"objects": [1, 2]}),
         (tmp_path / "a.png", "absolute", {}),
     ]
@@ -112,12 +118,12 @@ def test_read_manifest_resolves_paths_and_keeps_metadata(tmp_path, caplog):
     assert "pairs.jsonl:5: skipped manifest record: no 'image' string" in caplog.text
     assert "skipped 2 malformed records" in caplog.text
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        read_manifest(tmp_path / "nope.jsonl")
+        read_manifest(tmp_path / "nope.jsonl", "image")
 
 
 def test_bad_inputs_are_skipped_with_exact_counts(mixed, caplog, faults):
     with caplog.at_level(logging.WARNING):
-        ds = ImageTextDataset(mixed, TileTransform(TILE, 4), max_bad_fraction=1.0)
+        ds = pairs(mixed, TileTransform(TILE, 4), max_bad_fraction=1.0)
     assert "dropped 2 of 14 entries whose image file is missing" in caplog.text
     assert "gone1.png" in caplog.text and ds.missing[1].endswith("gone2.png")
     assert len(ds) == 12
@@ -140,7 +146,7 @@ def test_bad_inputs_are_skipped_with_exact_counts(mixed, caplog, faults):
 
 
 def test_samples_hold_tiles_text_and_source(mixed):
-    ds = ImageTextDataset(mixed, TileTransform(TILE, 4), max_bad_fraction=1.0)
+    ds = pairs(mixed, TileTransform(TILE, 4), max_bad_fraction=1.0)
     by_name = {s["source"].rsplit("/", 1)[1]: s for s in (ds.load(i) for i in range(len(ds))) if s}
     s = by_name["wide.png"]  # 64x16 with 16-px tiles: the 1x4 grid, no resize
     assert (
@@ -167,15 +173,15 @@ def test_samples_hold_tiles_text_and_source(mixed):
     torch.testing.assert_close(rgba[0, :, 15, 15], (1 - mean.flatten()) / std.flatten())
     assert by_name["cmyk.jpg"]["tiles"].shape[1:] == (3, TILE, TILE)
     # Without a transform the decoded PIL image is returned.
-    raw = ImageTextDataset(mixed, max_bad_fraction=1.0).load(0)
+    raw = pairs(mixed, max_bad_fraction=1.0).load(0)
     assert isinstance(raw["image"], Image.Image) and raw["image"].size == (24, 16)
 
 
 def test_pixel_limit_is_configurable(tmp_path):
     (tmp_path / "a.png").write_bytes(png_bytes(24, 16))
     path = write_manifest(tmp_path, [{"image": "a.png", "text": "x"}])
-    assert ImageTextDataset(path, max_pixels=384).load(0) is not None
-    ds = ImageTextDataset(path, max_pixels=383, max_bad_fraction=1.0)
+    assert pairs(path, max_pixels=384).load(0) is not None
+    ds = pairs(path, max_pixels=383, max_bad_fraction=1.0)
     assert ds.load(0) is None and dict(ds.stats.skipped) == {"too_large": 1}
 
 
@@ -183,13 +189,13 @@ def test_too_many_bad_samples_raises_with_counts(tmp_path):
     (tmp_path / "good.png").write_bytes(png_bytes())
     (tmp_path / "bad.png").write_bytes(b"not an image")
     entries = [{"image": "bad.png", "text": "b"}] * 2 + [{"image": "good.png", "text": "g"}] * 30
-    ds = ImageTextDataset(write_manifest(tmp_path, entries))
+    ds = pairs(write_manifest(tmp_path, entries))
     for i in range(19):  # 2 bad of 19 tried: not checked before 20 samples
         ds.load(i)
     with pytest.raises(TooManyBadSamples, match=r"2 of 20 samples of manifest .*pairs.jsonl.* corrupt: 2"):
         ds.load(19)
     # 1 bad in 20 (5%) is within the default limit.
-    ds = ImageTextDataset(write_manifest(tmp_path, entries[1:]))
+    ds = pairs(write_manifest(tmp_path, entries[1:]))
     assert sum(ds.load(i) is not None for i in range(len(ds))) == 30
 
 
@@ -213,19 +219,19 @@ def test_skip_stats_summary():
 
 def test_manifest_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        ImageTextDataset(tmp_path / "missing.jsonl")
+        pairs(tmp_path / "missing.jsonl")
     path = write_manifest(tmp_path, [{"image": "gone.png", "text": "x"}, "garbage"])
     with pytest.raises(ValueError, match="pairs.jsonl has no usable entries"):
-        ImageTextDataset(path)
+        pairs(path)
     (tmp_path / "bad.png").write_bytes(b"junk")
-    ds = ImageTextDataset(write_manifest(tmp_path, [{"image": "bad.png", "text": "x"}]))
+    ds = pairs(write_manifest(tmp_path, [{"image": "bad.png", "text": "x"}]))
     with pytest.raises(ValueError, match="every entry was skipped"):
         ds[0]
 
 
 def test_sample_order_is_a_seeded_permutation(tmp_path):
     (tmp_path / "a.png").write_bytes(png_bytes())
-    ds = ImageTextDataset(write_manifest(tmp_path, [{"image": "a.png", "text": str(k)} for k in range(50)]))
+    ds = pairs(write_manifest(tmp_path, [{"image": "a.png", "text": str(k)} for k in range(50)]))
     order = ds.sample_order(seed=1, epoch=0)
     assert sorted(order) == list(range(50)) and order != list(range(50))
     assert order == ds.sample_order(seed=1, epoch=0)
@@ -296,7 +302,7 @@ def shards(tmp_path):
 
 def test_webdataset_shards_with_exact_skip_counts(shards, tmp_path, faults):
     stats = SkipStats(max_bad_fraction=1.0)
-    samples = list(iter_webdataset(str(shards / "s-*.tar"), TileTransform(TILE, 4), stats=stats))
+    samples = list(shard_pairs(str(shards / "s-*.tar"), TileTransform(TILE, 4), stats=stats))
     assert [s["text"] for s in samples] == [
         "a red one",
         "from json",
@@ -324,10 +330,10 @@ def test_webdataset_shards_with_exact_skip_counts(shards, tmp_path, faults):
 def test_shards_bad_fraction_and_oversized_members(shards):
     stats = SkipStats(max_bad_fraction=0.05, min_tried=10, what="samples of shards")
     with pytest.raises(TooManyBadSamples, match="6 of 10 samples of shards"):
-        list(iter_webdataset(sorted(shards.glob("s-*.tar")), stats=stats))
+        list(shard_pairs(sorted(shards.glob("s-*.tar")), stats=stats))
     # Members over max_member_bytes are not read (the PNGs here have 77-85 bytes, the captions < 20).
     stats = SkipStats(max_bad_fraction=1.0)
-    out = list(iter_webdataset(shards / "s-00001.tar", stats=stats, max_member_bytes=50))
+    out = list(shard_pairs(shards / "s-00001.tar", stats=stats, max_member_bytes=50))
     assert out == [] and dict(stats.skipped) == {"unsafe_name": 1, "too_large": 1, "no_image": 1}
 
 
@@ -346,20 +352,25 @@ def test_expand_shards(shards):
         expand_shards(str(shards / "x-*.tar"))
 
 
-def test_image_text_shards_split_and_shuffle(shards):
-    paths = sorted(shards.glob("s-0000[01].tar"))
-    ds = ImageTextShards(paths, seed=3)
-    orders = {tuple(p.name for p in ds.shard_order(epoch)) for epoch in range(8)}
-    assert orders == {("s-00000.tar", "s-00001.tar"), ("s-00001.tar", "s-00000.tar")}  # shuffled per epoch
-    assert ds.shard_order(5) == ds.shard_order(5)
-    ranks = [ImageTextShards(paths, seed=3, rank=r, world_size=2).shard_order(0) for r in range(2)]
-    assert sorted(ranks[0] + ranks[1]) == paths and len(ranks[0]) == 1
-    ds = ImageTextShards(paths, shuffle=False, max_bad_fraction=1.0)
-    loader = DataLoader(ds, batch_size=None, num_workers=0)
-    assert [s["text"] for s in loader] == ["a red one", "from json", "small"]
-    assert ds.stats.n_skipped == 5
+def test_shard_stream_shuffles_shards_per_epoch_splits_ranks_and_skips_as_in_stored_order(shards):
+    """The source's shard stream: the shard order is shuffled per epoch (fixed by the seed), process `rank` of
+    `world` reads every `world`-th position, and the samples and skips are those of reading in stored order."""
+    paths = [str(p) for p in sorted(shards.glob("s-0000[01].tar"))]
+    kw = {"seed": 3, "shuffle_window": 1, "max_bad_fraction": 1.0}
+    ds, again = open_stream(paths, image_decoder(), **kw), open_stream(paths, image_decoder(), **kw)
+    n = len(ds)
+    first = [[s.dataset.locate(s.index(e * n))[0] for e in range(8)] for s in (ds, again)]
+    assert first[0] == first[1] and set(first[0]) == {0, 1}  # the first shard of each epoch
+    ranks = [open_stream(paths, image_decoder(), rank=r, world=2, **kw) for r in range(2)]
+    split = sorted((s["position"], s["source"]) for r in ranks for s in (r.next() for _ in range(n)))
+    assert split == [(g, ds.sample(g)["source"]) for g in range(2 * n)]
+    seq = SkipStats(max_bad_fraction=1.0)
+    stored = [s["text"] for s in shard_pairs(paths, stats=seq)]
+    assert stored == ["a red one", "from json", "small"] and seq.n_skipped == 5
+    assert {ds.sample(g)["text"] for g in range(n)} == set(stored)
+    assert ds.stats()["skipped_by_reason"] == dict(seq.skipped)
     with pytest.raises(ValueError, match="rank"):
-        ImageTextShards(paths, rank=2, world_size=2)
+        open_stream(paths, image_decoder(), rank=2, world=2, **kw)
 
 
 @pytest.mark.parametrize("bug", [TypeError, AttributeError])
@@ -373,17 +384,17 @@ def test_a_bug_in_the_transform_propagates_and_is_not_counted_as_bad_data(tmp_pa
     def buggy(image):
         raise bug("a bug in our transform")
 
-    ds = ImageTextDataset(manifest, buggy, max_bad_fraction=1.0)
+    ds = pairs(manifest, buggy, max_bad_fraction=1.0)
     with pytest.raises(bug, match="a bug in our transform"):
         ds.load(0)
     assert ds.stats.tried == 0 and not ds.stats.skipped
     stats = SkipStats(max_bad_fraction=1.0)
     with pytest.raises(bug, match="a bug in our transform"):
-        list(iter_webdataset(str(tmp_path / "s-00000.tar"), buggy, stats=stats))
+        list(shard_pairs(str(tmp_path / "s-00000.tar"), buggy, stats=stats))
     assert stats.tried == 0 and not stats.skipped
 
     def unconvertible(image):  # PIL itself refuses: "conversion from La to L not supported"
         return TileTransform(TILE, 4)(image.convert("La"))
 
-    ds = ImageTextDataset(manifest, unconvertible, max_bad_fraction=1.0)
+    ds = pairs(manifest, unconvertible, max_bad_fraction=1.0)
     assert ds.load(0) is None and dict(ds.stats.skipped) == {"transform": 1}

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from mm.app.cli import main as mm_main
-from mm.datasets.images import SkipStats, iter_webdataset
+from mm.datasets.images import image_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader, add_counts
+from mm.datasets.media import iter_webdataset
+from mm.datasets.skips import SkipStats
 from mm.datasets.streams import ShardStream, open_stream
 from mm.datasets.text import TextSource
 from mm.datasets.tiling import TileTransform
@@ -41,7 +43,9 @@ def batches(paths, world_size, state, steps, workers=0):
     """The global batches of `steps` steps (ranks' rows merged by position) and each rank's end state/stats."""
     ranks = []
     for r in range(world_size):
-        stream = open_stream(paths, TileTransform(32, 2), seed=5, shuffle_window=3, rank=r, world=world_size)
+        stream = open_stream(
+            paths, image_decoder(TileTransform(32, 2)), seed=5, shuffle_window=3, rank=r, world=world_size
+        )
         loader = ResumableLoader(
             SampleReader(stream, r, world_size, keys), LoaderOptions(num_workers=workers)
         )
@@ -72,7 +76,7 @@ def test_a_state_saved_at_four_processes_restores_at_two_and_one_with_the_same_g
 
 
 def test_resuming_decodes_nothing_of_the_past(world):
-    stream = open_stream([str(world["manifest"])], TileTransform(32, 2), seed=1)
+    stream = open_stream([str(world["manifest"])], image_decoder(TileTransform(32, 2)), seed=1)
     loads = []
     real = stream.dataset.load
     stream.dataset.load = lambda i: loads.append(i) or real(i)
@@ -80,7 +84,7 @@ def test_resuming_decodes_nothing_of_the_past(world):
     full = [loader.next(4) for _ in range(5)]
     assert len(loads) == 20
     # stop after 3 steps (a checkpoint), resume in a new loader: the same batches, only the new ones decoded
-    again = open_stream([str(world["manifest"])], TileTransform(32, 2), seed=1)
+    again = open_stream([str(world["manifest"])], image_decoder(TileTransform(32, 2)), seed=1)
     loads.clear()
     real2 = again.dataset.load
     again.dataset.load = lambda i: loads.append(i) or real2(i)
@@ -91,7 +95,7 @@ def test_resuming_decodes_nothing_of_the_past(world):
 
 
 def test_worker_counts_are_summed_over_workers_and_restarts(world):
-    stream = open_stream(world["shards"], TileTransform(32, 2), seed=2, shuffle_window=4)
+    stream = open_stream(world["shards"], image_decoder(TileTransform(32, 2)), seed=2, shuffle_window=4)
     loader = ResumableLoader(
         SampleReader(stream, 0, 1, keys), LoaderOptions(num_workers=2, prefetch_factor=1)
     )
@@ -106,15 +110,15 @@ def test_worker_counts_are_summed_over_workers_and_restarts(world):
 
 
 def test_shards_are_read_by_position_with_a_seeded_window_shuffle(world, tmp_path):
-    stream = open_stream(world["shards"], TileTransform(32, 2), seed=3, shuffle_window=5)
+    stream = open_stream(world["shards"], image_decoder(TileTransform(32, 2)), seed=3, shuffle_window=5)
     assert isinstance(stream, ShardStream) and len(stream) == 13
     epoch0 = [stream.sample(g)["key"] for g in range(13)]
     epoch1 = [stream.sample(g)["key"] for g in range(13, 26)]
-    stored = [s["key"] for s in iter_webdataset(world["shards"])]
+    stored = [s["key"] for s in iter_webdataset(world["shards"], image_decoder())]
     assert sorted(epoch0) == sorted(epoch1) == sorted(stored) and epoch0 != epoch1 != stored
-    again = open_stream(world["shards"], TileTransform(32, 2), seed=3, shuffle_window=5)
+    again = open_stream(world["shards"], image_decoder(TileTransform(32, 2)), seed=3, shuffle_window=5)
     assert [again.sample(g)["key"] for g in (20, 3, 17)] == [epoch1[7], epoch0[3], epoch1[4]]
-    in_order = open_stream(world["shards"], None, seed=3, shuffle_window=1)
+    in_order = open_stream(world["shards"], image_decoder(), seed=3, shuffle_window=1)
     shard_of = [in_order.sample(g)["source"].rsplit(":", 1)[0] for g in range(13)]
     assert shard_of == sorted(shard_of, key=shard_of.index)  # whole shards, one after another
 
@@ -128,18 +132,22 @@ def test_shards_are_read_by_position_with_a_seeded_window_shuffle(world, tmp_pat
                 data = b"\x89PNG broken"
                 m.size = len(data)
             dst.addfile(m, io.BytesIO(data))
-    s = open_stream([str(bad)], TileTransform(32, 2), seed=0, shuffle_window=1, max_bad_fraction=1.0)
+    s = open_stream(
+        [str(bad)], image_decoder(TileTransform(32, 2)), seed=0, shuffle_window=1, max_bad_fraction=1.0
+    )
     got = [s.sample(g) for g in range(4)]
     assert [x["position"] for x in got] == [0, 1, 2, 3] and got[0]["key"] == got[1]["key"]
     seq = SkipStats(max_bad_fraction=1.0)
-    list(iter_webdataset(str(bad), stats=seq))
+    list(iter_webdataset(str(bad), image_decoder(), stats=seq))
     assert s.stats()["skipped_by_reason"] == dict(seq.skipped) == {"corrupt": 1}
     # a shard cut inside its third sample: the two before it are read, the cut one is refused unread
     cut = tmp_path / "cut-00000.tar"
     with tarfile.open(good) as src:
         third = [m for m in src.getmembers() if m.name.startswith("000002")][0]
     cut.write_bytes(open(good, "rb").read()[: third.offset_data + 10])
-    s = open_stream([str(cut)], TileTransform(32, 2), seed=0, shuffle_window=1, max_bad_fraction=1.0)
+    s = open_stream(
+        [str(cut)], image_decoder(TileTransform(32, 2)), seed=0, shuffle_window=1, max_bad_fraction=1.0
+    )
     assert len(s) == 3 and [s.dataset.load(i) is not None for i in range(3)] == [True, True, False]
     assert s.stats()["skipped_by_reason"] == {"broken_shard": 1, "truncated": 1}
 

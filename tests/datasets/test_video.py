@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm.datasets.images import BadSample, TooManyBadSamples
+from mm.datasets.media import MediaTextDataset, iter_webdataset
+from mm.datasets.skips import BadSample, TooManyBadSamples
 from mm.datasets.tiling import TileTransform
-from mm.datasets.video import (
-    VideoTextDataset,
-    decode_clip,
-    iter_video_webdataset,
-    sample_frame_indices,
-    tile_clip,
-)
+from mm.datasets.video import decode_clip, sample_frame_indices, tile_clip, video_decoder
 from mm.world import DIRECTIONS, HELDOUT_PAIRS, encode_mp4, motion_clip, synth_motion
 
 
@@ -109,7 +104,7 @@ def test_bad_videos_are_skipped_counted_and_logged_with_their_path(tmp_path, cap
     lines.append(json.dumps({"video": "gone.mp4", "text": "x"}))  # missing: dropped at construction
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
-    ds = VideoTextDataset(manifest, TileTransform(16, 1), n_frames=4, max_bad_fraction=1.0)
+    ds = MediaTextDataset(manifest, video_decoder(TileTransform(16, 1), n_frames=4), max_bad_fraction=1.0)
     assert len(ds) == 6 and ds.missing == [str(tmp_path / "gone.mp4")]
     with caplog.at_level(logging.WARNING):
         loaded = [ds.load(i) for i in range(len(ds))]
@@ -124,7 +119,9 @@ def test_bad_videos_are_skipped_counted_and_logged_with_their_path(tmp_path, cap
     assert ds.load(1) is None and ds.stats.tried == 6  # a known bad entry is not decoded or counted again
     assert ds[1]["source"] == str(tmp_path / "good2.mp4")  # ds[i] moves on to the next usable clip
     # Too many bad clips stop the run with a clear error.
-    strict = VideoTextDataset(manifest, TileTransform(16, 1), n_frames=4, max_bad_fraction=0.2, min_tried=4)
+    strict = MediaTextDataset(
+        manifest, video_decoder(TileTransform(16, 1), n_frames=4), max_bad_fraction=0.2, min_tried=4
+    )
     with pytest.raises(TooManyBadSamples, match="skipped"):
         for i in range(len(strict)):
             strict.load(i)
@@ -140,10 +137,10 @@ def test_bad_videos_are_skipped_counted_and_logged_with_their_path(tmp_path, cap
 
 def test_shards_and_manifest_hold_the_same_clips(world):
     transform = TileTransform(16, 4)
-    ds = VideoTextDataset(world["train"], transform, n_frames=8)
+    ds = MediaTextDataset(world["train"], video_decoder(transform, n_frames=8))
     shards = sorted((world["root"] / "motion").glob("train-*.tar"))
     assert len(shards) == 3
-    samples = list(iter_video_webdataset(shards, transform, n_frames=8))
+    samples = list(iter_webdataset(shards, video_decoder(transform, n_frames=8)))
     assert len(samples) == 12
     for i, s in enumerate(samples):
         m = ds.load(i)
@@ -217,7 +214,7 @@ def test_a_bug_in_the_frame_transform_propagates_and_is_not_counted_as_bad_data(
     def buggy(image):
         raise bug("a bug in our transform")
 
-    ds = VideoTextDataset(tmp_path / "m.jsonl", buggy, n_frames=4, max_bad_fraction=1.0)
+    ds = MediaTextDataset(tmp_path / "m.jsonl", video_decoder(buggy, n_frames=4), max_bad_fraction=1.0)
     with pytest.raises(bug, match="a bug in our transform"):
         ds.load(0)
     assert ds.stats.tried == 0 and not ds.stats.skipped
@@ -225,4 +222,7 @@ def test_a_bug_in_the_frame_transform_propagates_and_is_not_counted_as_bad_data(
     with pytest.raises(bug, match="a bug in our transform"):
         tile_clip(frames, buggy)
     # The same clip with the real transform is read: the failure above was the transform's alone.
-    assert VideoTextDataset(tmp_path / "m.jsonl", TileTransform(16, 1), n_frames=4).load(0) is not None
+    assert (
+        MediaTextDataset(tmp_path / "m.jsonl", video_decoder(TileTransform(16, 1), n_frames=4)).load(0)
+        is not None
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mm.datasets.images import TooManyBadSamples
+from mm.datasets.skips import TooManyBadSamples
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.stages.image import ImageStageConfig
 from mm.training.config import load_config

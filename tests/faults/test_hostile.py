@@ -14,7 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mm.datasets.collate import ImageCaptionCollator
-from mm.datasets.images import ImageTextDataset, SkipStats, iter_webdataset
+from mm.datasets.images import image_decoder
+from mm.datasets.media import MediaTextDataset, iter_webdataset
+from mm.datasets.skips import SkipStats
 from mm.datasets.tiling import TileTransform
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.formats.bundle import load_adapter_weights
@@ -152,7 +154,7 @@ def test_tar_members_named_outside_the_folder_are_skipped_and_never_written(tmp_
     os.chdir(work)
     try:
         stats = SkipStats(0.9)
-        samples = list(iter_webdataset(shard, stats=stats))
+        samples = list(iter_webdataset(shard, image_decoder(), stats=stats))
     finally:
         os.chdir(cwd)
     assert [s["key"] for s in samples] == ["good"]
@@ -171,7 +173,7 @@ def test_decompression_bomb_is_rejected_by_its_header(tmp_path, faults, caplog):
     manifest.write_text(
         "\n".join(json.dumps({"image": p.name, "text": "a small red square"}) for p in (bomb, good)) + "\n"
     )
-    ds = ImageTextDataset(manifest, TileTransform(16, 2), max_bad_fraction=0.9)
+    ds = MediaTextDataset(manifest, image_decoder(TileTransform(16, 2)), max_bad_fraction=0.9)
     assert ds.load(0) is None and ds.load(1) is not None
     assert ds.stats.as_dict()["skipped_by_reason"] == {"too_large": 1}
     assert "bomb.png" in caplog.text

@@ -148,12 +148,13 @@ def test_bundle_matches_the_trained_model(world, trained):
 
 def test_real_encoder_gates_at_zero_equal_bare_lm_and_cached_captioning_equals_recompute(world, trained):
     from mm.datasets.collate import ImageCaptionCollator
-    from mm.datasets.images import ImageTextDataset
+    from mm.datasets.images import image_decoder
+    from mm.datasets.media import MediaTextDataset
     from mm.lm import generate
     from mm.models.media import MediaInput
 
     model, tok, transform, meta = load_image_bundle(trained["out"] / "final")
-    ds = ImageTextDataset(world["heldout"], transform)
+    ds = MediaTextDataset(world["heldout"], image_decoder(transform))
     col = ImageCaptionCollator(tok, meta["prompt"], max_tiles=meta["max_tiles"])
     batch = col([ds[0], ds[1]])
     media = {

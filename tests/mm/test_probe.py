@@ -164,12 +164,12 @@ def bundle(tmp_path_factory, corpus):
 
 def test_collect_positions_labels_and_zero_contribution_with_closed_gates(bundle):
     from mm.datasets.collate import ImageCaptionCollator
-    from mm.datasets.images import read_manifest
+    from mm.datasets.media import read_manifest
     from mm.models.loading import load_image_bundle
 
     torch.set_num_threads(1)
     model, tok, transform, meta = load_image_bundle(bundle["final"])
-    recs = read_manifest(bundle["heldout"])
+    recs = read_manifest(bundle["heldout"], "image")
     col = ImageCaptionCollator(tok, meta["prompt"], max_tiles=meta["max_tiles"])
     for r in recs:  # each located word's tokens decode to that word
         spans = word_spans(tok, " ", r.text)  # the prompt's trailing space
@@ -179,7 +179,7 @@ def test_collect_positions_labels_and_zero_contribution_with_closed_gates(bundle
         }
     got = collect(model, tok, transform, meta, recs, batch_size=3)
     assert got.labels.tolist() == [caption_targets(r.text) for r in recs]
-    tiled = [transform(load_rgb(r.image)) for r in recs]
+    tiled = [transform(load_rgb(r.media)) for r in recs]
     per_tile = model.image_encoder.num_tokens_per_tile
     assert got.mask.sum(1).tolist() == [t.n_tiles * per_tile for t in tiled]
     assert got.features.shape[-1] == model.image_encoder.features_dim

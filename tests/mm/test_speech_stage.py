@@ -170,13 +170,13 @@ def test_speech_stage_keeps_lm_bit_identical_and_bundle_free_of_lm(world, traine
     ev = summary["eval"]["heldout_voices"]
     assert ev["n"] == 3 and len(ev["wer_per_voice"]) == 3
     # The reported WER is that of the saved bundle's transcripts of the same clips against their references.
-    from mm.datasets.audio import read_audio_manifest
+    from mm.datasets.media import read_manifest
     from mm.models.speech import transcribe_features
 
     model, tok, features, bundle_meta = load_speech_bundle(final)
-    recs = read_audio_manifest(world["held"])
+    recs = read_manifest(world["held"], "audio")
     hyps = transcribe_features(
-        model, tok, [features.load(r.audio) for r in recs], prompt=bundle_meta["prompt"]
+        model, tok, [features.load(r.media) for r in recs], prompt=bundle_meta["prompt"]
     )
     refs = [r.text for r in recs]
     assert [e["hyp"] for e in ev["examples"]] == hyps and [e["ref"] for e in ev["examples"]] == refs

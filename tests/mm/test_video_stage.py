@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mm.adapters.temporal_aggregator import AggregatorConfig
-from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
+from mm.datasets.media import MediaTextDataset
+from mm.datasets.video import VideoCaptionCollator, video_decoder
 from mm.formats.bundle import verify_frozen
 from mm.lm import Tokenizer, Transformer, preset, save_hf
 from mm.models.loading import FrozenImagePathChanged, attach_video, load_image_bundle, load_video_bundle
@@ -126,7 +127,7 @@ def test_video_gates_at_zero_equal_the_image_model_exactly(world):
     model = attach_video(image_model, tok, agg, list(image_model.xattn_layers))
     model.eval()
     col = VideoCaptionCollator(tok, VIDEO_PROMPT, max_tiles=meta["max_tiles"], merge=2)
-    ds = VideoTextDataset(world["heldout"], transform, n_frames=4)
+    ds = MediaTextDataset(world["heldout"], video_decoder(transform, n_frames=4))
     batch = col([ds[0], ds[1]])
     pixels = (
         torch.randn(2, 1, meta["max_tiles"], 3, meta["tile_size"], meta["tile_size"]),
@@ -230,7 +231,7 @@ def test_describe_cli_one_line_per_video_and_bad_input(world, trained, tmp_path)
     assert len(lines) == 3
     # The same captions as describing the clips read through the dataset (same frames, same model).
     model, tok, transform, meta = load_video_bundle(trained["out"] / "final")
-    ds = VideoTextDataset(world["heldout"], transform, n_frames=meta["video"]["n_frames"])
+    ds = MediaTextDataset(world["heldout"], video_decoder(transform, n_frames=meta["video"]["n_frames"]))
     col = VideoCaptionCollator(tok, meta["video"]["prompt"], max_tiles=meta["video"]["max_tiles"], merge=2)
     expected = describe_clips(model, col, [ds.load(i) for i in range(3)])
     assert [" ".join(c.splitlines()).strip() for c in expected] == [x.strip() for x in lines]  # one line each

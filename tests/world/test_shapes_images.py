@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm.datasets.images import ImageTextDataset, iter_webdataset
+from mm.datasets.images import image_decoder
+from mm.datasets.media import MediaTextDataset, iter_webdataset
 from mm.datasets.tiling import TileTransform
 from mm.world import (
     COLORS,
@@ -138,10 +139,10 @@ def test_deterministic_and_stale_files_removed(world, tmp_path):
 def test_readers_agree(world):
     _, manifests = world
     manifest = manifests["heldout_pairs"]
-    ds = ImageTextDataset(manifest, TileTransform(32, 4))
+    ds = MediaTextDataset(manifest, image_decoder(TileTransform(32, 4)))
     from_manifest = [ds[i] for i in range(len(ds))]
     shards = str(manifest.parent / "heldout_pairs-*.tar")
-    from_shards = list(iter_webdataset(shards, TileTransform(32, 4)))
+    from_shards = list(iter_webdataset(shards, image_decoder(TileTransform(32, 4))))
     assert [s["text"] for s in from_shards] == [s["text"] for s in from_manifest]
     for a, b in zip(from_manifest, from_shards):
         assert a["aspect_ratio_id"] == b["aspect_ratio_id"] and (a["tiles"] == b["tiles"]).all()
@@ -223,7 +224,7 @@ def test_variants_stay_within_the_world(variants):
             kind
         )
         # They read like any manifest (JPEG included), nothing skipped.
-        ds = ImageTextDataset(manifest, TileTransform(32, 4))
+        ds = MediaTextDataset(manifest, image_decoder(TileTransform(32, 4)))
         assert [ds[i]["text"] for i in range(3)] == [r["text"] for r in recs[:3]] and ds.stats.n_skipped == 0
 
 
