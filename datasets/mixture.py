@@ -20,7 +20,7 @@ import torch
 
 from .packing import check_batch_shape, chunked, encode_documents, make_rows
 from .seeding import derive_seed
-from .text import TextSource, TokenizerLike, new_read_stats
+from .text import TextSource, TokenizerLike, check_source_names, new_read_stats
 
 __all__ = ["PackedText", "load_corpus"]
 
@@ -99,10 +99,7 @@ class PackedText:
         sources = list(sources)
         if not sources:
             raise ValueError("PackedText needs at least one TextSource")
-        names = [s.name for s in sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"TextSource names must be unique, repeated: {', '.join(dupes)} (set name=...)")
+        check_source_names([s.name for s in sources])
         weights = [float(s.weight) for s in sources]
         if sum(weights) <= 0:
             raise ValueError("at least one TextSource needs a weight > 0")

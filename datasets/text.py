@@ -264,3 +264,10 @@ class TextSource:
         """All documents of all paths, in order."""
         for p in self.paths:
             yield from read_documents(p, self.doc_split, stats)
+
+
+def check_source_names(names: list[str]) -> None:
+    """Refuse repeated text source names (they key the mixture's draws and the data position)."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"text source names must be unique, repeated: {', '.join(dupes)} (set name=...)")

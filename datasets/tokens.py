@@ -36,7 +36,7 @@ import torch
 from .mixture import load_corpus
 from .packing import pack_heldout, rows_from_windows
 from .seeding import derive_seed
-from .text import TextSource, TokenizerLike
+from .text import TextSource, TokenizerLike, check_source_names
 from .token_folders import INDEX, read_index
 
 __all__ = ["RowCursor", "SourceStream", "TokenCorpus", "TokenReader", "heldout_token_batches"]
@@ -300,10 +300,7 @@ class TokenReader:
     ) -> None:
         if not corpora:
             raise ValueError("TokenReader needs at least one source")
-        names = [c.name for c in corpora]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"text source names must be unique, repeated: {', '.join(dupes)} (set name=...)")
+        check_source_names([c.name for c in corpora])
         if len(weights) != len(corpora) or any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"one weight >= 0 per source with a positive sum, got {list(weights)}")
         if not 0 <= rank < world:
