@@ -4,8 +4,8 @@
 
 The model is built on the meta device (`with torch.device("meta")`): parameter counts are exact, no weight is
 allocated, no data or tokenizer is read. What trains comes from the stage itself (`Stage.trainable`), which modules
-are checkpointed from `Stage.blocks` (the runner wraps exactly those when `train.activation_checkpointing` is on),
-and the FSDP2 units from `Stage.parallelize` (its `apply_fsdp` call is recorded, not run). Planned stages:
+are checkpointed from the plan's `blocks` (the runner wraps exactly those when `train.activation_checkpointing` is on),
+and the FSDP2 units from the stage's declared `ParallelPlan` (`Stage.parallel_plan`, what the runner applies). Planned stages:
 lm-pretrain (the LM shape from `model:`, the vocabulary from `tokenizer.vocab_size` unless overridden) and the
 image stages (the frozen LM from `lm:`, an HF directory's config.json or, for planning, an LM preset name; or
 `init_from_hf_mllama:`'s config.json). An image-stage sample is one image of `data.max_tiles` tiles and
@@ -32,7 +32,7 @@ d model width, H / KV query / key-value heads, h head width, f SwiGLU width, V v
   product: 4 x 2f.
 - LM layer, frozen, with a gradient flowing through it (adapter stages: layers from the first cross-attention
   block on): 8d + 4h(H + KV) + 6f + 4H + 8 (nothing is kept for a weight gradient); before that block: 0.
-- Full activation checkpointing (non-reentrant `torch.utils.checkpoint` on each of `Stage.blocks`): a block keeps
+- Full activation checkpointing (non-reentrant `torch.utils.checkpoint` on each of the plan's `blocks`): a block keeps
   only its input, 2d; the backward recomputes one block at a time, whose full figure is a transient peak.
 - selective-op (torchtitan's op policy, to compare with its published figures; LM layers only, other checkpointed
   blocks as full): 4d + 4Hh + 2KVh + 2f + 4H (input, the wq, wv, w1, w2 outputs, attention output, log-sum-exp).
@@ -45,7 +45,7 @@ d model width, H / KV query / key-value heads, h head width, f SwiGLU width, V v
   outputs); a gated global block adds 4D (the gate products' inputs). Per image: the tile attention mask 2(TL)^2
   (mask_mode mllama; T tiles of L tokens padded to 8; one tensor shared by every block), the stem and features:
   6p^2 per patch (bf16 pixels), 4D + 2(1 + K)D per token (positions, K intermediate layers' features) and 2D + 8
-  per padded token (final LayerNorm). The image stages do not checkpoint the encoder (not in `Stage.blocks`).
+  per padded token (final LayerNorm). The image stages do not checkpoint the encoder (not in the plan's `blocks`).
 - Output and loss: the fp32 log-probabilities 4V (the logits are cast to fp32 for cross-entropy) + 8 (targets) +
   the final norm (6d + 4; frozen 4d + 4) + the output projection's input (2d, when it trains); while the loss
   backward runs, the log-probabilities' gradient and the logits' fp32 gradient add 8V: the transient peak of the
@@ -235,20 +235,8 @@ def load_stage(config: str, overrides: list[str] | None = None) -> Stage:
 
 # ---- parameters and FSDP units ------------------------------------------------------------------------------
 def fsdp_units(stage: Stage) -> list[nn.Module]:
-    """The blocks `Stage.parallelize` hands to FSDP2 (recorded, nothing is sharded); [] = replicated."""
-    from unittest import mock
-
-    from mm.training import distributed as dist_utils
-
-    units: list[nn.Module] = []
-
-    def record(model: nn.Module, blocks: list[nn.Module], extra_forward_methods: Any = None) -> nn.Module:
-        units.extend(blocks)
-        return model
-
-    with mock.patch.object(dist_utils, "apply_fsdp", record):
-        stage.parallelize()
-    return units
+    """The units the stage's `ParallelPlan` hands to FSDP2; [] = replicated."""
+    return list(stage.parallel_plan().fsdp_units or [])
 
 
 def shard_numel(shape: tuple[int, ...], gpus: int) -> int:
@@ -327,7 +315,7 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
         raise ValueError(f"activation checkpointing {ac!r}; allowed: {list(AC_MODES)}")
     model = stage.model
     trainable = {id(p) for _, p in stage.trainable()}
-    ckpt = {id(m) for m in stage.blocks()} if ac != "none" else set()
+    ckpt = {id(m) for m in stage.parallel_plan().blocks} if ac != "none" else set()
     lm = getattr(model, "lm", model)
     c: LMConfig = lm.cfg
     T, acts = seq_len, _Acts()
@@ -372,7 +360,7 @@ def doc_mask_bytes(stage: Stage, seq_len: int, ac: str) -> int:
     """Per-sample bytes of lm-pretrain's dense document mask (bool, shared) and its per-layer bf16 bias (kept)."""
     if stage.name != "lm-pretrain" or getattr(stage.model.cfg, "doc_attention", "dense") != "dense":
         return 0  # flex / varlen document attention (and "auto" on CUDA) keep no T x T tensor
-    layers = 1 if ac != "none" and stage.blocks() else len(stage.model.layers)
+    layers = 1 if ac != "none" and stage.parallel_plan().blocks else len(stage.model.layers)
     return seq_len * seq_len * (1 + 2 * layers)
 
 
@@ -494,7 +482,7 @@ def assumptions(stage: Stage) -> list[str]:
         "total = sum of the parts: gradients counted although set_to_none frees them before the activation "
         "peak; CUDA context, NCCL buffers and allocator fragmentation are not counted",
         "max_batch: largest micro-batch per GPU with total <= --gpu-memory; gradient accumulation adds none",
-        "activation checkpointing wraps the stage's blocks (Stage.blocks); selective-op is torchtitan's op "
+        "activation checkpointing wraps the stage's blocks (ParallelPlan.blocks); selective-op is torchtitan's op "
         "policy for LM layers (other blocks as full)",
         "the trainer today sets no FSDP MixedPrecisionPolicy (fp32 gathers under autocast) and the image stages "
         "load the LM in fp32: both need more than planned here",

@@ -40,9 +40,9 @@ from mm.models.multimodal import MultimodalLM
 from mm.stages.evaluation import evaluate_captions
 from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import load_tensors
-from mm.training.config import OptimConfig, TrainConfig
+from mm.training.config import StageConfig
 from mm.training.freeze import FrozenLMChanged, fingerprint
-from mm.training.parallelize import frozen_lm_dtype, parallelize_model
+from mm.training.parallelize import ParallelPlan, frozen_lm_dtype
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
@@ -82,7 +82,7 @@ class XAttnConfig:
 
 
 @dataclass
-class ImageStageConfig:
+class ImageStageConfig(StageConfig):
     """`mm train` for an image stage."""
 
     stage: str = "image-pretrain"
@@ -95,8 +95,6 @@ class ImageStageConfig:
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
     caption_head: CaptionHeadConfig = field(default_factory=CaptionHeadConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # captions scored at the end (0 = none)
     curve_samples: int = 64  # images of the first held-out manifest captioned every train.eval_every steps
     out: str = "runs/image"
@@ -211,7 +209,7 @@ def check_image_stage_config(cfg: ImageStageConfig) -> None:
 
 
 @register(IMAGE_STAGES, ImageStageConfig)
-class ImageStage(Stage):
+class ImageStage(Stage[ImageStageConfig]):
     """Caption loss (caption tokens only) on tiled images, the LM frozen; FSDP2 under torchrun."""
 
     def check(self) -> None:
@@ -228,12 +226,14 @@ class ImageStage(Stage):
         if cfg.init_from_hf_mllama:
             from mm.models.mllama import load_hf_mllama_transform
 
-            model, self.tok = start_from_hf_mllama(cfg, device, self.frozen_dtype)
+            model, self.tok = start_from_hf_mllama(cfg, device, self.ctx.frozen_dtype)
             self.lm_path = Path(cfg.init_from_hf_mllama).resolve()
             self.transform = load_hf_mllama_transform(self.lm_path, max_tiles=cfg.data.max_tiles)
         else:
             self.lm_path = Path(cfg.lm).resolve()
-            lm = load_hf(self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.frozen_dtype))
+            lm = load_hf(
+                self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.ctx.frozen_dtype)
+            )
             self.tok = Tokenizer.from_file(cfg.tokenizer or self.lm_path)
             model = build_model(cfg, lm, self.tok).to(device)
         if cfg.init_from:
@@ -257,14 +257,12 @@ class ImageStage(Stage):
         """The LM."""
         return {"lm": self.model.lm}
 
-    def blocks(self) -> list[nn.Module]:
-        """The LM's layers and the cross-attention blocks (the backward passes through both)."""
-        return [*self.model.lm.layers, *self.model.image_xattn.values()]
-
-    def parallelize(self) -> None:
+    def parallel_plan(self) -> ParallelPlan:
         """Activation checkpointing and compile of the LM layers and cross-attention blocks, then FSDP2 per
-        encoder, caption head, cross-attention block and LM layer (forward order), then the root."""
+        encoder, caption head, cross-attention block and LM layer (forward order), then the root. The blocks are
+        the LM's layers and the cross-attention blocks (the backward passes through both)."""
         model = self.model
+        blocks = [*model.lm.layers, *model.image_xattn.values()]
         units = [model.image_encoder]
         extra = {"media_kv": list(model.image_xattn.values()), "encode_media": [model]}
         if model.image_aux is not None:
@@ -272,7 +270,7 @@ class ImageStage(Stage):
             extra["bag_of_words_logits"] = [model.image_aux]
         units += [*model.image_xattn.values(), *model.lm.layers]
         # the loss encodes the media first (the caption head reads them), then runs the forward
-        parallelize_model(model, self.blocks(), self.cfg.train, fsdp_units=units, extra_forward_methods=extra)
+        return ParallelPlan(model, blocks=blocks, fsdp_units=units, extra_forward_methods=extra)
 
     def record(self) -> dict[str, Any]:
         """Where the frozen LM lives."""

@@ -30,8 +30,8 @@ from mm.stages.evaluation import evaluate_wer
 from mm.training import distributed as dist_utils
 from mm.training.bundle import dataclass_dict, save_bundle
 from mm.training.checkpoint import load_tensors
-from mm.training.config import OptimConfig, TrainConfig
-from mm.training.parallelize import frozen_lm_dtype, parallelize_model
+from mm.training.config import StageConfig
+from mm.training.parallelize import ParallelPlan, frozen_lm_dtype
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
@@ -83,7 +83,7 @@ class SpeechDataConfig:
 
 
 @dataclass
-class SpeechStageConfig:
+class SpeechStageConfig(StageConfig):
     """`mm train` for the speech stage."""
 
     stage: str = STAGE
@@ -95,8 +95,6 @@ class SpeechStageConfig:
     speech_encoder: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
     adapter: SpeechAdapterConfig = field(default_factory=SpeechAdapterConfig)
     data: SpeechDataConfig = field(default_factory=SpeechDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # clips transcribed per held-out manifest at the end (0 = none)
     curve_samples: int = 64  # clips of the first held-out manifest transcribed every `train.eval_every` steps
     out: str = "runs/speech"
@@ -121,7 +119,7 @@ def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
 
 
 @register(SPEECH_STAGES, SpeechStageConfig)
-class SpeechStage(Stage):
+class SpeechStage(Stage[SpeechStageConfig]):
     """Next-token loss on the text after the speech (ASR, AST) + the adapter's CTC loss; the LM frozen."""
 
     def check(self) -> None:
@@ -137,7 +135,7 @@ class SpeechStage(Stage):
     def build(self, device: torch.device) -> nn.Module:
         """Frozen LM (read lazily on the meta device) + speech encoder (+ BEST-RQ weights) + adapter."""
         self.lm_path = Path(self.cfg.lm).resolve()
-        lm = load_hf(self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.frozen_dtype))
+        lm = load_hf(self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.ctx.frozen_dtype))
         self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
         self.model = build_speech_model(self.cfg, lm).to(device)
         return self.model
@@ -162,18 +160,13 @@ class SpeechStage(Stage):
         """The LM."""
         return {"lm": self.model.lm}
 
-    def blocks(self) -> list[nn.Module]:
-        """The LM's layers."""
-        return list(self.model.lm.layers)
-
-    def parallelize(self) -> None:
+    def parallel_plan(self) -> ParallelPlan:
         """Activation checkpointing and compile of the LM layers, then FSDP2 on the frozen LM only (per layer,
         then its embeddings, norm and output); the small speech encoder and adapter stay replicated (the
         trainer all-reduces their gradients)."""
-        lm, layers = self.model.lm, self.blocks()
-        parallelize_model(
-            lm, layers, self.cfg.train, fsdp_units=layers, extra_forward_methods={"embed": [lm]}
-        )
+        lm = self.model.lm
+        layers = list(lm.layers)
+        return ParallelPlan(lm, blocks=layers, fsdp_units=layers, extra_forward_methods={"embed": [lm]})
 
     def record(self) -> dict[str, Any]:
         """Where the frozen LM lives."""

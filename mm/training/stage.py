@@ -1,43 +1,67 @@
 """What a training stage supplies; `mm.training.runner.run` does everything else, the same way for every stage.
 
-A `Stage` says what it builds (`build`), which parameters train (`trainable`) and which parts must not move
+A `Stage[C]` is generic over its typed config `C` (a `StageConfig`: the keys every stage has, extended with
+the stage's own). The runner constructs it with the config and a `StageContext` (process rank and count, device,
+resume, the dtype a frozen LM may keep, the FSDP2 mixed-precision policy); nothing is set on it afterwards.
+It says what it builds (`build`), which parameters train (`trainable`) and which parts must not move
 (`frozen`: fingerprinted at start and end, none of their parameters may reach the optimizer), where its
-batches come from (`open_data`, `next_batch`: this process's rows only), its loss (`loss`: a sum and the count
-it is normalised by), how it is parallelised (`parallelize`: FSDP2 where the model is worth sharding, else
-replicated with gradients all-reduced by the trainer), its evaluation (`evaluate` during training every
+batches come from (`open_data` sets `self.stream`, `next_batch`: this process's rows only), its loss (`loss`:
+a sum and the count it is normalised by), how it is parallelised (`parallel_plan`: a declared `ParallelPlan`
+that the runner applies and `mm plan` reads), its evaluation (`evaluate` during training every
 `train.eval_every` steps, `final_evaluation` at the end) and its export (`export`, the final folder).
 
 Stage classes register themselves by the `stage:` names they run (`register`), so `mm train --config CFG`
-runs any stage's config.
+runs any stage's config; a stage defined outside `mm` is imported from the file its config's `stage_file:`
+names (`import_stage_file`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
 from mm.training import distributed as dist_utils
+from mm.training.config import StageConfig
+from mm.training.parallelize import ParallelPlan
+
+C = TypeVar("C", bound=StageConfig)
 
 
-class Stage:
+@dataclass(frozen=True)
+class StageContext:
+    """What the runner gives a stage at construction: this process's rank of `world`, the device the model runs
+    on, whether the run resumes, the dtype a frozen LM may be kept in (bf16 for bf16 compute on CUDA,
+    `mm.training.parallelize.frozen_dtype`) and FSDP2's mixed-precision policy (None: parameters keep their
+    dtype, as on the CPU)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resume: bool = False
+    frozen_dtype: torch.dtype = torch.float32
+    mp_policy: Any = None
+
+
+class Stage(Generic[C]):
     """One training stage. Subclasses fill in `build`, `open_data`, `next_batch`, `loss` and `export`."""
 
     names: ClassVar[tuple[str, ...]] = ()  # the `stage:` values this class runs
-    config_class: ClassVar[type]
+    config_class: type[C]
     model: nn.Module
+    stream: Any = None  # the training data loader (`open_data` sets it): position, skip counts, workers
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: C, ctx: StageContext | None = None) -> None:
         self.cfg = cfg
-        self.name: str = getattr(cfg, "stage", self.names[0] if self.names else "stage")
-        self.rank, self.world = 0, 1
-        self.resume = False  # set by the runner: this run continues from its last checkpoint
-        self.device = torch.device("cpu")  # set by the runner: where the model runs
-        self.frozen_dtype = torch.float32  # set by the runner: bf16 for bf16 compute on CUDA (parallelize.py)
-        self.init_record: Any = None  # the recorded initialisation of a meta-built model (runner.build)
+        self.ctx = ctx or StageContext()
+        self.name: str = cfg.stage
+        self.rank, self.world, self.device = self.ctx.rank, self.ctx.world, self.ctx.device
         self.anneal_steps, self.polyak_k = 0, 0  # the final LR decay to 0 and its Polyak average
 
     # ---- before anything is read --------------------------------------------------------------------
@@ -72,7 +96,7 @@ class Stage:
     def build(self, device: torch.device) -> nn.Module:
         """Build (or load) the model on `device`, set `self.model` and return it. With `meta_init` the runner
         passes the meta device and records what gives each tensor its value; frozen weights are loaded lazily
-        (`load_hf(..., device=device, dtype=self.frozen_dtype)`) and read after sharding, each process its part."""
+        (`load_hf(..., device=device, dtype=self.ctx.frozen_dtype)`) and read after sharding, each process its part."""
         raise NotImplementedError
 
     def materialized(self) -> None:
@@ -91,17 +115,11 @@ class Stage:
         """Parts that must not move (name -> module or tensors), fingerprinted at start and end."""
         return {}
 
-    def blocks(self) -> list[nn.Module]:
-        """The repeated blocks the backward passes through: activation checkpointing and `compile` wrap them."""
-        return []
-
-    def parallelize(self) -> None:
-        """Parallelise the model from outside, in torchtitan's order (`mm.training.parallelize.parallelize_model`):
-        activation checkpointing and `compile` of `blocks()` as `train` asks, then FSDP2 for a stage worth
-        sharding. By default the model is replicated and the trainer all-reduces the gradients."""
-        from mm.training.parallelize import parallelize_model
-
-        parallelize_model(self.model, self.blocks(), self.cfg.train)
+    def parallel_plan(self) -> ParallelPlan:
+        """How the built model is parallelised (`mm.training.parallelize.ParallelPlan`), applied by the runner
+        and read by `mm plan`. By default nothing is checkpointed and the model is replicated (the trainer
+        all-reduces the gradients)."""
+        return ParallelPlan(self.model)
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint records about the run besides the frozen fingerprints (checked on `--resume`)."""
@@ -154,26 +172,21 @@ class Stage:
 
     def data_state(self) -> dict[str, Any]:
         """JSON position of the data stream (where the run's next step starts)."""
-        stream = getattr(self, "stream", None)
-        return stream.state_dict() if stream is not None else {}
+        return self.stream.state_dict() if self.stream is not None else {}
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Continue the data stream from a saved position."""
-        stream = getattr(self, "stream", None)
-        if state and stream is not None:
-            stream.load_state_dict(state)
+        if state and self.stream is not None:
+            self.stream.load_state_dict(state)
 
     def data_stats(self) -> dict[str, Any]:
         """Skipped samples per reason (this process's share)."""
-        stream = getattr(self, "stream", None)
-        return stream.stats() if stream is not None else {}
+        return self.stream.stats() if self.stream is not None else {}
 
     def close_data(self) -> None:
-        """Stop the data workers (the training stream's; LM pretraining's packed rows)."""
-        for name in ("stream", "data"):
-            loader = getattr(self, name, None)
-            if loader is not None and hasattr(loader, "close"):
-                loader.close()
+        """Stop the data workers of the training stream."""
+        if self.stream is not None:
+            self.stream.close()
 
     def on_step(self, step: int, tokens_seen: int) -> None:
         """Called before each optimizer step (e.g. a data mixture or RoPE switch)."""
@@ -213,13 +226,13 @@ class Stage:
         return dist_utils.full_tensors(tensors)
 
 
-STAGES: dict[str, type[Stage]] = {}
+STAGES: dict[str, type[Stage[Any]]] = {}
 
 
-def register(names: tuple[str, ...], config_class: type) -> Any:
+def register(names: tuple[str, ...], config_class: type[StageConfig]) -> Any:
     """Class decorator: `mm train` runs configs (of `config_class`) whose `stage:` is one of `names` with it."""
 
-    def add(cls: type[Stage]) -> type[Stage]:
+    def add(cls: type[Stage[Any]]) -> type[Stage[Any]]:
         cls.names, cls.config_class = tuple(names), config_class
         for name in names:
             STAGES[name] = cls
@@ -228,7 +241,23 @@ def register(names: tuple[str, ...], config_class: type) -> Any:
     return add
 
 
-def stage_class(name: str) -> type[Stage]:
+def import_stage_file(path: str | Path) -> None:
+    """Import a Python file that defines (and `register`s) stages outside `mm` (a config's `stage_file:`)."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"stage_file={str(path)!r}: no such file")
+    name = f"mm_stage_file_{file.stem}_{abs(hash(str(file)))}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"stage_file={str(path)!r} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+def stage_class(name: str) -> type[Stage[Any]]:
     """The stage class that runs `stage: name`."""
     import mm.stages  # noqa: F401  (registers every stage)
 

@@ -73,9 +73,9 @@ def test_every_stage_built_on_meta_and_materialised_equals_its_eager_build(world
     stage = checked_stage(cfg)
     assert stage.meta_init()
     torch.manual_seed(3)
-    build(stage, torch.device("cpu"))
+    init = build(stage)
     assert all(p.is_meta for p in stage.model.parameters())  # nothing allocated, nothing drawn yet
-    prepare(stage)
+    prepare(stage, init)
     got = stage.model.state_dict()
     assert list(got) == list(want)
     assert all(torch.equal(got[k], want[k]) for k in want), [
