@@ -92,6 +92,11 @@ class LMPretrainStage(Stage[LMPretrainConfig]):
     def build(self, device: torch.device) -> nn.Module:
         """The tokenizer (given, the run's own on resume, or trained on the data) and a fresh Transformer."""
         cfg, tr = self.cfg, self.cfg.train
+        if self.ctx.shapes_only:  # `mm plan`: the vocabulary from the config, no tokenizer or data read
+            extra = {} if "vocab_size" in cfg.model.overrides else {"vocab_size": cfg.tokenizer.vocab_size}
+            with torch.device("meta"):
+                self.model = Transformer(cfg.model.build(**extra))
+            return self.model
         self.sources = _sources(cfg.data)
         self.tokenizer = build_tokenizer(cfg, Path(cfg.out), self.sources, self.ctx.resume)
         extra: dict[str, Any] = {}

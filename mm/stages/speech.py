@@ -23,7 +23,7 @@ from mm.datasets.audio import AudioFeatures, SpeechCollator, open_audio_stream
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.shapes import ASR_PROMPT
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
-from mm.lm import Tokenizer, Transformer, load_hf
+from mm.lm import Tokenizer, Transformer
 from mm.models.loading import SPEECH_STAGES
 from mm.models.speech import SpeechLM, token_embedding_rms
 from mm.stages.evaluation import evaluate_wer
@@ -31,7 +31,7 @@ from mm.training import distributed as dist_utils
 from mm.training.bundle import dataclass_dict, save_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.config import StageConfig
-from mm.training.parallelize import ParallelPlan, frozen_lm_dtype
+from mm.training.parallelize import ParallelPlan
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
@@ -135,7 +135,7 @@ class SpeechStage(Stage[SpeechStageConfig]):
     def build(self, device: torch.device) -> nn.Module:
         """Frozen LM (read lazily on the meta device) + speech encoder (+ BEST-RQ weights) + adapter."""
         self.lm_path = Path(self.cfg.lm).resolve()
-        lm = load_hf(self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.ctx.frozen_dtype))
+        lm = self.frozen_lm(self.lm_path, device)
         self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
         self.model = build_speech_model(self.cfg, lm).to(device)
         return self.model

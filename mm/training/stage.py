@@ -27,9 +27,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import nn
 
+from mm.lm import Transformer, load_hf
+from mm.lm.config import LMConfig
 from mm.training import distributed as dist_utils
 from mm.training.config import StageConfig
-from mm.training.parallelize import ParallelPlan
+from mm.training.parallelize import ParallelPlan, frozen_lm_dtype
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -38,8 +40,9 @@ C = TypeVar("C", bound=StageConfig)
 class StageContext:
     """What the runner gives a stage at construction: this process's rank of `world`, the device the model runs
     on, whether the run resumes, the dtype a frozen LM may be kept in (bf16 for bf16 compute on CUDA,
-    `mm.training.parallelize.frozen_dtype`) and FSDP2's mixed-precision policy (None: parameters keep their
-    dtype, as on the CPU)."""
+    `mm.training.parallelize.frozen_dtype`), FSDP2's mixed-precision policy (None: parameters keep their
+    dtype, as on the CPU), and whether only the model's shapes are wanted (`mm plan`: a frozen LM may then be
+    named by an LM preset, and no weight file or tokenizer is read)."""
 
     rank: int = 0
     world: int = 1
@@ -47,6 +50,9 @@ class StageContext:
     resume: bool = False
     frozen_dtype: torch.dtype = torch.float32
     mp_policy: Any = None
+    shapes_only: bool = (
+        False  # `mm plan`: build shapes on the meta device; read no weights, tokenizer or data
+    )
 
 
 class Stage(Generic[C]):
@@ -98,6 +104,11 @@ class Stage(Generic[C]):
         passes the meta device and records what gives each tensor its value; frozen weights are loaded lazily
         (`load_hf(..., device=device, dtype=self.ctx.frozen_dtype)`) and read after sharding, each process its part."""
         raise NotImplementedError
+
+    def frozen_lm(self, path: str | Path, device: torch.device) -> Transformer:
+        """The frozen LM at `path`, an HF Llama directory (read lazily on the meta device, kept in the context's
+        frozen dtype where stored in it)."""
+        return load_hf(path, device=device, dtype=frozen_lm_dtype(path, self.ctx.frozen_dtype))
 
     def materialized(self) -> None:
         """After a meta-built model received its values (steps of building that read them, e.g. a scale taken
@@ -224,6 +235,25 @@ class Stage(Generic[C]):
     def gathered(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unsharded copies of (possibly FSDP-sharded) tensors; a collective."""
         return dist_utils.full_tensors(tensors)
+
+
+def lm_shape(lm: str) -> LMConfig:
+    """An LM's shape: an HF Llama directory's config.json, or (shapes only, e.g. for planning) an LM preset."""
+    import json
+
+    from mm.lm.config import PRESETS, preset
+    from mm.lm.hf import config_from_hf
+
+    if not lm:
+        raise ValueError("`lm` must name the frozen LM: an HF Llama directory, or an LM preset for planning")
+    file = Path(lm) / "config.json"
+    if file.is_file():
+        return config_from_hf(json.loads(file.read_text()), source=str(file))
+    if lm in PRESETS:
+        return preset(lm)
+    raise FileNotFoundError(
+        f"lm={lm!r}: no {file}, and not an LM preset name (mm plan reads one of {sorted(PRESETS)})"
+    )
 
 
 STAGES: dict[str, type[Stage[Any]]] = {}
