@@ -2,14 +2,17 @@
 
     mm plan --config CFG --gpus N --gpu-memory GIB [--seq-len T] [--batch B] [--json] [KEY=VALUE ...]
 
-The model is built on the meta device (`with torch.device("meta")`): parameter counts are exact, no weight is
-allocated, no data or tokenizer is read. What trains comes from the stage itself (`Stage.trainable`), which modules
-are checkpointed from the plan's `blocks` (the runner wraps exactly those when `train.activation_checkpointing` is on),
-and the FSDP2 units from the stage's declared `ParallelPlan` (`Stage.parallel_plan`, what the runner applies). Planned stages:
-lm-pretrain (the LM shape from `model:`, the vocabulary from `tokenizer.vocab_size` unless overridden) and the
-image stages (the frozen LM from `lm:`, an HF directory's config.json or, for planning, an LM preset name; or
-`init_from_hf_mllama:`'s config.json). An image-stage sample is one image of `data.max_tiles` tiles and
-`--seq-len` text tokens.
+The model is built by the stage's own `build` on the meta device (`StageContext(shapes_only=True)`): parameter
+counts are exact, no weight is allocated and no data is read. What trains comes from the stage itself
+(`Stage.trainable`); which modules are checkpointed and which are FSDP2 units come from the stage's declared
+`ParallelPlan` (`Stage.parallel_plan`), the one the runner applies. Every stage is planned: lm-pretrain (the LM
+shape from `model:`, the vocabulary from `tokenizer.vocab_size` unless overridden), the image stages (the frozen LM
+from `lm:`, an HF directory's config.json or, for planning, an LM preset name; or `init_from_hf_mllama:`'s
+config.json; an image-stage sample is one image of `data.max_tiles` tiles and `--seq-len` text tokens), and
+clip-pretrain, bestrq-pretrain, video and speech from the files their configs name (tokenizer, LM directory,
+image bundle; the LM read lazily, its weights never). Activations are modelled for lm-pretrain and the image
+stages (`ACTIVATION_STAGES`); for the others the plan gives parameters, gradients, optimizer state and FSDP
+buffers, and no max_batch.
 
 Precision and sharding: torchtitan's defaults, FSDP2 `fully_shard` over N GPUs with
 `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`:
@@ -48,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from mm.app.plan_activations import (
     AC_MODES,
+    ACTIVATION_STAGES,
     activation_bytes,
     doc_mask_bytes,
     lm_layer_bytes,
@@ -63,7 +67,14 @@ if TYPE_CHECKING:
     from mm.training.stage import Stage
 
 GIB = 1 << 30
-PLANNED_STAGES = ("lm-pretrain", "image-pretrain", "image-anneal")
+DTYPES = {
+    "trainable_params": "fp32 (sharded master weights)",
+    "frozen_params": "bf16",
+    "compute": "bf16 (FSDP2 param_dtype)",
+    "grads": "fp32 (reduce_dtype)",
+    "optimizer": "AdamW, 2 x fp32",
+    "activations": "bf16 (fp32 norm inputs, log-sum-exp and log-probabilities)",
+}
 JSON_KEYS = ("params_gib", "grads_gib", "optimizer_gib", "activations_gib", "total_gib", "max_batch")
 
 # Published figures: torchtitan, benchmarks/llama3_h100_202412_torchtitan.md (the same tables are in its
@@ -112,16 +123,15 @@ def load_stage(config: str, overrides: list[str] | None = None) -> Stage:
     name = stage_name(config, overrides, "")
     if not name:
         raise ValueError(
-            f"{config} names no stage: add a `stage:` key (mm plan plans {list(PLANNED_STAGES)})"
+            f"{config} names no stage: add a `stage:` key (mm plan plans any stage `mm train` runs)"
         )
     cls = stage_class(name)
-    if name not in PLANNED_STAGES:
-        raise ValueError(f"stage={name!r}: mm plan models {list(PLANNED_STAGES)}, not this stage yet")
     cfg = load_config(
         cls.config_class, config, [o for o in overrides if not o.startswith("kind=")] + [f"stage={name}"]
     )
     stage = cls(cfg, StageContext(device=torch.device("meta"), shapes_only=True))
-    stage.build(torch.device("meta"))
+    with torch.device("meta"):
+        stage.build(torch.device("meta"))
     return stage
 
 
@@ -202,7 +212,8 @@ def plan(
     units = fsdp_units(stage)
     sharded = bool(units)
     counts, params, grads, optimizer, buffers = state_bytes(stage, units, gpus)
-    by_part, transient = activation_bytes(stage, T, ac)
+    modelled = stage.name in ACTIVATION_STAGES
+    by_part, transient = activation_bytes(stage, T, ac) if modelled else ({}, 0)
     per_sample = sum(by_part.values()) + transient
     fixed = params + grads + optimizer + buffers
     budget = int(gpu_memory_gib * GIB)
@@ -223,11 +234,11 @@ def plan(
         "params_gib": gib(params),
         "grads_gib": gib(grads),
         "optimizer_gib": gib(optimizer),
-        "activations_gib": gib(B * per_sample),
+        "activations_gib": gib(B * per_sample) if modelled else None,
         "fsdp_buffers_gib": gib(buffers),
         "total_gib": gib(total),
         "fits": total <= budget,
-        "max_batch": int(max_batch),
+        "max_batch": int(max_batch) if modelled else None,
         "activations_detail_gib": {
             **{k: gib(B * v) for k, v in by_part.items()},
             "backward_transient": gib(B * transient),
@@ -239,14 +250,7 @@ def plan(
             "trainable_per_gpu": counts["trainable_shard"],
             "frozen_per_gpu": counts["frozen_shard"],
         },
-        "dtypes": {
-            "trainable_params": "fp32 (sharded master weights)",
-            "frozen_params": "bf16",
-            "compute": "bf16 (FSDP2 param_dtype)",
-            "grads": "fp32 (reduce_dtype)",
-            "optimizer": "AdamW, 2 x fp32",
-            "activations": "bf16 (fp32 norm inputs, log-sum-exp and log-probabilities)",
-        },
+        "dtypes": DTYPES,
         "sharding": f"FSDP2 fully_shard over {gpus} GPUs, {len(units)} block units + root"
         if sharded
         else "replicated (the stage shards nothing)",
@@ -275,7 +279,12 @@ def assumptions(stage: Stage) -> list[str]:
         "the trainer today sets no FSDP MixedPrecisionPolicy (fp32 gathers under autocast) and the image stages "
         "load the LM in fp32: both need more than planned here",
     ]
-    if stage.name == "lm-pretrain":
+    if stage.name not in ACTIVATION_STAGES:
+        a.append(
+            f"the activations of the {stage.name} stage (its encoders and losses) are not modelled: total counts "
+            "parameters, gradients, optimizer state and FSDP buffers only, and no max_batch is given"
+        )
+    elif stage.name == "lm-pretrain":
         a.append(
             "document attention of packed rows by a fused kernel (flex / varlen); doc_attention: dense would add "
             "a bf16 T x T bias per layer (doc_mask_gib, not in total); the vocabulary is tokenizer.vocab_size"
@@ -304,20 +313,21 @@ def format_table(p: dict[str, Any]) -> str:
         ("parameters", p["params_gib"], "fp32 trainable shards, bf16 frozen shards"),
         ("gradients", p["grads_gib"], "fp32 shards"),
         ("optimizer state", p["optimizer_gib"], "AdamW, 2 x fp32"),
-        (
-            "activations",
-            p["activations_gib"],
-            ", ".join(f"{k} {v:.2f}" for k, v in p["activations_detail_gib"].items()),
-        ),
         ("FSDP buffers", p["fsdp_buffers_gib"], "gathered bf16 params, unsharded grads"),
     ]
+    if p["activations_gib"] is not None:
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in p["activations_detail_gib"].items())
+        rows.insert(3, ("activations", p["activations_gib"], detail))
     for name, v, note in rows:
         lines.append(f"  {name:<20}{v:>9.2f}  {note}")
+    if p["activations_gib"] is None:
+        lines.append(f"  {'activations':<20}{'-':>9}  not modelled for this stage (not in total)")
     verdict = "fits" if p["fits"] else "does NOT fit"
     lines.append(f"  {'total':<20}{p['total_gib']:>9.2f}  {verdict} in {p['gpu_memory_gib']:g} GiB")
     if "doc_mask_gib" in p:
         lines.append(f"  {'(document mask)':<20}{p['doc_mask_gib']:>9.2f}  not in total (module docstring)")
-    lines += ["", f"largest micro-batch that fits: {p['max_batch']}"]
+    fits = p["max_batch"] if p["max_batch"] is not None else "- (activations not modelled)"
+    lines += ["", f"largest micro-batch that fits: {fits}"]
     return "\n".join(lines)
 
 

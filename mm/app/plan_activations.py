@@ -49,6 +49,11 @@ if TYPE_CHECKING:
     from mm.training.stage import Stage
 
 AC_MODES = ("none", "full", "selective-op")
+ACTIVATION_STAGES = (
+    "lm-pretrain",
+    "image-pretrain",
+    "image-anneal",
+)  # the stages whose activations are modelled
 
 
 # ---- activation formulas (bytes per token) ------------------------------------------------------------------

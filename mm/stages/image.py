@@ -181,7 +181,7 @@ class ImageStage(Stage[ImageStageConfig]):
             self.transform = load_hf_mllama_transform(self.lm_path, max_tiles=cfg.data.max_tiles)
         else:
             self.lm_path = Path(cfg.lm).resolve()
-            lm = self.frozen_lm(self.lm_path, device)
+            lm = self.frozen_lm(cfg.lm, device)
             self.tok = Tokenizer.from_file(cfg.tokenizer or self.lm_path)
             model = build_model(cfg, lm, self.tok.image_id).to(device)
         if cfg.init_from:

@@ -135,7 +135,7 @@ class SpeechStage(Stage[SpeechStageConfig]):
     def build(self, device: torch.device) -> nn.Module:
         """Frozen LM (read lazily on the meta device) + speech encoder (+ BEST-RQ weights) + adapter."""
         self.lm_path = Path(self.cfg.lm).resolve()
-        lm = self.frozen_lm(self.lm_path, device)
+        lm = self.frozen_lm(self.cfg.lm, device)
         self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
         self.model = build_speech_model(self.cfg, lm).to(device)
         return self.model

@@ -108,6 +108,9 @@ class Stage(Generic[C]):
     def frozen_lm(self, path: str | Path, device: torch.device) -> Transformer:
         """The frozen LM at `path`, an HF Llama directory (read lazily on the meta device, kept in the context's
         frozen dtype where stored in it)."""
+        if not str(path):
+            raise ValueError("`lm` must name the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
+        path = Path(path).resolve()
         return load_hf(path, device=device, dtype=frozen_lm_dtype(path, self.ctx.frozen_dtype))
 
     def materialized(self) -> None:
