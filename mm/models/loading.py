@@ -36,12 +36,6 @@ from mm.training.freeze import fingerprint_tensors
 IMAGE_STAGES = ("image-pretrain", "image-anneal")
 VIDEO_STAGES = ("video",)
 SPEECH_STAGES = ("speech",)
-COMMAND = {
-    "image-pretrain": "mm caption",
-    "image-anneal": "mm caption",
-    "video": "mm describe",
-    "speech": "mm transcribe",
-}
 
 
 def read_stage_config(path: Path, stages: tuple[str, ...]) -> dict[str, Any]:
@@ -49,7 +43,10 @@ def read_stage_config(path: Path, stages: tuple[str, ...]) -> dict[str, Any]:
     meta = read_config(path)
     stage = meta.get("stage")
     if stage not in stages:
-        reader = COMMAND.get(str(stage), "mm generate" if stage is None else "mm train")
+        from mm.training.stage import stage_readers
+
+        command = stage_readers().get(str(stage))
+        reader = f"mm {command}" if command else "mm generate" if stage is None else "mm train"
         raise ValueError(f"{path} holds a {stage!r} stage, not {' or '.join(stages)}; {reader} reads it")
     enc = meta.get("image_encoder")
     if isinstance(enc, dict) and enc.get("intermediate_layers") and "intermediate_from" not in enc:

@@ -34,7 +34,7 @@ from mm.encoders.clip import bag_of_words_loss
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.lm import Tokenizer, Transformer
 from mm.models.caption import caption_images, load_rgb
-from mm.models.loading import IMAGE_STAGES, caption_head_parts
+from mm.models.loading import IMAGE_STAGES, caption_head_parts, load_image_bundle
 from mm.models.multimodal import MultimodalLM
 from mm.stages.evaluation import evaluate_captions
 from mm.stages.image_model import check_image_stage_config, start_from_hf_mllama
@@ -158,6 +158,13 @@ def shapes_model(cfg: ImageStageConfig) -> MultimodalLM:
 @register(IMAGE_STAGES, ImageStageConfig)
 class ImageStage(Stage[ImageStageConfig]):
     """Caption loss (caption tokens only) on tiled images, the LM frozen; FSDP2 under torchrun."""
+
+    reader = "caption"
+
+    @classmethod
+    def load_final(cls, path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
+        """The image model of a final folder (its LM fingerprint checked)."""
+        return load_image_bundle(path)
 
     def check(self) -> None:
         """The stage name, the LM or Mllama source, the data, the encoder and tiling, the placement."""

@@ -36,7 +36,7 @@ from mm.datasets.tokens import (
     is_token_folder,
     read_index,
 )
-from mm.lm import RopeScaling, Tokenizer, Transformer, save_hf
+from mm.lm import RopeScaling, Tokenizer, Transformer, load_hf, save_hf
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import polyak_average_into
 from mm.training.config import DataSourceConfig, LMPretrainConfig
@@ -63,6 +63,13 @@ def _sources(cfgs: list[DataSourceConfig]) -> list[TextSource]:
 @register(("lm-pretrain",), LMPretrainConfig)
 class LMPretrainStage(Stage[LMPretrainConfig]):
     """Next-token prediction on packed text with document masking; FSDP2 per layer under torchrun."""
+
+    reader = "generate"
+
+    @classmethod
+    def load_final(cls, path: Path) -> tuple[Transformer, Tokenizer]:
+        """The LM of a final folder (an HF Llama directory) and its tokenizer."""
+        return load_hf(path), Tokenizer.from_file(path)
 
     def check(self) -> None:
         """The model section first (a bad shape is reported before any data is read), then the data."""

@@ -24,7 +24,7 @@ from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.shapes import ASR_PROMPT
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm.lm import Tokenizer, Transformer
-from mm.models.loading import SPEECH_STAGES
+from mm.models.loading import SPEECH_STAGES, load_speech_bundle
 from mm.models.speech import SpeechLM, token_embedding_rms
 from mm.stages.evaluation import evaluate_wer
 from mm.training import distributed as dist_utils
@@ -121,6 +121,13 @@ def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
 @register(SPEECH_STAGES, SpeechStageConfig)
 class SpeechStage(Stage[SpeechStageConfig]):
     """Next-token loss on the text after the speech (ASR, AST) + the adapter's CTC loss; the LM frozen."""
+
+    reader = "transcribe"
+
+    @classmethod
+    def load_final(cls, path: Path) -> tuple[SpeechLM, Tokenizer, AudioFeatures, dict[str, Any]]:
+        """The speech model of a final folder (its LM fingerprint checked)."""
+        return load_speech_bundle(path)
 
     def check(self) -> None:
         """The stage name, the LM, the data and the feature size."""

@@ -27,16 +27,19 @@ from torch import nn
 from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.shapes import VIDEO_PROMPT
+from mm.datasets.tiling import TileTransform
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
 from mm.encoders.clip import gather_rows
+from mm.lm import Tokenizer
 from mm.models.loading import (
     VIDEO_STAGES,
     attach_video,
     image_path_state,
     load_image_bundle,
+    load_video_bundle,
     video_state,
 )
-from mm.models.multimodal import video_xattn_layer_ids
+from mm.models.multimodal import MultimodalLM, video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
 from mm.stages.evaluation import evaluate_videos, load_clips, motion_report
 from mm.training.bundle import (
@@ -124,8 +127,15 @@ class VideoStage(Stage[VideoStageConfig]):
     """Caption loss on clips (+ the video-text contrastive loss); the LM and the whole image path frozen.
 
     Under torchrun FSDP2 shards the frozen LM and image cross-attention; what trains (aggregator, video
-    cross-attention) and the image encoder are replicated (`parallelize`); each process reads and encodes
+    cross-attention) and the image encoder are replicated (`parallel_plan`); each process reads and encodes
     only its clips."""
+
+    reader = "describe"
+
+    @classmethod
+    def load_final(cls, path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
+        """The video model of a final folder and the image bundle it names (both fingerprints checked)."""
+        return load_video_bundle(path)
 
     def check(self) -> None:
         """The stage name, the image bundle, the data and the frame count."""

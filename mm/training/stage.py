@@ -59,6 +59,7 @@ class Stage(Generic[C]):
     """One training stage. Subclasses fill in `build`, `open_data`, `next_batch`, `loss` and `export`."""
 
     names: ClassVar[tuple[str, ...]] = ()  # the `stage:` values this class runs
+    reader: ClassVar[str] = ""  # the `mm` command that reads this stage's final folder ("": none)
     config_class: type[C]
     model: nn.Module
     stream: Any = None  # the training data loader (`open_data` sets it): position, skip counts, workers
@@ -235,6 +236,11 @@ class Stage(Generic[C]):
         """Write the final folder (every process calls it: gathering is collective; rank 0 writes)."""
         raise NotImplementedError
 
+    @classmethod
+    def load_final(cls, path: Path) -> Any:
+        """The trained model of a final folder this stage wrote, as its `reader` command uses it."""
+        raise NotImplementedError(f"no mm command reads the final folder of {cls.__name__} ({path})")
+
     def gathered(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unsharded copies of (possibly FSDP-sharded) tensors; a collective."""
         return dist_utils.full_tensors(tensors)
@@ -288,6 +294,22 @@ def import_stage_file(path: str | Path) -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+
+
+def stage_readers() -> dict[str, str]:
+    """The `mm` command that reads each stage's final folder (`Stage.reader`), by stage name, in registration
+    order."""
+    import mm.stages  # noqa: F401  (registers every stage)
+
+    return {name: cls.reader for name, cls in STAGES.items() if cls.reader}
+
+
+def reader_stage(command: str) -> type[Stage[Any]]:
+    """The stage class whose final folders `mm <command>` reads."""
+    for name, reader in stage_readers().items():
+        if reader == command:
+            return STAGES[name]
+    raise ValueError(f"no stage's final folder is read by mm {command}")
 
 
 def stage_class(name: str) -> type[Stage[Any]]:
