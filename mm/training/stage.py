@@ -50,9 +50,7 @@ class StageContext:
     resume: bool = False
     frozen_dtype: torch.dtype = torch.float32
     mp_policy: Any = None
-    shapes_only: bool = (
-        False  # `mm plan`: build shapes on the meta device; read no weights, tokenizer or data
-    )
+    shapes_only: bool = False  # `mm plan`: shapes on the meta device; no weights, tokenizer or data read
 
 
 class Stage(Generic[C]):
