@@ -64,6 +64,7 @@ from mm.app.plan_activations import (
 if TYPE_CHECKING:
     from torch import nn
 
+    from mm.training.parallelize import ParallelPlan
     from mm.training.stage import Stage
 
 GIB = 1 << 30
@@ -136,11 +137,6 @@ def load_stage(config: str, overrides: list[str] | None = None) -> Stage:
 
 
 # ---- parameters and FSDP units ------------------------------------------------------------------------------
-def fsdp_units(stage: Stage) -> list[nn.Module]:
-    """The units the stage's `ParallelPlan` hands to FSDP2; [] = replicated."""
-    return list(stage.parallel_plan().fsdp_units or [])
-
-
 def shard_numel(shape: tuple[int, ...], gpus: int) -> int:
     """Elements of FSDP2's dim-0 shard on rank 0: ceil(dim0 / gpus) x the other dims."""
     if not shape:
@@ -148,32 +144,36 @@ def shard_numel(shape: tuple[int, ...], gpus: int) -> int:
     return math.ceil(shape[0] / gpus) * math.prod(shape[1:])
 
 
-def _params(module: nn.Module, trainable: set[int], gpus: int, sharded: bool) -> dict[str, int]:
-    """Counts of a module's parameters (each once): total and per GPU, trainable and frozen."""
+def _params(module: nn.Module, trainable: set[int], gpus: int, sharded: set[int]) -> dict[str, int]:
+    """Counts of a module's parameters (each once): total and per GPU (a `sharded` one: its FSDP2 shard),
+    trainable and frozen."""
     out = {"trainable": 0, "frozen": 0, "trainable_shard": 0, "frozen_shard": 0}
     for p in module.parameters():
         kind = "trainable" if id(p) in trainable else "frozen"
         out[kind] += p.numel()
-        out[f"{kind}_shard"] += shard_numel(tuple(p.shape), gpus) if sharded else p.numel()
+        out[f"{kind}_shard"] += shard_numel(tuple(p.shape), gpus) if id(p) in sharded else p.numel()
     return out
 
 
-def state_bytes(stage: Stage, units: list[nn.Module], gpus: int) -> tuple[dict[str, int], int, int, int, int]:
-    """(parameter counts, and per-GPU bytes of parameters, gradients, optimizer state, FSDP buffers)."""
-    model = stage.model
+def state_bytes(stage: Stage, plan: ParallelPlan, gpus: int) -> tuple[dict[str, int], int, int, int, int]:
+    """(parameter counts, and per-GPU bytes of parameters, gradients, optimizer state, FSDP buffers): FSDP2
+    shards the parameters of the plan's root but not its replicated parts; the rest stays whole."""
     trainable = {id(p) for _, p in stage.trainable()}
-    counts = _params(model, trainable, gpus, bool(units))
+    units = plan.fsdp_units or []
+    whole = {id(p) for m in plan.replicated for p in m.parameters()}
+    sharded = {id(p) for p in plan.root.parameters() if id(p) not in whole} if plan.sharded else set()
+    counts = _params(stage.model, trainable, gpus, sharded)
     params = 4 * counts["trainable_shard"] + 2 * counts["frozen_shard"]
     grads = 4 * counts["trainable_shard"]
     optimizer = 8 * counts["trainable_shard"]
     buffers = 0
     if units:
         in_units = {id(p) for u in units for p in u.parameters()}
-        root = [p for p in model.parameters() if id(p) not in in_units]
+        root = [p for p in plan.root.parameters() if id(p) in sharded and id(p) not in in_units]
         root_trainable = sum(p.numel() for p in root if id(p) in trainable)
         unit_peak = 0
         for u in units:
-            n = _params(u, trainable, gpus, True)
+            n = _params(u, trainable, gpus, sharded)
             unit_peak = max(unit_peak, 4 * (n["trainable"] + n["frozen"]) + 6 * n["trainable"])
         buffers = 2 * sum(p.numel() for p in root) + 2 * root_trainable + unit_peak
     return counts, params, grads, optimizer, buffers
@@ -209,9 +209,9 @@ def plan(
     ac = activation_checkpointing or _default_ac(stage)
     if T < 1 or B < 1:
         raise ValueError(f"--seq-len and --batch must be >= 1, got {T} and {B}")
-    units = fsdp_units(stage)
-    sharded = bool(units)
-    counts, params, grads, optimizer, buffers = state_bytes(stage, units, gpus)
+    parallel = stage.parallel_plan()
+    units = parallel.fsdp_units or []
+    counts, params, grads, optimizer, buffers = state_bytes(stage, parallel, gpus)
     modelled = stage.name in ACTIVATION_STAGES
     by_part, transient = activation_bytes(stage, T, ac) if modelled else ({}, 0)
     per_sample = sum(by_part.values()) + transient
@@ -252,7 +252,7 @@ def plan(
         },
         "dtypes": DTYPES,
         "sharding": f"FSDP2 fully_shard over {gpus} GPUs, {len(units)} block units + root"
-        if sharded
+        if units
         else "replicated (the stage shards nothing)",
         "attention_kernel": "fused SDPA (flash / cuDNN causal, memory-efficient masked): no T x S scores kept",
         "assumptions": assumptions(stage),

@@ -142,8 +142,9 @@ class SpeechStage(Stage[SpeechStageConfig]):
     def build(self, device: torch.device) -> nn.Module:
         """Frozen LM (read lazily on the meta device) + speech encoder (+ BEST-RQ weights) + adapter."""
         self.lm_path = Path(self.cfg.lm).resolve()
-        lm = self.frozen_lm(self.cfg.lm, device)
-        self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
+        lm = self.frozen_lm(self.cfg.lm, device)  # (`mm plan`: the shape of a directory or an LM preset)
+        if not self.ctx.shapes_only:
+            self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
         self.model = build_speech_model(self.cfg, lm).to(device)
         return self.model
 

@@ -106,9 +106,12 @@ class Stage(Generic[C]):
 
     def frozen_lm(self, path: str | Path, device: torch.device) -> Transformer:
         """The frozen LM at `path`, an HF Llama directory (read lazily on the meta device, kept in the context's
-        frozen dtype where stored in it)."""
+        frozen dtype where stored in it); for shapes only, its config.json's shape or an LM preset's."""
         if not str(path):
             raise ValueError("`lm` must name the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
+        if self.ctx.shapes_only:
+            with torch.device("meta"):
+                return Transformer(lm_shape(str(path)))
         path = Path(path).resolve()
         return load_hf(path, device=device, dtype=frozen_lm_dtype(path, self.ctx.frozen_dtype))
 
