@@ -82,8 +82,8 @@ def export_mllama(
     checkpoint: Path, out: Path, heads: int | None = None, intermediate_layers: list[int] | None = None
 ) -> Path:
     """An image-stage bundle with a Mllama-shaped encoder -> a transformers Mllama directory + tokenizer."""
-    from mm.models.loading import load_image_bundle
     from mm.models.mllama import save_hf_mllama
+    from mm.stages.image_model import load_image_bundle
 
     if (checkpoint / "params.json").is_file():
         return export_meta_vision(checkpoint, out, heads, intermediate_layers)

@@ -34,10 +34,15 @@ from mm.encoders.clip import bag_of_words_loss
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.lm import Tokenizer, Transformer
 from mm.models.caption import caption_images, load_rgb
-from mm.models.loading import IMAGE_STAGES, caption_head_parts, load_image_bundle
 from mm.models.multimodal import MultimodalLM
 from mm.stages.evaluation import evaluate_captions
-from mm.stages.image_model import check_image_stage_config, start_from_hf_mllama
+from mm.stages.image_model import (
+    IMAGE_STAGES,
+    caption_head_parts,
+    check_image_stage_config,
+    load_image_bundle,
+    start_from_hf_mllama,
+)
 from mm.training.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.config import StageConfig

@@ -1,22 +1,29 @@
-"""The image stages' model sources, checked before anything is built: the configuration checks (encoder, tiling,
-cross-attention placement against the LM's config.json) and the start from a Llama 3.2 Vision (HF Mllama)
-checkpoint (`init_from_hf_mllama`)."""
+"""The image stages' model sources: the configuration checks (encoder, tiling, cross-attention placement against
+the LM's config.json), the start from a Llama 3.2 Vision (HF Mllama) checkpoint (`init_from_hf_mllama`), the
+caption head's parts, and the image model rebuilt from a trained bundle (`load_image_bundle`, refusing an LM
+whose fingerprint changed or a bundle of another stage)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mm.datasets.tiling import supported_aspect_ratios
+from mm.adapters.caption_head import CaptionHeadConfig, CaptionSlotHead
+from mm.datasets.tiling import TileTransform, supported_aspect_ratios
+from mm.encoders.image import ImageEncoder, ImageEncoderConfig
 from mm.lm import Tokenizer
 from mm.lm.hf import config_from_hf
+from mm.models.loading import read_stage_config
 from mm.models.multimodal import MultimodalLM
+from mm.training.bundle import load_adapter_weights, load_lm, load_lm_checked, load_tokenizer, resolve_lm_path
 
 if TYPE_CHECKING:
     from mm.stages.image import ImageStageConfig
+
+IMAGE_STAGES = ("image-pretrain", "image-anneal")
 
 
 def start_from_hf_mllama(
@@ -88,3 +95,53 @@ def check_image_stage_config(cfg: ImageStageConfig) -> None:
         raise ValueError(
             f"xattn.every={cfg.xattn.every} does not fit the LM's {n_layers} layers; allowed: 1..{n_layers}"
         )
+
+
+def caption_head_parts(head: CaptionHeadConfig | dict[str, Any] | None, dim: int) -> dict[str, Any]:
+    """MultimodalLM kwargs for the auxiliary caption head (none when its weight is 0)."""
+    if isinstance(head, dict):
+        head = CaptionHeadConfig(**head)
+    if head is None or not head.weight:
+        return {}
+    return {
+        "image_aux": CaptionSlotHead(dim, head.n_slots, head.depth, head.n_heads),
+        "trainable": ("image_encoder", "image_xattn", "image_aux"),
+    }
+
+
+def load_image_bundle(
+    path: Path, *, lazy_lm_dtype: torch.dtype | None = None
+) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
+    """Rebuild a trained image model from its bundle (refusing an LM whose fingerprint changed). With
+    `lazy_lm_dtype` an HF Llama LM is not read: it stays on the meta device to be read after sharding
+    (`load_hf(..., device="meta")`), and the caller checks its fingerprint once it has its values."""
+    meta = read_stage_config(path, IMAGE_STAGES)
+    if lazy_lm_dtype is not None and meta.get("lm_format", "hf_llama") == "hf_llama":
+        lm = load_lm(resolve_lm_path(path, meta), meta, device="meta", dtype=lazy_lm_dtype)
+    else:
+        lm = load_lm_checked(path, meta)
+    tok = load_tokenizer(path, meta)
+    enc_cfg = ImageEncoderConfig(**meta["image_encoder"])
+    mllama = meta.get("lm_format") == "hf_mllama"
+    if mllama:
+        from mm.models.mllama import MLLAMA_EXTRA_TOKENS, load_hf_mllama_transform, mllama_image_encoder
+
+        encoder = mllama_image_encoder(enc_cfg)
+    else:
+        encoder = ImageEncoder(enc_cfg)
+    model = MultimodalLM(
+        lm,
+        encoder,
+        xattn_every=meta["xattn"]["every"],
+        xattn_layers=meta["xattn"].get("layers"),
+        hf_row_compat=meta["xattn"]["hf_row_compat"],
+        image_token_id=tok.image_id,
+        extra_tokens=MLLAMA_EXTRA_TOKENS if mllama else 0,
+        **caption_head_parts(meta.get("caption_head"), lm.cfg.dim),
+    )
+    load_adapter_weights(model, path)
+    if mllama:
+        transform = load_hf_mllama_transform(resolve_lm_path(path, meta), max_tiles=meta["max_tiles"])
+    else:
+        transform = TileTransform(meta["tile_size"], meta["max_tiles"], id_max_tiles=enc_cfg.max_tiles)
+    return model.eval(), tok, transform, meta

@@ -24,11 +24,17 @@ from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.shapes import ASR_PROMPT
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm.lm import Tokenizer, Transformer
-from mm.models.loading import SPEECH_STAGES, load_speech_bundle
+from mm.models.loading import read_stage_config
 from mm.models.speech import SpeechLM, token_embedding_rms
 from mm.stages.evaluation import evaluate_wer
 from mm.training import distributed as dist_utils
-from mm.training.bundle import dataclass_dict, save_bundle
+from mm.training.bundle import (
+    dataclass_dict,
+    load_adapter_weights,
+    load_lm_checked,
+    load_tokenizer,
+    save_bundle,
+)
 from mm.training.checkpoint import load_tensors
 from mm.training.config import StageConfig
 from mm.training.parallelize import ParallelPlan
@@ -38,6 +44,7 @@ from mm.training.stage import Stage, register
 log = logging.getLogger("mm.stages.speech")
 
 STAGE = "speech"
+SPEECH_STAGES = (STAGE,)
 
 
 @dataclass
@@ -116,6 +123,23 @@ def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
     if not lm.tok_embeddings.weight.is_meta:  # else once the LM has its values (SpeechStage.materialized)
         adapter.set_output_rms(token_embedding_rms(lm))
     return SpeechLM(lm, encoder, adapter)
+
+
+def load_speech_bundle(path: Path) -> tuple[SpeechLM, Tokenizer, AudioFeatures, dict[str, Any]]:
+    """Rebuild a trained speech model from its bundle (refusing an LM whose fingerprint changed)."""
+    meta = read_stage_config(path, SPEECH_STAGES)
+    lm = load_lm_checked(path, meta)
+    tok = load_tokenizer(path, meta)
+    enc_cfg = SpeechEncoderConfig(**meta["speech_encoder"])
+    model = SpeechLM(
+        lm,
+        SpeechEncoder(enc_cfg),
+        SpeechAdapter(enc_cfg.dim, lm.cfg.dim, SpeechAdapterConfig(**meta["speech_adapter"])),
+    )
+    load_adapter_weights(model, path)
+    f = meta["features"]
+    features = AudioFeatures(f["n_mels"], f["max_seconds"], f["too_long"], normalize=f["normalize"])
+    return model.eval(), tok, features, meta
 
 
 @register(SPEECH_STAGES, SpeechStageConfig)

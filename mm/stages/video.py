@@ -31,17 +31,11 @@ from mm.datasets.tiling import TileTransform
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset, open_video_stream
 from mm.encoders.clip import gather_rows
 from mm.lm import Tokenizer
-from mm.models.loading import (
-    VIDEO_STAGES,
-    attach_video,
-    image_path_state,
-    load_image_bundle,
-    load_video_bundle,
-    video_state,
-)
 from mm.models.multimodal import MultimodalLM, video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
 from mm.stages.evaluation import evaluate_videos, load_clips, motion_report
+from mm.stages.image_model import load_image_bundle
+from mm.stages.video_model import VIDEO_STAGES, attach_video, image_path_state, load_video_bundle, video_state
 from mm.training.bundle import (
     dataclass_dict,
     image_path_fingerprint,

@@ -17,11 +17,12 @@ from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.shapes import synth_motion, synth_shapes
 from mm.datasets.video import VideoCaptionCollator, VideoTextDataset
 from mm.lm import Tokenizer, Transformer, preset, save_hf
-from mm.models.loading import FrozenImagePathChanged, attach_video, load_image_bundle, load_video_bundle
 from mm.models.multimodal import video_xattn_layer_ids
 from mm.models.video import describe_clips
 from mm.stages.evaluation import motion_report
 from mm.stages.image import ImageStageConfig
+from mm.stages.image_model import load_image_bundle
+from mm.stages.video_model import FrozenImagePathChanged, attach_video, load_video_bundle
 from mm.training.bundle import verify_frozen
 from mm.training.checkpoint import list_checkpoints, load_checkpoint
 from mm.training.config import load_config
