@@ -17,6 +17,7 @@ names (`import_stage_file`).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from collections.abc import Mapping
@@ -286,7 +287,7 @@ def import_stage_file(path: str | Path) -> None:
     file = Path(path).resolve()
     if not file.is_file():
         raise FileNotFoundError(f"stage_file={str(path)!r}: no such file")
-    name = f"mm_stage_file_{file.stem}_{abs(hash(str(file)))}"
+    name = f"mm_stage_file_{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:12]}"
     if name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(name, file)
