@@ -173,8 +173,8 @@ def main() -> int:
     stages: list[Any] = []
     original = runner.prepare
 
-    def prepare(stage: Any, **kw: Any) -> None:  # keeps the run's stage, to report its parameters' dtypes
-        original(stage, **kw)
+    def prepare(stage: Any, init: Any, **kw: Any) -> None:  # keeps the run's stage, to report its dtypes
+        original(stage, init, **kw)
         stages.append(stage)
 
     runner.prepare = prepare

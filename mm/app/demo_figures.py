@@ -114,7 +114,7 @@ def run_image_robustness(bundle: Path, data_dir: Path) -> dict[str, dict[str, An
     """
     from mm.datasets.media import read_manifest
     from mm.models.caption import caption_images, load_rgb
-    from mm.models.loading import load_image_bundle
+    from mm.stages.image_model import load_image_bundle
 
     sh = data_dir / "shapes"
     manifests = {kind: sh / f"variants_{kind}.jsonl" for kind in VARIANT_COUNTS}

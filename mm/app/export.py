@@ -85,7 +85,7 @@ def export_mllama(
 ) -> Path:
     """An image-stage bundle with a Mllama-shaped encoder -> a transformers Mllama directory + tokenizer."""
     from mm.formats.hf_mllama import save_hf_mllama
-    from mm.models.loading import load_image_bundle
+    from mm.stages.image_model import load_image_bundle
 
     if (checkpoint / "params.json").is_file():
         return export_meta_vision(checkpoint, out, heads, intermediate_layers)

@@ -1,6 +1,7 @@
 """The inference commands of `mm`: `generate` (an LM checkpoint), `caption`, `describe` and `transcribe` (the
 image, video and speech stages). Each prints one line per input on stdout, in input order, or nothing: a
-checkpoint of another stage, or any unreadable input, is refused with one line on stderr (exit 2)."""
+checkpoint of another stage, or any unreadable input, is refused with one line on stderr (exit 2). Which command
+reads which stage's folder, and how the folder loads, is the stage's own (`Stage.reader`, `Stage.load_final`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,6 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
-
-# Which command reads the checkpoint folder of each stage (an HF Llama directory holds the lm-pretrain stage).
-STAGE_READER = {
-    "lm-pretrain": "generate",
-    "image-pretrain": "caption",
-    "image-anneal": "caption",
-    "video": "describe",
-    "speech": "transcribe",
-}
 
 
 def stage_of_checkpoint(folder: Path) -> str | None:
@@ -43,12 +35,15 @@ def stage_of_checkpoint(folder: Path) -> str | None:
 
 def refuse_other_stage(command: str, checkpoint: str) -> bool:
     """True (after a one-line message on stderr) when `checkpoint` holds a stage `mm <command>` does not read."""
+    from mm.training.stage import stage_readers
+
     folder = Path(checkpoint)
     stage = stage_of_checkpoint(folder)
-    if stage is None or STAGE_READER.get(stage) == command:
+    readers = stage_readers()
+    if stage is None or readers.get(stage) == command:
         return False  # ours, or unknown: the loader checks the folder in full
-    reads = " or ".join(s for s, c in STAGE_READER.items() if c == command)
-    reader = STAGE_READER.get(stage)
+    reads = " or ".join(s for s, c in readers.items() if c == command)
+    reader = readers.get(stage)
     hint = f"read it with `mm {reader} --checkpoint {folder}`" if reader else "no inference command reads it"
     print(
         f"mm {command}: {folder} holds a {stage!r} checkpoint, not {reads}; {hint}",
@@ -86,12 +81,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Greedy (or sampled) completion of a prompt with an HF Llama checkpoint directory and its tokenizer."""
     import torch
 
-    from mm.formats.hf_llama import load_hf
-    from mm.lm import Tokenizer, generate
+    from mm.lm import generate
+    from mm.training.stage import reader_stage
 
-    ckpt = Path(args.checkpoint)
-    model = load_hf(ckpt).eval()
-    tok = Tokenizer.from_file(ckpt)
+    lm, tok = reader_stage("generate").load_final(Path(args.checkpoint))
+    model = lm.eval()
     stops = [tok.eos_id, tok.eot_id]
     gen = torch.Generator().manual_seed(args.seed)
     for prompt in args.prompt:
@@ -108,10 +102,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if refuse_other_stage("transcribe", args.checkpoint):
         return 2
     from mm.datasets.skips import BadSample
-    from mm.models.loading import load_speech_bundle
     from mm.models.speech import transcribe_features
+    from mm.training.stage import reader_stage
 
-    model, tok, features, meta = load_speech_bundle(Path(args.checkpoint))
+    model, tok, features, meta = reader_stage("transcribe").load_final(Path(args.checkpoint))
     feats = load_inputs("transcribe", "use", args.audio, features.load, (BadSample,))
     if feats is None:
         return 2
@@ -126,10 +120,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
         return 2
     from mm.datasets.skips import BadSample
     from mm.datasets.video import decode_clip
-    from mm.models.loading import load_video_bundle
     from mm.models.video import describe_videos
+    from mm.training.stage import reader_stage
 
-    model, tok, transform, meta = load_video_bundle(Path(args.checkpoint))
+    model, tok, transform, meta = reader_stage("describe").load_final(Path(args.checkpoint))
     if load_inputs("describe", "read", args.videos, lambda p: decode_clip(p, 1), (BadSample,)) is None:
         return 2
     print_lines(describe_videos(model, tok, transform, meta, list(args.videos), batch_size=args.batch_size))
@@ -141,9 +135,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if refuse_other_stage("caption", args.checkpoint):
         return 2
     from mm.models.caption import caption_images, load_rgb
-    from mm.models.loading import load_image_bundle
+    from mm.training.stage import reader_stage
 
-    model, tok, transform, meta = load_image_bundle(Path(args.checkpoint))
+    model, tok, transform, meta = reader_stage("caption").load_final(Path(args.checkpoint))
     images = load_inputs("caption", "read", args.images, load_rgb, (OSError, ValueError))
     if images is None:
         return 2

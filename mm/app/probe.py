@@ -257,7 +257,7 @@ def run_probe(
     `n_scored[point][target]` (order: the rows scored), `train_accuracy` (probes on their own training set),
     `slot1_by_count`, `exact_match` (caption, lm_text, lm_text_no_period), `dims`, `xattn_mean_norm`, examples,
     `wall_seconds` per phase, and the run's settings."""
-    from mm.models.loading import load_image_bundle
+    from mm.stages.image_model import load_image_bundle
 
     laps = _Laps()
     torch.manual_seed(seed)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm.training.runner import build, prepare, stage_for
+from mm.training.runner import build, context, prepare, stage_for
 from mm.training.services import autocast_context, measure_peak_flops, setup_run
 from mm.training.trainer import Trainer
 
@@ -100,12 +100,11 @@ def _operator_profile(trainer: Trainer, steps: int) -> dict[str, Any]:
 
 def profile_stage(cfg: Any, *, steps: int = 20, warmup: int = 5, profiled_steps: int = 5) -> dict[str, Any]:
     """Build the stage of `cfg` as `mm train` does and measure its step (module docstring); a JSON record."""
-    stage = stage_for(cfg)
+    device = setup_run(cfg.train)
+    stage = stage_for(cfg, context(cfg, device))
     stage.check_common()
     stage.check()
-    device = setup_run(cfg.train)
-    build(stage, device)
-    prepare(stage)
+    prepare(stage, build(stage))
     stage.open_data(0, 1)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(stage, cfg.train, cfg.optim, tmp)

@@ -14,8 +14,12 @@ SUMMARY_KEYS = ("step", "final_loss", "heldout_ppl", "wall_time_s", "final", "re
 
 
 def stage_name(config: str, overrides: list[str], default: str) -> str:
-    """The stage a config runs: `stage:` (overrides win); older configs: `kind: bestrq`, an LM `model:`."""
+    """The stage a config runs: `stage:` (overrides win); older configs: `kind: bestrq`, an LM `model:`. A
+    `stage_file:` (a path, relative to the config's folder) is imported first: it registers a stage defined
+    outside `mm`."""
     import yaml
+
+    from mm.training.stage import import_stage_file
 
     path = Path(config)
     raw = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -30,9 +34,14 @@ def stage_name(config: str, overrides: list[str], default: str) -> str:
         name = "clip-pretrain"
     elif name is None and "model" in raw:
         name = "lm-pretrain"
+    stage_file = raw.get("stage_file") or ""
     for o in overrides:
         if o.startswith("stage="):
             name = o.split("=", 1)[1]
+        if o.startswith("stage_file="):
+            stage_file = o.split("=", 1)[1]
+    if stage_file:
+        import_stage_file(path.parent / stage_file)
     return str(name or default)
 
 

@@ -33,7 +33,7 @@ from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncode
 from mm.lm.io import write_json
 from mm.stages.speech import SpeechFeaturesConfig
 from mm.training.checkpoint import load_tensors, save_tensors
-from mm.training.config import OptimConfig, TrainConfig
+from mm.training.config import StageConfig, TrainConfig
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
@@ -59,7 +59,7 @@ class BestRQDataConfig:
 
 
 @dataclass
-class BestRQPretrainConfig:
+class BestRQPretrainConfig(StageConfig):
     """`mm pretrain-encoder` / `stage: bestrq-pretrain`: BEST-RQ pretraining of the speech encoder."""
 
     stage: str = STAGE
@@ -67,7 +67,6 @@ class BestRQPretrainConfig:
     speech_encoder: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
     bestrq: BestRQConfig = field(default_factory=BestRQConfig)
     data: BestRQDataConfig = field(default_factory=BestRQDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32))
     eval_samples: int = 128  # held-out clips for the final masked loss (0 = none)
     out: str = "runs/bestrq"
@@ -96,7 +95,7 @@ class FeatureCollator:
 
 
 @register((STAGE,), BestRQPretrainConfig)
-class BestRQStage(Stage):
+class BestRQStage(Stage[BestRQPretrainConfig]):
     """Masked-frame cross-entropy (BEST-RQ) on unlabeled audio; per-clip masks, resumable sample order."""
 
     def check(self) -> None:

@@ -44,7 +44,8 @@ from mm.formats.timm import build_image_encoder
 from mm.lm import Tokenizer, preset
 from mm.stages.image import TiledPairsConfig, open_pairs
 from mm.training.checkpoint import save_tensors
-from mm.training.config import OptimConfig, TrainConfig
+from mm.training.config import StageConfig, TrainConfig
+from mm.training.parallelize import ParallelPlan
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
@@ -73,7 +74,7 @@ class TextTowerConfig:
 
 
 @dataclass
-class ClipPretrainConfig:
+class ClipPretrainConfig(StageConfig):
     """`mm pretrain-encoder` / `stage: clip-pretrain`: CLIP pretraining of the image encoder."""
 
     stage: str = STAGE
@@ -90,7 +91,6 @@ class ClipPretrainConfig:
     # holds, asked of the image directly; with max pooling it teaches shape detectors far faster than CLIP alone
     bag_of_words: float = 0.0
     data: TiledPairsConfig = field(default_factory=TiledPairsConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
     eval_samples: int = 256  # pairs per held-out manifest for zero-shot retrieval (0 = none)
     out: str = "runs/clip"
@@ -162,7 +162,7 @@ def retrieval_eval(
 
 
 @register((STAGE,), ClipPretrainConfig)
-class ClipStage(Stage):
+class ClipStage(Stage[ClipPretrainConfig]):
     """CLIP loss on image-text pairs (+ the caption bag-of-words loss); replicated under torchrun."""
 
     def check(self) -> None:
@@ -188,9 +188,9 @@ class ClipStage(Stage):
             (n, p) for n, p in self.model.named_parameters() if not n.startswith("image_encoder.project.")
         ]
 
-    def blocks(self) -> list[nn.Module]:
-        """The text tower's layers."""
-        return list(self.model.text_tower.transformer.layers)
+    def parallel_plan(self) -> ParallelPlan:
+        """Activation checkpointing and compile of the text tower's layers; the model is replicated."""
+        return ParallelPlan(self.model, blocks=list(self.model.text_tower.transformer.layers))
 
     def open_data(self, rank: int, world: int) -> None:
         """This process's pairs and the collator."""

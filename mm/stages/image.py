@@ -13,7 +13,7 @@ unset, and the `image_encoder` / `xattn.every` sections are replaced by the chec
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,22 +29,27 @@ from mm.datasets.images import image_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.media import read_manifest
 from mm.datasets.streams import SampleStream, open_stream
-from mm.datasets.tiling import TileTransform, supported_aspect_ratios
+from mm.datasets.tiling import TileTransform
 from mm.encoders.clip import bag_of_words_loss
 from mm.encoders.image import ImageEncoderConfig
 from mm.formats.bundle import dataclass_dict, load_adapter_weights, read_config, save_bundle
-from mm.formats.hf_llama import config_from_hf, load_hf
 from mm.formats.timm import build_image_encoder
-from mm.lm import Tokenizer
+from mm.lm import Tokenizer, Transformer
 from mm.models.caption import caption_images, load_rgb
-from mm.models.loading import IMAGE_STAGES, caption_head_parts
 from mm.models.multimodal import MediaInput, MultimodalLM
 from mm.prompts import IMAGE_PROMPT
 from mm.stages.evaluation import evaluate_captions, score
+from mm.stages.image_model import (
+    IMAGE_STAGES,
+    caption_head_parts,
+    check_image_stage_config,
+    load_image_bundle,
+    start_from_hf_mllama,
+)
 from mm.training.checkpoint import load_tensors
-from mm.training.config import OptimConfig, TrainConfig
+from mm.training.config import StageConfig
 from mm.training.freeze import FrozenLMChanged, fingerprint
-from mm.training.parallelize import frozen_lm_dtype, parallelize_model
+from mm.training.parallelize import ParallelPlan
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
@@ -84,7 +89,7 @@ class XAttnConfig:
 
 
 @dataclass
-class ImageStageConfig:
+class ImageStageConfig(StageConfig):
     """`mm train` for an image stage."""
 
     stage: str = "image-pretrain"
@@ -97,15 +102,13 @@ class ImageStageConfig:
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
     caption_head: CaptionHeadConfig = field(default_factory=CaptionHeadConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # captions scored at the end (0 = none)
     scorers: list[str] = field(default_factory=lambda: ["exact_match"])  # `mm.stages.evaluation.score`
     curve_samples: int = 64  # images of the first held-out manifest captioned every train.eval_every steps
     out: str = "runs/image"
 
 
-def build_model(cfg: ImageStageConfig, lm: torch.nn.Module, tok: Tokenizer) -> MultimodalLM:
+def build_model(cfg: ImageStageConfig, lm: torch.nn.Module, image_token_id: int) -> MultimodalLM:
     """Frozen LM + image encoder (+ weights) + cross-attention blocks."""
     enc_cfg = cfg.image_encoder
     enc_cfg.out_dim = lm.cfg.dim
@@ -137,85 +140,39 @@ def build_model(cfg: ImageStageConfig, lm: torch.nn.Module, tok: Tokenizer) -> M
         xattn_every=cfg.xattn.every,
         xattn_layers=cfg.xattn.layers,
         hf_row_compat=cfg.xattn.hf_row_compat,
-        image_token_id=tok.image_id,
+        image_token_id=image_token_id,
         **caption_head_parts(cfg.caption_head, lm.cfg.dim),
     )
 
 
-def start_from_hf_mllama(
-    cfg: ImageStageConfig, device: torch.device, lm_dtype: torch.dtype | None = None
-) -> tuple[MultimodalLM, Tokenizer]:
-    """The model and tokenizer of `init_from_hf_mllama` (read lazily on the meta device, the LM in `lm_dtype`
-    when stored in it); `cfg` records the checkpoint's encoder and placement."""
-    from mm.formats.hf_mllama import load_hf_mllama
+def shapes_model(cfg: ImageStageConfig) -> MultimodalLM:
+    """The model's shapes on the meta device (`mm plan`): the LM from `lm` (an HF directory's config.json or an
+    LM preset name) or the Mllama checkpoint's config.json; no weight file or tokenizer is read."""
+    from mm.training.stage import lm_shape
 
-    path = Path(cfg.init_from_hf_mllama).resolve()
-    if cfg.lm or cfg.init_from or cfg.encoder_weights:
-        raise ValueError(
-            f"init_from_hf_mllama={path} brings the LM, image encoder and cross-attention: leave lm, init_from "
-            f"and encoder_weights unset (found lm={cfg.lm!r}, init_from={cfg.init_from!r}, "
-            f"encoder_weights={cfg.encoder_weights!r})"
-        )
-    model = load_hf_mllama(path, hf_row_compat=cfg.xattn.hf_row_compat, device=device, lm_dtype=lm_dtype)
-    if cfg.xattn.layers is not None and sorted(cfg.xattn.layers) != model.xattn_layers:
-        raise ValueError(f"xattn.layers={cfg.xattn.layers}, but {path} has them before {model.xattn_layers}")
-    tok = Tokenizer.from_file(cfg.tokenizer or path)
-    if tok.image_id != model.image_token_id:
-        raise ValueError(
-            f"tokenizer {cfg.tokenizer or path}: <|image|> has id {tok.image_id}, expected {model.image_token_id} "
-            f"(image_token_index of {path / 'config.json'})"
-        )
-    enc = model.image_encoder.cfg
-    if cfg.data.tile_size != enc.tile_size or not 1 <= cfg.data.max_tiles <= enc.max_tiles:
-        raise ValueError(
-            f"data.tile_size={cfg.data.tile_size} / data.max_tiles={cfg.data.max_tiles}: expected tile_size "
-            f"{enc.tile_size} and max_tiles in 1..{enc.max_tiles} ({path}'s vision model)"
-        )
-    cfg.image_encoder = enc
-    cfg.xattn.layers = list(model.xattn_layers)
-    return model, tok
+    with torch.device("meta"):
+        if cfg.init_from_hf_mllama:
+            from mm.formats.hf_mllama import build_mllama_model, read_mllama_config
 
-
-def check_image_stage_config(cfg: ImageStageConfig) -> None:
-    """Refuse impossible combinations, naming the key and the allowed values (reads only the LM's config.json)."""
-    enc, data = cfg.image_encoder, cfg.data
-    if cfg.init_from_hf_mllama:  # the encoder and the tiling come from the checkpoint (checked on loading)
-        return
-    grids = supported_aspect_ratios(enc.max_tiles)
-    if len(grids) > enc.max_aspect_ratio_id:
-        raise ValueError(
-            f"image_encoder.max_tiles={enc.max_tiles} has {len(grids)} tile grids, beyond the aspect-ratio list "
-            f"of image_encoder.max_aspect_ratio_id={enc.max_aspect_ratio_id}; allowed max_tiles: "
-            f"{[n for n in range(1, 17) if len(supported_aspect_ratios(n)) <= enc.max_aspect_ratio_id]}"
-        )
-    if not 1 <= data.max_tiles <= enc.max_tiles:
-        raise ValueError(
-            f"data.max_tiles={data.max_tiles} is outside the encoder's tile grids; allowed: 1..{enc.max_tiles} "
-            f"(image_encoder.max_tiles)"
-        )
-    if data.tile_size != enc.tile_size:
-        raise ValueError(
-            f"data.tile_size={data.tile_size} differs from image_encoder.tile_size={enc.tile_size}; they must match"
-        )
-    if not cfg.lm:
-        return
-    config_json = Path(cfg.lm) / "config.json"
-    if not config_json.is_file():
-        return  # load_hf names the missing file
-    n_layers = config_from_hf(json.loads(config_json.read_text()), source=str(config_json)).n_layers
-    if cfg.xattn.layers:
-        bad = [i for i in cfg.xattn.layers if not 0 <= int(i) < n_layers]
-        if bad:
-            raise ValueError(f"xattn.layers {bad} are not LM layers; allowed: 0..{n_layers - 1} ({cfg.lm})")
-    elif not 1 <= cfg.xattn.every <= n_layers:
-        raise ValueError(
-            f"xattn.every={cfg.xattn.every} does not fit the LM's {n_layers} layers; allowed: 1..{n_layers}"
-        )
+            spec = read_mllama_config(cfg.init_from_hf_mllama)
+            return build_mllama_model(spec, hf_row_compat=cfg.xattn.hf_row_compat)
+        check_image_stage_config(cfg)
+        shapes = copy.deepcopy(cfg)
+        shapes.encoder_weights, shapes.image_encoder.weights = None, None
+        lm_cfg = lm_shape(cfg.lm)
+        return build_model(shapes, Transformer(lm_cfg), image_token_id=lm_cfg.vocab_size)
 
 
 @register(IMAGE_STAGES, ImageStageConfig)
-class ImageStage(Stage):
+class ImageStage(Stage[ImageStageConfig]):
     """Caption loss (caption tokens only) on tiled images, the LM frozen; FSDP2 under torchrun."""
+
+    reader = "caption"
+
+    @classmethod
+    def load_final(cls, path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
+        """The image model of a final folder (its LM fingerprint checked)."""
+        return load_image_bundle(path)
 
     def check(self) -> None:
         """The stage name, the LM or Mllama source, the data, the encoder and tiling, the placement."""
@@ -228,17 +185,20 @@ class ImageStage(Stage):
         """Frozen LM (an HF Llama directory or a Mllama checkpoint's) + image encoder + cross-attention."""
         cfg = self.cfg
         self.transform: TileTransform | None = None
+        if self.ctx.shapes_only:  # `mm plan`: no weights, tokenizer or data
+            self.model = shapes_model(cfg)
+            return self.model
         if cfg.init_from_hf_mllama:
             from mm.formats.hf_mllama import load_hf_mllama_transform
 
-            model, self.tok = start_from_hf_mllama(cfg, device, self.frozen_dtype)
+            model, self.tok = start_from_hf_mllama(cfg, device, self.ctx.frozen_dtype)
             self.lm_path = Path(cfg.init_from_hf_mllama).resolve()
             self.transform = load_hf_mllama_transform(self.lm_path, max_tiles=cfg.data.max_tiles)
         else:
             self.lm_path = Path(cfg.lm).resolve()
-            lm = load_hf(self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.frozen_dtype))
+            lm = self.frozen_lm(cfg.lm, device)
             self.tok = Tokenizer.from_file(cfg.tokenizer or self.lm_path)
-            model = build_model(cfg, lm, self.tok).to(device)
+            model = build_model(cfg, lm, self.tok.image_id).to(device)
         if cfg.init_from:
             if device.type != "meta":  # else checked once the LM has its values (check_frozen)
                 self.check_frozen({"lm": fingerprint(model.lm)})
@@ -260,14 +220,12 @@ class ImageStage(Stage):
         """The LM."""
         return {"lm": self.model.lm}
 
-    def blocks(self) -> list[nn.Module]:
-        """The LM's layers and the cross-attention blocks (the backward passes through both)."""
-        return [*self.model.lm.layers, *self.model.image_xattn.values()]
-
-    def parallelize(self) -> None:
+    def parallel_plan(self) -> ParallelPlan:
         """Activation checkpointing and compile of the LM layers and cross-attention blocks, then FSDP2 per
-        encoder, caption head, cross-attention block and LM layer (forward order), then the root."""
+        encoder, caption head, cross-attention block and LM layer (forward order), then the root. The blocks are
+        the LM's layers and the cross-attention blocks (the backward passes through both)."""
         model = self.model
+        blocks = [*model.lm.layers, *model.image_xattn.values()]
         units = [model.image_encoder]
         extra = {"media_kv": list(model.image_xattn.values()), "encode_media": [model]}
         if model.image_aux is not None:
@@ -275,7 +233,7 @@ class ImageStage(Stage):
             extra["bag_of_words_logits"] = [model.image_aux]
         units += [*model.image_xattn.values(), *model.lm.layers]
         # the loss encodes the media first (the caption head reads them), then runs the forward
-        parallelize_model(model, self.blocks(), self.cfg.train, fsdp_units=units, extra_forward_methods=extra)
+        return ParallelPlan(model, blocks=blocks, fsdp_units=units, extra_forward_methods=extra)
 
     def record(self) -> dict[str, Any]:
         """Where the frozen LM lives."""

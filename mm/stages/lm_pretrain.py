@@ -31,12 +31,12 @@ from mm.datasets.packing import heldout_batches
 from mm.datasets.text import TextSource, read_documents
 from mm.datasets.token_folders import check_tokenizer, is_token_folder, read_index
 from mm.datasets.tokens import TokenCorpus, TokenReader, heldout_token_batches
-from mm.formats.hf_llama import save_hf
+from mm.formats.hf_llama import load_hf, save_hf
 from mm.lm import RopeScaling, Tokenizer, Transformer
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import polyak_average_into
 from mm.training.config import DataSourceConfig, LMPretrainConfig
-from mm.training.parallelize import parallelize_model
+from mm.training.parallelize import ParallelPlan
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
@@ -57,8 +57,15 @@ def _sources(cfgs: list[DataSourceConfig]) -> list[TextSource]:
 
 
 @register(("lm-pretrain",), LMPretrainConfig)
-class LMPretrainStage(Stage):
+class LMPretrainStage(Stage[LMPretrainConfig]):
     """Next-token prediction on packed text with document masking; FSDP2 per layer under torchrun."""
+
+    reader = "generate"
+
+    @classmethod
+    def load_final(cls, path: Path) -> tuple[Transformer, Tokenizer]:
+        """The LM of a final folder (an HF Llama directory) and its tokenizer."""
+        return load_hf(path), Tokenizer.from_file(path)
 
     def check(self) -> None:
         """The model section first (a bad shape is reported before any data is read), then the data."""
@@ -88,8 +95,13 @@ class LMPretrainStage(Stage):
     def build(self, device: torch.device) -> nn.Module:
         """The tokenizer (given, the run's own on resume, or trained on the data) and a fresh Transformer."""
         cfg, tr = self.cfg, self.cfg.train
+        if self.ctx.shapes_only:  # `mm plan`: the vocabulary from the config, no tokenizer or data read
+            extra = {} if "vocab_size" in cfg.model.overrides else {"vocab_size": cfg.tokenizer.vocab_size}
+            with torch.device("meta"):
+                self.model = Transformer(cfg.model.build(**extra))
+            return self.model
         self.sources = _sources(cfg.data)
-        self.tokenizer = build_tokenizer(cfg, Path(cfg.out), self.sources, self.resume)
+        self.tokenizer = build_tokenizer(cfg, Path(cfg.out), self.sources, self.ctx.resume)
         extra: dict[str, Any] = {}
         if "vocab_size" not in cfg.model.overrides:
             extra["vocab_size"] = self.tokenizer.vocab_size
@@ -107,15 +119,11 @@ class LMPretrainStage(Stage):
         self.heldout = _sources(cfg.heldout)
         return self.model
 
-    def blocks(self) -> list[nn.Module]:
-        """The Transformer layers."""
-        return list(self.model.layers)
-
-    def parallelize(self) -> None:
+    def parallel_plan(self) -> ParallelPlan:
         """Activation checkpointing and compile of each layer, then FSDP2 per layer and the root (embeddings,
         norm, output), in torchtitan's order."""
         layers = list(self.model.layers)
-        parallelize_model(self.model, layers, self.cfg.train, fsdp_units=layers)
+        return ParallelPlan(self.model, blocks=layers, fsdp_units=layers)
 
     def open_data(self, rank: int, world: int) -> None:
         """The packed, weighted row stream (each process reads only its rows of every global batch)."""
@@ -130,7 +138,9 @@ class LMPretrainStage(Stage):
             world=world,
         )
         # DataLoader workers when the config has a `loader` section (num_workers, ...); else in-process
-        self.data = ResumableLoader(self.reader, LoaderOptions.from_config(getattr(self.cfg, "loader", None)))
+        self.stream = ResumableLoader(
+            self.reader, LoaderOptions.from_config(getattr(self.cfg, "loader", None))
+        )
 
     # batch-size / sequence-length ramp (paper §2: 4M tokens at 4096 -> 8M at 8192 -> 16M)
     def _ramp_stage(self, tokens_seen: int) -> Any:
@@ -173,7 +183,7 @@ class LMPretrainStage(Stage):
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
         """This process's rows of the next packed batch: tokens, labels, doc_ids (rows, T)."""
-        return self.data.next((rows * self.world, seq_len, self.weights))
+        return self.stream.next((rows * self.world, seq_len, self.weights))
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over label tokens, and their count."""
@@ -186,16 +196,16 @@ class LMPretrainStage(Stage):
 
     def data_state(self) -> dict[str, Any]:
         """The packing position: global rows taken, each source's offset (the same on every process)."""
-        return self.data.state_dict()
+        return self.stream.state_dict()
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Continue the packed stream at a saved position (nothing before it is read)."""
         if state:
-            self.data.load_state_dict(state)
+            self.stream.load_state_dict(state)
 
     def data_stats(self) -> dict[str, Any]:
         """Rows and tokens this process read (per source), and the run's position per source."""
-        return {**self.data.stats(), **self.reader.progress(self.data.state_dict())}
+        return {**self.stream.stats(), **self.reader.progress(self.stream.state_dict())}
 
     def flops_per_token(self, seq_len: int) -> float:
         """6N + 12 L d T."""

@@ -23,23 +23,29 @@ from mm.datasets.audio import AudioFeatures, SpeechCollator, audio_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.streams import open_stream
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
-from mm.formats.bundle import dataclass_dict, save_bundle
-from mm.formats.hf_llama import load_hf
+from mm.formats.bundle import (
+    dataclass_dict,
+    load_adapter_weights,
+    load_lm_checked,
+    load_tokenizer,
+    save_bundle,
+)
 from mm.lm import Tokenizer, Transformer
-from mm.models.loading import SPEECH_STAGES
+from mm.models.loading import read_stage_config
 from mm.models.speech import SpeechLM, token_embedding_rms
 from mm.prompts import ASR_PROMPT
 from mm.stages.evaluation import evaluate_wer
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import load_tensors
-from mm.training.config import OptimConfig, TrainConfig
-from mm.training.parallelize import frozen_lm_dtype, parallelize_model
+from mm.training.config import StageConfig
+from mm.training.parallelize import ParallelPlan
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
 log = logging.getLogger("mm.stages.speech")
 
 STAGE = "speech"
+SPEECH_STAGES = (STAGE,)
 
 
 @dataclass
@@ -85,7 +91,7 @@ class SpeechDataConfig:
 
 
 @dataclass
-class SpeechStageConfig:
+class SpeechStageConfig(StageConfig):
     """`mm train` for the speech stage."""
 
     stage: str = STAGE
@@ -97,8 +103,6 @@ class SpeechStageConfig:
     speech_encoder: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
     adapter: SpeechAdapterConfig = field(default_factory=SpeechAdapterConfig)
     data: SpeechDataConfig = field(default_factory=SpeechDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # clips transcribed per held-out manifest at the end (0 = none)
     curve_samples: int = 64  # clips of the first held-out manifest transcribed every `train.eval_every` steps
     out: str = "runs/speech"
@@ -122,9 +126,33 @@ def build_speech_model(cfg: SpeechStageConfig, lm: Transformer) -> SpeechLM:
     return SpeechLM(lm, encoder, adapter)
 
 
+def load_speech_bundle(path: Path) -> tuple[SpeechLM, Tokenizer, AudioFeatures, dict[str, Any]]:
+    """Rebuild a trained speech model from its bundle (refusing an LM whose fingerprint changed)."""
+    meta = read_stage_config(path, SPEECH_STAGES)
+    lm = load_lm_checked(path, meta)
+    tok = load_tokenizer(path, meta)
+    enc_cfg = SpeechEncoderConfig(**meta["speech_encoder"])
+    model = SpeechLM(
+        lm,
+        SpeechEncoder(enc_cfg),
+        SpeechAdapter(enc_cfg.dim, lm.cfg.dim, SpeechAdapterConfig(**meta["speech_adapter"])),
+    )
+    load_adapter_weights(model, path)
+    f = meta["features"]
+    features = AudioFeatures(f["n_mels"], f["max_seconds"], f["too_long"], normalize=f["normalize"])
+    return model.eval(), tok, features, meta
+
+
 @register(SPEECH_STAGES, SpeechStageConfig)
-class SpeechStage(Stage):
+class SpeechStage(Stage[SpeechStageConfig]):
     """Next-token loss on the text after the speech (ASR, AST) + the adapter's CTC loss; the LM frozen."""
+
+    reader = "transcribe"
+
+    @classmethod
+    def load_final(cls, path: Path) -> tuple[SpeechLM, Tokenizer, AudioFeatures, dict[str, Any]]:
+        """The speech model of a final folder (its LM fingerprint checked)."""
+        return load_speech_bundle(path)
 
     def check(self) -> None:
         """The stage name, the LM, the data and the feature size."""
@@ -139,8 +167,9 @@ class SpeechStage(Stage):
     def build(self, device: torch.device) -> nn.Module:
         """Frozen LM (read lazily on the meta device) + speech encoder (+ BEST-RQ weights) + adapter."""
         self.lm_path = Path(self.cfg.lm).resolve()
-        lm = load_hf(self.lm_path, device=device, dtype=frozen_lm_dtype(self.lm_path, self.frozen_dtype))
-        self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
+        lm = self.frozen_lm(self.cfg.lm, device)  # (`mm plan`: the shape of a directory or an LM preset)
+        if not self.ctx.shapes_only:
+            self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
         self.model = build_speech_model(self.cfg, lm).to(device)
         return self.model
 
@@ -164,18 +193,13 @@ class SpeechStage(Stage):
         """The LM."""
         return {"lm": self.model.lm}
 
-    def blocks(self) -> list[nn.Module]:
-        """The LM's layers."""
-        return list(self.model.lm.layers)
-
-    def parallelize(self) -> None:
+    def parallel_plan(self) -> ParallelPlan:
         """Activation checkpointing and compile of the LM layers, then FSDP2 on the frozen LM only (per layer,
         then its embeddings, norm and output); the small speech encoder and adapter stay replicated (the
         trainer all-reduces their gradients)."""
-        lm, layers = self.model.lm, self.blocks()
-        parallelize_model(
-            lm, layers, self.cfg.train, fsdp_units=layers, extra_forward_methods={"embed": [lm]}
-        )
+        lm = self.model.lm
+        layers = list(lm.layers)
+        return ParallelPlan(lm, blocks=layers, fsdp_units=layers, extra_forward_methods={"embed": [lm]})
 
     def record(self) -> dict[str, Any]:
         """Where the frozen LM lives."""

@@ -28,6 +28,7 @@ from mm.adapters.temporal_aggregator import AggregatorConfig
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.media import MediaTextDataset
 from mm.datasets.streams import open_stream
+from mm.datasets.tiling import TileTransform
 from mm.datasets.video import VideoCaptionCollator, video_decoder
 from mm.encoders.clip import gather_rows
 from mm.formats.bundle import (
@@ -37,20 +38,16 @@ from mm.formats.bundle import (
     resolve_lm_path,
     save_bundle,
 )
-from mm.models.loading import (
-    VIDEO_STAGES,
-    attach_video,
-    image_path_state,
-    load_image_bundle,
-    video_state,
-)
-from mm.models.multimodal import MediaInput, video_xattn_layer_ids
+from mm.lm import Tokenizer
+from mm.models.multimodal import MediaInput, MultimodalLM, video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
 from mm.prompts import VIDEO_PROMPT
 from mm.stages.evaluation import evaluate_videos, load_clips, score
-from mm.training.config import OptimConfig, TrainConfig
+from mm.stages.image_model import load_image_bundle
+from mm.stages.video_model import VIDEO_STAGES, attach_video, image_path_state, load_video_bundle, video_state
+from mm.training.config import StageConfig
 from mm.training.freeze import FrozenLMChanged
-from mm.training.parallelize import frozen_lm_dtype, parallelize_model
+from mm.training.parallelize import ParallelPlan, frozen_lm_dtype
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, register
 
@@ -84,7 +81,7 @@ class VideoDataConfig:
 
 
 @dataclass
-class VideoStageConfig:
+class VideoStageConfig(StageConfig):
     """`mm train` for the video stage."""
 
     stage: str = "video"
@@ -92,8 +89,6 @@ class VideoStageConfig:
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     video_xattn: VideoXAttnConfig = field(default_factory=VideoXAttnConfig)
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     eval_samples: int = 256  # clips of each held-out manifest described at the end (0 = none)
     scorers: list[str] = field(default_factory=lambda: ["exact_match"])  # `mm.stages.evaluation.score`
     curve_samples: int = 64  # clips of the first held-out manifest scored every `train.eval_every` steps
@@ -125,12 +120,19 @@ class CachedClips:
 
 
 @register(VIDEO_STAGES, VideoStageConfig)
-class VideoStage(Stage):
+class VideoStage(Stage[VideoStageConfig]):
     """Caption loss on clips (+ the video-text contrastive loss); the LM and the whole image path frozen.
 
     Under torchrun FSDP2 shards the frozen LM and image cross-attention; what trains (aggregator, video
-    cross-attention) and the image encoder are replicated (`parallelize`); each process reads and encodes
+    cross-attention) and the image encoder are replicated (`parallel_plan`); each process reads and encodes
     only its clips."""
+
+    reader = "describe"
+
+    @classmethod
+    def load_final(cls, path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
+        """The video model of a final folder and the image bundle it names (both fingerprints checked)."""
+        return load_video_bundle(path)
 
     def check(self) -> None:
         """The stage name, the image bundle, the data and the frame count."""
@@ -151,7 +153,7 @@ class VideoStage(Stage):
         lazy = None
         if device.type == "meta":
             lm_path = resolve_lm_path(self.init, read_config(self.init))
-            lazy = frozen_lm_dtype(lm_path, self.frozen_dtype)
+            lazy = frozen_lm_dtype(lm_path, self.ctx.frozen_dtype)
         try:
             image_model, self.tok, self.transform, self.image_meta = load_image_bundle(
                 self.init, lazy_lm_dtype=lazy
@@ -191,20 +193,17 @@ class VideoStage(Stage):
         parts: dict[str, Any] = {"lm": self.model.lm, "image": image_path_state(self.model)}
         return parts
 
-    def blocks(self) -> list[nn.Module]:
-        """The LM's layers and the video cross-attention blocks."""
-        return [*self.model.lm.layers, *self.model.video_xattn.values()]
-
-    def parallelize(self) -> None:
+    def parallel_plan(self) -> ParallelPlan:
         """Activation checkpointing and compile of the LM layers and video cross-attention blocks, then FSDP2
         on the frozen parts: per image cross-attention block and LM layer, and the root (the LM's embeddings,
         norm and output). What trains (temporal aggregator, video cross-attention) stays replicated (the
         trainer all-reduces its gradients), and so does the frozen image encoder (the data side runs it on
         each process's own clips, a different number of times on each) and the caption head."""
         m = self.model
+        blocks = [*m.lm.layers, *m.video_xattn.values()]
         units = [*m.image_xattn.values(), *m.lm.layers]
         keep = [x for x in (m.image_encoder, m.image_aux, m.video_aggregator, m.video_xattn) if x is not None]
-        parallelize_model(m, self.blocks(), self.cfg.train, fsdp_units=units, replicated=keep)
+        return ParallelPlan(m, blocks=blocks, fsdp_units=units, replicated=keep)
 
     def record(self) -> dict[str, Any]:
         """The image bundle it builds on; refuses one whose tensors are not the model's whole image path."""

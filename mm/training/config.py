@@ -131,7 +131,20 @@ class LoaderConfig:
 
 
 @dataclass
-class LMPretrainConfig:
+class StageConfig:
+    """The keys every stage's config has (each stage's config extends it): the stage it runs, the file that
+    defines a stage outside `mm` (imported before the stage is looked up), the optimizer, the loop, the output
+    folder."""
+
+    stage: str = ""
+    stage_file: str = ""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/stage"
+
+
+@dataclass
+class LMPretrainConfig(StageConfig):
     """`mm pretrain-lm` (`mm train` with `stage: lm-pretrain`): the Llama 3 text pretraining recipe."""
 
     stage: str = "lm-pretrain"
@@ -139,8 +152,6 @@ class LMPretrainConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: list[DataSourceConfig] = field(default_factory=list)
     heldout: list[DataSourceConfig] = field(default_factory=list)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
     out: str = "runs/lm"

@@ -7,9 +7,6 @@ process.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,34 +131,22 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-@dataclass
-class FSDPSettings:
-    """How `apply_fsdp` shards: the mesh's device type and the mixed-precision policy (None: keep the parameters'
-    own dtype, as on CPU). Set by the runner around `Stage.parallelize` (`fsdp_settings`)."""
+def device_mesh(device_type: str) -> Any:
+    """A one-dimensional device mesh over every process (FSDP2 shards over it); None in one process."""
+    if world_size() <= 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
 
-    device_type: str = "cpu"
-    mp_policy: Any = None
-
-
-_FSDP = FSDPSettings()
-
-
-@contextmanager
-def fsdp_settings(device_type: str, mp_policy: Any = None) -> Iterator[None]:
-    """`apply_fsdp` inside this shards on a `device_type` mesh with `mp_policy`."""
-    global _FSDP
-    old, _FSDP = _FSDP, FSDPSettings(device_type, mp_policy)
-    try:
-        yield
-    finally:
-        _FSDP = old
+    return init_device_mesh(device_type, (world_size(),))
 
 
 def apply_fsdp(
     model: nn.Module,
     blocks: list[nn.Module],
-    extra_forward_methods: dict[str, list[nn.Module]] | None = None,
     *,
+    mesh: Any,
+    mp_policy: Any = None,
+    extra_forward_methods: dict[str, list[nn.Module]] | None = None,
     ignored: list[nn.Module] | None = None,
 ) -> nn.Module:
     """Shard each block with FSDP2 `fully_shard`, then the root (what no block holds: embeddings, norm,
@@ -173,16 +158,14 @@ def apply_fsdp(
     `extra_forward_methods` names methods other than `forward` that use a block's parameters (e.g. the
     cross-attention blocks' `media_kv`), so FSDP gathers the parameters around them too. The parameters of
     the `ignored` modules stay whole on every process (replicated: the trainer all-reduces their gradients), e.g.
-    a part called outside the model's forward or one with a scalar parameter. The mixed-precision policy and the
-    mesh's device come from `fsdp_settings`.
+    a part called outside the model's forward or one with a scalar parameter. `mesh` is the processes' device
+    mesh (`device_mesh`), `mp_policy` the mixed-precision policy (None: parameters keep their own dtype).
     """
     if world_size() <= 1:
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mesh = init_device_mesh(_FSDP.device_type, (world_size(),))
-    kw: dict[str, Any] = {"mesh": mesh, "mp_policy": _FSDP.mp_policy or MixedPrecisionPolicy()}
+    kw: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for i, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kw)
     skip = {p for m in ignored or [] for p in m.parameters()}

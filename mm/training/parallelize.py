@@ -1,6 +1,7 @@
 """How a stage's model is parallelised, applied from outside the model code in torchtitan's order: activation
 checkpointing of each block, then `compile` of each block, then FSDP2 `fully_shard` of each unit and the root
-(`parallelize_model`, called by every `Stage.parallelize` with its own blocks and units).
+(`parallelize_model`, applying the `ParallelPlan` a stage declares in `Stage.parallel_plan`; `mm plan` reads
+the same plan). The runner passes the device mesh and the mixed-precision policy.
 
 Numerics: on CUDA with bf16 compute (`train.autocast` auto or bf16) FSDP2 gathers parameters in bf16 and
 reduce-scatters gradients in fp32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`, torchtitan's
@@ -16,6 +17,7 @@ fp32 copy of the trainable model per process: what FSDP is there to avoid.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,30 +68,46 @@ def frozen_lm_dtype(path: str | Path, frozen: torch.dtype) -> torch.dtype:
     return frozen if stored_dtype(path) == frozen else torch.float32
 
 
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How a stage's model is parallelised, declared by `Stage.parallel_plan` and read by both the runner and
+    `mm plan`: `blocks` get activation checkpointing and `compile` (as `train` asks); under several processes
+    FSDP2 shards each of `fsdp_units` (in forward order, the last LM layer last) and then `root` (what no unit
+    holds), except the parameters of the `replicated` modules; `extra_forward_methods` names methods other than
+    `forward` that use a unit's parameters (FSDP gathers around them too). `fsdp_units=None`: the model stays
+    replicated and the trainer all-reduces its gradients."""
+
+    root: nn.Module
+    blocks: list[nn.Module] = field(default_factory=list)
+    fsdp_units: list[nn.Module] | None = None
+    replicated: list[nn.Module] = field(default_factory=list)
+    extra_forward_methods: dict[str, list[nn.Module]] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 shards the model (several processes)."""
+        return self.fsdp_units is not None
+
+
 def parallelize_model(
-    model: nn.Module,
-    blocks: list[nn.Module],
-    train: TrainConfig,
-    *,
-    fsdp_units: list[nn.Module] | None = None,
-    extra_forward_methods: dict[str, list[nn.Module]] | None = None,
-    replicated: list[nn.Module] | None = None,
+    plan: ParallelPlan, train: TrainConfig, mesh: Any = None, mp_policy: Any = None
 ) -> None:
-    """Activation checkpointing and `compile` on `blocks` (as `train` asks), then FSDP2 on `fsdp_units` (in
-    forward order) and the root, except the `replicated` modules, when several processes run; `fsdp_units=None`
-    leaves the model replicated (`dist_utils.apply_fsdp`)."""
+    """Activation checkpointing and `compile` on the plan's blocks (as `train` asks), then FSDP2 on its units
+    and root over `mesh` with `mp_policy` (`dist_utils.apply_fsdp`; `mesh` None: one process, nothing sharded)."""
     if train.activation_checkpointing:
-        apply_activation_checkpointing(blocks)
+        apply_activation_checkpointing(plan.blocks)
     if train.compile:
-        apply_compile(blocks)
-    if fsdp_units is None:
+        apply_compile(plan.blocks)
+    if plan.fsdp_units is None or mesh is None:
         return
-    if replicated:
-        dist_utils.apply_fsdp(
-            model, fsdp_units, extra_forward_methods=extra_forward_methods, ignored=replicated
-        )
-    else:  # (the call `mm plan` records)
-        dist_utils.apply_fsdp(model, fsdp_units, extra_forward_methods=extra_forward_methods)
+    dist_utils.apply_fsdp(
+        plan.root,
+        plan.fsdp_units,
+        mesh=mesh,
+        mp_policy=mp_policy,
+        extra_forward_methods=plan.extra_forward_methods,
+        ignored=plan.replicated,
+    )
 
 
 __all__ = [
@@ -98,5 +116,6 @@ __all__ = [
     "frozen_dtype",
     "frozen_lm_dtype",
     "mixed_precision",
+    "ParallelPlan",
     "parallelize_model",
 ]

@@ -1,8 +1,9 @@
 """The one runner of every stage (`mm train --config CFG`): set-up, freeze guard, resume, the loop,
 verification, evaluation, export and summary, done once here for whatever `Stage` the config names.
 
-    check -> threads, process group, device, seed -> build (on the meta device, its initialisation recorded)
-    -> parallelize (activation checkpointing, compile, FSDP2 or replicate: `Stage.parallelize`) -> materialise
+    threads, process group, device, seed -> the stage, given its `StageContext` -> check -> build (on the meta
+    device, its initialisation recorded) -> parallelize (activation checkpointing, compile, FSDP2 or replicate:
+    the stage's `ParallelPlan`, over the run's device mesh with its mixed-precision policy) -> materialise
     (each process allocates and fills only its shard) -> fingerprint the frozen parts -> (resume check)
     -> open this process's data -> Trainer.fit -> fingerprints again (refuse a change) -> finish
     -> final evaluation -> export -> summary
@@ -28,10 +29,10 @@ from mm.training import distributed as dist_utils
 from mm.training.checkpoint import latest_checkpoint
 from mm.training.config import config_to_yaml
 from mm.training.freeze import FrozenLMChanged, fingerprint, fingerprint_tensors
-from mm.training.materialize import materialize, record_init
-from mm.training.parallelize import apply_activation_checkpointing, frozen_dtype, mixed_precision
+from mm.training.materialize import InitRecord, materialize, record_init
+from mm.training.parallelize import frozen_dtype, mixed_precision, parallelize_model
 from mm.training.services import autocast_context
-from mm.training.stage import Stage, stage_class
+from mm.training.stage import Stage, StageContext, stage_class
 from mm.training.trainer import Trainer, setup_run
 
 
@@ -39,12 +40,24 @@ class FrozenPartChanged(FrozenLMChanged):
     """A frozen part's fingerprint differs from the one recorded."""
 
 
-def stage_for(cfg: Any) -> Stage:
-    """The `Stage` object for a stage config (by its `stage:` name)."""
+def stage_for(cfg: Any, ctx: StageContext | None = None) -> Stage[Any]:
+    """The `Stage` object for a stage config (by its `stage:` name), given what the run supplies."""
     cls = stage_class(cfg.stage)
     if not isinstance(cfg, cls.config_class):
         raise TypeError(f"stage {cfg.stage!r} takes a {cls.config_class.__name__}, got {type(cfg).__name__}")
-    return cls(cfg)
+    return cls(cfg, ctx)
+
+
+def context(cfg: Any, device: torch.device, *, resume: bool = False) -> StageContext:
+    """This process's `StageContext` for a run of `cfg` on `device` (after `setup_run`)."""
+    return StageContext(
+        rank=dist_utils.rank(),
+        world=dist_utils.world_size(),
+        device=device,
+        resume=resume,
+        frozen_dtype=frozen_dtype(cfg.train, device),
+        mp_policy=mixed_precision(cfg.train, device),
+    )
 
 
 def part_fingerprint(part: nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -52,38 +65,37 @@ def part_fingerprint(part: nn.Module | Mapping[str, torch.Tensor]) -> str:
     return fingerprint(part) if isinstance(part, nn.Module) else fingerprint_tensors(part)
 
 
-def fingerprints(stage: Stage) -> dict[str, str]:
+def fingerprints(stage: Stage[Any]) -> dict[str, str]:
     """The fingerprint of every frozen part of the stage, by name."""
     return {name: part_fingerprint(part) for name, part in stage.frozen().items()}
 
 
-def build(stage: Stage, device: torch.device) -> None:
-    """`stage.build`: on the meta device with its initialisation recorded (`Stage.meta_init`), else on `device`."""
-    stage.device = device
-    stage.frozen_dtype = frozen_dtype(stage.cfg.train, device)
+def build(stage: Stage[Any]) -> InitRecord | None:
+    """`stage.build`: on the meta device with its initialisation recorded (`Stage.meta_init`; the record is
+    returned), else on the context's device (None)."""
     if not stage.meta_init():
-        stage.build(device)
-        return
+        stage.build(stage.ctx.device)
+        return None
     with record_init() as rec:
         stage.build(torch.device("meta"))
     rec.bind(stage.model)
-    stage.init_record = rec
+    return rec
 
 
-def prepare(stage: Stage, *, materialise: bool = True) -> None:
-    """The stage's `parallelize` (activation checkpointing, compile, FSDP2 in several processes, with the run's
-    mixed-precision policy), then, for a meta-built model, each process's part of every tensor (`materialise`
-    False leaves it on the meta device: e.g. to measure a model too big to hold)."""
-    tr, device = stage.cfg.train, stage.device
-    blocks = stage.blocks()
+def prepare(stage: Stage[Any], init: InitRecord | None, *, materialise: bool = True) -> None:
+    """Apply the stage's `ParallelPlan` (activation checkpointing, compile, FSDP2 in several processes, over the
+    run's mesh with its mixed-precision policy), then, for a meta-built model (`init`: its recorded
+    initialisation), each process's part of every tensor (`materialise` False leaves it on the meta device:
+    e.g. to measure a model too big to hold)."""
+    tr, ctx = stage.cfg.train, stage.ctx
+    plan = stage.parallel_plan()
     for flag in ("activation_checkpointing", "compile"):
-        if getattr(tr, flag) and not blocks:
+        if getattr(tr, flag) and not plan.blocks:
             raise ValueError(f"train.{flag}: the {stage.name} stage has no repeated blocks to apply it to")
-    with dist_utils.fsdp_settings(device.type, mixed_precision(tr, device)):
-        stage.parallelize()
-    if materialise and stage.init_record is not None:
-        materialize(stage.model, stage.init_record, device)
-        stage.init_record = None
+    mesh = dist_utils.device_mesh(ctx.device.type) if plan.sharded else None
+    parallelize_model(plan, tr, mesh, ctx.mp_policy)
+    if materialise and init is not None:
+        materialize(stage.model, init, ctx.device)
         stage.materialized()
 
 
@@ -107,16 +119,13 @@ def run(
 ) -> dict[str, Any]:
     """Train the stage `cfg` describes; write OUT/final and OUT/summary.json; return the summary.
     `before_step(step)` runs before every optimizer step (e.g. the demo's thread budget)."""
-    stage = stage_for(cfg)
-    stage.check_common()  # before any weights or data are read
-    stage.check()
     tr = cfg.train
     device = setup_run(tr)
-    stage.rank, stage.world = dist_utils.rank(), dist_utils.world_size()
-    stage.resume = resume
+    stage = stage_for(cfg, context(cfg, device, resume=resume))
+    stage.check_common()  # before any weights or data are read
+    stage.check()
     out = Path(cfg.out)
-    build(stage, device)
-    prepare(stage)
+    prepare(stage, build(stage))
     fp_start = fingerprints(stage)
     stage.check_frozen(fp_start)
     record = {
@@ -177,4 +186,4 @@ def run(
     return summary
 
 
-__all__ = ["apply_activation_checkpointing", "build", "fingerprints", "prepare", "run", "stage_for"]
+__all__ = ["build", "context", "fingerprints", "prepare", "run", "stage_for"]

@@ -1,43 +1,73 @@
 """What a training stage supplies; `mm.training.runner.run` does everything else, the same way for every stage.
 
-A `Stage` says what it builds (`build`), which parameters train (`trainable`) and which parts must not move
+A `Stage[C]` is generic over its typed config `C` (a `StageConfig`: the keys every stage has, extended with
+the stage's own). The runner constructs it with the config and a `StageContext` (process rank and count, device,
+resume, the dtype a frozen LM may keep, the FSDP2 mixed-precision policy); nothing is set on it afterwards.
+It says what it builds (`build`), which parameters train (`trainable`) and which parts must not move
 (`frozen`: fingerprinted at start and end, none of their parameters may reach the optimizer), where its
-batches come from (`open_data`, `next_batch`: this process's rows only), its loss (`loss`: a sum and the count
-it is normalised by), how it is parallelised (`parallelize`: FSDP2 where the model is worth sharding, else
-replicated with gradients all-reduced by the trainer), its evaluation (`evaluate` during training every
+batches come from (`open_data` sets `self.stream`, `next_batch`: this process's rows only), its loss (`loss`:
+a sum and the count it is normalised by), how it is parallelised (`parallel_plan`: a declared `ParallelPlan`
+that the runner applies and `mm plan` reads), its evaluation (`evaluate` during training every
 `train.eval_every` steps, `final_evaluation` at the end) and its export (`export`, the final folder).
 
 Stage classes register themselves by the `stage:` names they run (`register`), so `mm train --config CFG`
-runs any stage's config.
+runs any stage's config; a stage defined outside `mm` is imported from the file its config's `stage_file:`
+names (`import_stage_file`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
+from mm.lm import Transformer, load_hf
+from mm.lm.config import LMConfig
 from mm.training import distributed as dist_utils
+from mm.training.config import StageConfig
+from mm.training.parallelize import ParallelPlan, frozen_lm_dtype
+
+C = TypeVar("C", bound=StageConfig)
 
 
-class Stage:
+@dataclass(frozen=True)
+class StageContext:
+    """What the runner gives a stage at construction: this process's rank of `world`, the device the model runs
+    on, whether the run resumes, the dtype a frozen LM may be kept in (bf16 for bf16 compute on CUDA,
+    `mm.training.parallelize.frozen_dtype`), FSDP2's mixed-precision policy (None: parameters keep their
+    dtype, as on the CPU), and whether only the model's shapes are wanted (`mm plan`: a frozen LM may then be
+    named by an LM preset, and no weight file or tokenizer is read)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resume: bool = False
+    frozen_dtype: torch.dtype = torch.float32
+    mp_policy: Any = None
+    shapes_only: bool = False  # `mm plan`: shapes on the meta device; no weights, tokenizer or data read
+
+
+class Stage(Generic[C]):
     """One training stage. Subclasses fill in `build`, `open_data`, `next_batch`, `loss` and `export`."""
 
     names: ClassVar[tuple[str, ...]] = ()  # the `stage:` values this class runs
-    config_class: ClassVar[type]
+    reader: ClassVar[str] = ""  # the `mm` command that reads this stage's final folder ("": none)
+    config_class: type[C]
     model: nn.Module
+    stream: Any = None  # the training data loader (`open_data` sets it): position, skip counts, workers
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: C, ctx: StageContext | None = None) -> None:
         self.cfg = cfg
-        self.name: str = getattr(cfg, "stage", self.names[0] if self.names else "stage")
-        self.rank, self.world = 0, 1
-        self.resume = False  # set by the runner: this run continues from its last checkpoint
-        self.device = torch.device("cpu")  # set by the runner: where the model runs
-        self.frozen_dtype = torch.float32  # set by the runner: bf16 for bf16 compute on CUDA (parallelize.py)
-        self.init_record: Any = None  # the recorded initialisation of a meta-built model (runner.build)
+        self.ctx = ctx or StageContext()
+        self.name: str = cfg.stage
+        self.rank, self.world, self.device = self.ctx.rank, self.ctx.world, self.ctx.device
         self.anneal_steps, self.polyak_k = 0, 0  # the final LR decay to 0 and its Polyak average
 
     # ---- before anything is read --------------------------------------------------------------------
@@ -72,8 +102,19 @@ class Stage:
     def build(self, device: torch.device) -> nn.Module:
         """Build (or load) the model on `device`, set `self.model` and return it. With `meta_init` the runner
         passes the meta device and records what gives each tensor its value; frozen weights are loaded lazily
-        (`load_hf(..., device=device, dtype=self.frozen_dtype)`) and read after sharding, each process its part."""
+        (`load_hf(..., device=device, dtype=self.ctx.frozen_dtype)`) and read after sharding, each process its part."""
         raise NotImplementedError
+
+    def frozen_lm(self, path: str | Path, device: torch.device) -> Transformer:
+        """The frozen LM at `path`, an HF Llama directory (read lazily on the meta device, kept in the context's
+        frozen dtype where stored in it); for shapes only, its config.json's shape or an LM preset's."""
+        if not str(path):
+            raise ValueError("`lm` must name the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
+        if self.ctx.shapes_only:
+            with torch.device("meta"):
+                return Transformer(lm_shape(str(path)))
+        path = Path(path).resolve()
+        return load_hf(path, device=device, dtype=frozen_lm_dtype(path, self.ctx.frozen_dtype))
 
     def materialized(self) -> None:
         """After a meta-built model received its values (steps of building that read them, e.g. a scale taken
@@ -91,17 +132,11 @@ class Stage:
         """Parts that must not move (name -> module or tensors), fingerprinted at start and end."""
         return {}
 
-    def blocks(self) -> list[nn.Module]:
-        """The repeated blocks the backward passes through: activation checkpointing and `compile` wrap them."""
-        return []
-
-    def parallelize(self) -> None:
-        """Parallelise the model from outside, in torchtitan's order (`mm.training.parallelize.parallelize_model`):
-        activation checkpointing and `compile` of `blocks()` as `train` asks, then FSDP2 for a stage worth
-        sharding. By default the model is replicated and the trainer all-reduces the gradients."""
-        from mm.training.parallelize import parallelize_model
-
-        parallelize_model(self.model, self.blocks(), self.cfg.train)
+    def parallel_plan(self) -> ParallelPlan:
+        """How the built model is parallelised (`mm.training.parallelize.ParallelPlan`), applied by the runner
+        and read by `mm plan`. By default nothing is checkpointed and the model is replicated (the trainer
+        all-reduces the gradients)."""
+        return ParallelPlan(self.model)
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint records about the run besides the frozen fingerprints (checked on `--resume`)."""
@@ -154,26 +189,21 @@ class Stage:
 
     def data_state(self) -> dict[str, Any]:
         """JSON position of the data stream (where the run's next step starts)."""
-        stream = getattr(self, "stream", None)
-        return stream.state_dict() if stream is not None else {}
+        return self.stream.state_dict() if self.stream is not None else {}
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         """Continue the data stream from a saved position."""
-        stream = getattr(self, "stream", None)
-        if state and stream is not None:
-            stream.load_state_dict(state)
+        if state and self.stream is not None:
+            self.stream.load_state_dict(state)
 
     def data_stats(self) -> dict[str, Any]:
         """Skipped samples per reason (this process's share)."""
-        stream = getattr(self, "stream", None)
-        return stream.stats() if stream is not None else {}
+        return self.stream.stats() if self.stream is not None else {}
 
     def close_data(self) -> None:
-        """Stop the data workers (the training stream's; LM pretraining's packed rows)."""
-        for name in ("stream", "data"):
-            loader = getattr(self, name, None)
-            if loader is not None and hasattr(loader, "close"):
-                loader.close()
+        """Stop the data workers of the training stream."""
+        if self.stream is not None:
+            self.stream.close()
 
     def on_step(self, step: int, tokens_seen: int) -> None:
         """Called before each optimizer step (e.g. a data mixture or RoPE switch)."""
@@ -208,18 +238,42 @@ class Stage:
         """Write the final folder (every process calls it: gathering is collective; rank 0 writes)."""
         raise NotImplementedError
 
+    @classmethod
+    def load_final(cls, path: Path) -> Any:
+        """The trained model of a final folder this stage wrote, as its `reader` command uses it."""
+        raise NotImplementedError(f"no mm command reads the final folder of {cls.__name__} ({path})")
+
     def gathered(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unsharded copies of (possibly FSDP-sharded) tensors; a collective."""
         return dist_utils.full_tensors(tensors)
 
 
-STAGES: dict[str, type[Stage]] = {}
+def lm_shape(lm: str) -> LMConfig:
+    """An LM's shape: an HF Llama directory's config.json, or (shapes only, e.g. for planning) an LM preset."""
+    import json
+
+    from mm.formats.hf_llama import config_from_hf
+    from mm.lm.config import PRESETS, preset
+
+    if not lm:
+        raise ValueError("`lm` must name the frozen LM: an HF Llama directory, or an LM preset for planning")
+    file = Path(lm) / "config.json"
+    if file.is_file():
+        return config_from_hf(json.loads(file.read_text()), source=str(file))
+    if lm in PRESETS:
+        return preset(lm)
+    raise FileNotFoundError(
+        f"lm={lm!r}: no {file}, and not an LM preset name (mm plan reads one of {sorted(PRESETS)})"
+    )
 
 
-def register(names: tuple[str, ...], config_class: type) -> Any:
+STAGES: dict[str, type[Stage[Any]]] = {}
+
+
+def register(names: tuple[str, ...], config_class: type[StageConfig]) -> Any:
     """Class decorator: `mm train` runs configs (of `config_class`) whose `stage:` is one of `names` with it."""
 
-    def add(cls: type[Stage]) -> type[Stage]:
+    def add(cls: type[Stage[Any]]) -> type[Stage[Any]]:
         cls.names, cls.config_class = tuple(names), config_class
         for name in names:
             STAGES[name] = cls
@@ -228,7 +282,39 @@ def register(names: tuple[str, ...], config_class: type) -> Any:
     return add
 
 
-def stage_class(name: str) -> type[Stage]:
+def import_stage_file(path: str | Path) -> None:
+    """Import a Python file that defines (and `register`s) stages outside `mm` (a config's `stage_file:`)."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise FileNotFoundError(f"stage_file={str(path)!r}: no such file")
+    name = f"mm_stage_file_{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"stage_file={str(path)!r} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+def stage_readers() -> dict[str, str]:
+    """The `mm` command that reads each stage's final folder (`Stage.reader`), by stage name, in registration
+    order."""
+    import mm.stages  # noqa: F401  (registers every stage)
+
+    return {name: cls.reader for name, cls in STAGES.items() if cls.reader}
+
+
+def reader_stage(command: str) -> type[Stage[Any]]:
+    """The stage class whose final folders `mm <command>` reads."""
+    for name, reader in stage_readers().items():
+        if reader == command:
+            return STAGES[name]
+    raise ValueError(f"no stage's final folder is read by mm {command}")
+
+
+def stage_class(name: str) -> type[Stage[Any]]:
     """The stage class that runs `stage: name`."""
     import mm.stages  # noqa: F401  (registers every stage)
 

@@ -47,15 +47,14 @@ def main() -> None:
     name = yaml.safe_load(Path(config).read_text())["stage"]
     cfg = load_config(stage_class(name).config_class, config, overrides)
     device = setup_run(cfg.train)
-    from mm.training.runner import stage_for
+    from mm.training.runner import context, stage_for
 
-    stage = stage_for(cfg)
+    stage = stage_for(cfg, context(cfg, device))
     stage.check_common()
     stage.check()
-    stage.rank, stage.world = distributed.rank(), distributed.world_size()
     rss0 = rss_kib("VmRSS")
-    build(stage, device)
-    prepare(stage, materialise=False)
+    init = build(stage)
+    prepare(stage, init, materialise=False)
     report = {
         "rank": stage.rank,
         "world": stage.world,
@@ -71,7 +70,7 @@ def main() -> None:
         distributed.barrier()
         before = rss_kib("VmRSS")
         report["peak_reset"] = reset_peak()
-        materialize(stage.model, stage.init_record, device)
+        materialize(stage.model, init, device)
         report["rss_before_kib"], report["peak_kib"] = before, rss_kib("VmHWM")
         report["all_meta"] = any(p.is_meta for p in stage.model.parameters())
         sums = {}

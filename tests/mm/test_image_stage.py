@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from mm.formats.bundle import verify_frozen
 from mm.lm import Transformer, load_hf, preset, save_hf
-from mm.models.loading import load_image_bundle
 from mm.stages.image import ImageStageConfig
+from mm.stages.image_model import load_image_bundle
 from mm.training.checkpoint import list_checkpoints, load_checkpoint
 from mm.training.config import load_config
 from mm.training.freeze import FrozenLMChanged, fingerprint

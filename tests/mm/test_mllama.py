@@ -435,7 +435,7 @@ def test_mm_train_continues_a_mllama_checkpoint_with_the_lm_frozen(corpus, tmp_p
     from mm.app.cli import main
     from mm.formats.bundle import verify_frozen
     from mm.lm import Tokenizer
-    from mm.models.loading import load_image_bundle
+    from mm.stages.image_model import load_image_bundle
     from mm.training.checkpoint import list_checkpoints, load_checkpoint
     from mm.world import synth_shapes
 

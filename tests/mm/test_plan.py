@@ -319,7 +319,7 @@ def test_errors_name_the_problem(tmp_path, capsys):
         main(["plan", "--config", "configs/stages/speech_tiny.yaml", "--gpus", "8", "--gpu-memory", "80"])
         == 2
     )
-    assert "mm plan models" in capsys.readouterr().err
+    assert "`lm` must name the frozen LM" in capsys.readouterr().err
     assert main(["plan", "--config", VISION_11B, "--gpus", "8", "--gpu-memory", "80", "lm=no/such/dir"]) == 2
     assert "not an LM preset" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--gpus"):

@@ -165,7 +165,7 @@ def bundle(tmp_path_factory, corpus):
 def test_collect_positions_labels_and_zero_contribution_with_closed_gates(bundle):
     from mm.datasets.collate import ImageCaptionCollator
     from mm.datasets.media import read_manifest
-    from mm.models.loading import load_image_bundle
+    from mm.stages.image_model import load_image_bundle
 
     torch.set_num_threads(1)
     model, tok, transform, meta = load_image_bundle(bundle["final"])

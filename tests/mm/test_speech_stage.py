@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
-from mm.models.loading import load_speech_bundle
 from mm.stages.bestrq_pretrain import load_bestrq
 from mm.stages.evaluation import normalize_text, word_error_rate
+from mm.stages.speech import load_speech_bundle
 from mm.training.checkpoint import load_tensors
 from mm.training.freeze import FrozenLMChanged, fingerprint
 from mm.world.speech import synth_speech

@@ -18,11 +18,12 @@ from mm.datasets.media import MediaTextDataset
 from mm.datasets.video import VideoCaptionCollator, video_decoder
 from mm.formats.bundle import verify_frozen
 from mm.lm import Tokenizer, Transformer, preset, save_hf
-from mm.models.loading import FrozenImagePathChanged, attach_video, load_image_bundle, load_video_bundle
 from mm.models.multimodal import MediaInput, video_xattn_layer_ids
 from mm.models.video import describe_clips
 from mm.prompts import VIDEO_PROMPT
 from mm.stages.image import ImageStageConfig
+from mm.stages.image_model import load_image_bundle
+from mm.stages.video_model import FrozenImagePathChanged, attach_video, load_video_bundle
 from mm.training.checkpoint import list_checkpoints, load_checkpoint
 from mm.training.config import load_config
 from mm.training.runner import run as run_stage
