@@ -6,7 +6,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE = ("mm.training", "mm.models", "mm.stages", "mm.lm", "mm.encoders", "mm.adapters", "mm.datasets")
+CORE = (
+    "mm.training",
+    "mm.models",
+    "mm.stages",
+    "mm.formats",
+    "mm.lm",
+    "mm.encoders",
+    "mm.adapters",
+    "mm.datasets",
+)
 
 IMPORT_ALL = """
 import importlib, pkgutil, sys
