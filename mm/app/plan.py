@@ -284,6 +284,11 @@ def assumptions(stage: Stage) -> list[str]:
             f"the activations of the {stage.name} stage (its encoders and losses) are not modelled: total counts "
             "parameters, gradients, optimizer state and FSDP buffers only, and no max_batch is given"
         )
+    elif stage.name == "bestrq-pretrain":
+        a.append(
+            "one clip of data.features.max_seconds per sample (--seq-len unused), its expected share of masked "
+            "frames (1 - (1 - mask_prob)^mask_span) through the codebook heads; nothing checkpointed, replicated"
+        )
     elif stage.name == "lm-pretrain":
         a.append(
             "document attention of packed rows by a fused kernel (flex / varlen); doc_attention: dense would add "

@@ -53,6 +53,7 @@ ACTIVATION_STAGES = (
     "lm-pretrain",
     "image-pretrain",
     "image-anneal",
+    "bestrq-pretrain",
 )  # the stages whose activations are modelled
 
 
@@ -151,6 +152,10 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
     """(bytes one sample saves for the backward, by part; the largest transient of its backward)."""
     if ac not in AC_MODES:
         raise ValueError(f"activation checkpointing {ac!r}; allowed: {list(AC_MODES)}")
+    if stage.name == "bestrq-pretrain":
+        from mm.app.plan_activations_speech import bestrq_activation_bytes
+
+        return bestrq_activation_bytes(stage)
     model = stage.model
     trainable = {id(p) for _, p in stage.trainable()}
     ckpt = {id(m) for m in stage.parallel_plan().blocks} if ac != "none" else set()
