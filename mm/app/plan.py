@@ -60,6 +60,7 @@ from mm.app.plan_activations import (
     xattn_media_bytes,
     xattn_text_bytes,
 )
+from mm.app.plan_activations_speech import ctc_table_bytes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -215,7 +216,8 @@ def plan(
     modelled = stage.name in ACTIVATION_STAGES
     by_part, transient = activation_bytes(stage, T, ac) if modelled else ({}, 0)
     per_sample = sum(by_part.values()) + transient
-    fixed = params + grads + optimizer + buffers
+    step = ctc_table_bytes(stage)  # saved once per step, whatever the micro-batch
+    fixed = params + grads + optimizer + buffers + step
     budget = int(gpu_memory_gib * GIB)
     max_batch = max(0, (budget - fixed) // per_sample) if per_sample else 0
     total = fixed + B * per_sample
@@ -234,7 +236,7 @@ def plan(
         "params_gib": gib(params),
         "grads_gib": gib(grads),
         "optimizer_gib": gib(optimizer),
-        "activations_gib": gib(B * per_sample) if modelled else None,
+        "activations_gib": gib(B * per_sample + step) if modelled else None,
         "fsdp_buffers_gib": gib(buffers),
         "total_gib": gib(total),
         "fits": total <= budget,
@@ -242,6 +244,7 @@ def plan(
         "activations_detail_gib": {
             **{k: gib(B * v) for k, v in by_part.items()},
             "backward_transient": gib(B * transient),
+            **({"ctc_table": gib(step)} if step else {}),
         },
         "params": {
             "total": counts["trainable"] + counts["frozen"],
@@ -288,6 +291,12 @@ def assumptions(stage: Stage) -> list[str]:
         a.append(
             "one clip of data.features.max_seconds per sample (--seq-len unused), its expected share of masked "
             "frames (1 - (1 - mask_prob)^mask_span) through the codebook heads; nothing checkpointed, replicated"
+        )
+    elif stage.name == "speech":
+        a.append(
+            "one clip of data.features.max_seconds and --seq-len LM positions (its speech slots among them) per "
+            "sample; the speech encoder and adapter are not checkpointed; CTC targets bounded by the adapter "
+            "frames; the CTC class table is saved once per step (ctc_table)"
         )
     elif stage.name == "lm-pretrain":
         a.append(

@@ -54,6 +54,7 @@ ACTIVATION_STAGES = (
     "image-pretrain",
     "image-anneal",
     "bestrq-pretrain",
+    "speech",
 )  # the stages whose activations are modelled
 
 
@@ -156,6 +157,10 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
         from mm.app.plan_activations_speech import bestrq_activation_bytes
 
         return bestrq_activation_bytes(stage)
+    if stage.name == "speech":
+        from mm.app.plan_activations_speech import speech_activation_bytes
+
+        return speech_activation_bytes(stage, seq_len, ac)
     model = stage.model
     trainable = {id(p) for _, p in stage.trainable()}
     ckpt = {id(m) for m in stage.parallel_plan().blocks} if ac != "none" else set()
