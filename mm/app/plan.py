@@ -60,6 +60,7 @@ from mm.app.plan_activations import (
     xattn_media_bytes,
     xattn_text_bytes,
 )
+from mm.app.plan_activations_clip import contrastive_pair_bytes
 from mm.app.plan_activations_speech import ctc_table_bytes
 
 if TYPE_CHECKING:
@@ -190,6 +191,20 @@ def _default_batch(stage: Stage, gpus: int) -> int:
     return tr.micro_batch_size if tr.micro_batch_size > 0 else max(1, math.ceil(tr.batch_size / gpus))
 
 
+def largest_batch(free: int, per_sample: int, per_pair: int = 0) -> int:
+    """The largest micro-batch B with B x per_sample + B^2 x per_pair <= free (0 when nothing is modelled)."""
+    if not per_sample or free < per_sample + per_pair:
+        return 0
+    if not per_pair:
+        return free // per_sample
+    b = int((math.sqrt(per_sample**2 + 4 * per_pair * free) - per_sample) / (2 * per_pair))
+    while b * per_sample + b * b * per_pair > free:
+        b -= 1
+    while (b + 1) * per_sample + (b + 1) ** 2 * per_pair <= free:
+        b += 1
+    return b
+
+
 def plan(
     stage: Stage,
     *,
@@ -217,10 +232,11 @@ def plan(
     by_part, transient = activation_bytes(stage, T, ac) if modelled else ({}, 0)
     per_sample = sum(by_part.values()) + transient
     step = ctc_table_bytes(stage)  # saved once per step, whatever the micro-batch
+    pairs = gpus * contrastive_pair_bytes(stage)  # per (image, text) pair: B x (gpus x B) of them
     fixed = params + grads + optimizer + buffers + step
     budget = int(gpu_memory_gib * GIB)
-    max_batch = max(0, (budget - fixed) // per_sample) if per_sample else 0
-    total = fixed + B * per_sample
+    max_batch = largest_batch(budget - fixed, per_sample, pairs)
+    total = fixed + B * per_sample + B * B * pairs
 
     def gib(n: float) -> float:
         return round(n / GIB, 3)
@@ -236,7 +252,7 @@ def plan(
         "params_gib": gib(params),
         "grads_gib": gib(grads),
         "optimizer_gib": gib(optimizer),
-        "activations_gib": gib(B * per_sample + step) if modelled else None,
+        "activations_gib": gib(B * per_sample + B * B * pairs + step) if modelled else None,
         "fsdp_buffers_gib": gib(buffers),
         "total_gib": gib(total),
         "fits": total <= budget,
@@ -245,6 +261,7 @@ def plan(
             **{k: gib(B * v) for k, v in by_part.items()},
             "backward_transient": gib(B * transient),
             **({"ctc_table": gib(step)} if step else {}),
+            **({"contrastive_logits": gib(B * B * pairs)} if pairs else {}),
         },
         "params": {
             "total": counts["trainable"] + counts["frozen"],
@@ -291,6 +308,12 @@ def assumptions(stage: Stage) -> list[str]:
         a.append(
             "one clip of data.features.max_seconds per sample (--seq-len unused), its expected share of masked "
             "frames (1 - (1 - mask_prob)^mask_span) through the codebook heads; nothing checkpointed, replicated"
+        )
+    elif stage.name == "clip-pretrain":
+        a.append(
+            "one image of data.max_tiles tiles and one caption of text.max_len tokens per sample (--seq-len "
+            "unused); contrastive logits over gpus x micro-batch texts (quadratic in the micro-batch); the image "
+            "encoder is not checkpointed"
         )
     elif stage.name == "speech":
         a.append(

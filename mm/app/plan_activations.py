@@ -55,6 +55,7 @@ ACTIVATION_STAGES = (
     "image-anneal",
     "bestrq-pretrain",
     "speech",
+    "clip-pretrain",
 )  # the stages whose activations are modelled
 
 
@@ -157,6 +158,10 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
         from mm.app.plan_activations_speech import bestrq_activation_bytes
 
         return bestrq_activation_bytes(stage)
+    if stage.name == "clip-pretrain":
+        from mm.app.plan_activations_clip import clip_activation_bytes
+
+        return clip_activation_bytes(stage, ac)
     if stage.name == "speech":
         from mm.app.plan_activations_speech import speech_activation_bytes
 
