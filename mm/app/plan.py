@@ -10,9 +10,12 @@ shape from `model:`, the vocabulary from `tokenizer.vocab_size` unless overridde
 from `lm:`, an HF directory's config.json or, for planning, an LM preset name; or `init_from_hf_mllama:`'s
 config.json; an image-stage sample is one image of `data.max_tiles` tiles and `--seq-len` text tokens), and
 clip-pretrain, bestrq-pretrain, video and speech from the files their configs name (tokenizer, LM directory,
-image bundle; the LM read lazily, its weights never). Activations are modelled for lm-pretrain and the image
-stages (`ACTIVATION_STAGES`); for the others the plan gives parameters, gradients, optimizer state and FSDP
-buffers, and no max_batch.
+image bundle; the LM read lazily, its weights never). Activations are modelled for lm-pretrain, the image
+stages, clip-pretrain (`mm.app.plan_activations_clip`: a sample is one image and one caption, and the contrastive
+logits make the total quadratic in the micro-batch), bestrq-pretrain and speech (`mm.app.plan_activations_speech`:
+a sample is one clip of `data.features.max_seconds`, with `--seq-len` LM positions for speech), the stages in
+`ACTIVATION_STAGES`; for video the plan gives parameters, gradients, optimizer state and FSDP buffers, and no
+max_batch.
 
 Precision and sharding: torchtitan's defaults, FSDP2 `fully_shard` over N GPUs with
 `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`:
@@ -28,7 +31,8 @@ Precision and sharding: torchtitan's defaults, FSDP2 `fully_shard` over N GPUs w
 
 Activations: `mm.app.plan_activations` (its docstring has the formulas, per part, and the attention kernels).
 
-total = parameters + gradients + optimizer state + activations + FSDP buffers. It bounds the peak from above:
+total = parameters + gradients + optimizer state + activations (per sample x micro-batch, + clip-pretrain's
+contrastive logits per pair and the speech stage's CTC class table per step) + FSDP buffers. It bounds the peak from above:
 with `zero_grad(set_to_none=True)` no gradient exists yet where activations peak (the start of the backward);
 that slack covers what is not modelled: the CUDA context, NCCL buffers and allocator fragmentation.
 `max_batch`: the largest micro-batch per GPU with total <= --gpu-memory (0: even parameters and state do not fit).
@@ -52,8 +56,10 @@ from typing import TYPE_CHECKING, Any
 from mm.app.plan_activations import (
     AC_MODES,
     ACTIVATION_STAGES,
+    STAGE_NOTES,
     activation_bytes,
     doc_mask_bytes,
+    largest_batch,
     lm_layer_bytes,
     lm_layer_selective_bytes,
     vit_block_bytes,
@@ -191,20 +197,6 @@ def _default_batch(stage: Stage, gpus: int) -> int:
     return tr.micro_batch_size if tr.micro_batch_size > 0 else max(1, math.ceil(tr.batch_size / gpus))
 
 
-def largest_batch(free: int, per_sample: int, per_pair: int = 0) -> int:
-    """The largest micro-batch B with B x per_sample + B^2 x per_pair <= free (0 when nothing is modelled)."""
-    if not per_sample or free < per_sample + per_pair:
-        return 0
-    if not per_pair:
-        return free // per_sample
-    b = int((math.sqrt(per_sample**2 + 4 * per_pair * free) - per_sample) / (2 * per_pair))
-    while b * per_sample + b * b * per_pair > free:
-        b -= 1
-    while (b + 1) * per_sample + (b + 1) ** 2 * per_pair <= free:
-        b += 1
-    return b
-
-
 def plan(
     stage: Stage,
     *,
@@ -304,23 +296,8 @@ def assumptions(stage: Stage) -> list[str]:
             f"the activations of the {stage.name} stage (its encoders and losses) are not modelled: total counts "
             "parameters, gradients, optimizer state and FSDP buffers only, and no max_batch is given"
         )
-    elif stage.name == "bestrq-pretrain":
-        a.append(
-            "one clip of data.features.max_seconds per sample (--seq-len unused), its expected share of masked "
-            "frames (1 - (1 - mask_prob)^mask_span) through the codebook heads; nothing checkpointed, replicated"
-        )
-    elif stage.name == "clip-pretrain":
-        a.append(
-            "one image of data.max_tiles tiles and one caption of text.max_len tokens per sample (--seq-len "
-            "unused); contrastive logits over gpus x micro-batch texts (quadratic in the micro-batch); the image "
-            "encoder is not checkpointed"
-        )
-    elif stage.name == "speech":
-        a.append(
-            "one clip of data.features.max_seconds and --seq-len LM positions (its speech slots among them) per "
-            "sample; the speech encoder and adapter are not checkpointed; CTC targets bounded by the adapter "
-            "frames; the CTC class table is saved once per step (ctc_table)"
-        )
+    elif stage.name in STAGE_NOTES:
+        a.append(STAGE_NOTES[stage.name])
     elif stage.name == "lm-pretrain":
         a.append(
             "document attention of packed rows by a fused kernel (flex / varlen); doc_attention: dense would add "

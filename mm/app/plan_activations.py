@@ -28,6 +28,8 @@ d model width, H / KV query / key-value heads, h head width, f SwiGLU width, V v
   backward runs, the log-probabilities' gradient and the logits' fp32 gradient add 8V: the transient peak of the
   step for Llama-sized vocabularies.
 activations(batch) = batch x (everything saved + the largest transient: the loss backward or one recomputed block).
+clip-pretrain, bestrq-pretrain and speech: `mm.app.plan_activations_clip` and `mm.app.plan_activations_speech`
+(their docstrings have the formulas; `activation_bytes` dispatches to them).
 
 Attention kernel: SDPA's fused kernels (flash / cuDNN for the LM's causal self-attention, memory-efficient for the
 masked cross-attention and ViT attention) keep q, k, v, the output and a log-sum-exp per row, never the T x S
@@ -40,6 +42,7 @@ not in it (torchtitan's figures have plain causal masks).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,6 +60,16 @@ ACTIVATION_STAGES = (
     "speech",
     "clip-pretrain",
 )  # the stages whose activations are modelled
+STAGE_NOTES = {  # what the figures of the stages modelled in the plan_activations_* modules assume
+    "bestrq-pretrain": "one clip of data.features.max_seconds per sample (--seq-len unused), its expected share of "
+    "masked frames (1 - (1 - mask_prob)^mask_span) through the codebook heads; nothing checkpointed, replicated",
+    "clip-pretrain": "one image of data.max_tiles tiles and one caption of text.max_len tokens per sample (--seq-len "
+    "unused); contrastive logits over gpus x micro-batch texts (quadratic in the micro-batch); the image encoder "
+    "is not checkpointed",
+    "speech": "one clip of data.features.max_seconds and --seq-len LM positions (its speech slots among them) per "
+    "sample; the speech encoder and adapter are not checkpointed; CTC targets bounded by the adapter frames; the "
+    "CTC class table is saved once per step (ctc_table)",
+}
 
 
 # ---- activation formulas (bytes per token) ------------------------------------------------------------------
@@ -207,6 +220,20 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
         acts.add("logits", saved * T)
         acts.peak(extra * T)
     return acts.saved, acts.transient
+
+
+def largest_batch(free: int, per_sample: int, per_pair: int = 0) -> int:
+    """The largest micro-batch B with B x per_sample + B^2 x per_pair <= free (0 when nothing is modelled)."""
+    if not per_sample or free < per_sample + per_pair:
+        return 0
+    if not per_pair:
+        return free // per_sample
+    b = int((math.sqrt(per_sample**2 + 4 * per_pair * free) - per_sample) / (2 * per_pair))
+    while b * per_sample + b * b * per_pair > free:
+        b -= 1
+    while (b + 1) * per_sample + (b + 1) ** 2 * per_pair <= free:
+        b += 1
+    return b
 
 
 def doc_mask_bytes(stage: Stage, seq_len: int, ac: str) -> int:
