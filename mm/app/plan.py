@@ -13,9 +13,10 @@ clip-pretrain, bestrq-pretrain, video and speech from the files their configs na
 image bundle; the LM read lazily, its weights never). Activations are modelled for lm-pretrain, the image
 stages, clip-pretrain (`mm.app.plan_activations_clip`: a sample is one image and one caption, and the contrastive
 logits make the total quadratic in the micro-batch), bestrq-pretrain and speech (`mm.app.plan_activations_speech`:
-a sample is one clip of `data.features.max_seconds`, with `--seq-len` LM positions for speech), the stages in
-`ACTIVATION_STAGES`; for video the plan gives parameters, gradients, optimizer state and FSDP buffers, and no
-max_batch.
+a sample is one clip of `data.features.max_seconds`, with `--seq-len` LM positions for speech) and video
+(`mm.app.plan_activations_video`: one clip of `data.n_frames` frames and `--seq-len` text tokens): every stage in
+`ACTIVATION_STAGES`; for a stage outside it the plan gives parameters, gradients, optimizer state and FSDP
+buffers, and no max_batch.
 
 Precision and sharding: torchtitan's defaults, FSDP2 `fully_shard` over N GPUs with
 `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`:

@@ -29,7 +29,8 @@ d model width, H / KV query / key-value heads, h head width, f SwiGLU width, V v
   step for Llama-sized vocabularies.
 activations(batch) = batch x (everything saved + the largest transient: the loss backward or one recomputed block).
 clip-pretrain, bestrq-pretrain and speech: `mm.app.plan_activations_clip` and `mm.app.plan_activations_speech`
-(their docstrings have the formulas; `activation_bytes` dispatches to them).
+(their docstrings have the formulas; `activation_bytes` dispatches to them); video: the aggregator and the frozen
+image encoder in `mm.app.plan_activations_video`, its cross-attention blocks and frozen LM as above.
 
 Attention kernel: SDPA's fused kernels (flash / cuDNN for the LM's causal self-attention, memory-efficient for the
 masked cross-attention and ViT attention) keep q, k, v, the output and a log-sum-exp per row, never the T x S
@@ -59,6 +60,7 @@ ACTIVATION_STAGES = (
     "bestrq-pretrain",
     "speech",
     "clip-pretrain",
+    "video",
 )  # the stages whose activations are modelled
 STAGE_NOTES = {  # what the figures of the stages modelled in the plan_activations_* modules assume
     "bestrq-pretrain": "one clip of data.features.max_seconds per sample (--seq-len unused), its expected share of "
@@ -66,6 +68,9 @@ STAGE_NOTES = {  # what the figures of the stages modelled in the plan_activatio
     "clip-pretrain": "one image of data.max_tiles tiles and one caption of text.max_len tokens per sample (--seq-len "
     "unused); contrastive logits over gpus x micro-batch texts (quadratic in the micro-batch); the image encoder "
     "is not checkpointed",
+    "video": "one clip of data.n_frames frames of the image bundle's max_tiles tiles and --seq-len text tokens per "
+    "sample; the frozen image encoder runs under no_grad (its largest block's working set as a transient); the "
+    "video-text contrastive loss is not counted",
     "speech": "one clip of data.features.max_seconds and --seq-len LM positions (its speech slots among them) per "
     "sample; the speech encoder and adapter are not checkpointed; CTC targets bounded by the adapter frames; the "
     "CTC class table is saved once per step (ctc_table)",
@@ -188,7 +193,11 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
     xattn = getattr(model, "image_xattn", None) or {}
     n_media = 0
     enc = getattr(model, "image_encoder", None)
-    if xattn and enc is not None:
+    if stage.name == "video":  # the frozen image path is not run: the video blocks join the aggregated frames
+        from mm.app.plan_activations_video import video_media_acts
+
+        xattn, n_media = model.video_xattn, video_media_acts(acts, stage)
+    elif xattn and enc is not None:
         if not _trains(enc, trainable):
             raise ValueError("mm plan models a trainable image encoder (image stages)")
         n_media = _encoder_acts(acts, enc, stage.cfg.data.max_tiles, ckpt)
