@@ -10,8 +10,12 @@ shape from `model:`, the vocabulary from `tokenizer.vocab_size` unless overridde
 from `lm:`, an HF directory's config.json or, for planning, an LM preset name; or `init_from_hf_mllama:`'s
 config.json; an image-stage sample is one image of `data.max_tiles` tiles and `--seq-len` text tokens), and
 clip-pretrain, bestrq-pretrain, video and speech from the files their configs name (tokenizer, LM directory,
-image bundle; the LM read lazily, its weights never). Activations are modelled for lm-pretrain and the image
-stages (`ACTIVATION_STAGES`); for the others the plan gives parameters, gradients, optimizer state and FSDP
+image bundle; the LM read lazily, its weights never). Activations are modelled for lm-pretrain, the image
+stages, clip-pretrain (`mm.app.plan_activations_clip`: a sample is one image and one caption, and the contrastive
+logits make the total quadratic in the micro-batch), bestrq-pretrain and speech (`mm.app.plan_activations_speech`:
+a sample is one clip of `data.features.max_seconds`, with `--seq-len` LM positions for speech) and video
+(`mm.app.plan_activations_video`: one clip of `data.n_frames` frames and `--seq-len` text tokens): every stage in
+`ACTIVATION_STAGES`; for a stage outside it the plan gives parameters, gradients, optimizer state and FSDP
 buffers, and no max_batch.
 
 Precision and sharding: torchtitan's defaults, FSDP2 `fully_shard` over N GPUs with
@@ -28,7 +32,8 @@ Precision and sharding: torchtitan's defaults, FSDP2 `fully_shard` over N GPUs w
 
 Activations: `mm.app.plan_activations` (its docstring has the formulas, per part, and the attention kernels).
 
-total = parameters + gradients + optimizer state + activations + FSDP buffers. It bounds the peak from above:
+total = parameters + gradients + optimizer state + activations (per sample x micro-batch, + clip-pretrain's
+contrastive logits per pair and the speech stage's CTC class table per step) + FSDP buffers. It bounds the peak from above:
 with `zero_grad(set_to_none=True)` no gradient exists yet where activations peak (the start of the backward);
 that slack covers what is not modelled: the CUDA context, NCCL buffers and allocator fragmentation.
 `max_batch`: the largest micro-batch per GPU with total <= --gpu-memory (0: even parameters and state do not fit).
@@ -52,14 +57,18 @@ from typing import TYPE_CHECKING, Any
 from mm.app.plan_activations import (
     AC_MODES,
     ACTIVATION_STAGES,
+    STAGE_NOTES,
     activation_bytes,
     doc_mask_bytes,
+    largest_batch,
     lm_layer_bytes,
     lm_layer_selective_bytes,
     vit_block_bytes,
     xattn_media_bytes,
     xattn_text_bytes,
 )
+from mm.app.plan_activations_clip import contrastive_pair_bytes
+from mm.app.plan_activations_speech import ctc_table_bytes
 
 if TYPE_CHECKING:
     from torch import nn
@@ -215,10 +224,12 @@ def plan(
     modelled = stage.name in ACTIVATION_STAGES
     by_part, transient = activation_bytes(stage, T, ac) if modelled else ({}, 0)
     per_sample = sum(by_part.values()) + transient
-    fixed = params + grads + optimizer + buffers
+    step = ctc_table_bytes(stage)  # saved once per step, whatever the micro-batch
+    pairs = gpus * contrastive_pair_bytes(stage)  # per (image, text) pair: B x (gpus x B) of them
+    fixed = params + grads + optimizer + buffers + step
     budget = int(gpu_memory_gib * GIB)
-    max_batch = max(0, (budget - fixed) // per_sample) if per_sample else 0
-    total = fixed + B * per_sample
+    max_batch = largest_batch(budget - fixed, per_sample, pairs)
+    total = fixed + B * per_sample + B * B * pairs
 
     def gib(n: float) -> float:
         return round(n / GIB, 3)
@@ -234,7 +245,7 @@ def plan(
         "params_gib": gib(params),
         "grads_gib": gib(grads),
         "optimizer_gib": gib(optimizer),
-        "activations_gib": gib(B * per_sample) if modelled else None,
+        "activations_gib": gib(B * per_sample + B * B * pairs + step) if modelled else None,
         "fsdp_buffers_gib": gib(buffers),
         "total_gib": gib(total),
         "fits": total <= budget,
@@ -242,6 +253,8 @@ def plan(
         "activations_detail_gib": {
             **{k: gib(B * v) for k, v in by_part.items()},
             "backward_transient": gib(B * transient),
+            **({"ctc_table": gib(step)} if step else {}),
+            **({"contrastive_logits": gib(B * B * pairs)} if pairs else {}),
         },
         "params": {
             "total": counts["trainable"] + counts["frozen"],
@@ -284,6 +297,8 @@ def assumptions(stage: Stage) -> list[str]:
             f"the activations of the {stage.name} stage (its encoders and losses) are not modelled: total counts "
             "parameters, gradients, optimizer state and FSDP buffers only, and no max_batch is given"
         )
+    elif stage.name in STAGE_NOTES:
+        a.append(STAGE_NOTES[stage.name])
     elif stage.name == "lm-pretrain":
         a.append(
             "document attention of packed rows by a fused kernel (flex / varlen); doc_attention: dense would add "

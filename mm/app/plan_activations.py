@@ -28,6 +28,9 @@ d model width, H / KV query / key-value heads, h head width, f SwiGLU width, V v
   backward runs, the log-probabilities' gradient and the logits' fp32 gradient add 8V: the transient peak of the
   step for Llama-sized vocabularies.
 activations(batch) = batch x (everything saved + the largest transient: the loss backward or one recomputed block).
+clip-pretrain, bestrq-pretrain and speech: `mm.app.plan_activations_clip` and `mm.app.plan_activations_speech`
+(their docstrings have the formulas; `activation_bytes` dispatches to them); video: the aggregator and the frozen
+image encoder in `mm.app.plan_activations_video`, its cross-attention blocks and frozen LM as above.
 
 Attention kernel: SDPA's fused kernels (flash / cuDNN for the LM's causal self-attention, memory-efficient for the
 masked cross-attention and ViT attention) keep q, k, v, the output and a log-sum-exp per row, never the T x S
@@ -40,6 +43,7 @@ not in it (torchtitan's figures have plain causal masks).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,7 +57,24 @@ ACTIVATION_STAGES = (
     "lm-pretrain",
     "image-pretrain",
     "image-anneal",
+    "bestrq-pretrain",
+    "speech",
+    "clip-pretrain",
+    "video",
 )  # the stages whose activations are modelled
+STAGE_NOTES = {  # what the figures of the stages modelled in the plan_activations_* modules assume
+    "bestrq-pretrain": "one clip of data.features.max_seconds per sample (--seq-len unused), its expected share of "
+    "masked frames (1 - (1 - mask_prob)^mask_span) through the codebook heads; nothing checkpointed, replicated",
+    "clip-pretrain": "one image of data.max_tiles tiles and one caption of text.max_len tokens per sample (--seq-len "
+    "unused); contrastive logits over gpus x micro-batch texts (quadratic in the micro-batch); the image encoder "
+    "is not checkpointed",
+    "video": "one clip of data.n_frames frames of the image bundle's max_tiles tiles and --seq-len text tokens per "
+    "sample; the frozen image encoder runs under no_grad (its largest block's working set as a transient); the "
+    "video-text contrastive loss is not counted",
+    "speech": "one clip of data.features.max_seconds and --seq-len LM positions (its speech slots among them) per "
+    "sample; the speech encoder and adapter are not checkpointed; CTC targets bounded by the adapter frames; the "
+    "CTC class table is saved once per step (ctc_table)",
+}
 
 
 # ---- activation formulas (bytes per token) ------------------------------------------------------------------
@@ -151,6 +172,18 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
     """(bytes one sample saves for the backward, by part; the largest transient of its backward)."""
     if ac not in AC_MODES:
         raise ValueError(f"activation checkpointing {ac!r}; allowed: {list(AC_MODES)}")
+    if stage.name == "bestrq-pretrain":
+        from mm.app.plan_activations_speech import bestrq_activation_bytes
+
+        return bestrq_activation_bytes(stage)
+    if stage.name == "clip-pretrain":
+        from mm.app.plan_activations_clip import clip_activation_bytes
+
+        return clip_activation_bytes(stage, ac)
+    if stage.name == "speech":
+        from mm.app.plan_activations_speech import speech_activation_bytes
+
+        return speech_activation_bytes(stage, seq_len, ac)
     model = stage.model
     trainable = {id(p) for _, p in stage.trainable()}
     ckpt = {id(m) for m in stage.parallel_plan().blocks} if ac != "none" else set()
@@ -160,7 +193,11 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
     xattn = getattr(model, "image_xattn", None) or {}
     n_media = 0
     enc = getattr(model, "image_encoder", None)
-    if xattn and enc is not None:
+    if stage.name == "video":  # the frozen image path is not run: the video blocks join the aggregated frames
+        from mm.app.plan_activations_video import video_media_acts
+
+        xattn, n_media = model.video_xattn, video_media_acts(acts, stage)
+    elif xattn and enc is not None:
         if not _trains(enc, trainable):
             raise ValueError("mm plan models a trainable image encoder (image stages)")
         n_media = _encoder_acts(acts, enc, stage.cfg.data.max_tiles, ckpt)
@@ -192,6 +229,20 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
         acts.add("logits", saved * T)
         acts.peak(extra * T)
     return acts.saved, acts.transient
+
+
+def largest_batch(free: int, per_sample: int, per_pair: int = 0) -> int:
+    """The largest micro-batch B with B x per_sample + B^2 x per_pair <= free (0 when nothing is modelled)."""
+    if not per_sample or free < per_sample + per_pair:
+        return 0
+    if not per_pair:
+        return free // per_sample
+    b = int((math.sqrt(per_sample**2 + 4 * per_pair * free) - per_sample) / (2 * per_pair))
+    while b * per_sample + b * b * per_pair > free:
+        b -= 1
+    while (b + 1) * per_sample + (b + 1) ** 2 * per_pair <= free:
+        b += 1
+    return b
 
 
 def doc_mask_bytes(stage: Stage, seq_len: int, ac: str) -> int:
