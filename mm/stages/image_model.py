@@ -111,11 +111,12 @@ def caption_head_parts(head: CaptionHeadConfig | dict[str, Any] | None, dim: int
 
 
 def load_image_bundle(
-    path: Path, *, lazy_lm_dtype: torch.dtype | None = None
+    path: Path, *, lazy_lm_dtype: torch.dtype | None = None, weights: bool = True
 ) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
     """Rebuild a trained image model from its bundle (refusing an LM whose fingerprint changed). With
     `lazy_lm_dtype` an HF Llama LM is not read: it stays on the meta device to be read after sharding
-    (`load_hf(..., device="meta")`), and the caller checks its fingerprint once it has its values."""
+    (`load_hf(..., device="meta")`), and the caller checks its fingerprint once it has its values. Without
+    `weights` (shapes only, `mm plan`) the trained tensors are not read either."""
     meta = read_stage_config(path, IMAGE_STAGES)
     if lazy_lm_dtype is not None and meta.get("lm_format", "hf_llama") == "hf_llama":
         lm = load_lm(resolve_lm_path(path, meta), meta, device="meta", dtype=lazy_lm_dtype)
@@ -140,7 +141,8 @@ def load_image_bundle(
         extra_tokens=MLLAMA_EXTRA_TOKENS if mllama else 0,
         **caption_head_parts(meta.get("caption_head"), lm.cfg.dim),
     )
-    load_adapter_weights(model, path)
+    if weights:
+        load_adapter_weights(model, path)
     if mllama:
         transform = load_hf_mllama_transform(resolve_lm_path(path, meta), max_tiles=meta["max_tiles"])
     else:

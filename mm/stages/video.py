@@ -156,7 +156,7 @@ class VideoStage(Stage[VideoStageConfig]):
             lazy = frozen_lm_dtype(lm_path, self.ctx.frozen_dtype)
         try:
             image_model, self.tok, self.transform, self.image_meta = load_image_bundle(
-                self.init, lazy_lm_dtype=lazy
+                self.init, lazy_lm_dtype=lazy, weights=not self.ctx.shapes_only
             )
         except ValueError as e:
             raise ValueError(
