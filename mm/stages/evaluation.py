@@ -154,8 +154,23 @@ def resolve_scorer(name: str) -> Scorer:
         module, sep, attr = name.partition(":")
         if not sep:
             raise ValueError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}, or module:function")
-        register_scorer(name, getattr(importlib.import_module(module), attr))
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"scorer {name!r}: no function {attr!r} in module {module!r} ({e})") from None
+        if not callable(fn):
+            raise ValueError(f"scorer {name!r}: {module}.{attr} is not a function")
+        register_scorer(name, fn)
     return SCORERS[name]
+
+
+def check_scorers(scorers: Sequence[str]) -> None:
+    """Refuse, before training, a `scorers:` entry that names no scorer (the message names the entry)."""
+    for name in scorers:
+        try:
+            resolve_scorer(name)
+        except ValueError as e:
+            raise ValueError(f"scorers: {e}") from None
 
 
 def score(preds: Sequence[str], refs: Sequence[str], scorers: Sequence[str]) -> dict[str, Any]:

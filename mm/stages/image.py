@@ -38,7 +38,7 @@ from mm.lm import Tokenizer, Transformer
 from mm.models.caption import caption_images, load_rgb
 from mm.models.multimodal import MediaInput, MultimodalLM
 from mm.prompts import IMAGE_PROMPT
-from mm.stages.evaluation import evaluate_captions, score
+from mm.stages.evaluation import check_scorers, evaluate_captions, score
 from mm.stages.image_model import (
     IMAGE_STAGES,
     caption_head_parts,
@@ -180,6 +180,7 @@ class ImageStage(Stage[ImageStageConfig]):
         if not cfg.lm and not cfg.init_from_hf_mllama:
             raise ValueError("`lm` must name the frozen LM directory (e.g. runs/demo/lm-pretrain/final)")
         check_image_stage_config(cfg)
+        check_scorers(cfg.scorers)
 
     def build(self, device: torch.device) -> nn.Module:
         """Frozen LM (an HF Llama directory or a Mllama checkpoint's) + image encoder + cross-attention."""

@@ -42,7 +42,7 @@ from mm.lm import Tokenizer
 from mm.models.multimodal import MediaInput, MultimodalLM, video_xattn_layer_ids
 from mm.models.video import ClipFeatures, describe_clips
 from mm.prompts import VIDEO_PROMPT
-from mm.stages.evaluation import evaluate_videos, load_clips, score
+from mm.stages.evaluation import check_scorers, evaluate_videos, load_clips, score
 from mm.stages.image_model import load_image_bundle
 from mm.stages.video_model import VIDEO_STAGES, attach_video, image_path_state, load_video_bundle, video_state
 from mm.training.config import StageConfig
@@ -138,6 +138,7 @@ class VideoStage(Stage[VideoStageConfig]):
         """The stage name, the image bundle, the data and the frame count."""
         cfg = self.cfg
         self.require("init_from", "an image-stage bundle (e.g. runs/demo/image-anneal/final)")
+        check_scorers(cfg.scorers)
         agg = cfg.aggregator
         if cfg.data.n_frames % agg.merge or not 1 <= cfg.data.n_frames <= agg.max_frames:
             raise ValueError(

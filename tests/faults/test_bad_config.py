@@ -51,6 +51,12 @@ CASES = [
     ("train", IMAGE_CFG, ["data.tile_size=48"], ["data.tile_size=48", "image_encoder.tile_size=64"]),
     ("train", IMAGE_CFG, ["train.batch_size=many"], ["'train.batch_size'", "'many'"]),
     ("train", IMAGE_CFG, ["image_encoder.mask_mode=loose"], ["mask_mode='loose'", "'strict', 'mllama'"]),
+    (
+        "train",
+        IMAGE_CFG,
+        ["scorers=[exact_match,mm.world.scoring:shape_attributes]"],
+        ["scorers:", "'shape_attributes'", "'mm.world.scoring'"],
+    ),
     ("pretrain-encoder", CLIP_CFG, ["optim.warmup=3"], ["'optim.warmup'", "'warmup_steps'"]),
 ]
 

@@ -3,7 +3,7 @@ world's per-attribute scorer plugged in by name, giving the figures the image st
 
 import pytest
 
-from mm.stages.evaluation import SCORERS, exact_match_report, resolve_scorer, score
+from mm.stages.evaluation import SCORERS, check_scorers, exact_match_report, resolve_scorer, score
 from mm.world.scoring import caption_attribute_report, motion_report, shapes_attributes
 
 REFS = ["a large red circle", "a small blue square and a large green circle", "a small red triangle"]
@@ -38,3 +38,12 @@ def test_generic_scorers():
 def test_unknown_scorer_is_refused():
     with pytest.raises(ValueError, match="unknown scorer"):
         score(PREDS, REFS, ["nope"])
+
+
+def test_misnamed_scorer_is_refused_naming_module_and_function():
+    with pytest.raises(ValueError, match="no function 'shape_attributes' in module 'mm.world.scoring'"):
+        check_scorers(["exact_match", "mm.world.scoring:shape_attributes"])
+    with pytest.raises(ValueError, match="no function 'x' in module 'mm.no_such_module'"):
+        check_scorers(["mm.no_such_module:x"])
+    with pytest.raises(ValueError, match="scorers: unknown scorer 'nope'"):
+        check_scorers(["nope"])
