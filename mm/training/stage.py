@@ -295,7 +295,11 @@ def import_stage_file(path: str | Path) -> None:
         raise ValueError(f"stage_file={str(path)!r} is not an importable Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # a file that failed to import is imported again next time, not skipped
+        raise
 
 
 def stage_readers() -> dict[str, str]:

@@ -5,6 +5,8 @@ up; nothing in `mm` lists it."""
 import json
 import textwrap
 
+import pytest
+
 from mm.app.cli import main
 from mm.training.stage import STAGES
 
@@ -92,3 +94,15 @@ def test_a_stage_from_a_file_outside_mm_trains_with_mm_train(tmp_path, capsys):
     assert json.loads((run / "summary.json").read_text())["step"] == 6
     assert main(["train", "--config", str(cfg), "--resume", "--max-steps", "8"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 8
+
+
+def test_a_stage_file_that_fails_to_import_fails_again_when_imported_again(tmp_path):
+    from mm.training.stage import import_stage_file
+
+    bad = tmp_path / "broken_stage.py"
+    bad.write_text("raise RuntimeError('half-written stage file')\n")
+    for _ in range(2):  # not remembered as imported after the first failure
+        with pytest.raises(RuntimeError, match="half-written stage file"):
+            import_stage_file(bad)
+    with pytest.raises(FileNotFoundError, match="stage_file='.*missing.py': no such file"):
+        import_stage_file(tmp_path / "missing.py")
