@@ -288,7 +288,7 @@ class Tokenizer(SpecialTokenIds):
             role, content = message.get("role"), message.get("content")
             if role not in ("system", "user", "assistant", "tool"):
                 raise ValueError(f"message {k}: role={role!r}; allowed: system, user, assistant, tool")
-            ids += self._header(role)
+            ids += self.header_ids(role)
             for item in content if isinstance(content, list) else [content]:
                 if isinstance(item, str):
                     ids += self.encode(item)
@@ -300,10 +300,10 @@ class Tokenizer(SpecialTokenIds):
                     )
             ids.append(self.eot_id)
         if add_generation_prompt:
-            ids += self._header("assistant")
+            ids += self.header_ids("assistant")
         return ids
 
-    def _header(self, role: str) -> list[int]:
+    def header_ids(self, role: str) -> list[int]:
         """`<|start_header_id|>role<|end_header_id|>` + "\n\n" (Meta names the tool role `ipython`)."""
         name = "ipython" if role == "tool" else role
         head = [
