@@ -138,10 +138,10 @@ def test_collator_places_several_images_by_the_mllama_rule(tok):
     def image(n, v):
         return {"tiles": torch.full((n, 3, 8, 8), float(v)), "aspect_ratio_id": n}
 
-    I = {"type": "image", "path": "x"}
+    img = {"type": "image", "path": "x"}
     convs = [
-        [I, I, "which image has more shapes?"],  # two images first: a run, both seen by the question
-        ["look:", I, "and", I, "?"],  # text before and between
+        [img, img, "which image has more shapes?"],  # two images first: a run, both seen by the question
+        ["look:", img, "and", img, "?"],  # text before and between
         ["no image here"],
     ]
     samples = []
@@ -152,7 +152,7 @@ def test_collator_places_several_images_by_the_mllama_rule(tok):
                 [{"role": "user", "content": content}, {"role": "assistant", "content": "the first"}]
             ),
         )
-        n_img = sum(1 for c in content if c is I)
+        n_img = sum(1 for c in content if c is img)
         samples.append({"ids": ids, "labels": labels, "images": [image(1 + j, k + j) for j in range(n_img)]})
     batch = ChatCollator(tok, max_tiles=2)(samples)
     assert batch["image_rows"].tolist() == [0, 1]
