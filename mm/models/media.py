@@ -31,6 +31,7 @@ __all__ = [
     "Modality",
     "expand_cross_attention_mask",
     "media_mask",
+    "scatter_kv",
 ]
 
 
@@ -48,7 +49,7 @@ class Modality:
 MODALITIES: dict[str, Modality] = {
     "video": Modality(("video_aggregator", "video_xattn"), "video_xattn", "video_token_id", "encode_video"),
     "image": Modality(
-        ("image_encoder", "image_xattn", "extra_tok_embeddings", "image_aux"),
+        ("image_encoder", "image_xattn", "extra_tok_embeddings", "image_aux", "image_index"),
         "image_xattn",
         "image_token_id",
         "encode_media",
@@ -73,10 +74,24 @@ class MediaContext:
 class MediaInput:
     """One modality's media for a forward: its `context` (from the modality's encode method, once per prompt)
     and optionally its cross-attention `mask` (B, T, N_img, max_tiles); without one the mask is inherited while
-    decoding, else derived from the modality's placeholder tokens (`media_mask`)."""
+    decoding, else derived from the modality's placeholder tokens (`media_mask`). `rows` (B_m,) names the rows
+    of the batch the context belongs to when only some rows hold this modality (chat batches): the mask then
+    still covers every row, and rows without media see none."""
 
     context: MediaContext
     mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+
+def scatter_kv(
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, batch: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """K/V of some rows (B_m, ...) placed at `rows` of a zero (batch, ...) K/V (differentiable)."""
+    out = {}
+    for i, (k, v) in kv.items():
+        full = [x.new_zeros((batch, *x.shape[1:])).index_copy(0, rows.to(x.device), x) for x in (k, v)]
+        out[i] = (full[0], full[1])
+    return out
 
 
 def expand_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from mm.lm import KVCache, Transformer
 from mm.lm.config import LMConfig
-from mm.models.media import MODALITIES, MediaContext, MediaInput, Modality, media_mask
+from mm.models.media import MODALITIES, MediaContext, MediaInput, Modality, media_mask, scatter_kv
 from mm.models.placement import (
     check_xattn_layers,
     video_xattn_layer_ids,
@@ -99,6 +99,7 @@ class MultimodalLM(nn.Module):
         if self.extra_tok_embeddings is not None:
             nn.init.normal_(self.extra_tok_embeddings.weight, std=c.init_std)
         self.image_aux = image_aux  # training-only head on the media tokens (adapters.CaptionSlotHead)
+        self.image_index: nn.Embedding | None = None  # which image of a row a media token belongs to
         self.video_aggregator = video_aggregator
         self.video_token_id = video_token_id
         self.video_xattn: nn.ModuleDict | None = None
@@ -162,6 +163,15 @@ class MultimodalLM(nn.Module):
         """Every non-LM tensor (what an adapter checkpoint holds)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("lm.")}
 
+    def add_image_index(self, slots: int) -> None:
+        """Give each of up to `slots` images of a row a learned vector added to its media tokens, so that the
+        text can tell the first image from the second (cross-attention itself is blind to order). Zero at the
+        start: the model's outputs are unchanged until it trains (part "image_index")."""
+        if slots < 1:
+            raise ValueError(f"image slots must be >= 1, got {slots}")
+        self.image_index = nn.Embedding(slots, self.lm.cfg.dim)
+        nn.init.zeros_(self.image_index.weight)
+
     # ---- media --------------------------------------------------------------------------------------
     def encode_media(
         self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
@@ -170,6 +180,11 @@ class MultimodalLM(nn.Module):
         if self.image_encoder is None:
             raise ValueError("this model has no image encoder")
         media = self.image_encoder(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # (B, N, tiles*P, D)
+        if self.image_index is not None:
+            n, slots = media.shape[1], self.image_index.num_embeddings
+            if n > slots:
+                raise ValueError(f"{n} images in a row; this model tells apart at most {slots} (image_index)")
+            media = media + self.image_index.weight[:n, None, :].to(media.dtype)
         B = media.shape[0]
         media = media.reshape(B, -1, media.shape[-1])
         kv = {int(i): blk.media_kv(media) for i, blk in self.image_xattn.items()}
@@ -276,15 +291,19 @@ class MultimodalLM(nn.Module):
         """(blocks, K/V, per media token mask) of each given modality, in the order their blocks run."""
         for name in media:
             self.modality(name)
-        return [
-            (
-                getattr(self, m.xattn),
-                media[name].context.kv,
-                media_mask(tokens, media[name], cache, getattr(self, m.token_id), name),
-            )
-            for name, m in MODALITIES.items()
-            if name in media
-        ]
+        joins = []
+        for name, m in MODALITIES.items():
+            if name not in media:
+                continue
+            given = media[name]
+            kv = given.context.kv
+            if given.rows is not None:
+                if given.mask is None:
+                    raise ValueError(f"{name} given for some rows (`rows`) needs its mask over every row")
+                kv = scatter_kv(kv, given.rows, tokens.shape[0])
+            mask = media_mask(tokens, given, cache, getattr(self, m.token_id), name)
+            joins.append((getattr(self, m.xattn), kv, mask))
+        return joins
 
     def forward_hf(
         self,

@@ -222,3 +222,45 @@ def test_media_keyed_by_modality_and_unknown_modalities_rejected():
         m(torch.zeros(2, 4, dtype=torch.long), {"video": MediaInput(ctx)})
     with pytest.raises(ValueError, match="audio given to a model without a audio path"):
         m.encode("audio", torch.zeros(1))
+
+
+def test_image_index_starts_at_zero_and_then_tells_images_apart():
+    m = build()
+    tokens = torch.cat([torch.full((1, 2), IMG), torch.randint(0, 400, (1, 6))], 1)
+    pv = torch.randn(1, 2, 2, 3, 4, 4)
+    ar, arm = torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, 2, dtype=torch.long)
+    for blk in m.image_xattn.values():  # open the gates so the media reach the logits
+        nn.init.constant_(blk.gate_attn, 0.5)
+        nn.init.constant_(blk.gate_ffn, 0.5)
+
+    def logits(pixels):  # every token sees both images
+        both = torch.ones(1, tokens.shape[1], 2, 2, dtype=torch.long)
+        return m(tokens, {"image": MediaInput(m.encode_media(pixels, ar, arm), both)})
+
+    swapped = pv.flip(1)
+    assert torch.allclose(logits(pv), logits(swapped), atol=1e-5)  # cross-attention is blind to image order
+    m.add_image_index(2)
+    assert torch.equal(m.image_index.weight, torch.zeros(2, m.cfg.dim))
+    assert torch.allclose(logits(pv), logits(swapped), atol=1e-5)  # zero at start: nothing changes
+    nn.init.normal_(m.image_index.weight)
+    assert not torch.allclose(logits(pv), logits(swapped), atol=1e-3)
+    with pytest.raises(ValueError, match="3 images in a row; this model tells apart at most 2"):
+        m.encode_media(torch.randn(1, 3, 2, 3, 4, 4), torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, 2))
+
+
+def test_media_of_some_rows_equal_the_rows_alone():
+    m = build()
+    for blk in m.image_xattn.values():
+        nn.init.constant_(blk.gate_attn, 0.5)
+    tokens = torch.randint(0, 400, (3, 8))
+    tokens[1, 2] = IMG
+    pv, ar, arm = media(B=1)
+    ctx = m.encode_media(pv, ar, arm)
+    mask = torch.zeros(3, 8, 1, 2, dtype=torch.long)
+    mask[1] = xmask(tokens[1:2])[0]
+    out = m(tokens, {"image": MediaInput(ctx, mask, rows=torch.tensor([1]))})
+    alone = m(tokens[1:2], {"image": MediaInput(m.encode_media(pv, ar, arm), mask[1:2])})
+    torch.testing.assert_close(out[1:2], alone)
+    torch.testing.assert_close(out[[0, 2]], m.lm(tokens[[0, 2]]))  # rows without an image: the bare LM
+    with pytest.raises(ValueError, match="needs its mask over every row"):
+        m(tokens, {"image": MediaInput(ctx, rows=torch.tensor([1]))})
