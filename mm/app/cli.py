@@ -106,6 +106,20 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     tc.add_argument("--batch-size", type=int, default=64)
     tc.set_defaults(func=infer_commands.cmd_transcribe)
 
+    ch = sub.add_parser(
+        "chat",
+        help="ask a chat (vision-sft) checkpoint about images or a video; the answer on one line",
+        description="One chat turn. Images go into the user turn in the given order, before the message.",
+    )
+    ch.add_argument(
+        "--checkpoint", required=True, help="a vision-sft folder such as runs/demo/vision-sft/final"
+    )
+    ch.add_argument("--image", action="append", help="an image file (repeat for several, in order)")
+    ch.add_argument("--video", help="a video file")
+    ch.add_argument("--audio", help="an audio file (a speech checkpoint answers with its transcript)")
+    ch.add_argument("message", nargs="?", default="", help='the question, e.g. "what colour is the circle?"')
+    ch.set_defaults(func=infer_commands.cmd_chat)
+
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     """`mm probe`."""

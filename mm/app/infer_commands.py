@@ -152,3 +152,36 @@ def cmd_caption(args: argparse.Namespace) -> int:
     )
     print_lines(caps)
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """One chat turn: the answer to `message` about the given images (in order) and video, on one line. A speech
+    checkpoint answers an `--audio` file with its transcript."""
+    stage = stage_of_checkpoint(Path(args.checkpoint))
+    if stage == "speech":
+        if not args.audio:
+            print(f"mm chat: {args.checkpoint} is a speech checkpoint: give --audio FILE", file=sys.stderr)
+            return 2
+        args.prompt = args.message or None
+        return cmd_transcribe(argparse.Namespace(**{**vars(args), "audio": [args.audio], "batch_size": 1}))
+    if refuse_other_stage("chat", args.checkpoint):
+        return 2
+    if args.audio:
+        print(
+            f"mm chat: {args.checkpoint} reads images and video; audio needs a speech checkpoint",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.message:
+        print('mm chat: give a message (e.g. "what colour is the circle?")', file=sys.stderr)
+        return 2
+    from mm.models.chat import Chat
+
+    chat = Chat.load(Path(args.checkpoint))
+    try:
+        answer = chat.ask(args.message, images=list(args.image or []), video=args.video)
+    except (OSError, ValueError) as e:
+        print(f"mm chat: {e}", file=sys.stderr)
+        return 2
+    print_lines([answer])
+    return 0

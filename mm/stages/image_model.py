@@ -123,15 +123,23 @@ def load_image_bundle(
     else:
         lm = load_lm_checked(path, meta)
     tok = load_tokenizer(path, meta)
+    model = image_model_from_meta(meta, lm, tok)
+    if weights:
+        load_adapter_weights(model, path)
+    return model.eval(), tok, image_transform(path, meta), meta
+
+
+def image_model_from_meta(meta: dict[str, Any], lm: torch.nn.Module, tok: Tokenizer) -> MultimodalLM:
+    """The image model a bundle's config describes, around `lm`, with fresh (untrained) tensors."""
     enc_cfg = ImageEncoderConfig(**meta["image_encoder"])
     mllama = meta.get("lm_format") == "hf_mllama"
     if mllama:
-        from mm.formats.hf_mllama import MLLAMA_EXTRA_TOKENS, load_hf_mllama_transform, mllama_image_encoder
+        from mm.formats.hf_mllama import MLLAMA_EXTRA_TOKENS, mllama_image_encoder
 
         encoder = mllama_image_encoder(enc_cfg)
     else:
         encoder = build_image_encoder(enc_cfg)
-    model = MultimodalLM(
+    return MultimodalLM(
         lm,
         encoder,
         xattn_every=meta["xattn"]["every"],
@@ -141,10 +149,13 @@ def load_image_bundle(
         extra_tokens=MLLAMA_EXTRA_TOKENS if mllama else 0,
         **caption_head_parts(meta.get("caption_head"), lm.cfg.dim),
     )
-    if weights:
-        load_adapter_weights(model, path)
-    if mllama:
-        transform = load_hf_mllama_transform(resolve_lm_path(path, meta), max_tiles=meta["max_tiles"])
-    else:
-        transform = TileTransform(meta["tile_size"], meta["max_tiles"], id_max_tiles=enc_cfg.max_tiles)
-    return model.eval(), tok, transform, meta
+
+
+def image_transform(path: Path, meta: dict[str, Any]) -> TileTransform:
+    """The tiling a bundle's config names (a Mllama checkpoint's own preprocessor config when it has one)."""
+    if meta.get("lm_format") == "hf_mllama":
+        from mm.formats.hf_mllama import load_hf_mllama_transform
+
+        return load_hf_mllama_transform(resolve_lm_path(path, meta), max_tiles=meta["max_tiles"])
+    enc_cfg = ImageEncoderConfig(**meta["image_encoder"])
+    return TileTransform(meta["tile_size"], meta["max_tiles"], id_max_tiles=enc_cfg.max_tiles)
