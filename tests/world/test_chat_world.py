@@ -265,6 +265,9 @@ def test_counts_and_balance(chat):
     for rows in (train, files["text_train.jsonl"]):
         phrasing = Counter(r["phrasing"] for r in rows)
         assert phrasing.keys() == {"canonical", "train"} and 0.35 < phrasing["canonical"] / len(rows) < 0.65
+    for rows in (train, files["text_train.jsonl"]):  # exists: yes and no about equally often
+        exists = Counter(r["messages"][-1]["content"] for r in rows if r["family"] == "exists")
+        assert exists.keys() == {"yes", "no"} and 0.35 < exists["yes"] / sum(exists.values()) < 0.65, exists
     more = Counter(r["messages"][-1]["content"] for r in train if r["family"] == "more")
     assert max(more.values()) - min(more.values()) <= 1 and len(more) == 3
     turns = Counter(len(r["messages"]) // 2 for r in train if r["media"] == "image")
