@@ -5,7 +5,8 @@ Each question family has a canonical phrasing (the design table's wording), othe
 new wordings). `scene_questions` lists every question that may be asked about a scene (one or two objects),
 `clip_questions` those about a moving-object clip, `pair_questions` the question about two scenes; each
 `Question` carries its family, its answer (short, lower case, no final full stop) and the colour-shape pairs
-its answer is about. `scene_text` / `clip_text` / `pair_text` give a scene in words for text dialogues.
+its answer is about. `scene_text` / `clip_text` / `pair_text` give a scene in words for text dialogues;
+`pick_question` / `draw_turns` choose questions (answers balanced) and `conversation` makes a chat record.
 """
 
 from __future__ import annotations
