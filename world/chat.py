@@ -1,4 +1,4 @@
-"""The shapes world's instruction data: question-answer conversations about images, clips and described scenes.
+"""The shapes world's instruction data: conversations about images, clips and described scenes.
 
 `synth_chat(out_dir)` writes `out_dir/chat/` (the chat JSONL format: one conversation per line, `messages`
 with user content items `{"type": "image"|"video"|"text", ...}`, and the meta fields `family`, `phrasing`,
@@ -103,7 +103,7 @@ def chat_counts(n: int | None = None) -> dict[str, int]:
 
 
 class _Media:
-    """Writes the images and clips of the conversations under the chat folder; removes stale ones at the end."""
+    """Writes the conversations' images and clips under the chat folder; removes stale ones at the end."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -241,7 +241,7 @@ def _eval_video(
 
 
 def _eval_rows(media: _Media, seed: int, counts: dict[str, int], tag: str, phrasing: str) -> list[dict]:
-    """An evaluation file: one question per new image / clip / image pair, per family; `tag` names its media."""
+    """An evaluation file: one question per new image / clip / image pair, per family; `tag` names media."""
     heldout_pairs = tag == "pairs"
     rows = []
     for kind, families, make in (

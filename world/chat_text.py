@@ -1,12 +1,12 @@
 """Text dialogues about the shapes world, for the instruct LM (`text_train.jsonl`, `text_heldout.jsonl`).
 
-The user turn gives a scene in words, then asks: a caption sentence ("a large red circle and a small blue
-square.\\nwhat colour is the circle?"), a motion sentence ("a red circle moves left.\\nwhich way does the circle
-move?") or two scenes ("first image: ...\\nsecond image: ...\\nwhich image has more shapes?"). `describe` asks
-`describe the image.` (`describe the video.` after a motion sentence): the text stands for the picture, so the
-instruct LM learns the same questions the image and video stages ask. Every colour-shape pair occurs, the
-held-out ones too (as in the LM's text corpus); a scene whose text falls in CRC32 bucket 0 of 8 is kept for
-`text_heldout.jsonl`, so its scenes are new.
+The user turn gives a scene in words, then asks: a caption sentence ("a large red circle and a small
+blue square.\\nwhat colour is the circle?"), a motion sentence ("a red circle moves left.\\nwhich way does
+the circle move?") or two scenes ("first image: ...\\nsecond image: ...\\nwhich image has more shapes?").
+`describe` asks `describe the image.` (`describe the video.` after a motion sentence): the text stands for the
+picture, so the instruct LM learns the same questions the image and video stages ask. Every colour-shape pair
+occurs, the held-out ones too (as in the LM's text corpus); a scene whose text falls in CRC32 bucket 0 of 8 is
+kept for `text_heldout.jsonl`, so its scenes are new.
 """
 
 from __future__ import annotations
@@ -117,9 +117,9 @@ def text_train_rows(seed: int, count: int) -> list[dict]:
 
 
 def text_heldout_rows(seed: int, per_family: int) -> list[dict]:
-    """text_heldout.jsonl: new described scenes, one canonical question each, `per_family` rows of every family
-    (balanced answers for size, count, exists, motion and more; colour, shape, describe alternate scenes and
-    clips)."""
+    """text_heldout.jsonl: new described scenes, one canonical question each, `per_family` rows of every
+    family (balanced answers for size, count, exists, motion and more; colour, shape and describe alternate
+    scenes and clips)."""
     rows = []
     for f, family in enumerate(FAMILIES):
         for j in range(per_family):

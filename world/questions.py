@@ -1,4 +1,4 @@
-"""Questions about the shapes world (design.md, "Questions about the world"): templates, phrasings and answers.
+"""Questions about the shapes world (design.md, "Questions about the world"): phrasings and answers.
 
 Each question family has a canonical phrasing (the design table's wording), other phrasings used in training
 (`train`) and phrasings held out of every training file (`heldout`, to measure how the model generalises to
@@ -180,7 +180,7 @@ def _fill(wording: str, slots: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Question:
-    """One question that may be asked: template key, slot values, answer, and the colour-shape pairs it is about."""
+    """A question that may be asked: template key, slot values, answer, the colour-shape pairs it is about."""
 
     key: str
     slots: tuple[tuple[str, str], ...]
@@ -197,7 +197,7 @@ class Question:
         return [_fill(w, dict(self.slots)) for w in TEMPLATES[self.key].wordings(phrasing)]
 
     def text(self, phrasing: str = "canonical", variant: int = 0) -> str:
-        """The question in a phrasing kind; `variant` picks among that kind's wordings (modulo their number)."""
+        """The question in a phrasing kind; `variant` picks one of the kind's wordings (modulo)."""
         options = self.wordings(phrasing)
         return options[variant % len(options)]
 
@@ -221,7 +221,7 @@ def scene_objects(scene: object) -> list[tuple[str, str, str]]:
 
 
 def scene_questions(scene: object) -> list[Question]:
-    """Every question that may be asked about a scene (`Scene` or (size, colour, shape) triples left to right)."""
+    """Every question that may be asked about a scene (`Scene`, or (size, colour, shape) left to right)."""
     objs = scene_objects(scene)
     pairs = [(c, s) for _, c, s in objs]
     out: list[Question] = []
@@ -266,7 +266,7 @@ def pair_questions(first: object, second: object) -> list[Question]:
 
 
 def scene_text(scene: object) -> str:
-    """A scene in words for a text dialogue: its caption as a sentence ("a large red circle and a small blue square.")."""
+    """A scene in words for a text dialogue: its caption as a sentence ("a large red circle.")."""
     return caption(scene_objects(scene)) + "."
 
 
@@ -287,7 +287,7 @@ def pick_question(
     prefer: Sequence[tuple[str, str]] = (),
     answer: str | None = None,
 ) -> Question | None:
-    """A question of a family, its answer drawn uniformly first (exists: yes and no equally often); None if none.
+    """A question of a family, its answer drawn uniformly first (exists: yes and no alike); None if none.
 
     With `prefer`, questions about one of those colour-shape pairs are chosen when the family has any (not for
     exists, count, describe and more, whose answers must stay balanced); with `answer`, only that answer.

@@ -1,4 +1,4 @@
-"""The shapes world's questions and instruction data (mm.world.questions, mm.world.chat, `mm data synth --kind chat`)."""
+"""The shapes world's questions and instruction data (mm.world.questions, mm.world.chat, data synth)."""
 
 import itertools
 import json
