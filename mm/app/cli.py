@@ -184,7 +184,13 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     ds = dsub.add_parser("synth", help="write the embedded shapes world")
-    ds.add_argument("--kind", required=True, choices=["text", "shapes", "motion", "speech"])
+    ds.add_argument(
+        "--kind",
+        required=True,
+        choices=["text", "shapes", "motion", "speech", "chat"],
+        help="chat: question-answer conversations (text dialogues, image/video QA, evaluation files) in "
+        "OUT/chat/; --n is then the number of image QA training rows (the other counts scale), no --split",
+    )
     ds.add_argument("--out", required=True)
     ds.add_argument(
         "--n", type=int, default=0, help="number of items (0 = the default for the kind and split)"

@@ -53,6 +53,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         path = world.synth_shapes(args.out, n=args.n or None, seed=args.seed, split=args.split)
     elif args.kind == "motion":
         path = world.synth_motion(args.out, n=args.n or None, seed=args.seed, split=args.split)
+    elif args.kind == "chat":
+        path = world.synth_chat(args.out, n=args.n or None, seed=args.seed)
     elif args.kind == "speech":
         from mm.world.speech import SPEECH_SPLITS, synth_speech
 
@@ -60,7 +62,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
             raise ValueError(f"--split {args.split} is not a speech split; allowed: {list(SPEECH_SPLITS)}")
         path = synth_speech(args.out, n=args.n or None, seed=args.seed, split=args.split)
     else:
-        raise ValueError(f"--kind {args.kind} is not available yet; available: text, shapes, motion")
+        raise ValueError(
+            f"--kind {args.kind} is not available yet; available: text, shapes, motion, speech, chat"
+        )
     print(path)
     return 0
 
