@@ -148,6 +148,24 @@ def _speech_config(cfg: Any, out: Path, data_dir: Path) -> None:
     cfg.data.heldout = [str(sp / "heldout_sentences.jsonl"), str(sp / "heldout_voices.jsonl")]
 
 
+def _lm_sft_config(cfg: Any, out: Path, data_dir: Path) -> None:
+    ch, text = data_dir / "chat", data_dir / "text"
+    cfg.init_from = str(_final(out, "lm-pretrain"))
+    cfg.data.train = [str(ch / "text_train.jsonl")]
+    cfg.data.text = [str(text / "train.txt")]
+    cfg.data.heldout_text = str(text / "heldout.txt")
+    cfg.data.heldout_chat = str(ch / "text_heldout.jsonl")
+
+
+def _vision_sft_config(cfg: Any, out: Path, data_dir: Path) -> None:
+    ch = data_dir / "chat"
+    cfg.init_from = str(_final(out, "video"))
+    cfg.lm = str(_final(out, "lm-sft"))
+    cfg.data.train = [str(ch / "train.jsonl")]
+    cfg.data.heldout = [str(ch / f"{s}.jsonl") for s in ("heldout", "heldout_phrasings", "heldout_pairs")]
+    cfg.caption_heldout = str(data_dir / "shapes" / "heldout.jsonl")
+
+
 # -------------------------------------------------------------------------------- what steps contribute
 
 
@@ -238,5 +256,37 @@ STEPS: tuple[Step, ...] = (
         loss_curve="loss_curve",
         verify=True,
         figures=speech_figures,
+    ),
+    # The chat section (`mm demo --modality chat`, not part of `all`: it runs on top of the cached main stages).
+    Step(
+        "lm-sft",
+        "chat",
+        "lm/sft_tiny.yaml",
+        _lm_sft_config,
+        world=("text", "chat"),
+        inputs=("chat/text_train.jsonl", "chat/text_heldout.jsonl", "text/train.txt", "text/heldout.txt"),
+        needs=("lm-pretrain",),
+        figures=lm_sft_figures,
+    ),
+    Step(
+        "vision-sft",
+        "chat",
+        "stages/vision_sft_tiny.yaml",
+        _vision_sft_config,
+        world=("shapes", "chat"),
+        inputs=(
+            "chat/train.jsonl",
+            "chat/heldout.jsonl",
+            "chat/heldout_phrasings.jsonl",
+            "chat/heldout_pairs.jsonl",
+            "chat/images",
+            "chat/clips",
+            "shapes/heldout.jsonl",
+        ),
+        needs=("lm-sft", "video"),
+        keep=("eval", "hot_swap"),
+        curve=True,
+        verify=True,
+        figures=chat_figures,
     ),
 )

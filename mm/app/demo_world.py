@@ -82,12 +82,23 @@ def synth_speech_world(data_dir: Path) -> dict[str, float]:
     )
 
 
+def synth_chat_world(data_dir: Path) -> dict[str, float]:
+    """The questions and answers about the world (`world.synth_chat`: text dialogues, images, two-image
+    questions, clips) unless present; seconds."""
+    return _synth_splits(
+        lambda s: (data_dir / "chat" / "train.jsonl").is_file(),
+        lambda s: world.synth_chat(data_dir, seed=0),
+        ["chat"],
+    )
+
+
 # The parts of the shapes world, by the names steps give in `Step.world`.
 WORLD: dict[str, Callable[[Path], dict[str, float]]] = {
     "text": synth_text_world,
     "shapes": synth_image_world,
     "motion": synth_motion_world,
     "speech": synth_speech_world,
+    "chat": synth_chat_world,
 }
 
 
