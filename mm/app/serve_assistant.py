@@ -100,7 +100,8 @@ def upload_kind(filename: str, content_type: str, head: bytes, kinds: Sequence[s
     if not found and not ext and sniff(head):
         found = [sniff(head)]  # type: ignore[list-item]
     if not found or found[0][0] not in kinds:
-        what = f"a {found[0][0]} file" if found else f"of type {ext or content_type or 'unknown'}"
+        article = {"image": "an image", "video": "a video", "audio": "an audio"}
+        what = f"{article[found[0][0]]} file" if found else f"of type {ext or content_type or 'unknown'}"
         raise UploadError(415, f"{filename or 'the upload'} is {what}; this server accepts {accepted(kinds)}")
     return found[0]
 
