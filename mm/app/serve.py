@@ -18,7 +18,6 @@ import tempfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from mm.app.serve_assistant import (
     Assistant,
@@ -99,7 +98,7 @@ class AskHandler(BaseHTTPRequestHandler):
         """The page at /; JSON 404 elsewhere."""
         if not self.allowed():
             return
-        path = urlsplit(self.path).path
+        path = self.path.split("?", 1)[0]
         if path == "/":
             data = page(self.server.assistant.kinds(), self.server.max_upload_bytes).encode()
             self.send_response(200)
@@ -119,7 +118,7 @@ class AskHandler(BaseHTTPRequestHandler):
         try:
             if not self.allowed():
                 return
-            if urlsplit(self.path).path != "/api/ask":
+            if self.path.split("?", 1)[0] != "/api/ask":
                 raise UploadError(404, f"no endpoint {self.path}; POST uploads to /api/ask")
             self.send_json(200, {"answer": self.answer()})
         except UploadError as e:
