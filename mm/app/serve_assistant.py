@@ -121,6 +121,7 @@ def check_readable(kind: str, path: Path, name: str) -> None:
         elif kind == "video":
             from mm.datasets.video import decode_clip
 
+            first_video_frame(path)  # PyAV refuses a broken file quietly (decord's FFmpeg writes to stderr)
             decode_clip(path, 1)
         else:
             from mm.datasets.audio import decode_audio
@@ -132,6 +133,21 @@ def check_readable(kind: str, path: Path, name: str) -> None:
             other = sniff(f.read(16))
         hint = f" (its bytes look like {other[0]} .{other[1]})" if other and other[0] != kind else ""
         raise UploadError(400, f"{name} is not a readable {kind}{hint}: {detail}") from None
+
+
+def first_video_frame(path: Path) -> None:
+    """ValueError unless PyAV opens `path` and decodes one frame of a video stream (PyAV logs nothing)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError("it has no video stream")
+            next(container.decode(video=0))
+    except av.FFmpegError as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    except StopIteration:
+        raise ValueError("its video stream has no frame") from None
 
 
 class CheckpointAssistant:

@@ -14,7 +14,9 @@ import threading
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 from PIL import Image
 
 from mm.app.serve import CheckpointAssistant, make_server
@@ -143,22 +145,23 @@ def test_http_oversized_upload_is_refused_from_its_length_before_the_body_is_rea
 
 
 class Flaky:
-    """An assistant that fails on its first answer, then echoes what it was asked (and a chat-style hook)."""
+    """An assistant that fails on its first answer, then says what it was given."""
 
     def __init__(self) -> None:
         self.calls = 0
 
     def kinds(self) -> list[str]:
-        return ["image", "audio"]
+        return ["image", "video", "audio"]
 
     def respond(self, kind: str, path: Path, question: str | None) -> str:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("out of memory")
-        return f"{kind} {path.suffix} {Image.open(path).size if kind == 'image' else path.stat().st_size} {question}"
+        size = Image.open(path).size if kind == "image" else sf.info(str(path)).frames
+        return f"{kind} {path.suffix} {size} {question}"
 
 
-def test_a_failure_while_answering_is_a_500_and_the_server_keeps_serving(bundle):
+def test_a_failure_while_answering_is_a_500_and_the_server_keeps_serving(bundle, tmp_path):
     server = serving(Flaky())
     try:
         png = bundle["images"][0]
@@ -168,10 +171,18 @@ def test_a_failure_while_answering_is_a_500_and_the_server_keeps_serving(bundle)
         }
         status, reply = post(server, {"file": ("a.png", png.read_bytes()), "question": (None, b" which? ")})
         assert (status, reply) == (200, {"answer": f"image .png {Image.open(png).size} which?"})
-        status, reply = post(server, {"file": ("a.mp4", b"\0\0\0\x18ftypmp42")})
-        assert status == 415 and "audio (.wav, .flac, .ogg)" in reply["error"]
+        sf.write(tmp_path / "tone.wav", np.zeros(1600, dtype=np.float32), 16000)
+        wav = (tmp_path / "tone.wav").read_bytes()
+        assert post(server, {"file": ("tone.wav", wav)}) == (200, {"answer": "audio .wav 1600 None"})
+        assert post(server, {"file": ("blob", wav)}) == (200, {"answer": "audio .wav 1600 None"})  # sniffed
         status, reply = post(server, {"file": ("voice.wav", b"RIFF\0\0\0\0WAVEjunk")})
         assert status == 400 and reply["error"].startswith("voice.wav is not a readable audio")
+        status, reply = post(server, {"file": ("clip.mp4", b"\0\0\0\x18ftypmp42" + b"\0" * 100)})
+        assert status == 400 and reply["error"].startswith("clip.mp4 is not a readable video")
+        status, reply = post(server, {"file": ("photo.png", wav)})
+        assert status == 400 and reply["error"].startswith(
+            "photo.png is not a readable image (its bytes look like audio .wav)"
+        )
     finally:
         server.shutdown()
         server.server_close()
