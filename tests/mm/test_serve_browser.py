@@ -25,6 +25,12 @@ from mm.training.runner import run
 from mm.training.stage import reader_stage
 from mm.world import synth_shapes
 
+SPEECH_ENCODER = [
+    "speech_encoder.dim=32",
+    "speech_encoder.n_layers=1",
+    "speech_encoder.n_heads=2",
+    "speech_encoder.ffn_dim=64",
+]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 LIMIT = 40_000  # bytes per request in these tests
 
@@ -254,5 +260,57 @@ def test_browser_uploads_are_answered_refused_and_answered_again(bundle, expecte
         assert ask(other) == ("answered", expected[other], "")
     finally:
         driver.quit()
+        server.shutdown()
+        server.server_close()
+
+
+def test_video_and_audio_folders_describe_and_transcribe_as_mm_describe_and_transcribe(
+    bundle, corpus, stage_helpers
+):
+    """One server with an image, a video and a speech folder (1-step stages): each kind goes to its own
+    folder and answers what `mm describe` / `mm transcribe` (the same functions) give."""
+    from mm.models.speech import transcribe_features
+    from mm.models.video import describe_videos
+    from mm.world import synth_motion
+    from mm.world.speech import synth_speech
+
+    h, root = stage_helpers, bundle["root"]
+    clips = synth_motion(root, n=2, seed=0, split="train")
+    speech = synth_speech(root, n=2, split="train")
+    one = ["train.max_steps=1", "train.batch_size=2", "eval_samples=0", "curve_samples=0"]
+    video = [
+        f"init_from={bundle['final']}",
+        f"data.train=[{clips}]",
+        "aggregator.merge=2",
+        "aggregator.n_latents=4",
+        "aggregator.depth=1",
+        "aggregator.n_heads=2",
+        "data.n_frames=4",
+        *one,
+    ]
+    lm = root / "lm"
+    audio = [f"lm={lm}", f"data.train=[{speech}]", *SPEECH_ENCODER, *one]
+    for name, preset, overrides in (
+        ("video", "configs/stages/video_tiny.yaml", video),
+        ("speech", "configs/stages/speech_tiny.yaml", audio),
+    ):
+        cfg = h["stage_config"](name, preset, overrides)
+        cfg.out = str(root / name)
+        run(cfg)
+    clip = sorted((root / "motion" / "train").glob("*.mp4"))[0]
+    wav = sorted((root / "speech" / "train").glob("*.wav"))[0]
+    model, tok, transform, meta = reader_stage("describe").load_final(root / "video" / "final")
+    described = describe_videos(model, tok, transform, meta, [clip])[0]
+    model, tok, features, meta = reader_stage("transcribe").load_final(root / "speech" / "final")
+    transcript = transcribe_features(model, tok, [features.load(wav)], prompt=meta["prompt"])[0]
+
+    finals = [bundle["final"], root / "video" / "final", root / "speech" / "final"]
+    server = serving(CheckpointAssistant(finals), limit=1 << 20)
+    try:
+        assert post(server, {"file": ("c.mp4", clip.read_bytes())}) == (200, {"answer": described})
+        assert post(server, {"file": ("s.wav", wav.read_bytes())}) == (200, {"answer": transcript})
+        status, reply = post(server, {"file": ("s.wav", wav.read_bytes()), "question": (None, b"who?")})
+        assert status == 400 and reply["error"].startswith("this checkpoint transcribes audio;")
+    finally:
         server.shutdown()
         server.server_close()
