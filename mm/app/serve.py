@@ -27,7 +27,7 @@ from mm.app.serve_assistant import (
     check_readable,
     upload_kind,
 )
-from mm.app.serve_page import page
+from mm.app.serve_page import megabytes, page
 
 __all__ = ["Assistant", "AskServer", "CheckpointAssistant", "UploadError", "cmd_serve", "make_server"]
 
@@ -58,7 +58,7 @@ def read_form(content_type: str, body: bytes) -> dict[str, tuple[str | None, str
 
 def mb(n: int) -> str:
     """A byte count in MB, e.g. `0.0977 MB (102400 bytes)`."""
-    return f"{n / 2**20:.3g} MB ({n} bytes)"
+    return f"{megabytes(n)} ({n} bytes)"
 
 
 class AskHandler(BaseHTTPRequestHandler):
@@ -166,7 +166,10 @@ class AskHandler(BaseHTTPRequestHandler):
         content_type = self.headers.get("Content-Type", "")
         if not content_type.lower().startswith("multipart/form-data"):
             raise UploadError(400, "POST /api/ask takes multipart/form-data with a `file` field")
-        body = self.rfile.read(n)
+        try:
+            body = self.rfile.read(n)
+        except TimeoutError:
+            raise UploadError(408, f"the request body did not arrive within {self.timeout} s") from None
         self.unread = 0
         if len(body) < n:
             raise UploadError(400, f"the request body ended after {len(body)} of {n} bytes")
@@ -196,6 +199,11 @@ class AskServer(ThreadingHTTPServer):
     def __init__(self, assistant: Assistant, port: int, max_upload_bytes: int) -> None:
         self.assistant, self.max_upload_bytes = assistant, max_upload_bytes
         super().__init__(("127.0.0.1", port), AskHandler)
+
+    def handle_error(self, request: Any, client_address: tuple[str, int]) -> None:
+        """A request that failed outside the answer (e.g. the client left): one log line, not a traceback."""
+        e = sys.exc_info()[1]
+        log.warning("request from %s failed: %s: %s", client_address[0], type(e).__name__, e)
 
     @property
     def url(self) -> str:

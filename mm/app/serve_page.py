@@ -51,11 +51,17 @@ form.addEventListener("submit", async (event) => {
 """
 
 
+def megabytes(n: int) -> str:
+    """A byte count in MB, 3 significant digits (whole MB from 1000 up), e.g. `0.0381 MB`, `3072 MB`."""
+    x = n / 2**20
+    return f"{x:.3g} MB" if x < 1000 else f"{x:.0f} MB"
+
+
 def page(kinds: Sequence[str], max_upload_bytes: int) -> str:
     """The HTML page for a server that answers `kinds` and accepts requests up to `max_upload_bytes`."""
     accept = ",".join([f"{k}/*" for k in kinds] + ["." + e for k in kinds for e in EXTENSIONS[k]])
     does = "; ".join(f"it {VERB[k]} (.{', .'.join(EXTENSIONS[k])})" for k in kinds)
-    limit = f"{max_upload_bytes / 2**20:.3g} MB"
+    limit = megabytes(max_upload_bytes)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>mm serve</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>

@@ -154,13 +154,14 @@ class Flaky:
     """An assistant that fails on its first answer, then says what it was given."""
 
     def __init__(self) -> None:
-        self.calls = 0
+        self.calls, self.paths = 0, []
 
     def kinds(self) -> list[str]:
         return ["image", "video", "audio"]
 
     def respond(self, kind: str, path: Path, question: str | None) -> str:
         self.calls += 1
+        self.paths.append(path)
         if self.calls == 1:
             raise RuntimeError("out of memory")
         size = Image.open(path).size if kind == "image" else sf.info(str(path)).frames
@@ -168,7 +169,8 @@ class Flaky:
 
 
 def test_a_failure_while_answering_is_a_500_and_the_server_keeps_serving(bundle, tmp_path):
-    server = serving(Flaky())
+    flaky = Flaky()
+    server = serving(flaky)
     try:
         png = bundle["images"][0]
         status, reply = post(server, {"file": ("a.png", png.read_bytes())})
@@ -189,6 +191,9 @@ def test_a_failure_while_answering_is_a_500_and_the_server_keeps_serving(bundle,
         assert status == 400 and reply["error"].startswith(
             "photo.png is not a readable image (its bytes look like audio .wav)"
         )
+        assert flaky.calls == 4 and not [
+            p for p in flaky.paths if p.parent.exists()
+        ]  # temporary files removed
     finally:
         server.shutdown()
         server.server_close()
