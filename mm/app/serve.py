@@ -219,6 +219,15 @@ def make_server(
     host: str = "127.0.0.1",
 ) -> AskServer:
     """An `AskServer` on 127.0.0.1:`port` (0: a free port); any host other than the loopback is refused."""
+    check_options(host, port, max_upload_bytes)
+    try:
+        return AskServer(assistant, port, max_upload_bytes)
+    except OSError as e:
+        raise ValueError(f"--port {port}: cannot listen on 127.0.0.1:{port}: {e.strerror or e}") from None
+
+
+def check_options(host: str, port: int, max_upload_bytes: int) -> None:
+    """ValueError naming the option for a host other than the loopback, a port out of range or a limit <= 0."""
     if host not in LOOPBACK:
         raise ValueError(
             f"--host {host}: mm serve binds 127.0.0.1 only (it has no authentication); "
@@ -228,18 +237,16 @@ def make_server(
         raise ValueError(f"--port {port}: a TCP port is 0 (any free one) to 65535")
     if max_upload_bytes <= 0:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_bytes / 2**20:g}")
-    try:
-        return AskServer(assistant, port, max_upload_bytes)
-    except OSError as e:
-        raise ValueError(f"--port {port}: cannot listen on 127.0.0.1:{port}: {e.strerror or e}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the page and /api/ask for the given stage folders until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    assistant = CheckpointAssistant(args.checkpoint)
     limit_mb = DEFAULT_MAX_UPLOAD_MB if args.max_upload_mb is None else args.max_upload_mb
-    server = make_server(assistant, port=args.port, max_upload_bytes=int(limit_mb * 2**20), host=args.host)
+    limit = int(limit_mb * 2**20)
+    check_options(args.host, args.port, limit)  # before the folders load
+    assistant = CheckpointAssistant(args.checkpoint)
+    server = make_server(assistant, port=args.port, max_upload_bytes=limit, host=args.host)
     folders = ", ".join(f"{k} -> {d}" for k, d in assistant.folders.items())
     print(f"mm serve: {server.url} ({folders}); Ctrl-C stops it", file=sys.stderr, flush=True)
     try:

@@ -199,7 +199,11 @@ def test_a_failure_while_answering_is_a_500_and_the_server_keeps_serving(bundle,
         server.server_close()
 
 
-def test_checkpoint_assistant_chat_hook_and_loopback_only(bundle, tmp_path):
+def test_checkpoint_assistant_chat_hook_and_loopback_only(bundle, tmp_path, capsys):
+    from mm.app.cli import main
+
+    assert main(["serve", "--checkpoint", str(bundle["final"]), "--host", "0.0.0.0"]) == 2
+    assert "mm serve: error: --host 0.0.0.0: mm serve binds 127.0.0.1 only" in capsys.readouterr().err
     asked = []
     assistant = CheckpointAssistant([bundle["final"]], chat=lambda k, p, q: asked.append((k, q)) or "red")
     assert assistant.respond("image", bundle["images"][0], "what colour is it?") == "red"
