@@ -37,12 +37,12 @@ LIMIT = 40_000  # bytes per request in these tests
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, corpus, stage_helpers):
-    """An image-pretrain final folder (nano LM, tiny encoder, 2 steps) and two of its training images."""
+    """An image-pretrain final folder (nano LM, tiny encoder, 1 step) and two of its training images."""
     h = stage_helpers
     root = tmp_path_factory.mktemp("serve")
     lm = h["nano_lm"](root, corpus)
     shapes = synth_shapes(root, n=4, seed=0, split="train")
-    overrides = [*h["image_overrides"](lm, shapes), "train.max_steps=2", "train.batch_size=2"]
+    overrides = [*h["image_overrides"](lm, shapes), "train.max_steps=1", "train.batch_size=2"]
     cfg = h["stage_config"]("image-pretrain", "configs/stages/image_pretrain_tiny.yaml", overrides)
     cfg.out = str(root / "image")
     run(cfg)
