@@ -153,7 +153,9 @@ def first_video_frame(path: Path) -> None:
 class CheckpointAssistant:
     """Answers uploads with stage final folders: image -> caption, video -> description, audio -> transcript.
     Each folder loads through the stage registry (its stage's `load_final`); at most one folder per kind. A
-    question goes to `chat(kind, path, question)` when given (a chat-capable model), else it is refused."""
+    question goes to `chat(kind, path, question)` when given (a chat-capable model), else it is refused; an
+    upload of a kind no folder answers but `chat_kinds` names goes to the chat with "describe the image." (or
+    "describe the video.")."""
 
     def __init__(
         self, dirs: Sequence[str | Path], chat: ChatFn | None = None, chat_kinds: Sequence[str] = ()
@@ -175,9 +177,9 @@ class CheckpointAssistant:
             kind = COMMAND_KIND.get(readers.get(stage or "", ""))
             if kind is None:
                 served = [s for s, c in readers.items() if c in COMMAND_KIND]
+                what = f"holds a {stage!r} checkpoint" if stage else "is not a stage final folder"
                 raise ValueError(
-                    f"--checkpoint {d} holds {'a ' + repr(stage) if stage else 'no'} stage final folder; "
-                    f"mm serve answers with the final folders of {', '.join(served)}"
+                    f"--checkpoint {d} {what}; mm serve answers with the final folders of {', '.join(served)}"
                 )
             if kind in self.folders:
                 raise ValueError(

@@ -210,7 +210,7 @@ def test_checkpoint_assistant_chat_hook_and_loopback_only(bundle, tmp_path, caps
     assert asked == [("image", "what colour is it?")]
     with pytest.raises(ValueError, match="binds 127.0.0.1 only"):
         make_server(assistant, host="0.0.0.0")
-    with pytest.raises(ValueError, match="holds no stage final folder"):
+    with pytest.raises(ValueError, match="is not a stage final folder"):
         CheckpointAssistant([tmp_path])
     server = serving(assistant)
     try:
