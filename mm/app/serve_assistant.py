@@ -154,8 +154,8 @@ class CheckpointAssistant:
     """Answers uploads with stage final folders: image -> caption, video -> description, audio -> transcript.
     Each folder loads through the stage registry (its stage's `load_final`); at most one folder per kind. A
     question goes to `chat(kind, path, question)` when given (a chat-capable model), else it is refused; an
-    upload of a kind no folder answers but `chat_kinds` names goes to the chat with "describe the image." (or
-    "describe the video.")."""
+    upload of a kind no folder answers but `chat_kinds` names goes to the chat with "describe the image.",
+    "describe the video." or "transcribe it."."""
 
     def __init__(
         self, dirs: Sequence[str | Path], chat: ChatFn | None = None, chat_kinds: Sequence[str] = ()
@@ -201,7 +201,9 @@ class CheckpointAssistant:
                     400,
                     f"this checkpoint {VERB[kind]}; questions need a chat (vision-sft) checkpoint",
                 )
-            default = "describe the video." if kind == "video" else "describe the image."
+            default = {"image": "describe the image.", "video": "describe the video."}.get(
+                kind, "transcribe it."
+            )
             with self.lock:
                 return self.chat(kind, path, question or default)
         with self.lock:

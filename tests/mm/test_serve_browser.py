@@ -207,7 +207,10 @@ def test_checkpoint_assistant_chat_hook_and_loopback_only(bundle, tmp_path, caps
     asked = []
     assistant = CheckpointAssistant([bundle["final"]], chat=lambda k, p, q: asked.append((k, q)) or "red")
     assert assistant.respond("image", bundle["images"][0], "what colour is it?") == "red"
-    assert asked == [("image", "what colour is it?")]
+    assert asked == [("image", "what colour is it?")] and assistant.kinds() == ["image"]
+    both = CheckpointAssistant([bundle["final"]], chat=lambda k, p, q: f"{k}: {q}", chat_kinds=["video"])
+    assert both.kinds() == ["image", "video"]
+    assert both.respond("video", bundle["images"][0], None) == "video: describe the video."
     with pytest.raises(ValueError, match="binds 127.0.0.1 only"):
         make_server(assistant, host="0.0.0.0")
     with pytest.raises(ValueError, match="is not a stage final folder"):
