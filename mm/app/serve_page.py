@@ -23,13 +23,14 @@ const form = document.getElementById("ask");
 const answer = document.getElementById("answer");
 const error = document.getElementById("error");
 const status = document.getElementById("status");
+const button = document.getElementById("submit");
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   answer.textContent = ""; error.textContent = "";
   if (!form.file.files.length) {
     error.textContent = "choose a file first"; document.body.dataset.state = "failed"; return;
   }
-  document.body.dataset.state = "working"; status.textContent = "working…";
+  document.body.dataset.state = "working"; status.textContent = "working…"; button.disabled = true;
   try {
     const reply = await fetch("/api/ask", {method: "POST", body: new FormData(form)});
     const text = await reply.text();
@@ -46,6 +47,8 @@ form.addEventListener("submit", async (event) => {
   } catch (e) {
     error.textContent = "no reply from the server: " + e; status.textContent = "";
     document.body.dataset.state = "failed";
+  } finally {
+    button.disabled = false;
   }
 });
 """
