@@ -25,7 +25,11 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Headless Chromium and its driver run the `mm serve` page test (tests/mm/test_serve_browser.py); installed when
+# missing (the test is skipped, saying so, where they cannot be).
 test: lint
+	@(command -v chromium && command -v chromedriver) >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver) \
+		|| echo "mm: could not install chromium; the browser test needs it: sudo apt-get install chromium chromium-driver" >&2
 	$(BIN)/pytest -q
 
 demo: venv

@@ -121,6 +121,42 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     ch.set_defaults(func=infer_commands.cmd_chat)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """`mm serve` (its module, which loads torch, is imported when the command runs)."""
+    sv = sub.add_parser(
+        "serve",
+        help="a local web page (127.0.0.1 only) that captions images, describes videos, transcribes audio",
+        description="Serve a page on 127.0.0.1 where an uploaded image is captioned (an image-stage folder), a "
+        "video described (a video-stage folder) and audio transcribed (a speech-stage folder). POST /api/ask "
+        "(multipart: file, optional question) answers JSON {answer} or {error}. Ctrl-C stops it.",
+    )
+    sv.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        metavar="DIR",
+        help="a stage final folder (runs/demo/image-anneal/final, runs/demo/video/final, runs/demo/speech/final); "
+        "repeat for several kinds, at most one per kind",
+    )
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    sv.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=None,
+        metavar="M",
+        help="largest request accepted, in MB (default 64); a larger one is refused (413) before it is read",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default) or localhost; nothing else")
+    sv.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """Run `mm.app.serve.cmd_serve`."""
+    from mm.app.serve import cmd_serve
+
+    return cmd_serve(args)
+
+
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     """`mm probe`."""
     pr = sub.add_parser(
@@ -279,7 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"mm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_training, _add_inference, _add_probe, _add_tools, _add_demo_and_bench):
+    for add in (
+        _add_generate,
+        _add_training,
+        _add_inference,
+        _add_serve,
+        _add_probe,
+        _add_tools,
+        _add_demo_and_bench,
+    ):
         add(sub)  # in this order in `mm --help`
     _add_plan(sub)
     _add_profile(sub)
