@@ -121,7 +121,9 @@ def chat_report_section(report: dict[str, Any]) -> list[str]:
         md.append("| **all** | " + " | ".join(_fmt(vqa[k].get("accuracy")) for k in cols) + " |")
         md.append("")
     for c in chat.get("conversations") or []:
-        md.append(f"Conversation about {', '.join(f'`{m}`' for m in c['media'])} (captions: {c.get('captions')}):")
+        md.append(
+            f"Conversation about {', '.join(f'`{m}`' for m in c['media'])} (captions: {c.get('captions')}):"
+        )
         md += [f"- user: {t['user']}  \n  assistant: **{t['assistant']}**" for t in c["turns"]]
         md.append("")
     return md

@@ -148,6 +148,20 @@ def _speech_config(cfg: Any, out: Path, data_dir: Path) -> None:
     cfg.data.heldout = [str(sp / "heldout_sentences.jsonl"), str(sp / "heldout_voices.jsonl")]
 
 
+def lm_sft_figures(run: StepRun) -> dict[str, Any]:
+    """The instruct LM's figures (`mm.app.demo_chat`)."""
+    from mm.app.demo_chat import lm_sft_figures as figures
+
+    return figures(run)
+
+
+def chat_figures(run: StepRun) -> dict[str, Any]:
+    """The chat model's figures (`mm.app.demo_chat`)."""
+    from mm.app.demo_chat import chat_figures as figures
+
+    return figures(run)
+
+
 def _lm_sft_config(cfg: Any, out: Path, data_dir: Path) -> None:
     ch, text = data_dir / "chat", data_dir / "text"
     cfg.init_from = str(_final(out, "lm-pretrain"))

@@ -239,13 +239,38 @@ def check_options(host: str, port: int, max_upload_bytes: int) -> None:
         raise ValueError(f"--max-upload-mb must be positive, got {max_upload_bytes / 2**20:g}")
 
 
+def chat_folders(dirs: list[str]) -> tuple[list[str], Any, tuple[str, ...]]:
+    """Split the --checkpoint folders: a chat (vision-sft) folder answers questions (and images and videos no
+    other folder captions); the others load as they are. Returns (other folders, chat hook, its kinds)."""
+    from mm.app.infer_commands import stage_of_checkpoint
+
+    chats = [d for d in dirs if stage_of_checkpoint(Path(d)) == "vision-sft"]
+    if len(chats) > 1:
+        raise ValueError(f"--checkpoint {chats[0]} and {chats[1]} are both chat folders; give one")
+    if not chats:
+        return list(dirs), None, ()
+    from mm.models.chat import Chat
+
+    session = Chat.load(Path(chats[0]))
+
+    def ask(kind: str, path: Path, question: str) -> str:
+        session.reset()  # each upload is a conversation of its own
+        if kind == "video":
+            return session.ask(question, video=path)
+        return session.ask(question, images=[path])
+
+    kinds = ("image", "video") if session.model.video_xattn is not None else ("image",)
+    return [d for d in dirs if d not in chats], ask, kinds
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the page and /api/ask for the given stage folders until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     limit_mb = DEFAULT_MAX_UPLOAD_MB if args.max_upload_mb is None else args.max_upload_mb
     limit = int(limit_mb * 2**20)
     check_options(args.host, args.port, limit)  # before the folders load
-    assistant = CheckpointAssistant(args.checkpoint)
+    dirs, chat, chat_kinds = chat_folders(args.checkpoint)
+    assistant = CheckpointAssistant(dirs, chat=chat, chat_kinds=chat_kinds)
     server = make_server(assistant, port=args.port, max_upload_bytes=limit, host=args.host)
     folders = ", ".join(f"{k} -> {d}" for k, d in assistant.folders.items())
     print(f"mm serve: {server.url} ({folders}); Ctrl-C stops it", file=sys.stderr, flush=True)

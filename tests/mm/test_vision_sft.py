@@ -234,3 +234,29 @@ def test_hot_swap_refuses_an_lm_of_another_shape_or_tokenizer(world, tmp_path):
     )
     with pytest.raises(ValueError, match="another tokenizer"):
         hot_swap(model, tok, tmp_path / "other_tok")
+
+
+def test_served_chat_folder_answers_questions_about_uploads(world, trained):
+    from mm.app.serve import chat_folders
+    from mm.app.serve_assistant import CheckpointAssistant
+
+    from .test_serve_browser import post, serving
+
+    final = str(trained["out"] / "final")
+    dirs, ask, kinds = chat_folders([final])
+    assert dirs == [] and kinds == ("image", "video")
+    server = serving(CheckpointAssistant(dirs, chat=ask, chat_kinds=kinds))
+    try:
+        img = sorted((world["shapes"].parent / "train").glob("*.png"))[0]
+        want = Chat.load(final).ask("how many shapes are there?", images=[img])
+        status, reply = post(
+            server, {"file": ("a.png", img.read_bytes()), "question": (None, b"how many shapes are there?")}
+        )
+        assert (status, reply) == (200, {"answer": want})
+        status, reply = post(server, {"file": ("a.png", img.read_bytes())})  # no question: a description
+        assert status == 200 and reply["answer"] == Chat.load(final).ask("describe the image.", images=[img])
+        status, reply = post(server, {"file": ("bad.png", b"\x89PNG broken")})
+        assert status == 400 and "bad.png" in reply["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
