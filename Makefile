@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint format clean
+.PHONY: venv test demo demo-chat lint format clean
 
 # espeak-ng speaks the shapes world for the speech stage (`mm data synth --kind speech`); installed when missing.
 venv: $(STAMP)
@@ -34,6 +34,11 @@ test: lint
 
 demo: venv
 	$(BIN)/mm demo --out runs/demo
+	@echo "The chat stages (instruct LM, questions about images and videos; about 10 more minutes on the cached stages):"
+	@echo "  $(BIN)/mm demo --modality chat --out runs/demo    (or: make demo-chat)"
+
+demo-chat: venv
+	$(BIN)/mm demo --modality chat --out runs/demo
 
 clean:
 	rm -rf $(VENV) runs

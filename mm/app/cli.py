@@ -257,7 +257,12 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
 def _add_demo_and_bench(sub: argparse._SubParsersAction) -> None:
     """`mm demo` and `mm bench`."""
     dm = sub.add_parser("demo", help="run the embedded end-to-end demo (no downloads)")
-    dm.add_argument("--modality", choices=["lm", "image", "video", "speech", "all"], default="all")
+    dm.add_argument(
+        "--modality",
+        choices=["lm", "image", "video", "speech", "chat", "all"],
+        default="all",
+        help="the sections to run (default all: lm, image, video, speech; chat runs on top of them on request)",
+    )
     dm.add_argument("--out", default="runs/demo")
     dm.set_defaults(func=tool_commands.cmd_demo)
     b = sub.add_parser("bench", help="benchmark training, generation, memory and MFU against transformers")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mm.app.demo_chat import chat_report_section
 from mm.app.report_figures import (
     STAGE_ORDER,
     caption_grid_figure,
@@ -40,7 +41,13 @@ __all__ = [
     "write_report",
 ]
 
-SECTIONS = ("lm", "image", "video", "speech")  # report.json's sections, in the order the demo runs them
+SECTIONS = (
+    "lm",
+    "image",
+    "video",
+    "speech",
+    "chat",
+)  # report.json's sections, in the order the demo runs them
 
 # (key in a caption_attribute_report / motion_report, column heading)
 IMAGE_ATTRIBUTE_COLUMNS = (
@@ -133,7 +140,7 @@ def curve_table(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
 def stage_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
     """(stage, seconds in this run, seconds when the stage was computed, reused) of every stage in the report.
 
-    Every section (`lm`, `image`, `video`, `speech`) lists its stages the same way, under `stages`.
+    Every section (`lm`, `image`, `video`, `speech`, `chat`) lists its stages the same way, under `stages`.
     """
     rows = []
     for part in SECTIONS:
@@ -308,6 +315,7 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
         *_image_sections(out, report),
         *_video_sections(out, report),
         *_speech_section(report),
+        *chat_report_section(report),
         *_lm_completions_section(report),
     ]
     path = out / "report.md"

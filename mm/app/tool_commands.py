@@ -141,6 +141,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"{sp['wer_heldout_voices']:.3f} (held-out voices)",
             f"LM frozen: {sp['lm_frozen']} ({sp['lm_frozen_detail']})",
         )
+    if "chat" in report:
+        ch = report["chat"]
+        lm = ch.get("instruct_lm") or {}
+        swap = {k: v.get("exact_match") for k, v in (ch.get("hot_swap") or {}).items()}
+        _print_section(
+            ch["stages"],
+            f"instruct LM: perplexity ratio {lm.get('ppl_ratio')} (plain corpus, against the pretrained LM); "
+            f"text questions {lm.get('text_qa_accuracy')}\n"
+            f"questions about new images and clips: {ch.get('vqa_accuracy')} (canonical phrasings), "
+            f"{ch.get('vqa_heldout_phrasings_accuracy')} (held-out phrasings); hot swap (captions): {swap}",
+            f"instruct LM frozen: {ch.get('lm_frozen')} ({ch.get('lm_frozen_detail')})",
+        )
+    elif args.modality == "all":
+        print(
+            f"chat stages (instruct LM, questions about images and videos): mm demo --modality chat --out {args.out}"
+        )
     print(f"report: {Path(args.out) / 'report.json'}")
     return 0
 
