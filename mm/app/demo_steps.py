@@ -167,8 +167,8 @@ def _lm_sft_config(cfg: Any, out: Path, data_dir: Path) -> None:
     cfg.init_from = str(_final(out, "lm-pretrain"))
     cfg.data.train = [str(ch / "text_train.jsonl")]
     cfg.data.text = [str(text / "train.txt")]
-    cfg.data.heldout_text = str(text / "heldout.txt")
-    cfg.data.heldout_chat = str(ch / "text_heldout.jsonl")
+    cfg.data.heldout_text = [str(text / "heldout.txt")]
+    cfg.data.heldout_chat = [str(ch / "text_heldout.jsonl")]
 
 
 def _vision_sft_config(cfg: Any, out: Path, data_dir: Path) -> None:

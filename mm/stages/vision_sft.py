@@ -35,7 +35,14 @@ from mm.models.chat import chat_decoders
 from mm.models.multimodal import PARTS, MediaInput, MultimodalLM
 from mm.stages.chat_eval import evaluate_chat
 from mm.stages.evaluation import score
-from mm.stages.vision_sft_model import IMAGE_KEYS, SFT_STAGES, hot_swap, load_source, load_vision_sft_bundle
+from mm.stages.vision_sft_model import (
+    IMAGE_KEYS,
+    SFT_STAGES,
+    hot_swap,
+    load_source,
+    load_vision_sft_bundle,
+    shapes_model,
+)
 from mm.training.config import StageConfig
 from mm.training.parallelize import ParallelPlan
 from mm.training.services import autocast_context
@@ -117,6 +124,10 @@ class VisionSFTStage(Stage[VisionSFTConfig]):
         the image-index embedding."""
         cfg = self.cfg
         self.init, self.lm_path = Path(cfg.init_from).resolve(), Path(cfg.lm).resolve()
+        if self.ctx.shapes_only:  # `mm plan`: no weights, tokenizer or data
+            self.model = shapes_model(self.init, cfg.lm, cfg.image_slots)
+            self.model.set_trainable(self.parts(self.model))
+            return self.model
         model, self.tok, self.transform, self.source_meta = load_source(self.init)
         self.model = model
         swap_file = Path(cfg.out) / "hot_swap.json"
@@ -130,9 +141,13 @@ class VisionSFTStage(Stage[VisionSFTConfig]):
         else:
             self.hot_swap_figures = read_json(swap_file) if swap_file.is_file() else {}
         model.add_image_index(cfg.image_slots)
-        model.set_trainable(tuple(p for p in cfg.trainable if getattr(model, p, None) is not None))
+        model.set_trainable(self.parts(model))
         self.model = model.to(device)
         return self.model
+
+    def parts(self, model: MultimodalLM) -> tuple[str, ...]:
+        """The configured trainable parts the model has (an image-stage source has no video path)."""
+        return tuple(p for p in self.cfg.trainable if getattr(model, p, None) is not None)
 
     def captioning(self) -> dict[str, Any]:
         """Captions of the first `caption_samples` images of `caption_heldout` with the bundle's caption prompt."""

@@ -37,20 +37,50 @@ IMAGE_KEYS = ("image_encoder", "xattn", "caption_head", "tile_size", "max_tiles"
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "rope_theta")
 
 
-def load_source(path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
-    """The image or video model of a final folder trained against the pretrained LM (fingerprints checked); a
-    video folder's config gains the image path's keys from the image bundle it names."""
+def source_config(path: Path) -> dict[str, Any]:
+    """The config of an image or video stage's final folder; a video folder's gains the image path's keys
+    from the image bundle it names."""
     stage = read_config(path).get("stage")
     if stage in VIDEO_STAGES:
-        model, tok, transform, meta = load_video_bundle(path)
+        meta = read_stage_config(path, VIDEO_STAGES)
         image = read_stage_config(resolve_image_bundle(path, meta), IMAGE_STAGES)
-        return model, tok, transform, {**{k: image[k] for k in IMAGE_KEYS if k in image}, **meta}
+        return {**{k: image[k] for k in IMAGE_KEYS if k in image}, **meta}
     if stage in IMAGE_STAGES:
-        return load_image_bundle(path)
+        return read_stage_config(path, IMAGE_STAGES)
     raise ValueError(
         f"init_from={path} holds a {stage!r} stage; vision-sft starts from an image or video stage's final "
         f"folder ({', '.join(IMAGE_STAGES + VIDEO_STAGES)})"
     )
+
+
+def load_source(path: Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:
+    """The image or video model of a final folder trained against the pretrained LM (fingerprints checked),
+    with its `source_config`."""
+    meta = source_config(path)
+    if meta.get("video"):
+        model, tok, transform, _ = load_video_bundle(path)
+    else:
+        model, tok, transform, _ = load_image_bundle(path)
+    return model, tok, transform, meta
+
+
+def shapes_model(init_from: Path, lm: str, image_slots: int) -> MultimodalLM:
+    """The chat model's shapes on the meta device (`mm plan`): no weight file or tokenizer is read."""
+    from types import SimpleNamespace
+
+    from mm.lm import Transformer
+    from mm.training.stage import lm_shape
+
+    meta = source_config(init_from)
+    with torch.device("meta"):
+        lm_cfg = lm_shape(lm)
+        ids = SimpleNamespace(image_id=lm_cfg.vocab_size, video_id=lm_cfg.vocab_size)
+        model = image_model_from_meta(meta, Transformer(lm_cfg), ids)
+        video = meta.get("video")
+        if video:
+            model = attach_video(model, ids, AggregatorConfig(**video["aggregator"]), video["xattn_layers"])
+        model.add_image_index(image_slots)
+    return model
 
 
 def hot_swap(model: MultimodalLM, tok: Tokenizer, lm_path: Path) -> None:

@@ -96,6 +96,7 @@ def build_stage_configs(
         "eval_samples=0",
         "curve_samples=0",
     ]
+    chat = chat_manifest(root, shapes)
     return {
         "lm-pretrain": lm_pretrain_config(corpus, common),
         "clip-pretrain": stage_config(
@@ -120,7 +121,32 @@ def build_stage_configs(
             "configs/stages/speech_tiny.yaml",
             [f"lm={lm}", f"data.train=[{speech}]", "eval_samples=0", *SPEECH_ENCODER, *common],
         ),
+        # the image bundle's adapters on the same LM (a fine-tuned LM of the same shape in real use)
+        "vision-sft": stage_config(
+            "vision-sft",
+            "configs/stages/vision_sft_tiny.yaml",
+            [init, f"lm={lm}", f"data.train=[{chat}]", "eval_samples=0", "curve_samples=0", *common],
+        ),
     }
+
+
+def chat_manifest(root: Path, shapes: Path) -> Path:
+    """Chat conversations about the `shapes` images: one image described, or two images compared."""
+    import json
+
+    recs = [json.loads(x) for x in shapes.read_text().splitlines()]
+    rows = []
+    for k, (a, b) in enumerate(zip(recs, recs[1:] + recs[:1])):
+        pair = [
+            {"type": "image", "path": str(shapes.parent / r["image"])} for r in ((a, b) if k % 2 else (a,))
+        ]
+        question = "which image has more shapes?" if k % 2 else "describe the image."
+        answer = ("the first" if len(a["text"]) > len(b["text"]) else "the second") if k % 2 else a["text"]
+        user = {"role": "user", "content": [*pair, question]}
+        rows.append({"messages": [user, {"role": "assistant", "content": answer}]})
+    path = root / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(scope="session")

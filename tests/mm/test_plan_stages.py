@@ -21,7 +21,7 @@ COMMON = [
     "train.seed=3",
     "train.num_threads=1",
 ]
-STAGES = list(REGISTRY)  # the 7 stages of mm/stages
+STAGES = list(REGISTRY)  # every stage of mm/stages
 
 
 @pytest.fixture(scope="module")

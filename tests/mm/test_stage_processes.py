@@ -1,7 +1,7 @@
 """Every stage under torchrun (2 processes, gloo): the losses equal one process at the same global batch, each
 process reads only its share of the data, and the 2-process checkpoint resumes in one process.
 
-One torchrun group runs all seven stages one after another (`stage_worker.py`); the one-process references
+One torchrun group runs all eight stages one after another (`stage_worker.py`); the one-process references
 and the resumed runs run in this process.
 """
 
@@ -40,7 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, corpus, stage_configs):
-    """Tiny data of every modality, a nano LM, an image bundle, and the seven stage configs."""
+    """Tiny data of every modality, a nano LM, an image bundle, and every stage config."""
     root = tmp_path_factory.mktemp("stages")
     cfgs = stage_configs(root, corpus, COMMON)
     listing = []
@@ -69,6 +69,7 @@ STAGES = [
     "image-anneal",
     "video",
     "speech",
+    "vision-sft",
 ]
 
 
