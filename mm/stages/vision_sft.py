@@ -211,24 +211,51 @@ class VisionSFTStage(Stage[VisionSFTConfig]):
         return self.stream.next(rows)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over the assistant's tokens; each modality encoded for its rows only."""
+        """Summed cross-entropy over the assistant's tokens; each modality encoded for its rows only. A
+        modality with no row in the batch runs on one blank input that no token sees (`idle`), so every
+        process runs every part in every step (FSDP2's collectives) and the optimizer sees the same
+        parameters with gradients whatever the batch holds."""
         model, media = self.model, {}
+        tokens = batch["tokens"]
         if "image_rows" in batch:
             ctx = model.encode_media(
                 batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
             )
             media["image"] = MediaInput(ctx, batch["cross_attention_mask"], rows=batch["image_rows"])
+        else:
+            media["image"] = self.idle("image", tokens)
         if "video_rows" in batch:
             ctx = model.encode_video(
                 batch["video_frames"], batch["video_aspect_ratio_ids"], batch["video_aspect_ratio_mask"]
             )
             media["video"] = MediaInput(ctx, batch["video_cross_attention_mask"], rows=batch["video_rows"])
-        logits = model(batch["tokens"], media)
+        elif model.video_xattn is not None:
+            media["video"] = self.idle("video", tokens)
+        logits = model(tokens, media)
         labels = batch["labels"]
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
         )
         return loss, (labels != -100).sum()
+
+    def idle(self, kind: str, tokens: torch.Tensor) -> MediaInput:
+        """One blank image (or clip of one effective frame) for row 0, seen by no token."""
+        m, model = self.source_meta, self.model
+        n = 1 if kind == "image" else self.merge
+        S, T = m["tile_size"], m["max_tiles"]
+        pixels = torch.zeros(1, n, T, 3, S, S, device=tokens.device)
+        ids = torch.ones(1, n, dtype=torch.long, device=tokens.device)
+        tiles = torch.zeros(1, n, T, dtype=torch.long, device=tokens.device)
+        tiles[..., 0] = 1
+        ctx = (
+            model.encode_media(pixels, ids, tiles)
+            if kind == "image"
+            else model.encode_video(pixels, ids, tiles)
+        )
+        mask = torch.zeros(
+            *tokens.shape, 1, T if kind == "image" else 1, dtype=torch.long, device=tokens.device
+        )
+        return MediaInput(ctx, mask, rows=torch.zeros(1, dtype=torch.long, device=tokens.device))
 
     def answer(self, manifests: list[str], limit: int) -> dict[str, Any]:
         """Question answering on held-out manifests (accuracy per family)."""
