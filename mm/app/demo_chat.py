@@ -32,7 +32,8 @@ def lm_sft_figures(run: StepRun) -> dict[str, Any]:
 
 
 def example_conversations(final: Path, data_dir: Path) -> list[dict[str, Any]]:
-    """Three conversations with the chat model: one image over three turns, two images, one video."""
+    """Four conversations with the chat model: one image over three turns, two images, one video, and a scene
+    described in text (no media: the instruct LM alone)."""
     from mm.models.chat import Chat
 
     chat = Chat.load(final)
@@ -45,10 +46,13 @@ def example_conversations(final: Path, data_dir: Path) -> list[dict[str, Any]]:
     plans.append((two, ["describe the image."]))
     clip = next(r for r in rows if r.get("media") == "video" and r.get("family") == "motion")
     plans.append((clip, ["describe the video."]))
+    text = json.loads((data_dir / "chat" / "text_heldout.jsonl").read_text().splitlines()[0])
+    plans.append((text, []))
     out = []
     for row, follow_ups in plans:
         chat.reset()
         items = row["messages"][0]["content"]
+        items = [{"type": "text", "text": items}] if isinstance(items, str) else items
         images = [base / x["path"] for x in items if x.get("type") == "image"]
         video = next((base / x["path"] for x in items if x.get("type") == "video"), None)
         question = next(x["text"] for x in items if x.get("type") == "text")
@@ -124,6 +128,9 @@ def chat_report_section(report: dict[str, Any]) -> list[str]:
         md.append(
             f"Conversation about {', '.join(f'`{m}`' for m in c['media'])} (captions: {c.get('captions')}):"
         )
-        md += [f"- user: {t['user']}  \n  assistant: **{t['assistant']}**" for t in c["turns"]]
+        md += [
+            f"- user: {' / '.join(t['user'].splitlines())}  \n  assistant: **{t['assistant']}**"
+            for t in c["turns"]
+        ]
         md.append("")
     return md
