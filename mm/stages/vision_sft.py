@@ -169,12 +169,13 @@ class VisionSFTStage(Stage[VisionSFTConfig]):
 
     def parallel_plan(self) -> ParallelPlan:
         """Checkpoint and compile the LM layers and cross-attention blocks; FSDP2 per encoder, cross-attention
-        block and LM layer; the caption head of the image stage (unused here) stays replicated."""
+        block and LM layer, the image index with the root (its `encode_media` gathers it); the caption head of
+        the image stage (frozen, unused here) stays replicated."""
         m = self.model
         xattn = [*m.image_xattn.values(), *(m.video_xattn.values() if m.video_xattn is not None else [])]
         units = [x for x in (m.image_encoder, m.video_aggregator) if x is not None]
         extra: dict[str, list[nn.Module]] = {"media_kv": xattn, "encode_media": [m], "encode_video": [m]}
-        keep = [x for x in (m.image_aux, m.image_index) if x is not None]
+        keep = [m.image_aux] if m.image_aux is not None else []
         return ParallelPlan(
             m,
             blocks=[*m.lm.layers, *xattn],
