@@ -16,7 +16,20 @@ from typing import Any
 
 from mm.app.demo_steps import StepRun
 
-FAMILIES = ("colour", "shape", "size", "count", "exists", "left", "motion", "more", "describe")
+FAMILIES = (
+    "colour",
+    "shape",
+    "size",
+    "count",
+    "exists",
+    "left",
+    "more",
+    "describe",
+    "motion",
+    "colour (video)",
+    "shape (video)",
+    "describe (video)",
+)
 SPLITS = {
     "heldout": "canonical phrasings",
     "heldout_phrasings": "held-out phrasings",

@@ -46,16 +46,24 @@ def family_report(
     }
 
 
+def family_key(meta: Mapping[str, Any]) -> str:
+    """The family a conversation is reported under: its `family`, marked `(video)` for a question about a
+    clip that is also asked about images (colour, shape, describe)."""
+    family = str(meta.get("family", "all"))
+    return f"{family} (video)" if meta.get("media") == "video" and family != "motion" else family
+
+
 def conversations(
     manifest: str | Path, tok: Tokenizer, decoders: Mapping[str, MediaDecoder], limit: int
 ) -> tuple[list[dict[str, Any]], list[str], list[str], list[str], dict[str, int]]:
-    """The first `limit` usable conversations of a manifest as prompts, with their reference answers, families
-    and questions, and the skips by reason."""
+    """`limit` conversations of a manifest (all with 0; else spread evenly over the file) as prompts, with
+    their reference answers, families and questions, and the skips by reason."""
     samples, refs, families, questions = [], [], [], []
     skipped: dict[str, int] = defaultdict(int)
-    for rec in read_chat_manifest(manifest):
-        if limit and len(samples) >= limit:
-            break
+    records = read_chat_manifest(manifest)
+    if limit and limit < len(records):  # spread over the file (held-out files are written family by family)
+        records = [records[i * len(records) // limit] for i in range(limit)]
+    for rec in records:
         last = max(i for i, m in enumerate(rec.messages) if m["role"] == "assistant")
         try:
             samples.append(prompt_sample(tok, rec.messages[:last], decoders))
@@ -64,7 +72,7 @@ def conversations(
             log.warning("%s: skipped in evaluation: %s", rec.source, e)
             continue
         refs.append("".join(x["text"] for x in rec.messages[last]["content"]))
-        families.append(str(rec.meta.get("family", "all")))
+        families.append(family_key(rec.meta))
         user = rec.messages[last - 1]["content"] if last else []
         questions.append(" ".join(x["text"] for x in user if x["type"] == "text"))
     return samples, refs, families, questions, dict(skipped)
@@ -81,7 +89,8 @@ def evaluate_chat(
     max_tiles: int = 4,
     max_new_tokens: int = 24,
 ) -> dict[str, Any]:
-    """Answer the first `limit` conversations of each held-out chat manifest; accuracy per family."""
+    """Answer `limit` conversations (spread over the file; 0 = all) of each held-out chat manifest; accuracy
+    per family."""
     res = {}
     for m in manifests:
         samples, refs, families, questions, skipped = conversations(m, tok, decoders, limit)
