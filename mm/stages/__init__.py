@@ -1,3 +1,3 @@
 """The training stages, one small file each; importing this package registers them with the runner."""
 
-from mm.stages import bestrq_pretrain, clip_pretrain, image, lm_pretrain, speech, video  # noqa: F401
+from mm.stages import bestrq_pretrain, clip_pretrain, image, lm_pretrain, lm_sft, speech, video  # noqa: F401
