@@ -65,6 +65,7 @@ class LMSFTConfig(StageConfig):
     init_from: str = ""  # HF Llama directory of the pretrained LM (its tokenizer.json is the tokenizer)
     data: LMSFTDataConfig = field(default_factory=LMSFTDataConfig)
     eval_samples: int = 200  # held-out dialogues answered per `heldout_chat` manifest (0 = none)
+    curve_samples: int = 0  # held-out dialogues answered every train.eval_every steps (learning curve)
     max_new_tokens: int = 16  # longest greedy answer
     out: str = "runs/lm-sft"
 
@@ -120,11 +121,8 @@ class LMSFTStage(LMPretrainStage):
                     f"{self.model.cfg.vocab_size}"
                 )
         self.lm_cfg = self.model.cfg
-        self.heldout = (
-            [TextSource(list(cfg.data.heldout_text), doc_split=cfg.data.doc_split)]
-            if (cfg.data.heldout_text)
-            else []
-        )
+        texts = list(cfg.data.heldout_text)
+        self.heldout = [TextSource(texts, doc_split=cfg.data.doc_split)] if texts else []
         self.pretrained_eval: dict[str, float] = {}
         return self.model
 
@@ -183,6 +181,22 @@ class LMSFTStage(LMPretrainStage):
         """Rows read per kind and the conversations skipped (this process's share)."""
         return self.stream.stats() if self.stream is not None else {}
 
+    def evaluate(self) -> dict[str, float]:
+        """Held-out perplexity (lm-pretrain's), and the text-QA accuracy on the first `curve_samples` dialogues
+        of the first `data.heldout_chat` manifest."""
+        out = super().evaluate()
+        cfg = self.cfg
+        if cfg.curve_samples and cfg.data.heldout_chat:
+            qa = answer_questions(
+                self.model,
+                self.tokenizer,
+                cfg.data.heldout_chat[0],
+                limit=cfg.curve_samples,
+                max_new_tokens=cfg.max_new_tokens,
+            )
+            out["text_qa_accuracy"] = qa["exact_match"]
+        return out
+
     def _heldout_batches(self, seq_len: int, batch_size: int) -> Any:
         """One pass over the held-out plain documents, packed as in pretraining."""
         return heldout_batches(self.heldout, self.tokenizer, seq_len, batch_size)
@@ -205,7 +219,6 @@ class LMSFTStage(LMPretrainStage):
             first = next(iter(out["eval"].values()))
             out["text_qa_accuracy"] = first["exact_match"]
         out["params"] = self.lm_cfg.num_params()
-        out["data_stats"] = self.data_stats()
         return out
 
     def bundle_meta(self) -> dict[str, Any]:
