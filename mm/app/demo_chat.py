@@ -40,8 +40,17 @@ SPLITS = {
 def lm_sft_figures(run: StepRun) -> dict[str, Any]:
     """The instruct LM: plain-corpus perplexity beside the pretrained LM's, text question answering."""
     s = run.summary
-    keys = ("ppl_pretrained", "ppl_instruct", "ppl_ratio", "text_qa_accuracy", "text_qa_by_family")
-    return {"instruct_lm": {**{k: s.get(k) for k in keys}, "examples": s.get("text_qa_examples", [])[:6]}}
+    qa = next(iter((s.get("eval") or {}).values()), {})
+    return {
+        "instruct_lm": {
+            "ppl_pretrained": s.get("pretrained_heldout_ppl"),
+            "ppl_instruct": s.get("heldout_ppl"),
+            "ppl_ratio": s.get("ppl_ratio"),
+            "text_qa_accuracy": s.get("text_qa_accuracy"),
+            "text_qa_by_family": qa.get("per_family"),
+            "examples": (qa.get("examples") or [])[:6],
+        }
+    }
 
 
 def example_conversations(final: Path, data_dir: Path) -> list[dict[str, Any]]:
