@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,22 @@ def image_overrides(lm: Path, shapes: Path) -> list[str]:
     return [f"lm={lm}", f"data.train=[{shapes}]", "eval_samples=0", "curve_samples=0", *IMAGE_ENCODER]
 
 
+def text_dialogues(root: Path, n: int = 16) -> Path:
+    """`n` one-turn text dialogues about one-object scenes (chat JSONL), for the lm-sft stage."""
+    colours, shapes = ("red", "green", "blue"), ("circle", "square", "triangle")
+    lines = []
+    for i in range(n):
+        colour, shape = colours[i % 3], shapes[(i // 3) % 3]
+        messages = [
+            {"role": "user", "content": f"a small {colour} {shape}.\nwhat colour is the {shape}?"},
+            {"role": "assistant", "content": colour},
+        ]
+        lines.append(json.dumps({"messages": messages, "family": "colour"}))
+    path = root / "text_dialogues.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def build_stage_configs(
     root: Path, corpus: dict[str, Path], common: list[str], n: int = 16
 ) -> dict[str, Any]:
@@ -116,6 +133,17 @@ def build_stage_configs(
             "image-anneal", "configs/stages/image_anneal_tiny.yaml", [*image, init, *common]
         ),
         "video": stage_config("video", "configs/stages/video_tiny.yaml", [*video, *common]),
+        "lm-sft": stage_config(
+            "lm-sft",
+            "configs/lm/sft_tiny.yaml",
+            [
+                f"init_from={lm}",
+                f"data.train=[{text_dialogues(root)}]",
+                f"data.text=[{corpus['train']}]",
+                "eval_samples=0",
+                *common,
+            ],
+        ),
         "speech": stage_config(
             "speech",
             "configs/stages/speech_tiny.yaml",
