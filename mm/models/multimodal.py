@@ -138,10 +138,15 @@ class MultimodalLM(nn.Module):
         return torch.where(extra[..., None], self.extra_tok_embeddings((tokens - V).clamp(min=0)), h)
 
     def set_trainable(self, trainable: tuple[str, ...]) -> None:
-        """Name the parts that train (the LM never does); the trainer sets `requires_grad` from
-        `trainable_named_parameters`."""
-        if "lm" in trainable:
+        """Name the parts that train (the LM never does), or a module inside one (`image_encoder.project`: the
+        encoder's projection only); the trainer sets `requires_grad` from `trainable_named_parameters`."""
+        if any(t.split(".")[0] == "lm" for t in trainable):
             raise ValueError("the LM is never trainable in a multimodal stage (remove 'lm' from trainable)")
+        unknown = sorted(t for t in trainable if t.split(".")[0] not in PARTS)
+        if unknown:
+            raise ValueError(
+                f"unknown trainable parts {unknown}; allowed: {list(PARTS[1:])} or modules inside them"
+            )
         self.trainable = tuple(trainable)
         self.lm.eval()
 
@@ -157,7 +162,11 @@ class MultimodalLM(nn.Module):
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of the trainable parts only."""
-        return [(n, p) for n, p in self.named_parameters() if n.split(".")[0] in self.trainable]
+        return [
+            (n, p)
+            for n, p in self.named_parameters()
+            if any(n == t or n.startswith(f"{t}.") for t in self.trainable)
+        ]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Every non-LM tensor (what an adapter checkpoint holds)."""

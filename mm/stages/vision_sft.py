@@ -109,9 +109,12 @@ class VisionSFTStage(Stage[VisionSFTConfig]):
         cfg = self.cfg
         self.require("init_from", "an image or video stage's final folder (e.g. runs/demo/video/final)")
         self.require("lm", "the instruct LM directory (e.g. runs/demo/lm-sft/final)")
-        bad = sorted(set(cfg.trainable) - set(PARTS[1:]))
-        if bad or "lm" in cfg.trainable or not cfg.trainable:
-            raise ValueError(f"trainable={cfg.trainable}: allowed parts are {list(PARTS[1:])} (never the LM)")
+        bad = sorted(t for t in cfg.trainable if t.split(".")[0] not in PARTS[1:])
+        if bad or not cfg.trainable:
+            raise ValueError(
+                f"trainable={cfg.trainable}: allowed parts are {list(PARTS[1:])} or modules inside them, e.g. "
+                "image_encoder.project (never the LM)"
+            )
         if cfg.image_slots < 1:
             raise ValueError(f"image_slots={cfg.image_slots} must be >= 1")
 
@@ -147,7 +150,7 @@ class VisionSFTStage(Stage[VisionSFTConfig]):
 
     def parts(self, model: MultimodalLM) -> tuple[str, ...]:
         """The configured trainable parts the model has (an image-stage source has no video path)."""
-        return tuple(p for p in self.cfg.trainable if getattr(model, p, None) is not None)
+        return tuple(p for p in self.cfg.trainable if getattr(model, p.split(".")[0], None) is not None)
 
     def captioning(self) -> dict[str, Any]:
         """Captions of the first `caption_samples` images of `caption_heldout` with the bundle's caption prompt."""

@@ -264,3 +264,15 @@ def test_media_of_some_rows_equal_the_rows_alone():
     torch.testing.assert_close(out[[0, 2]], m.lm(tokens[[0, 2]]))  # rows without an image: the bare LM
     with pytest.raises(ValueError, match="needs its mask over every row"):
         m(tokens, {"image": MediaInput(ctx, rows=torch.tensor([1]))})
+
+
+def test_a_module_inside_a_part_can_train_alone():
+    m = build()
+    m.set_trainable(("image_encoder.proj", "image_xattn"))
+    names = [n for n, _ in m.trainable_named_parameters()]
+    assert "image_encoder.proj.weight" in names and any(n.startswith("image_xattn.") for n in names)
+    assert not any(n.startswith(("lm.", "image_encoder.projx")) for n in names)
+    with pytest.raises(ValueError, match="never trainable"):
+        m.set_trainable(("lm.layers",))
+    with pytest.raises(ValueError, match=r"unknown trainable parts \['imagery.x'\]"):
+        m.set_trainable(("imagery.x",))
