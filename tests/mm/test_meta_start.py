@@ -41,6 +41,7 @@ STAGES = [
     "image-anneal",
     "video",
     "speech",
+    "lm-sft",
 ]
 
 

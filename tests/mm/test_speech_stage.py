@@ -223,7 +223,9 @@ def test_transcribe_cli_one_line_per_file_and_matches_the_bundle(world, trained,
     )
     r = mm("transcribe", "--checkpoint", final, clips[0], world["root"] / "speech" / "bad.wav")
     assert r.returncode == 2 and r.stdout == "" and "bad.wav" in r.stderr
-    r = mm("chat", "--checkpoint", final, "--audio", clips[1])  # a speech checkpoint answers with the transcript
+    r = mm(
+        "chat", "--checkpoint", final, "--audio", clips[1]
+    )  # a speech checkpoint answers with the transcript
     assert r.returncode == 0 and r.stdout.splitlines() == [lines[1]], r.stderr[-2000:]
     r = mm("chat", "--checkpoint", final, "what colour is the circle?")
     assert r.returncode == 2 and "give --audio FILE" in r.stderr

@@ -70,6 +70,7 @@ STAGES = [
     "video",
     "speech",
     "vision-sft",
+    "lm-sft",
 ]
 
 
@@ -87,7 +88,9 @@ def test_two_processes_equal_one_read_their_share_and_resume_in_one(jobs, name):
     summary = json.loads((two / "summary.json").read_text())
     per_process = summary["data_per_process"]
     assert len(per_process) == 2
-    if name != "lm-pretrain":  # each process decoded only its half of every global batch
+    if name == "lm-sft":  # each process read only its half of the rows: conversations and plain documents
+        assert [p["chat_rows"] + p["text_rows"] for p in per_process] == [STEPS * BATCH // 2] * 2
+    elif name != "lm-pretrain":  # each process decoded only its half of every global batch
         assert [p["tried"] for p in per_process] == [STEPS * BATCH // 2] * 2
     # the 2-process checkpoint resumes in one process: one more step, the first ones kept
     cfg.out = str(two)
@@ -135,6 +138,8 @@ def test_eval_every_evaluates_every_stage_during_training(jobs, name):
     data = cfg.data
     if name == "lm-pretrain":
         cfg.heldout = copy.deepcopy(cfg.data)
+    elif name == "lm-sft":  # held-out dialogues (answered) and plain documents (perplexity)
+        data.heldout_chat, data.heldout_text = list(data.train), list(data.text)
     else:
         data.heldout = list(data.train)
     for key in ("eval_samples", "curve_samples"):
