@@ -121,6 +121,8 @@ def test_installed_wheel_ships_rooms_and_presets(tmp_path):
         "video": ["stages/video_tiny.yaml", "VideoStageConfig"],
         "bestrq-pretrain": ["encoders/bestrq_tiny.yaml", "BestRQPretrainConfig"],
         "speech": ["stages/speech_tiny.yaml", "SpeechStageConfig"],
+        "lm-sft": ["lm/sft_tiny.yaml", "LMSFTConfig"],
+        "vision-sft": ["stages/vision_sft_tiny.yaml", "VisionSFTConfig"],
     }
     assert found["lm_max_steps"] == 1500  # the preset's value, read from the installed copy
     helped = subprocess.run(

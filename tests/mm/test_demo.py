@@ -76,13 +76,16 @@ def fake_runs(monkeypatch):
 
 
 def test_modalities_run_their_section_and_what_it_needs():
-    names = {m: [s.name for s in selected_steps(m)] for m in ("lm", "image", "video", "speech", "all")}
+    names = {
+        m: [s.name for s in selected_steps(m)] for m in ("lm", "image", "video", "speech", "chat", "all")
+    }
     assert names["lm"] == ["lm-pretrain"]
     assert names["image"] == ["lm-pretrain", "clip-pretrain", "image-pretrain", "image-anneal"]
     assert names["video"] == names["image"] + ["video"]  # video starts from image-anneal
     assert names["speech"] == ["lm-pretrain", "bestrq-pretrain", "speech"]
-    assert names["all"] == names["video"] + ["bestrq-pretrain", "speech"]
-    with pytest.raises(ValueError, match="available: lm, image, video, speech, all"):
+    assert names["all"] == names["video"] + ["bestrq-pretrain", "speech"]  # not the chat stages
+    assert names["chat"] == names["video"] + ["lm-sft", "vision-sft"]  # on top of the video bundle
+    with pytest.raises(ValueError, match="available: lm, image, video, speech, chat, all"):
         selected_steps("audio")
 
 
@@ -99,10 +102,15 @@ def test_steps_read_the_packaged_presets(tmp_path):
         "stages/video_tiny.yaml",
         "encoders/bestrq_tiny.yaml",
         "stages/speech_tiny.yaml",
+        "lm/sft_tiny.yaml",
+        "stages/vision_sft_tiny.yaml",
     ]
     assert load_preset(LMPretrainConfig, "lm/tiny.yaml").train.max_steps == 1500
     by_name = {s.name: s.config(tmp_path, tmp_path / "data") for s in STEPS}
     assert by_name["image-anneal"].init_from == str(tmp_path / "image-pretrain" / "final")
+    assert by_name["vision-sft"].init_from == str(tmp_path / "video" / "final")
+    assert by_name["vision-sft"].lm == str(tmp_path / "lm-sft" / "final")
+    assert by_name["lm-sft"].init_from == str(tmp_path / "lm-pretrain" / "final")
     assert by_name["image-anneal"].encoder_weights is None
     assert by_name["image-pretrain"].encoder_weights == str(
         tmp_path / "clip-pretrain/final/encoder.safetensors"
