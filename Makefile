@@ -34,7 +34,7 @@ test: lint
 
 demo: venv
 	$(BIN)/mm demo --out runs/demo
-	@echo "The chat stages (instruct LM, questions about images and videos; about 10 more minutes on the cached stages):"
+	@echo "The chat stages (instruct LM, questions about images and videos; about 9 more minutes on the cached stages (measured on AMD EPYC)):"
 	@echo "  $(BIN)/mm demo --modality chat --out runs/demo    (or: make demo-chat)"
 
 demo-chat: venv
