@@ -27,6 +27,10 @@ from mm.lm import Tokenizer, generate
 from mm.models.media import MediaInput
 from mm.models.multimodal import MultimodalLM
 
+# The collated tensors each modality's encoder takes, in order.
+IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+VIDEO_INPUTS = ("video_frames", "video_aspect_ratio_ids", "video_aspect_ratio_mask")
+
 __all__ = ["Chat", "answer_conversations", "chat_decoders", "normalize_answer", "prompt_sample"]
 
 
@@ -96,23 +100,15 @@ def answer_conversations(
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
             chunk = [samples[i] for i in rows]
+            tokens = collator.text([s["ids"] for s in chunk], None)["tokens"]
             media = {}
-            if n_images:
-                b = collator.images(collator.text([s["ids"] for s in chunk], None)["tokens"], chunk)
-                ctx = model.encode_media(
-                    b["pixel_values"].to(device),
-                    b["aspect_ratio_ids"].to(device),
-                    b["aspect_ratio_mask"].to(device),
-                )
-                media["image"] = MediaInput(ctx)
-            if has_video:
-                b = collator.video(collator.text([s["ids"] for s in chunk], None)["tokens"], chunk)
-                ctx = model.encode_video(
-                    b["video_frames"].to(device),
-                    b["video_aspect_ratio_ids"].to(device),
-                    b["video_aspect_ratio_mask"].to(device),
-                )
-                media["video"] = MediaInput(ctx)
+            for kind, wanted, make, keys in (
+                ("image", n_images, collator.images, IMAGE_INPUTS),
+                ("video", has_video, collator.video, VIDEO_INPUTS),
+            ):
+                if wanted:
+                    b = make(tokens, chunk)
+                    media[kind] = MediaInput(model.encode(kind, *(b[k].to(device) for k in keys)))
             new = generate(
                 model,
                 [s["ids"] for s in chunk],
