@@ -82,6 +82,38 @@ def autocast_context(setting: str, device: torch.device) -> Any:
 
 _PEAK_CACHE: dict[tuple[str, str, int, int], float] = {}  # (device, dtype, n, CPU threads)
 
+# Dense (no sparsity) peak FLOP/s of the GPUs mm knows, from their data sheets, by a part of the name
+# `torch.cuda.get_device_name` gives (first match wins): (bf16/fp16, tf32, fp32 without tensor cores).
+CHIP_PEAKS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("H100 PCIe", (756e12, 378e12, 51e12)),
+    ("H100 NVL", (835e12, 418e12, 60e12)),
+    ("H100", (989.4e12, 494.7e12, 66.9e12)),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    ("H200", (989.4e12, 494.7e12, 66.9e12)),
+    ("A100", (312e12, 156e12, 19.5e12)),
+)
+
+
+def chip_peak_flops(name: str, dtype: torch.dtype, tf32: bool = False) -> float:
+    """The data-sheet dense peak FLOP/s of the GPU called `name` in `dtype` (float32 with `tf32`: the TF32
+    tensor-core peak); 0.0 for a chip not in `CHIP_PEAKS`."""
+    for part, (half, tf, single) in CHIP_PEAKS:
+        if part in name:
+            if dtype in (torch.bfloat16, torch.float16):
+                return half
+            return tf if tf32 else single
+    return 0.0
+
+
+def mfu_denominator(device: torch.device, dtype: torch.dtype) -> float:
+    """MFU's denominator: on a GPU of `CHIP_PEAKS`, its data-sheet peak in `dtype` (as torchtitan reports MFU);
+    elsewhere (the CPU, another GPU) a timed matmul (`measure_peak_flops`)."""
+    if device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        peak = chip_peak_flops(torch.cuda.get_device_name(device), dtype, tf32)
+        if peak:
+            return peak
+    return measure_peak_flops(device, dtype)
+
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 0) -> float:
     """FLOP/s of a large square `dtype` matmul on this device (the denominator of MFU: pass the dtype the

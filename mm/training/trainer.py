@@ -38,7 +38,7 @@ from mm.training.services import (
     autocast_context,
     compute_dtype,
     lr_at,
-    measure_peak_flops,
+    mfu_denominator,
     param_groups,
     resolve_device,
     set_seed,
@@ -213,7 +213,7 @@ class Trainer(RunCheckpoints):
         """What `train_step` needs before the first step: the autocast context and the MFU denominator."""
         tr = self.train
         self._autocast = autocast_context(tr.autocast, self.device)
-        self._peak = tr.peak_flops or measure_peak_flops(self.device, compute_dtype(tr.autocast, self.device))
+        self._peak = tr.peak_flops or mfu_denominator(self.device, compute_dtype(tr.autocast, self.device))
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over this process's rows of the next global batch; its metrics record, with the

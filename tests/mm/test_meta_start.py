@@ -239,11 +239,11 @@ def test_mixed_precision_and_the_frozen_lm_dtype_follow_the_compute_dtype(tmp_pa
 
 
 def test_the_peak_flops_are_measured_in_the_dtype_the_model_computes_in(world, monkeypatch):
-    import mm.training.trainer as trainer
+    import mm.training.services as services
 
     seen = []
     monkeypatch.setattr(
-        trainer, "measure_peak_flops", lambda device, dtype=torch.float32: seen.append(dtype) or 1e9
+        services, "measure_peak_flops", lambda device, dtype=torch.float32: seen.append(dtype) or 1e9
     )
     cfg = copy.deepcopy(world["cfgs"]["lm-pretrain"])
     cfg.out = str(world["root"] / "peak")

@@ -290,3 +290,19 @@ def test_lr_multipliers_by_parameter_name(tmp_path):
         by_id[id(task.model["head"].weight)]["weight_decay"] > 0
         and by_id[id(task.model["head"].bias)]["weight_decay"] == 0
     )
+
+
+def test_mfu_denominator_is_the_data_sheet_peak_on_a_known_gpu(monkeypatch):
+    import mm.training.services as services
+
+    assert services.chip_peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
+    assert services.chip_peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756e12
+    assert services.chip_peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 66.9e12
+    assert services.chip_peak_flops("NVIDIA H100 80GB HBM3", torch.float32, tf32=True) == 494.7e12
+    assert services.chip_peak_flops("NVIDIA GeForce RTX 4090", torch.bfloat16) == 0.0
+    monkeypatch.setattr(services, "measure_peak_flops", lambda device, dtype: 123.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert services.mfu_denominator(torch.device("cuda"), torch.bfloat16) == 989.4e12
+    assert services.mfu_denominator(torch.device("cpu"), torch.bfloat16) == 123.0  # the CPU: a timed matmul
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    assert services.mfu_denominator(torch.device("cuda"), torch.bfloat16) == 123.0  # an unknown GPU too
