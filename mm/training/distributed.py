@@ -34,16 +34,22 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def process_group_backend(cuda: bool) -> str:
+    """The process group's backends: with CUDA, nccl for GPU tensors and gloo for CPU tensors (asynchronous
+    checkpoints stage to CPU memory and coordinate over CPU tensors); without, gloo."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def init_distributed() -> bool:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl with CUDA, else gloo); True if joined."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (`process_group_backend`); True if joined."""
     if is_distributed():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=process_group_backend(cuda))
     return True
 
 

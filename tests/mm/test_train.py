@@ -306,3 +306,10 @@ def test_mfu_denominator_is_the_data_sheet_peak_on_a_known_gpu(monkeypatch):
     assert services.mfu_denominator(torch.device("cpu"), torch.bfloat16) == 123.0  # the CPU: a timed matmul
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
     assert services.mfu_denominator(torch.device("cuda"), torch.bfloat16) == 123.0  # an unknown GPU too
+
+
+def test_the_cuda_process_group_has_a_cpu_backend_for_asynchronous_checkpoints():
+    from mm.training.distributed import process_group_backend
+
+    assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(cuda=False) == "gloo"
