@@ -10,6 +10,7 @@ per-document SDPA loop otherwise); `resolve_doc_attention` says which one "auto"
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 __all__ = [
     "DENSE_DOC_MASK_MAX_T",
+    "call_varlen",
     "FLEX_BLOCK_SIZE",
     "DocSegments",
     "document_block_mask",
@@ -72,9 +74,25 @@ def varlen_document_attention(
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from torch.nn.attention.varlen import varlen_attn
 
-        cu, n = segments.cu_seqlens, segments.max_len
-        return varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+        return call_varlen(varlen_attn, q, k, v, segments)
     return _per_document_attention(q, k, v, segments)
+
+
+def call_varlen(
+    fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: DocSegments
+) -> torch.Tensor:
+    """Causal `varlen_attn` with the keywords this torch has: `window_size=(-1, 0)` (or `is_causal=True` in
+    releases before it), `enable_gqa` where it exists (else the K/V heads are repeated to the query heads)."""
+    params = inspect.signature(fn).parameters
+    kw: dict[str, object] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    cu, n = segments.cu_seqlens, segments.max_len
+    return fn(q, k, v, cu, cu, n, n, **kw)
 
 
 @torch.compiler.disable  # traced, the host lengths would be constants: a recompile for every batch

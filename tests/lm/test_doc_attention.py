@@ -266,3 +266,33 @@ def test_no_t_by_t_tensor_at_4096():
     with SquareTensorSpy(n) as spy:
         ctx = m.context(2, n, device=tokens.device, doc_ids=doc_ids)
     assert ctx.mask is not None and ctx.mask.shape == (2, 1, n, n) and spy.seen
+
+
+@pytest.mark.parametrize("newer", [True, False])
+def test_varlen_is_called_with_the_keywords_this_torch_has(newer):
+    """torch releases before `window_size` / `enable_gqa` (e.g. 2.11) get `is_causal` and repeated K/V heads;
+    both calls give the per-document causal attention."""
+    from mm.lm.doc_attention import DocSegments, _per_document_attention, call_varlen
+
+    def reference(q, k, v, cu, cu_k, max_q, max_k, **kw):
+        assert kw.pop("window_size" if newer else "is_causal") in ((-1, 0), True)
+        gqa = kw.pop("enable_gqa", False)
+        assert not kw and gqa == (newer and q.shape[1] != k.shape[1])
+        lengths = cu.diff().tolist()
+        if not gqa:
+            assert k.shape[1] == q.shape[1]  # repeated for a call without enable_gqa
+        return _per_document_attention(q, k, v, DocSegments(cu, lengths, max_q))
+
+    if newer:
+
+        def fn(q, k, v, cu, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+            return reference(q, k, v, cu, cu_k, max_q, max_k, window_size=window_size, enable_gqa=enable_gqa)
+
+    else:
+
+        def fn(q, k, v, cu, cu_k, max_q, max_k, *, is_causal=False):
+            return reference(q, k, v, cu, cu_k, max_q, max_k, is_causal=is_causal)
+
+    q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    seg = DocSegments(torch.tensor([0, 3, 10], dtype=torch.int32), [3, 7], 10)
+    torch.testing.assert_close(call_varlen(fn, q, k, v, seg), _per_document_attention(q, k, v, seg))
