@@ -4,6 +4,8 @@ cached by clip), then one batched, KV-cached greedy generation per batch whose v
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,17 @@ from mm.models.multimodal import MediaInput, MultimodalLM
 
 
 class ClipFeatures:
-    """Per-frame features of the frozen image encoder for clips, optionally cached by clip source."""
+    """Per-frame features of the frozen image encoder for clips, optionally cached by clip source, computed
+    under `context` (the stage's autocast: bf16 on CUDA, as the training forwards)."""
 
-    def __init__(self, model: MultimodalLM, collator: VideoCaptionCollator, cache: bool) -> None:
-        self.model, self.collator = model, collator
+    def __init__(
+        self,
+        model: MultimodalLM,
+        collator: VideoCaptionCollator,
+        cache: bool,
+        context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
+        self.model, self.collator, self.context = model, collator, context
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     @torch.no_grad()
@@ -31,7 +40,8 @@ class ClipFeatures:
         if todo:
             media = self.collator.media(todo)
             device = next(self.model.parameters()).device
-            feats = self.model.video_frame_features(*(media[k].to(device) for k in _MEDIA_KEYS)).cpu()
+            with self.context():
+                feats = self.model.video_frame_features(*(media[k].to(device) for k in _MEDIA_KEYS)).cpu()
             for s, f, m in zip(todo, feats, media["video_aspect_ratio_mask"][:, 0]):
                 fresh[s["source"]] = (f, m)
             if self.cache is not None:

@@ -226,7 +226,13 @@ class VideoStage(Stage[VideoStageConfig]):
         self.collator = VideoCaptionCollator(
             self.tok, prompt=d.prompt, max_tiles=self.image_meta["max_tiles"], merge=cfg.aggregator.merge
         )
-        self.features = ClipFeatures(self.model, self.collator, cache=d.cache_features)
+        autocast = cfg.train.autocast
+        self.features = ClipFeatures(
+            self.model,
+            self.collator,
+            cache=d.cache_features,
+            context=lambda: autocast_context(autocast, self.device),
+        )
         clips = open_stream(
             d.train,
             video_decoder(self.transform, n_frames=d.n_frames),

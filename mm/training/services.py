@@ -187,11 +187,22 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_tf32(device: torch.device) -> bool:
+    """On CUDA, float32 matmuls and convolutions (the parts that stay float32 under bf16 autocast, or a whole
+    float32 run) use the TF32 tensor cores, as the torch default leaves them off; True if set."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def setup_run(train: TrainConfig) -> torch.device:
-    """Threads, process group (under torchrun), device and seed: the common start of every stage."""
+    """Threads, process group (under torchrun), device (TF32 on CUDA) and seed: the common start of a stage."""
     if train.num_threads:
         torch.set_num_threads(train.num_threads)
     dist_utils.init_distributed()
     device = resolve_device(train.device)
+    enable_tf32(device)
     set_seed(train.seed)
     return device

@@ -313,3 +313,16 @@ def test_the_cuda_process_group_has_a_cpu_backend_for_asynchronous_checkpoints()
 
     assert process_group_backend(cuda=True) == "cpu:gloo,cuda:nccl"
     assert process_group_backend(cuda=False) == "gloo"
+
+
+def test_tf32_is_enabled_on_cuda_only():
+    from mm.training.services import enable_tf32
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        assert not enable_tf32(torch.device("cpu")) and not matmul.allow_tf32
+        assert enable_tf32(torch.device("cuda")) and matmul.allow_tf32 and cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before

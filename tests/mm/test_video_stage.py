@@ -254,3 +254,18 @@ def test_motion_report_scores_words_by_role():
     assert r["exact_match"] == pytest.approx(1 / 3)
     assert r["color_accuracy"] == pytest.approx(2 / 3) and r["shape_accuracy"] == pytest.approx(1 / 3)
     assert r["direction_accuracy"] == pytest.approx(1 / 3)
+
+
+def test_frozen_frame_features_follow_the_stage_autocast(world):
+    from mm.models.video import ClipFeatures
+
+    image_model, tok, transform, meta = load_image_bundle(world["image"])
+    model = attach_video(image_model, tok, AggregatorConfig(merge=2, n_latents=4, depth=1, n_heads=2), [1])
+    col = VideoCaptionCollator(tok, VIDEO_PROMPT, max_tiles=meta["max_tiles"], merge=2)
+    clips = [MediaTextDataset(world["heldout"], video_decoder(transform, n_frames=4))[0]]
+    plain, _ = ClipFeatures(model, col, cache=False)(clips)
+    bf16, _ = ClipFeatures(
+        model, col, cache=False, context=lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    )(clips)
+    assert plain.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), plain, atol=0.1, rtol=0.1)
