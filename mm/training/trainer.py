@@ -123,13 +123,15 @@ class Trainer(RunCheckpoints):
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """This process's rows, split into micro-batches, moved to the device."""
+        """This process's rows, split into micro-batches (still in host memory: `_on_device` moves each one
+        when its turn comes, so at most two are on the device at once)."""
         per = next(iter(batch.values())).shape[0]
         mb = self.train.micro_batch_size or per
-        out = []
-        for s in range(0, per, mb):
-            out.append({k: v[s : s + mb].to(self.device, non_blocking=True) for k, v in batch.items()})
-        return out
+        return [{k: v[s : s + mb] for k, v in batch.items()} for s in range(0, per, mb)]
+
+    def _on_device(self, micro: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One micro-batch moved to the device (asynchronously from pinned memory)."""
+        return {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
 
     def local_rows(self, global_batch: int) -> int:
         """This process's rows of a global batch."""
@@ -270,11 +272,15 @@ class Trainer(RunCheckpoints):
         self.stage.model.train()
         self._phase = {"forward": 0.0, "backward": 0.0}  # seconds of this step's forwards and backwards
         # Under FSDP2 every micro-step reduce-scatters into the gradient shards (mm.training.parallelize).
-        for mb in micro:
-            t0 = time.perf_counter()
+        ahead = self._on_device(micro[0])
+        for i in range(len(micro)):
+            mb, t0 = ahead, time.perf_counter()
             with self._autocast:
                 ls, _ = self.stage.loss(mb)
             t1 = time.perf_counter()
+            if i + 1 < len(micro):  # the next one's copy overlaps this backward
+                ahead = self._on_device(micro[i + 1])
+            del mb
             # Gradients are averaged over processes, so scale by world size: sum / all loss tokens.
             (ls * self.world / n_tok).backward()
             loss_sum += ls.detach().float()

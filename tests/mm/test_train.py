@@ -326,3 +326,18 @@ def test_tf32_is_enabled_on_cuda_only():
         assert enable_tf32(torch.device("cuda")) and matmul.allow_tf32 and cudnn.allow_tf32
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+def test_micro_batches_go_to_the_device_one_ahead_not_all_at_once(corpus, tmp_path, monkeypatch):
+    from mm.stages.lm_pretrain import LMPretrainStage
+
+    events = []
+    moved = Trainer._on_device
+    monkeypatch.setattr(Trainer, "_on_device", lambda self, mb: events.append("move") or moved(self, mb))
+    loss = LMPretrainStage.loss
+    monkeypatch.setattr(LMPretrainStage, "loss", lambda self, b: events.append("forward") or loss(self, b))
+    cfg = make_cfg(corpus, tmp_path / "run", max_steps=1, save_every=0, micro_batch_size=1)
+    cfg.heldout = []
+    run_stage(cfg)
+    # 4 rows in micro-batches of 1: each moved right after the previous one's forward, never all first
+    assert events == ["move", "forward", "move", "forward", "move", "forward", "move", "forward"]
