@@ -118,4 +118,5 @@ def test_quick_readme_commands_run(tmp_path):
         r = subprocess.run([str(BIN / "mm"), *argv[1:]], cwd=tmp_path, capture_output=True, text=True)
         assert r.returncode == 0, (c, r.stderr[-2000:])
     assert (tmp_path / "runs" / "readme" / "final" / "config.json").is_file()
-    assert r.stdout.startswith("mm extends") and len(r.stdout.strip()) > len("mm extends")
+    prompt = shlex.split(gen)[-1]
+    assert r.stdout.startswith(prompt) and r.stdout[len(prompt) :].strip(), r.stdout  # it adds words
