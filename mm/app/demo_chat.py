@@ -15,21 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from mm.app.demo_steps import StepRun
+from mm.world.questions import FAMILIES as QUESTION_FAMILIES
 
-FAMILIES = (
-    "colour",
-    "shape",
-    "size",
-    "count",
-    "exists",
-    "left",
-    "more",
-    "describe",
-    "motion",
-    "colour (video)",
-    "shape (video)",
-    "describe (video)",
-)
+# The world's question families, then the questions about clips reported apart (`chat_eval.family_key`).
+FAMILIES = (*QUESTION_FAMILIES, "colour (video)", "shape (video)", "describe (video)")
 SPLITS = {
     "heldout": "canonical phrasings",
     "heldout_phrasings": "held-out phrasings",

@@ -10,7 +10,7 @@ rows; a conversation that cannot be used (a media item: text-only manifests have
 `max_len`) is skipped and counted, its place taken by the next one of the stream.
 
 Text QA (`answer_questions`): each held-out conversation up to its last assistant turn is the prompt (with the
-assistant header), the greedy answer up to `<|eot_id|>` is compared with that turn after `normalize_answer`.
+assistant header), the greedy answer up to `<|eot_id|>` is compared with that turn after `mm.models.chat.normalize_answer`.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from typing import Any
 
 import torch
 
-from mm.datasets.chat import ChatDataset, ChatRecord, encode_chat, read_chat_manifest
+from mm.datasets.chat import ChatDataset
 from mm.datasets.chat_collate import ChatCollator
 from mm.datasets.loader import add_counts
 from mm.datasets.seeding import derive_seed
 from mm.datasets.text import IGNORE_INDEX, read_documents
-from mm.lm import generate
+from mm.models.chat import answer_conversations
+from mm.stages.chat_eval import conversations, family_report
 
-__all__ = ["CollateRows", "SFTRows", "answer_questions", "normalize_answer", "plain_row", "text_fraction"]
+__all__ = ["CollateRows", "SFTRows", "answer_questions", "plain_row", "text_fraction"]
 
 MAX_DENOMINATOR = 1000  # the text fraction is used as a fraction p/q with q at most this
 
@@ -146,28 +147,6 @@ class SFTRows:
         return out
 
 
-def normalize_answer(text: str) -> str:
-    """An answer as compared: stripped, lower case, without a final full stop."""
-    text = text.strip().lower()
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
-def question_prompt(tok: Any, record: ChatRecord) -> tuple[list[int], str]:
-    """The prompt of a held-out conversation (up to its last assistant turn, with the assistant header) and
-    the reference answer."""
-    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
-    ids, _ = encode_chat(tok, record.messages[:last], add_generation_prompt=True)
-    ref = "".join(x["text"] for x in record.messages[last]["content"])
-    return ids, ref
-
-
-def question_text(record: ChatRecord) -> str:
-    """The last user turn's text before the answer (for the examples)."""
-    last = max(i for i, m in enumerate(record.messages) if m["role"] == "assistant")
-    users = [m for m in record.messages[:last] if m["role"] == "user"]
-    return "".join(x.get("text", "") for x in users[-1]["content"]) if users else ""
-
-
 @torch.no_grad()
 def answer_questions(
     model: torch.nn.Module,
@@ -179,30 +158,20 @@ def answer_questions(
     batch_size: int = 64,
     n_examples: int = 8,
 ) -> dict[str, Any]:
-    """Greedy answers to the first `limit` conversations of a text-QA manifest: exact-match accuracy (after
-    `normalize_answer`), per question family (meta `family`), and the first few (question, answer, reference)."""
-    records = read_chat_manifest(manifest)[:limit]
-    if not records:
+    """Greedy answers to `limit` conversations of a text-QA manifest (spread over it; all when it holds no
+    more), through the chat evaluation (`mm.stages.chat_eval`): exact match after `normalize_answer`, per
+    question family, and the first few (question, answer, reference)."""
+    samples, refs, families, questions, _ = conversations(manifest, tok, {}, limit)
+    if not samples:
         raise ValueError(f"held-out chat manifest {manifest} has no usable conversations")
-    prompts = [question_prompt(tok, r) for r in records]
-    was_training = model.training
-    model.eval()
-    preds: list[str] = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = [p for p, _ in prompts[s : s + batch_size]]
-        new = generate(model, chunk, max_new_tokens, stop_tokens=[tok.eot_id, tok.eos_id], pad_id=tok.pad_id)
-        preds += [tok.decode(x) for x in new]
-    model.train(was_training)
-    hits = [normalize_answer(p) == normalize_answer(ref) for p, (_, ref) in zip(preds, prompts, strict=True)]
-    families: dict[str, list[bool]] = {}
-    for r, h in zip(records, hits, strict=True):
-        families.setdefault(str(r.meta.get("family", "")), []).append(h)
+    preds = answer_conversations(model, tok, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    report = family_report(preds, refs, families)
     return {
-        "exact_match": sum(hits) / len(hits),
-        "n": len(hits),
-        "per_family": {f: sum(v) / len(v) for f, v in sorted(families.items()) if f},
+        "exact_match": report["accuracy"],
+        "n": report["n"],
+        "per_family": report["by_family"],
         "examples": [
-            {"question": question_text(r), "answer": p, "reference": ref}
-            for r, p, (_, ref) in list(zip(records, preds, prompts, strict=True))[:n_examples]
+            {"question": q, "answer": p, "reference": r}
+            for q, p, r in list(zip(questions, preds, refs, strict=True))[:n_examples]
         ],
     }

@@ -15,7 +15,8 @@ import torch
 from mm.app.cli import main as mm_main
 from mm.datasets.text import IGNORE_INDEX
 from mm.lm import Tokenizer, load_hf
-from mm.stages.lm_sft_data import SFTRows, normalize_answer
+from mm.models.chat import normalize_answer
+from mm.stages.lm_sft_data import SFTRows
 from mm.training.checkpoint import load_checkpoint
 from mm.training.runner import run, stage_for
 
