@@ -11,10 +11,11 @@ venv: $(STAMP)
 	@command -v espeak-ng >/dev/null || (apt-get update && apt-get install -y espeak-ng) \
 		|| echo "mm: could not install espeak-ng; the speech data needs it: sudo apt-get install espeak-ng" >&2
 
-# Re-installs only when pyproject.toml changed (the stamp is older than it).
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or constraints.txt changed (the stamp is older than them). pyproject.toml
+# gives ranges; constraints.txt the exact versions installed here.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 lint: venv
