@@ -40,17 +40,38 @@ def process_group_backend(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
+FORCE_SHARDING_ENV = "MM_FSDP_FORCE"
+
+
+def sharding_forced() -> bool:
+    """`MM_FSDP_FORCE=1`: FSDP2 shards even a one-process run, over a one-process group (`init_distributed`
+    makes it): what the GPU check runs to exercise the sharded path, its dtypes and checkpoints on one GPU."""
+    return os.environ.get(FORCE_SHARDING_ENV) == "1"
+
+
 def init_distributed() -> bool:
-    """Join the torchrun process group when WORLD_SIZE > 1 (`process_group_backend`); True if joined."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (`process_group_backend`), or a one-process group
+    when sharding is forced (`sharding_forced`); True if joined."""
     if is_distributed():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    forced = sharding_forced()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not forced:
         return False
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=process_group_backend(cuda))
+    if "MASTER_ADDR" in os.environ or not forced:
+        dist.init_process_group(backend=process_group_backend(cuda))
+    else:  # one process outside torchrun: an in-memory store
+        dist.init_process_group(
+            backend=process_group_backend(cuda), store=dist.HashStore(), rank=0, world_size=1
+        )
     return True
+
+
+def shards() -> bool:
+    """Whether FSDP2 shards here: several processes, or a one-process group with sharding forced."""
+    return world_size() > 1 or (sharding_forced() and is_distributed())
 
 
 def shutdown() -> None:
@@ -138,8 +159,9 @@ def is_fsdp(model: nn.Module) -> bool:
 
 
 def device_mesh(device_type: str) -> Any:
-    """A one-dimensional device mesh over every process (FSDP2 shards over it); None in one process."""
-    if world_size() <= 1:
+    """A one-dimensional device mesh over every process (FSDP2 shards over it); None in one process (unless
+    sharding is forced, `shards`)."""
+    if not shards():
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -167,7 +189,7 @@ def apply_fsdp(
     a part called outside the model's forward or one with a scalar parameter. `mesh` is the processes' device
     mesh (`device_mesh`), `mp_policy` the mixed-precision policy (None: parameters keep their own dtype).
     """
-    if world_size() <= 1:
+    if not shards():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
