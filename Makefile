@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo demo-chat lint format clean
+.PHONY: venv test demo demo-chat lint format clean gpu-wheels
 
 # espeak-ng speaks the shapes world for the speech stage (`mm data synth --kind speech`); installed when missing.
 venv: $(STAMP)
@@ -41,5 +41,15 @@ demo: venv
 demo-chat: venv
 	$(BIN)/mm demo --modality chat --out runs/demo
 
+# Wheels for a machine with its own torch on Python 3.12 (a lent GPU): what scripts/gpu_check.sh needs beyond it,
+# listed in scripts/gpu_wheels.txt, into .gpu-wheels/ (ignored; about 53 MiB). Then, on that machine:
+#   scripts/gpu_check.sh OUT        (it installs .gpu-wheels/*.whl into a temporary folder)
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux2010_x86_64 manylinux_2_12_x86_64 manylinux1_x86_64,--platform $(p))
+gpu-wheels:
+	rm -rf .gpu-wheels
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .gpu-wheels -r scripts/gpu_wheels.txt
+	@echo "mm: $$(ls .gpu-wheels/*.whl | wc -l) wheels, $$(du -sh .gpu-wheels | cut -f1) in .gpu-wheels/"
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .gpu-wheels

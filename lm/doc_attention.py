@@ -102,10 +102,15 @@ def _per_document_attention(
     """`varlen_document_attention` as one causal SDPA per document (CPU, or CUDA in float32)."""
     lengths = segments.lengths if segments.lengths is not None else segments.cu_seqlens.diff().tolist()
     gqa = q.shape[1] != k.shape[1]
+    # (1, H, L, hd): with no batch dimension torch 2.11's CPU SDPA takes its math kernel (a causal L x L mask)
     outs = [
         F.scaled_dot_product_attention(
-            qd.transpose(0, 1), kd.transpose(0, 1), vd.transpose(0, 1), is_causal=True, enable_gqa=gqa
-        ).transpose(0, 1)
+            qd.transpose(0, 1)[None],
+            kd.transpose(0, 1)[None],
+            vd.transpose(0, 1)[None],
+            is_causal=True,
+            enable_gqa=gqa,
+        )[0].transpose(0, 1)
         for qd, kd, vd in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
     ]
     return torch.cat(outs)

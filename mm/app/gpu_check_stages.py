@@ -41,8 +41,9 @@ SPEECH_STAGES = ("bestrq-pretrain", "speech")
 BATCH_MEMORY_TOLERANCE = 0.10
 
 
-def world(data: Path, speech: bool = True) -> dict[str, Path]:
-    """The tiny shapes world in `data` (made once; rank 0 writes, every rank reads); speech only with espeak-ng."""
+def world(data: Path, speech: bool = True, n: int = 64) -> dict[str, Path]:
+    """The tiny shapes world in `data` (made once; rank 0 writes, every rank reads): 2000 text lines, `n` images,
+    `n` / 2 clips and spoken sentences (speech only with espeak-ng)."""
     from mm.training import distributed
     from mm.world import synth_motion, synth_shapes, synth_text
 
@@ -59,13 +60,13 @@ def world(data: Path, speech: bool = True) -> dict[str, Path]:
             synth_text(data, n=2000, seed=0, split="train")
             synth_text(data, n=100, seed=0, split="heldout")
         if not paths["shapes"].is_file():
-            synth_shapes(data, n=64, seed=0, split="train")
+            synth_shapes(data, n=n, seed=0, split="train")
         if not paths["motion"].is_file():
-            synth_motion(data, n=32, seed=0, split="train")
+            synth_motion(data, n=n // 2, seed=0, split="train")
         if speech and not paths["speech"].is_file():
             from mm.world.speech import synth_speech
 
-            synth_speech(data, n=32, seed=0, split="train")
+            synth_speech(data, n=n // 2, seed=0, split="train")
     distributed.barrier()
     return paths
 

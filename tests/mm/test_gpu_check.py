@@ -15,7 +15,7 @@ import torch
 from mm.app import gpu_check
 from mm.app.gpu_check import CPU_SIZES, CheckContext, CheckResult, run_check, summary_line, write_report
 from mm.app.gpu_check_kernels import check_attention, ragged_doc_ids
-from mm.app.gpu_check_stages import PRESETS, stage_configs
+from mm.app.gpu_check_stages import PRESETS, stage_configs, world
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,19 +40,30 @@ def test_script_exits_2_without_a_gpu(tmp_path):
     assert gpu_check.main([str(tmp_path / "o2")]) == 2  # the module says the same without --cpu
 
 
-def test_source_tree_import_layout(tmp_path):
-    """The script's package made of links imports the rooms from the tree, as the installed package does."""
-    site = tmp_path / "src" / "mm"
-    site.mkdir(parents=True)
-    for f in (ROOT / "mm").iterdir():
-        (site / f.name).symlink_to(f)
-    for room in ("lm", "encoders", "adapters", "datasets", "world", "configs"):
-        (site / room).symlink_to(ROOT / room)
-    code = "import mm.lm.model, mm.app.gpu_check, mm.configs; print(mm.lm.model.__file__)"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src")}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(site / "lm" / "model.py")  # through the links, not an installed copy
+def test_script_runs_from_the_source_tree_on_the_cpu(tmp_path):
+    """GPU_CHECK_CPU=1: the script imports the rooms through its links to this tree and writes its JSON."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_CPU": "1", "WHEELS": str(tmp_path / "none")}
+    out = tmp_path / "out"
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--only", "attention"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["ok"] is True and report["checks"]["attention"]["status"] == "passed"
+    assert report["machine"]["torch"] == torch.__version__
+
+
+def test_world_is_made_once(tmp_path):
+    paths = world(tmp_path, speech=False, n=4)
+    assert set(paths) == {"text", "heldout", "shapes", "motion"} and all(p.is_file() for p in paths.values())
+    assert len(paths["shapes"].read_text().splitlines()) == 4
+    stamp = paths["motion"].stat().st_mtime_ns
+    world(tmp_path, speech=False, n=4)
+    assert paths["motion"].stat().st_mtime_ns == stamp
 
 
 def test_result_records_assertions_and_status():
