@@ -82,6 +82,7 @@ class Trainer(RunCheckpoints):
         self._elapsed_before = 0.0  # training seconds of the runs this one resumed
         self._phase = {"forward": 0.0, "backward": 0.0}  # seconds of the last step's forwards and backwards
         self._stop_signal: int | None = None
+        self._stop_seen = False  # some process had a stop signal at the last step's reduction
         if polyak_k > 0 and train.keep_last and train.keep_last < 1:
             raise ValueError("train.keep_last must be >= 1")
         self.params = stage.trainable()
@@ -186,7 +187,7 @@ class Trainer(RunCheckpoints):
                     loss=f"{last_loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False
                 )
                 bar.update(1)
-                stop = dist_utils.any_flag(self._stop_signal is not None, self.device)
+                stop = self._stop_seen  # any process signalled (reduced with the step's loss: no extra sync)
                 if self._save_due() or stop:
                     self.save()
                 if stop:
@@ -243,7 +244,7 @@ class Trainer(RunCheckpoints):
         self.step += 1
         optimizer_s = time.perf_counter() - t_opt
         local = float(self.stage.batch_tokens(batch, self.local_rows(bsz), seq))
-        step_tokens = int(dist_utils.all_reduce_sum(torch.tensor(local, device=self.device)))
+        step_tokens = int(dist_utils.all_reduce_sum(torch.tensor(local)))  # a CPU tensor: no device sync
         self.tokens_seen += step_tokens
         dt = time.perf_counter() - t0
         rec = {
@@ -269,10 +270,13 @@ class Trainer(RunCheckpoints):
     def _accumulate(self, micro: list[dict[str, torch.Tensor]]) -> float:
         """Forward and backward over the micro-batches: the gradients of the whole global batch, averaged
         over processes; returns the step's loss (the sum over every process / all loss tokens)."""
-        n_tok = dist_utils.all_reduce_sum(
-            torch.tensor(float(sum(self.stage.count_loss_tokens(m) for m in micro)), device=self.device)
+        # Counted on the host and reduced as a CPU tensor (gloo beside nccl): no device sync.
+        n_tok = float(
+            dist_utils.all_reduce_sum(
+                torch.tensor(float(sum(self.stage.count_loss_tokens(m) for m in micro)))
+            )
         )
-        if float(n_tok) == 0:
+        if n_tok == 0:
             raise ValueError(f"step {self.step + 1}: the batch has no loss tokens")
         loss_sum = torch.zeros((), device=self.device)
         self.stage.model.train()
@@ -294,7 +298,11 @@ class Trainer(RunCheckpoints):
             self._phase["backward"] += time.perf_counter() - t1
         if self.replicated:  # FSDP2 reduces its own gradients
             dist_utils.average_gradients(self.replicated)
-        loss = float(dist_utils.all_reduce_sum(loss_sum) / n_tok)
+        # One reduction (and one host sync) per step: the loss sum and whether any process was signalled to stop.
+        stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        total, stopped = dist_utils.all_reduce_sum(torch.stack([loss_sum, stop])).tolist()
+        self._stop_seen = stopped > 0
+        loss = total / n_tok
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
