@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mm.training import rank_failure
+
 
 def is_distributed() -> bool:
     """True inside an initialised process group."""
@@ -50,11 +52,13 @@ def init_distributed() -> bool:
     if cuda:
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=process_group_backend(cuda))
+    rank_failure.start_watch(dist.get_rank())  # a failing process ends the group (`rank_failure`)
     return True
 
 
 def shutdown() -> None:
     """Leave the process group."""
+    rank_failure.stop_watch()
     if is_distributed():
         dist.destroy_process_group()
 
