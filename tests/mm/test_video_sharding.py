@@ -1,7 +1,10 @@
 """The video stage under torchrun (2 processes, gloo): its trained video cross-attention is sharded by FSDP2
 (DTensor parameters, AdamW groups that never mix them with the replicated aggregator's plain tensors), the
-losses equal one process, and the 2-process checkpoint resumes in 2 processes and in one."""
+losses equal one process, and the 2-process checkpoint resumes in 2 processes and in one. Built on the meta
+device, the stage reads the image bundle's tensors lazily: a process of 2 reads about half of the frozen image
+cross-attention (sharded) and the whole image encoder (replicated by design)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -58,8 +61,14 @@ def losses(out: Path, key: str = "loss") -> list[float]:
     return [json.loads(x)[key] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_video_cross_attention_is_sharded_equal_to_one_process_and_resumes(tmp_path, corpus, stage_helpers):
-    cfg = video_config(tmp_path, corpus, stage_helpers)
+@pytest.fixture(scope="module")
+def video(tmp_path_factory, corpus, stage_helpers):
+    root = tmp_path_factory.mktemp("video-sharding")
+    return root, video_config(root, corpus, stage_helpers)
+
+
+def test_video_cross_attention_is_sharded_equal_to_one_process_and_resumes(video, tmp_path):
+    cfg = copy.deepcopy(video[1])
     cfg.out = str(tmp_path / "two")
     jobs = []
     for steps, resume in ((2, False), (3, True)):  # 2 steps and a checkpoint, then one more step from it
@@ -96,3 +105,41 @@ def test_video_cross_attention_is_sharded_equal_to_one_process_and_resumes(tmp_p
     run(cfg, resume=True)
     after = losses(tmp_path / "two")
     assert len(after) == 4 and after[:3] == got
+
+
+def test_the_video_stage_reads_half_of_the_sharded_image_path_per_process(video):
+    from mm.training.runner import build, context, stage_for
+    from mm.training.trainer import setup_run
+
+    cfg = copy.deepcopy(video[1])
+    eager = stage_for(cfg, context(cfg, setup_run(cfg.train)))
+    eager.build(torch.device("cpu"))
+    want = dict(eager.model.named_parameters())
+    stage = stage_for(cfg, context(cfg, torch.device("cpu")))
+    rec = build(stage)  # on the meta device, recorded
+    xattn = [n for n in want if n.startswith("image_xattn.")]
+    encoder = [n for n in want if n.startswith("image_encoder.")]
+    assert xattn and encoder and set(xattn + encoder) <= set(rec.sources)  # none read at build time
+    for names, sharded in ((xattn, True), (encoder, False)):
+        total = sum(want[n].numel() * want[n].element_size() for n in names)
+        for rank in range(2):
+            got = 0
+            for n in names:
+                full = want[n].detach()
+                if not full.dim():
+                    part, expect = rec.sources[n].read(), full
+                else:
+                    rows = full.shape[0]
+                    size = -(-rows // 2)  # FSDP2's dim-0 shard of a process of 2
+                    start, stop = (
+                        (min(rows, rank * size), min(rows, (rank + 1) * size)) if sharded else (0, rows)
+                    )
+                    if start == stop:
+                        continue
+                    part, expect = rec.sources[n].read(start, stop), full[start:stop]
+                assert torch.equal(part, expect), n
+                got += part.numel() * part.element_size()
+            share = (
+                0.5 if sharded else 1.0
+            )  # the encoder is replicated by design (`VideoStage.parallel_plan`)
+            assert abs(got - share * total) <= 0.1 * total, (names[0], rank, got, total)
