@@ -86,21 +86,70 @@ def load_lm_checked(bundle: Path, cfg: dict[str, Any]) -> torch.nn.Module:
 
 
 def load_adapter_weights(model: torch.nn.Module, bundle: Path) -> None:
-    """Load a bundle's adapter tensors into a composite model (LM tensors are refused)."""
+    """Load a bundle's adapter tensors into a composite model (LM tensors are refused). On a meta-device model
+    (a build recorded for `mm.training.materialize`) nothing is read (`lazy_adapter_weights`)."""
+    own = model.adapter_state()
+    if own and all(t.is_meta for t in own.values()):
+        lazy_adapter_weights(model, bundle)
+        return
     tensors = load_tensors(Path(bundle) / WEIGHTS)
     assert_no_lm_tensors(tensors, str(Path(bundle) / WEIGHTS))
-    own = model.adapter_state()
-    unknown = sorted(set(tensors) - set(own))
-    if unknown:
-        raise ValueError(f"{bundle / WEIGHTS}: tensors {unknown[:5]} do not belong to this model")
-    for k, v in tensors.items():
-        if own[k].shape != v.shape:
-            raise ValueError(
-                f"{bundle / WEIGHTS}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-            )
-        if own[k].dtype != v.dtype:
-            raise ValueError(f"{bundle / WEIGHTS}: {k} has dtype {v.dtype}, expected {own[k].dtype}")
+    _check_adapter_tensors(
+        Path(bundle) / WEIGHTS, own, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    )
     model.load_state_dict(tensors, strict=False)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def lazy_adapter_weights(model: torch.nn.Module, bundle: Path) -> None:
+    """A bundle's adapter tensors for a meta-device model, read later: each tensor the bundle holds becomes a
+    fresh meta tensor (made outside any recording) with a `lazy_source` reading its rows from the file, so each
+    process of a sharded run reads only its rows of the sharded parts (e.g. the video stage's frozen image
+    cross-attention) and the replicated ones whole. Names, shapes and dtypes are checked from the header."""
+    from safetensors import safe_open
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from mm.formats.hf_llama import SafetensorsTensor
+
+    file = Path(bundle) / WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS} in {bundle} (expected {file})")
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert_no_lm_tensors(dict.fromkeys(header), str(file))
+    unknown_dtype = sorted(k for k, (_, d) in header.items() if d not in _DTYPES)
+    if unknown_dtype:
+        raise ValueError(
+            f"{file}: {unknown_dtype[0]} has dtype {header[unknown_dtype[0]][1]}, expected a float"
+        )
+    found = {k: (shape, _DTYPES[d]) for k, (shape, d) in header.items()}
+    _check_adapter_tensors(file, model.adapter_state(), found)
+    with _disable_current_modes(), torch.no_grad():
+        for key, (shape, dtype) in found.items():
+            owner, _, attr = key.rpartition(".")
+            module = model.get_submodule(owner)
+            t = torch.empty(shape, dtype=dtype, device="meta")
+            if attr in module._parameters:
+                t = torch.nn.Parameter(t, requires_grad=module._parameters[attr].requires_grad)
+                module._parameters[attr] = t
+            else:
+                module._buffers[attr] = t
+            t.lazy_source = SafetensorsTensor(file, key, shape[0] if shape else 1, None, 0, dtype)
+
+
+def _check_adapter_tensors(
+    file: Path, own: dict[str, torch.Tensor], found: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> None:
+    unknown = sorted(set(found) - set(own))
+    if unknown:
+        raise ValueError(f"{file}: tensors {unknown[:5]} do not belong to this model")
+    for k, (shape, dtype) in found.items():
+        if tuple(own[k].shape) != shape:
+            raise ValueError(f"{file}: {k} has shape {shape}, expected {tuple(own[k].shape)}")
+        if own[k].dtype != dtype:
+            raise ValueError(f"{file}: {k} has dtype {dtype}, expected {own[k].dtype}")
 
 
 def verify_frozen(bundle: str | Path) -> tuple[bool, str]:

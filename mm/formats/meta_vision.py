@@ -18,7 +18,10 @@ after. The intermediate features are Meta's block INPUTS (`intermediate_from="bl
 `params.json` does not describe the vision encoder: Meta's code fixes it (ViT-H/14: 32 blocks, 8 global, 16 heads,
 intermediate layers 3, 7, 15, 23, 30). Width, depths, patch size, MLP width and tile count are read from the
 tensors; the head count and the intermediate layers, which no tensor shows, are arguments with Meta's values.
-Shards are merged as fairscale split them; files are read with `weights_only=True` (see `mm.formats.meta_llama`).
+Shards are merged as fairscale split them; files are read with `weights_only=True` (see `mm.formats.meta_llama`),
+memory-mapped. Only `mm export` reads this format, in one process, to convert it to a Hugging Face Mllama
+directory; no training run reads it, so no process of a sharded run reads it whole (a run starts from the
+converted directory, whose language and vision tensors each process reads in slices: `load_hf_mllama`).
 """
 
 from __future__ import annotations

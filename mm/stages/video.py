@@ -123,9 +123,9 @@ class CachedClips:
 class VideoStage(Stage[VideoStageConfig]):
     """Caption loss on clips (+ the video-text contrastive loss); the LM and the whole image path frozen.
 
-    Under torchrun FSDP2 shards the frozen LM and image cross-attention; what trains (aggregator, video
-    cross-attention) and the image encoder are replicated (`parallel_plan`); each process reads and encodes
-    only its clips."""
+    Under torchrun FSDP2 shards the frozen LM, the image cross-attention and the trained video cross-attention;
+    the aggregator and the image encoder are replicated (`parallel_plan`); each process reads and encodes only
+    its clips."""
 
     reader = "describe"
 
@@ -196,15 +196,19 @@ class VideoStage(Stage[VideoStageConfig]):
 
     def parallel_plan(self) -> ParallelPlan:
         """Activation checkpointing and compile of the LM layers and video cross-attention blocks, then FSDP2
-        on the frozen parts: per image cross-attention block and LM layer, and the root (the LM's embeddings,
-        norm and output). What trains (temporal aggregator, video cross-attention) stays replicated (the
-        trainer all-reduces its gradients), and so does the frozen image encoder (the data side runs it on
-        each process's own clips, a different number of times on each) and the caption head."""
+        per image cross-attention block, video cross-attention block (trained: its parameters and AdamW state
+        sharded too; `media_kv` and the root's `encode_video` gather them) and LM layer, and the root (the LM's
+        embeddings, norm and output). Replicated (the trainer all-reduces the gradients of what trains there):
+        the temporal aggregator (its `align_vectors` runs outside any forward, its `align_log_scale` is a
+        scalar), the frozen image encoder (the data side runs it on each process's own clips, a different
+        number of times on each: cached clips skip it) and the caption head."""
         m = self.model
-        blocks = [*m.lm.layers, *m.video_xattn.values()]
-        units = [*m.image_xattn.values(), *m.lm.layers]
-        keep = [x for x in (m.image_encoder, m.image_aux, m.video_aggregator, m.video_xattn) if x is not None]
-        return ParallelPlan(m, blocks=blocks, fsdp_units=units, replicated=keep)
+        video = list(m.video_xattn.values())
+        blocks = [*m.lm.layers, *video]
+        units = [*m.image_xattn.values(), *video, *m.lm.layers]
+        keep = [x for x in (m.image_encoder, m.image_aux, m.video_aggregator) if x is not None]
+        extra: dict[str, list[nn.Module]] = {"media_kv": video, "encode_video": [m]}
+        return ParallelPlan(m, blocks=blocks, fsdp_units=units, replicated=keep, extra_forward_methods=extra)
 
     def record(self) -> dict[str, Any]:
         """The image bundle it builds on; refuses one whose tensors are not the model's whole image path."""

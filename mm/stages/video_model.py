@@ -1,5 +1,6 @@
 """The video stage's model: the image model plus a fresh video path (`attach_video`), the tensors of its frozen
-image path and of its trained video path, and the video model rebuilt from a trained bundle and the image bundle
+image path and of its trained video path (the image path's tensors are the image model's own, not copies), and
+the video model rebuilt from a trained bundle and the image bundle
 it names (`load_video_bundle`, both fingerprints checked)."""
 
 from __future__ import annotations
@@ -70,11 +71,27 @@ def attach_video(
         video_token_id=tok.video_id,
         image_aux=image_model.image_aux,  # the image stage's training-only head: kept, frozen, to match its bundle
     )
-    model.image_xattn.load_state_dict(image_model.image_xattn.state_dict())
+    take_tensors(model.image_xattn, image_model.image_xattn)
     if n_extra:
-        model.extra_tok_embeddings.load_state_dict(image_model.extra_tok_embeddings.state_dict())
+        take_tensors(model.extra_tok_embeddings, image_model.extra_tok_embeddings)
     model.set_trainable(VIDEO_PARTS)
     return model
+
+
+def take_tensors(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """`dst`'s parameters and buffers become `src`'s (the same names and shapes), not copies: on a meta-device
+    build a tensor still to be read from a bundle (`lazy_adapter_weights`) stays so, and each process of a sharded
+    run reads only its rows of it."""
+    mine = dict(dst.state_dict(keep_vars=True))
+    for name, t in src.state_dict(keep_vars=True).items():
+        if name not in mine or mine[name].shape != t.shape:
+            raise ValueError(f"{name}: {tuple(t.shape)} has no counterpart of that shape in the video model")
+        owner, _, attr = name.rpartition(".")
+        module = dst.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr] = t
+        else:
+            module._buffers[attr] = t
 
 
 def load_video_bundle(path: str | Path) -> tuple[MultimodalLM, Tokenizer, TileTransform, dict[str, Any]]:

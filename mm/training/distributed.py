@@ -6,12 +6,15 @@ process.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from mm.training import rank_failure
 
 
 def is_distributed() -> bool:
@@ -62,7 +65,8 @@ def init_distributed() -> bool:
         torch.cuda.set_device(local_rank())
     if "MASTER_ADDR" in os.environ or not forced:
         dist.init_process_group(backend=process_group_backend(cuda))
-    else:  # one process outside torchrun: an in-memory store
+        rank_failure.start_watch(dist.get_rank())  # a failing process ends the group (`rank_failure`)
+    else:  # one process outside torchrun: an in-memory store (no peer to watch)
         dist.init_process_group(
             backend=process_group_backend(cuda), store=dist.HashStore(), rank=0, world_size=1
         )
@@ -76,6 +80,7 @@ def shards() -> bool:
 
 def shutdown() -> None:
     """Leave the process group."""
+    rank_failure.stop_watch()
     if is_distributed():
         dist.destroy_process_group()
 
@@ -213,14 +218,30 @@ def set_grad_sync(model: nn.Module, sync: bool) -> None:
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm (0 = measure only); works on sharded (DTensor) gradients."""
+    """Clip the global gradient norm (0 = measure only); works on sharded (DTensor) gradients, and on a mix of
+    sharded and replicated ones (the two norms combined: one foreach kernel cannot take both)."""
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
+    sharded = [p for p in grads if hasattr(p.grad, "device_mesh")]
+    plain = [p for p in grads if not hasattr(p.grad, "device_mesh")]
+    if not sharded or not plain:
+        limit = max_norm if max_norm > 0 else float("inf")
+        return _full_float(torch.nn.utils.clip_grad_norm_(grads, limit, foreach=True))
+    norms = [
+        _full_float(torch.nn.utils.get_total_norm([p.grad for p in ps], foreach=True))
+        for ps in (sharded, plain)
+    ]
+    total = math.sqrt(sum(n * n for n in norms))
+    coef = max_norm / (total + 1e-6)  # as `clip_grad_norm_`
+    if max_norm > 0 and coef < 1:
+        for ps in (sharded, plain):
+            torch._foreach_mul_([p.grad for p in ps], coef)
+    return total
+
+
+def _full_float(norm: torch.Tensor) -> float:
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -91,6 +91,16 @@ class ParallelPlan:
         """Whether FSDP2 shards the model (several processes)."""
         return self.fsdp_units is not None
 
+    def whole_parameters(self, params: list[nn.Parameter]) -> set[int]:
+        """The ids of those of `params` that FSDP2 leaves whole (unsharded) under several processes: those of
+        the `replicated` modules and those outside `root`; all of them when nothing is sharded. The same set in
+        one process as in several (the trainer's AdamW groups keep them apart: `param_groups`)."""
+        if not self.sharded:
+            return {id(p) for p in params}
+        in_root = {id(p) for p in self.root.parameters()}
+        kept = {id(p) for m in self.replicated for p in m.parameters()}
+        return {id(p) for p in params if id(p) in kept or id(p) not in in_root}
+
 
 def parallelize_model(
     plan: ParallelPlan, train: TrainConfig, mesh: Any = None, mp_policy: Any = None

@@ -11,7 +11,8 @@ verification, evaluation, export and summary, done once here for whatever `Stage
 Multi-process runs (torchrun): every process builds the same model on the meta device, keeps only its shard of
 it (`mm.training.materialize`: the same values as a one-process build under the same seed) and reads only its
 share of the data; the trainer averages gradients (FSDP2 for the stages that shard their model, an all-reduce
-for replicated ones).
+for replicated ones). An exception on one process ends them all at once, with its traceback prefixed by its
+rank (`mm.training.rank_failure`), rather than leaving the others in a collective until the backend's timeout.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from mm.training.config import config_to_yaml
 from mm.training.freeze import FrozenLMChanged, fingerprint, fingerprint_tensors
 from mm.training.materialize import InitRecord, materialize, record_init
 from mm.training.parallelize import frozen_dtype, mixed_precision, parallelize_model
+from mm.training.rank_failure import end_group_on_failure
 from mm.training.services import autocast_context
 from mm.training.stage import Stage, StageContext, stage_class
-from mm.training.trainer import Trainer, setup_run
+from mm.training.trainer import Trainer, TrainingDiverged, setup_run
 
 
 class FrozenPartChanged(FrozenLMChanged):
@@ -118,7 +120,14 @@ def run(
     cfg: Any, *, resume: bool = False, before_step: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
     """Train the stage `cfg` describes; write OUT/final and OUT/summary.json; return the summary.
-    `before_step(step)` runs before every optimizer step (e.g. the demo's thread budget)."""
+    `before_step(step)` runs before every optimizer step (e.g. the demo's thread budget). Under several
+    processes an exception on one ends every process of the group at once, with that process's traceback
+    (`rank_failure`; a divergence exits with status 3, as `mm train` does in one process)."""
+    with end_group_on_failure({TrainingDiverged: 3}):
+        return _run(cfg, resume=resume, before_step=before_step)
+
+
+def _run(cfg: Any, *, resume: bool, before_step: Callable[[int], None] | None) -> dict[str, Any]:
     tr = cfg.train
     device = setup_run(tr)
     stage = stage_for(cfg, context(cfg, device, resume=resume))

@@ -40,17 +40,30 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int, anneal_steps: int = 0) 
     return start * max(0.0, 1 - (step - decay_end + 1) / max(1, anneal_steps))
 
 
-def param_groups(params: list[tuple[str, nn.Parameter]], optim: OptimConfig) -> list[dict[str, Any]]:
+def param_groups(
+    params: list[tuple[str, nn.Parameter]], optim: OptimConfig, apart: set[int] | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices only; `optim.lr_mult` scales the LR of parameters whose name
-    contains a given substring (first match wins), e.g. {"gate": 10} for the cross-attention gates."""
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    contains a given substring (first match wins), e.g. {"gate": 10} for the cross-attention gates. The
+    parameters whose ids are in `apart` never share a group with the others: FSDP2 shards the others and leaves
+    these whole (`ParallelPlan.whole_parameters`), and AdamW's foreach and fused kernels take a group's tensors
+    as one list, which cannot mix DTensors and plain tensors."""
+    apart = apart or set()
+    groups: dict[tuple[bool, float, bool], list[nn.Parameter]] = {}
     for name, p in params:
         mult = next((m for pat, m in optim.lr_mult.items() if pat in name), 1.0)
-        groups.setdefault((p.dim() >= 2, float(mult)), []).append(p)
-    return [
+        groups.setdefault((p.dim() >= 2, float(mult), id(p) in apart), []).append(p)
+    out = [
         {"params": ps, "weight_decay": optim.weight_decay if decay else 0.0, "lr_mult": mult}
-        for (decay, mult), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+        for (decay, mult, _), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1], kv[0][2]))
     ]
+    for g in out:
+        if len({hasattr(p, "device_mesh") for p in g["params"]}) > 1:
+            raise ValueError(
+                "an AdamW group mixes sharded (DTensor) and whole parameters: list the modules FSDP2 leaves "
+                "whole in the stage's ParallelPlan.replicated"
+            )
+    return out
 
 
 def resolve_device(name: str) -> torch.device:

@@ -104,8 +104,11 @@ class Trainer(RunCheckpoints):
             self.world == 1
             and all(p.dtype == torch.float32 and not hasattr(p, "device_mesh") for _, p in self.params)
         )
+        # Parameters FSDP2 leaves whole get AdamW groups of their own (in any number of processes, so that a
+        # checkpoint's groups are the same whichever number wrote it): a group never mixes them with DTensors.
+        whole = stage.parallel_plan().whole_parameters([p for _, p in self.params])
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.params, optim),
+            param_groups(self.params, optim, apart=whole),
             lr=optim.lr,
             betas=(optim.beta1, optim.beta2),
             eps=optim.eps,

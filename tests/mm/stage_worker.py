@@ -4,7 +4,9 @@
 
 JOBS.json lists {"config": YAML path, "resume": bool (optional)}; each config is run with
 `mm.training.runner.run`. With MM_TEST_GATHERS=FILE set, every collective that gathers tensors (all-gathers,
-`DTensor.full_tensor`) during a checkpoint save is counted, and the counts per process appended to FILE.
+`DTensor.full_tensor`) during a checkpoint save is counted, and the counts per process appended to FILE. With
+MM_TEST_TRAINABLE=FILE set, each process appends, as training starts, the type of every trained parameter (by
+name) and the types in each AdamW group.
 """
 
 import json
@@ -22,6 +24,8 @@ def main() -> None:
     import yaml
 
     gathers = count_gathers_during_saves() if os.environ.get("MM_TEST_GATHERS") else None
+    if os.environ.get("MM_TEST_TRAINABLE"):
+        record_trainable(os.environ["MM_TEST_TRAINABLE"])
     for job in json.loads(open(sys.argv[1]).read()):
         name = yaml.safe_load(open(job["config"]).read())["stage"]
         run(load_config(stage_class(name).config_class, job["config"]), resume=job.get("resume", False))
@@ -58,6 +62,25 @@ def count_gathers_during_saves() -> dict[str, int]:
 
     Trainer.save = save
     return counts
+
+
+def record_trainable(path: str) -> None:
+    """Append this process's trained parameter types and AdamW group types to `path` as training starts."""
+    from mm.training.trainer import Trainer
+
+    real_fit = Trainer.fit
+
+    def fit(self, resume=False):
+        rec = {
+            "rank": distributed.rank(),
+            "params": {n: type(p).__name__ for n, p in self.params},
+            "groups": [sorted({type(p).__name__ for p in g["params"]}) for g in self.optimizer.param_groups],
+        }
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        return real_fit(self, resume)
+
+    Trainer.fit = fit
 
 
 if __name__ == "__main__":

@@ -40,7 +40,11 @@ from mm.formats.hf_mllama.files import (
     tensor_locations,
 )
 from mm.formats.hf_mllama.text import XATTN_NAMES
-from mm.formats.hf_mllama.vision import load_mllama_vision_state_dict, mllama_image_encoder
+from mm.formats.hf_mllama.vision import (
+    lazy_mllama_vision,
+    load_mllama_vision_state_dict,
+    mllama_image_encoder,
+)
 from mm.lm import Transformer
 from mm.lm.model import rope_inv_freq
 from mm.models.multimodal import MultimodalLM
@@ -94,7 +98,8 @@ def load_hf_mllama(
     `device="meta"` reads lazily, for a build recorded by `mm.training.materialize.record_init`: the LM, its
     extra token embeddings and the cross-attention layers stay on the meta device with a `lazy_source` each
     (a sharded run reads only each process's rows; the LM in `lm_dtype` when its tensors are stored in it),
-    the vision model's tensors are read whole (its q, k, v are fused) and copied in by recorded operations.
+    and so do the vision model's parameters (`lazy_mllama_vision`: timm's fused q, k, v rows read from the three
+    stored projections).
 
     `hf_row_compat=True` reproduces transformers' logits also on rows that see no image (module docstring);
     `intermediate_from="block_output"` reproduces transformers 5.x's vision features (the default reads the
@@ -137,7 +142,7 @@ def _lazy_mllama(
     lm_dtype: torch.dtype,
     trainable: tuple[str, ...],
 ) -> MultimodalLM:
-    """`load_hf_mllama(..., device="meta")`: sources for the language side, the vision side read whole."""
+    """`load_hf_mllama(..., device="meta")`: a lazy source for every parameter, language and vision side."""
     where = tensor_locations(path)
     check_tensors(path, expected, where, allow_unexpected=False)
     lm_keys = [k for k in expected if k.startswith("language_model.")]
@@ -174,13 +179,7 @@ def _lazy_mllama(
     model.lm.inv_freq.lazy_source = ComputedTensor(
         functools.partial(rope_inv_freq, c.hd, c.rope_theta, c.rope_scaling)
     )
-    vision = {k: v for k, v in expected.items() if not k.startswith("language_model.")}
-    hf = read_expected(path, vision, dtype=dtype, allow_unexpected=True)
-    load_mllama_vision_state_dict(
-        model.image_encoder,
-        {k[len("vision_model.") :]: v for k, v in hf.items() if k.startswith("vision_model.")},
-        {p: hf[f"multi_modal_projector.{p}"] for p in ("weight", "bias")},
-    )
+    lazy_mllama_vision(model.image_encoder, where)  # each process reads its rows of the vision tensors too
     model.set_trainable(trainable)
     return model.eval()
 

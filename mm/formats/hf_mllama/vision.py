@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mm.encoders.image import ImageEncoder, ImageEncoderConfig
+from mm.formats.hf_llama import ComputedTensor, SafetensorsTensor
 from mm.formats.hf_mllama.config import MllamaCheckpointError
 from mm.lm.io import load_checked
 
@@ -104,6 +108,85 @@ def load_mllama_vision_state_dict(
         if k not in out and k.endswith(zero_ok):
             out[k] = torch.zeros_like(v)
     load_checked(encoder, out, "Mllama vision state dict")
+
+
+@dataclass(frozen=True)
+class ConcatRows:
+    """A lazily read tensor that is several stored tensors concatenated along dim 0 (timm's fused q, k, v rows);
+    `read(start, stop)` reads only the stored rows that fall in start:stop."""
+
+    parts: tuple[SafetensorsTensor, ...]
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop of the concatenation, on the CPU."""
+        stop = sum(p.rows for p in self.parts) if stop is None else stop
+        out, offset = [], 0
+        for p in self.parts:
+            lo, hi = max(start, offset), min(stop, offset + p.rows)
+            if lo < hi:
+                out.append(p.read(lo - offset, hi - offset))
+            offset += p.rows
+        return torch.cat(out, dim=0)
+
+
+@dataclass(frozen=True)
+class Reshaped:
+    """A small stored tensor read whole and reshaped to ours (the class token (D,) -> (1, 1, D), the position
+    embedding (N, D) -> (1, N, D): dim 0 of ours is 1, so rows of ours are not rows of the stored one)."""
+
+    source: SafetensorsTensor
+    shape: tuple[int, ...]
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop of the reshaped tensor."""
+        return self.source.read().reshape(self.shape)[start:stop]
+
+
+def lazy_mllama_vision(encoder: ImageEncoder, where: Mapping[str, tuple[Path, str]]) -> None:
+    """Give every parameter of a meta-device `encoder` a `lazy_source` reading its values from the Mllama
+    checkpoint's `vision_model.*` and `multi_modal_projector.*` tensors (`where`: canonical name -> (file, name
+    in it); names and shapes already checked), in the parameter's dtype. A sharded run then reads only each
+    process's rows of each tensor (`mm.training.materialize`), as for the LM; the biases Mllama lacks are zeros.
+    Mapping as `load_mllama_vision_state_dict`."""
+    params = dict(encoder.named_parameters())
+    names, shapes = _vision_names(encoder)
+
+    def stored(hf: str, dtype: torch.dtype) -> SafetensorsTensor:
+        file, key = where[hf]
+        return SafetensorsTensor(file, key, _rows(file, key), None, 0, dtype)
+
+    sources = {}
+    for hf_key, ours in names:
+        p = params[ours]
+        if "{}" in hf_key:
+            sources[ours] = ConcatRows(
+                tuple(stored(f"vision_model.{hf_key.format(x)}", p.dtype) for x in "qkv")
+            )
+        elif ours in shapes:
+            sources[ours] = Reshaped(stored(f"vision_model.{hf_key}", p.dtype), tuple(p.shape))
+        else:
+            sources[ours] = stored(f"vision_model.{hf_key}", p.dtype)
+    for part in ("weight", "bias"):
+        sources[f"project.{part}"] = stored(f"multi_modal_projector.{part}", params[f"project.{part}"].dtype)
+    zero_ok = (".attn.proj.bias", ".attn.qkv.bias", "patch_embed.proj.bias")
+    for name, p in params.items():
+        if name not in sources and name.endswith(zero_ok):
+            sources[name] = ComputedTensor(functools.partial(torch.zeros, tuple(p.shape), dtype=p.dtype))
+    unfilled = sorted(set(params) - set(sources))
+    if unfilled:
+        raise ValueError(
+            f"Mllama vision checkpoint has no tensor for image encoder parameters {unfilled[:5]}"
+        )
+    for name, src in sources.items():
+        params[name].lazy_source = src
+
+
+def _rows(file: Path, key: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        shape = f.get_slice(key).get_shape()
+    return int(shape[0]) if shape else 1
 
 
 def mllama_vision_state_dict(encoder: ImageEncoder) -> dict[str, torch.Tensor]:
