@@ -176,6 +176,10 @@ def to_spanish(sentence: str) -> str:
     text = sentence.strip()
     stop = text.endswith(".")
     body = text[:-1] if stop else text
+    if "." in body:
+        raise ValueError(
+            f"cannot translate {sentence!r} into Spanish: a full stop before its end (one sentence at a time)"
+        )
     words = body.split()
     if not words:
         raise ValueError(f"cannot translate {sentence!r} into Spanish: there is no sentence")
