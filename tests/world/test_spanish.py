@@ -266,3 +266,26 @@ def test_speech_manifest_has_the_spanish(tmp_path):
     with tarfile.open(manifest.parent / "train-00000.tar") as tar:
         meta = json.loads(tar.extractfile("000000.json").read())
     assert meta["spanish"] == recs[0]["spanish"] and meta["text"] == recs[0]["text"]
+
+
+def test_speech_translation_rows_mirror_the_corpus_lines(tmp_path):
+    """A speech-stage row (speech, AST prompt, Spanish) has, after the speech, the very tokens that follow the
+    English sentence in the corpus's parallel line: the speech takes the sentence's place."""
+    import torch
+
+    from mm.datasets.audio import SpeechCollator
+
+    path = synth_text(tmp_path, n=400, seed=2)
+    tok = Tokenizer.train(read_documents(path, doc_split="line"), 320)
+    col = SpeechCollator(tok, ASR_PROMPT, lambda n: n // 8)
+    rng = random.Random(11)
+    for _ in range(20):
+        english = random_sentence(rng)
+        spanish = to_spanish(english)
+        row = col([{"features": torch.zeros(40, 80), "text": spanish, "prompt": AST_PROMPT}])["tokens"][
+            0
+        ].tolist()
+        after_speech = row[row.index(tok.speech_end_id) + 1 :]
+        line = tok.encode(translation_line(english), eos=True)
+        assert line[: len(tok.encode(english))] == tok.encode(english)
+        assert line[len(tok.encode(english)) :] == after_speech
