@@ -5,12 +5,13 @@ The demo, the probe, the bench and the tests use it; no core room (`mm.lm`, `mm.
 wording, sentences), `corpus` (the LM text corpus), `images` (scenes and `synth_shapes`), `variants` (the
 robustness variants of the images), `video` (moving-object clips), `speech` (the spoken world, espeak-ng;
 imported on its own: it needs torchaudio), `scoring` (per-attribute caption scores), `questions` (the
-question families, phrasings and answers), `chat` and `chat_text` (the instruction data, `synth_chat`) and
-`files` (how a split's files, shards and manifest are written).
+question families, phrasings and answers), `chat` and `chat_text` (the instruction data, `synth_chat`),
+`spanish` (the fixed Spanish grammar, `to_spanish`, and the corpus's parallel lines) and `files` (how a split's
+files, shards and manifest are written).
 """
 
 from .chat import CHAT_FILES, DEFAULT_CHAT_COUNTS, chat_counts, synth_chat
-from .corpus import COPY_FRACTION, DEFAULT_TEXT_LINES, SPLITS, synth_text
+from .corpus import COPY_FRACTION, DEFAULT_TEXT_LINES, SPLITS, TRANSLATE_FRACTION, synth_text
 from .grammar import (
     COLOR_SHAPE_PAIRS,
     COLORS,
@@ -49,6 +50,7 @@ from .questions import (
     scene_text,
 )
 from .scoring import caption_attribute_report
+from .spanish import to_spanish, translation_line
 from .variants import DEFAULT_VARIANT_COUNT, VARIANT_KINDS, synth_shapes_variants
 from .video import DEFAULT_MOTION_COUNTS, MOTION_FPS, MotionClip, encode_mp4, motion_clip, synth_motion
 
@@ -73,6 +75,7 @@ __all__ = [
     "SPLITS",
     "TEMPLATES",
     "TRAIN_PAIRS",
+    "TRANSLATE_FRACTION",
     "VARIANT_KINDS",
     "MotionClip",
     "Question",
@@ -102,4 +105,6 @@ __all__ = [
     "synth_shapes",
     "synth_shapes_variants",
     "synth_text",
+    "to_spanish",
+    "translation_line",
 ]

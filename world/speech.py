@@ -11,7 +11,8 @@ Splits (`synth_speech`):
   English voices and variants never heard in training (clip i uses voice i mod 7), same speed/pitch ranges.
 
 Files: `out_dir/speech/{split}/{i:06d}.wav`, a JSONL manifest `out_dir/speech/{split}.jsonl` (`audio` relative
-to the manifest's folder, `text`, `voice`, `speed`, `pitch`, `seconds`) and WebDataset shards
+to the manifest's folder, `text`, `voice`, `speed`, `pitch`, `seconds`, and `spanish`: the text's translation by
+`mm.world.spanish.to_spanish`, the speech translation target) and WebDataset shards
 `out_dir/speech/{split}-{k:05d}.tar` (`.wav`, `.txt`, `.json`) that `mm.datasets.audio` reads. Clip i of a split
 has its own RNG, so the same (n, seed, split) gives identical bytes.
 """
@@ -34,6 +35,7 @@ import torchaudio
 
 from .files import write_split
 from .grammar import random_sentence
+from .spanish import to_spanish
 
 __all__ = [
     "DEFAULT_SPEECH_COUNTS",
@@ -152,8 +154,8 @@ def synth_speech(
         clips = list(pool.map(speak, range(n)))
 
     def sample(i: int) -> tuple[bytes, dict]:
-        """Clip i: WAV bytes and metadata."""
+        """Clip i: WAV bytes and metadata (with the Spanish of its text)."""
         wav, seconds = clips[i]
-        return wav, {**params[i], "seconds": round(seconds, 4)}
+        return wav, {**params[i], "seconds": round(seconds, 4), "spanish": to_spanish(params[i]["text"])}
 
     return write_split(Path(out_dir) / "speech", split, n, shard_size, ("audio", "wav"), sample)
