@@ -6,7 +6,8 @@ them, and repeat lines (`COPY_FRACTION` of them): a sentence, then the ASR promp
 the LM to copy from its context. The speech stage relies on it: its rows are the speech embeddings (in the
 first sentence's place), then the prompt and the transcript.
 
-Parallel lines (`translate_fraction` of them, `TRANSLATE_FRACTION` by default) have the same layout with the
+Parallel lines (`translate_fraction` of them; none by default until the speech stage trains translation, then
+`TRANSLATE_FRACTION`) have the same layout with the
 AST prompt and the sentence's Spanish (`mm.world.spanish`, the design's fixed grammar) as the target:
 `there is a small green triangle. Translate the following sentence into Spanish: hay un triángulo verde
 pequeño.`, so the LM translates text, and the speech stage's translation rows (speech, the AST prompt, the
@@ -88,7 +89,7 @@ def synth_text(
     n: int | None = None,
     seed: int = 0,
     split: str = "train",
-    translate_fraction: float = TRANSLATE_FRACTION,
+    translate_fraction: float = 0.0,
 ) -> Path:
     """Write the LM text corpus to `out_dir/text/{split}.txt` (one document per line) and return its path.
 

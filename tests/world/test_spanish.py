@@ -210,7 +210,9 @@ def _parallel(lines):
 
 
 def test_corpus_parallel_lines_at_the_fraction_asked(tmp_path):
-    lines = synth_text(tmp_path / "d", n=3000, seed=0).read_text(encoding="utf-8").splitlines()
+    assert not _parallel(synth_text(tmp_path / "o", n=500, seed=0).read_text(encoding="utf-8").splitlines())
+    lines = synth_text(tmp_path / "d", n=3000, seed=0, translate_fraction=TRANSLATE_FRACTION)
+    lines = lines.read_text(encoding="utf-8").splitlines()
     par = _parallel(lines)
     assert abs(len(par) / len(lines) - TRANSLATE_FRACTION) < 0.02 and TRANSLATE_FRACTION == 0.1
     for line in par:
@@ -226,7 +228,9 @@ def test_corpus_parallel_lines_at_the_fraction_asked(tmp_path):
     quarter = synth_text(tmp_path / "q", n=3000, seed=0, translate_fraction=0.25).read_text(encoding="utf-8")
     assert abs(len(_parallel(quarter.splitlines())) / 3000 - 0.25) < 0.03
     held = (
-        synth_text(tmp_path / "d", n=1000, seed=0, split="heldout").read_text(encoding="utf-8").splitlines()
+        synth_text(tmp_path / "d", n=1000, seed=0, split="heldout", translate_fraction=TRANSLATE_FRACTION)
+        .read_text(encoding="utf-8")
+        .splitlines()
     )
     assert 50 < len(_parallel(held)) < 150
 
