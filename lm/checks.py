@@ -14,6 +14,11 @@ from collections.abc import Callable
 import torch
 
 
+def asserts_on_device(t: torch.Tensor) -> bool:
+    """Whether a check on `t` is queued as a device-side assertion rather than read on the host (CUDA)."""
+    return t.is_cuda
+
+
 def check_on_host_or_async(
     cond: torch.Tensor,
     message: str,
@@ -27,11 +32,11 @@ def check_on_host_or_async(
         raise ValueError(
             f"check_on_host_or_async needs a one-element condition, got shape {tuple(cond.shape)}"
         )
-    if cond.is_cuda:
+    if asserts_on_device(cond):
         torch._assert_async(cond.reshape(()), message)
         return
     if not bool(cond):
         raise error(detail() if detail is not None else message)
 
 
-__all__ = ["check_on_host_or_async"]
+__all__ = ["asserts_on_device", "check_on_host_or_async"]

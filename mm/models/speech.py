@@ -161,10 +161,11 @@ class SpeechLM(nn.Module):
         (no host sync): every row's least blank frame is found, and added where the row keeps nothing else."""
         logits, _, keep = self.ctc_greedy(speech, counts)
         blank = logits.shape[-1] - 1
-        in_row = torch.arange(keep.shape[1], device=keep.device)[None, :] < counts[:, None]
+        frames = torch.arange(keep.shape[1], device=keep.device)
+        in_row = frames[None, :] < counts[:, None]
         empty = ~keep.any(1)  # (B,)
         blank_logp = logits.float().log_softmax(-1)[..., blank].masked_fill(~in_row, float("inf"))
-        least = F.one_hot(blank_logp.argmin(1), keep.shape[1]).bool()  # (B, S)
+        least = frames[None, :] == blank_logp.argmin(1)[:, None]  # (B, S) (F.one_hot reads the ids' range)
         return keep | (least & empty[:, None])
 
     def ctc_loss(
