@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm.adapters.speech import SpeechAdapterConfig
 from mm.encoders.clip import _right_padded_lengths, clip_loss
-from mm.encoders.speech import SpeechEncoderConfig
+from mm.encoders.speech import BestRQ, BestRQConfig, SpeechEncoder, SpeechEncoderConfig
 from mm.lm import Transformer, checks, preset
 from mm.lm.checks import check_on_host_or_async
 from mm.models.speech import SpeechLM
@@ -215,3 +215,19 @@ def test_training_forward_and_backward_read_no_device_value(monkeypatch):
         _right_padded_lengths(torch.tensor([[1, 1, 0], [1, 0, 0]]))
     assert reads.seen == []
     assert len(queued) == 5  # token ids (two models), speech slots, positives' diagonal, right padding
+
+
+def test_bestrq_loss_leaves_its_accuracy_on_the_device():
+    """BEST-RQ's training loss reads no scalar on the host (its accuracy stays a tensor); only the gather of the
+    masked frames (a boolean index: their number) remains."""
+    torch.manual_seed(0)
+    enc = SpeechEncoder(SpeechEncoderConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64, dropout=0.0))
+    m = BestRQ(enc, BestRQConfig(n_codebooks=2, codebook_size=16))
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[:, 2:6] = True
+    with HostReads() as reads:
+        loss, info = m.loss(torch.randn(2, 40, 80), torch.tensor([40, 32]), mask, torch.randn(2, 10, 320))
+        loss.backward()
+    assert "_local_scalar_dense" not in reads.seen and set(reads.seen) <= {"nonzero"}
+    acc = info["accuracy"]
+    assert isinstance(acc, torch.Tensor) and acc.shape == () and 0 <= float(acc) <= 1
