@@ -104,18 +104,19 @@ class SpeechLM(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) (or (B, 1, V) of the last position with `last_only`; with `labels` (B, T) the LM's
         summed cross-entropy instead, `loss_chunk` tokens at a time). Training: `features`, `feature_lengths`,
-        `speech_mask`. Generation: a precomputed
-        `speech` context, spliced on the forward over the whole prompt (the first one, cache empty; its mask must
-        have the tokens' shape, else ValueError) and ignored on the later one-token forwards."""
+        `speech_mask`. Generation: a precomputed `speech` context, spliced on the forward over the whole prompt
+        (the first one, cache empty; its mask must have the tokens' shape, else ValueError) and ignored on the
+        later one-token forwards."""
         h = self.lm.embed(tokens)
         sp = counts = None
         if features is not None:
             sp, counts = self.encode_speech(features, feature_lengths)
             h = self.splice(h, speech_mask, sp, counts)
             if self.speech_adapter.cfg.ctc_compress:  # hide the blank/repeat frames, close the position gaps
-                keep = self.kept_frames(sp, counts)  # a slot is valid where its frame is kept
-                rank = slot_rank(speech_mask, max(sp.shape[1], 1))
-                valid = speech_mask.logical_not() | keep.gather(1, rank) if sp.shape[1] else ~speech_mask
+                valid = ~speech_mask  # a text position, or a slot whose frame is kept
+                if sp.shape[1]:
+                    keep = self.kept_frames(sp, counts)
+                    valid = valid | keep.gather(1, slot_rank(speech_mask, sp.shape[1]))
                 attention_mask = valid if attention_mask is None else attention_mask & valid
                 positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         elif speech is not None and (cache is None or cache.length == 0):  # the forward over the whole prompt
@@ -126,9 +127,8 @@ class SpeechLM(nn.Module):
                     "same (batch, length): the context must cover the whole prompt of the first forward"
                 )
             h = torch.where(speech.mask[..., None], speech.embeds.to(h.dtype), h)
-        kw: dict[str, Any] = (
-            {"last_only": True} if last_only else {}
-        )  # only when asked: older LMs lack the flag
+        # each flag only when asked: older LMs lack `last_only`
+        kw: dict[str, Any] = {"last_only": True} if last_only else {}
         if labels is not None:
             kw.update(labels=labels, loss_chunk=loss_chunk)
         logits = self.lm(
