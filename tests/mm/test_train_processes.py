@@ -1,5 +1,6 @@
 """Whole-process behaviour of `mm pretrain-lm`: SIGKILL + --resume reproduces the uninterrupted losses,
-SIGTERM saves before exiting, 2-process FSDP2 (gloo, its LM loss in chunks) equals one process (the README commands: tests/test_readme.py)."""
+SIGTERM saves before exiting, 2-process FSDP2 (gloo, its LM loss in chunks) equals one process (the README
+commands: tests/test_readme.py)."""
 
 import json
 import os
