@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.lm import LMConfig, Transformer
+from mm.lm.checks import check_on_host_or_async
 
 from .image import ImageEncoder
 
@@ -95,14 +96,15 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Lengths (B,) of a right-padded mask (B, T) of 1s then 0s; anything else is an error."""
+    """Lengths (B,) of a right-padded mask (B, T) of 1s then 0s; anything else is an error (on CUDA a device-side
+    assertion: no host sync)."""
     mask = attention_mask.bool()
     lengths = mask.sum(1)
     positions = torch.arange(mask.shape[1], device=mask.device)
-    if not torch.equal(mask, positions[None, :] < lengths[:, None]) or int(lengths.min()) < 1:
-        raise ValueError(
-            "attention_mask must be right-padded (1s then 0s) with at least one real token per row"
-        )
+    ok = (mask == (positions[None, :] < lengths[:, None])).all() & (lengths >= 1).all()
+    check_on_host_or_async(
+        ok, "attention_mask must be right-padded (1s then 0s) with at least one real token per row"
+    )
     return lengths
 
 
@@ -285,9 +287,10 @@ def clip_loss(
         raise ValueError(
             f"clip_loss: positives must be ({total}, {total}) (the gathered batch), got {tuple(positives.shape)}"
         )
-    if not bool(positives.diagonal().all()):
-        raise ValueError("clip_loss: positives must include every pair on the diagonal")
     positives = positives.to(logits.device)
+    check_on_host_or_async(
+        positives.diagonal().all(), "clip_loss: positives must include every pair on the diagonal"
+    )
 
     def multi(lg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         per_row = lg.logsumexp(-1) - lg.masked_fill(~pos, float("-inf")).logsumexp(-1)

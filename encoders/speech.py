@@ -289,9 +289,10 @@ class BestRQ(nn.Module):
 
     def loss(
         self, feats: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-entropy summed over masked frames, averaged over codebooks; mask (B, T') and noise
-        (B, T', 320) from `mask_and_noise()`. Also returns the code accuracy on the masked frames."""
+        (B, T', 320) from `mask_and_noise()`. Also returns the code accuracy on the masked frames (a 0-dim
+        tensor, not read on the host here: no sync per training step)."""
         stacked = self.encoder.stacker.stacked(feats)[:, : mask.shape[1]]
         n = self.encoder.out_lengths(lengths)
         targets = self.targets(stacked)  # (B, T', C)
@@ -299,5 +300,5 @@ class BestRQ(nn.Module):
         logits = self.heads(out[mask]).view(-1, self.cfg.n_codebooks, self.cfg.codebook_size)  # (M, C, K)
         tgt = targets[mask]  # (M, C)
         ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="sum")
-        acc = float((logits.argmax(-1) == tgt).float().mean()) if tgt.numel() else 0.0
+        acc = (logits.argmax(-1) == tgt).float().mean().detach() if tgt.numel() else ce.new_zeros(())
         return ce / self.cfg.n_codebooks, {"accuracy": acc}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
+from .checks import check_on_host_or_async
 from .config import LMConfig, RopeScaling
 from .doc_attention import (
     DocSegments,
@@ -38,6 +39,7 @@ from .doc_attention import (
     varlen_document_attention,
 )
 from .kv_cache import KVCache
+from .loss import head_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -223,13 +225,20 @@ class Transformer(nn.Module):
 
     # ---- pieces -------------------------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> embeddings (B, T, D), after checking every id is in the vocabulary."""
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)]
-            raise ValueError(
-                f"token id {int(bad[0])} is outside the vocabulary [0, {self.cfg.vocab_size}) "
-                f"({bad.numel()} such ids in the batch)"
-            )
+        """Token ids (B, T) -> embeddings (B, T, D), after checking every id is in the vocabulary (on CUDA a
+        device-side assertion: no host sync)."""
+        V = self.cfg.vocab_size
+        if tokens.numel():
+
+            def detail() -> str:
+                bad = tokens[(tokens < 0) | (tokens >= V)]
+                n = bad.numel()
+                return (
+                    f"token id {int(bad[0])} is outside the vocabulary [0, {V}) ({n} such ids in the batch)"
+                )
+
+            inside = ((tokens >= 0) & (tokens < V)).all()
+            check_on_host_or_async(inside, f"a token id is outside the vocabulary [0, {V})", detail)
         return self.tok_embeddings(tokens)
 
     def context(
@@ -298,6 +307,11 @@ class Transformer(nn.Module):
         """Final norm and output projection: (B, T, D) -> logits (B, T, V)."""
         return self.output(self.norm(h))
 
+    def head_loss(self, h: torch.Tensor, labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Summed float32 cross-entropy (label -100 ignored) of the head's logits for h (B, T, D) against labels
+        (B, T); `chunk` > 0 tokens at a time, the logits never whole (`loss.head_cross_entropy`)."""
+        return head_cross_entropy(self.head, h, labels, chunk)
+
     # ---- full forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -309,9 +323,13 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        labels: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T) or precomputed input embeddings (B, T, D); (B, 1, V) of the
-        last position only with `last_only` (generation needs no others)."""
+        last position only with `last_only` (generation needs no others). With `labels` (B, T): the summed
+        cross-entropy instead (`head_loss`, `loss_chunk` tokens at a time), inside the forward so that a
+        sharded model gathers the head's weights for it."""
         if (tokens is None) == (input_embeds is None):
             raise ValueError("pass exactly one of tokens or input_embeds")
         h = self.embed(tokens) if tokens is not None else input_embeds
@@ -329,4 +347,6 @@ class Transformer(nn.Module):
             h = layer(h, ctx)
         if cache is not None:
             cache.advance(T)
+        if labels is not None:
+            return self.head_loss(h, labels, loss_chunk)
         return self.head(h[:, -1:] if last_only else h)

@@ -33,7 +33,8 @@ Precision and sharding: torchtitan's defaults, FSDP2 `fully_shard` over N GPUs w
 Activations: `mm.app.plan_activations` (its docstring has the formulas, per part, and the attention kernels).
 
 total = parameters + gradients + optimizer state + activations (per sample x micro-batch, + clip-pretrain's
-contrastive logits per pair and the speech stage's CTC class table per step) + FSDP buffers. It bounds the peak from above:
+contrastive logits per pair, the speech stage's CTC class table and one `train.loss_chunk` chunk of the LM loss per
+micro-step) + FSDP buffers. It bounds the peak from above:
 with `zero_grad(set_to_none=True)` no gradient exists yet where activations peak (the start of the backward);
 that slack covers what is not modelled: the CUDA context, NCCL buffers and allocator fragmentation.
 `max_batch`: the largest micro-batch per GPU with total <= --gpu-memory (0: even parameters and state do not fit).
@@ -63,6 +64,7 @@ from mm.app.plan_activations import (
     largest_batch,
     lm_layer_bytes,
     lm_layer_selective_bytes,
+    loss_chunk_bytes,
     vit_block_bytes,
     xattn_media_bytes,
     xattn_text_bytes,
@@ -224,7 +226,8 @@ def plan(
     modelled = stage.name in ACTIVATION_STAGES
     by_part, transient = activation_bytes(stage, T, ac) if modelled else ({}, 0)
     per_sample = sum(by_part.values()) + transient
-    step = ctc_table_bytes(stage)  # saved once per step, whatever the micro-batch
+    chunk = loss_chunk_bytes(stage) if modelled else 0  # one loss chunk's head, whatever the micro-batch
+    step = ctc_table_bytes(stage) + chunk  # once per micro-step, whatever the micro-batch
     pairs = gpus * contrastive_pair_bytes(stage)  # per (image, text) pair: B x (gpus x B) of them
     fixed = params + grads + optimizer + buffers + step
     budget = int(gpu_memory_gib * GIB)
@@ -253,7 +256,8 @@ def plan(
         "activations_detail_gib": {
             **{k: gib(B * v) for k, v in by_part.items()},
             "backward_transient": gib(B * transient),
-            **({"ctc_table": gib(step)} if step else {}),
+            **({"ctc_table": gib(step - chunk)} if step - chunk else {}),
+            **({"loss_chunk": gib(chunk)} if chunk else {}),
             **({"contrastive_logits": gib(B * B * pairs)} if pairs else {}),
         },
         "params": {

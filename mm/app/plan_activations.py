@@ -27,6 +27,9 @@ d model width, H / KV query / key-value heads, h head width, f SwiGLU width, V v
   the final norm (6d + 4; frozen 4d + 4) + the output projection's input (2d, when it trains); while the loss
   backward runs, the log-probabilities' gradient and the logits' fp32 gradient add 8V: the transient peak of the
   step for Llama-sized vocabularies.
+- Chunked loss (`train.loss_chunk` = c tokens, `mm.lm.loss`): per token only the head's input rows 2d and the
+  targets 8 stay; one chunk's head (its saved bytes and its backward's, as above) is a transient of c tokens
+  whatever the micro-batch (`loss_chunk_bytes`, counted once per micro-step beside the per-sample figures).
 activations(batch) = batch x (everything saved + the largest transient: the loss backward or one recomputed block).
 clip-pretrain, bestrq-pretrain and speech: `mm.app.plan_activations_clip` and `mm.app.plan_activations_speech`
 (their docstrings have the formulas; `activation_bytes` dispatches to them); video: the aggregator and the frozen
@@ -113,6 +116,31 @@ def head_bytes(c: LMConfig, trainable: bool = True) -> tuple[int, int]:
     d, V = c.dim, c.vocab_size
     saved = 4 * V + 8 + (6 * d + 4 + 2 * d if trainable else 4 * d + 4)
     return saved, 8 * V
+
+
+def loss_chunk_tokens(stage: Stage) -> int:
+    """The stage's `train.loss_chunk` (tokens of the LM loss at a time; 0: the whole micro-batch at once)."""
+    return max(0, int(getattr(stage.cfg.train, "loss_chunk", 0)))
+
+
+def loss_chunk_bytes(stage: Stage) -> int:
+    """Bytes of one loss chunk's head, forward and backward, once per micro-step (0 without a chunk or an LM)."""
+    chunk, lm = loss_chunk_tokens(stage), getattr(stage.model, "lm", stage.model)
+    if not chunk or stage.name not in ACTIVATION_STAGES or stage.name in ("clip-pretrain", "bestrq-pretrain"):
+        return 0
+    trainable = {id(p) for _, p in stage.trainable()}
+    saved, extra = head_bytes(lm.cfg, trainable=_trains(lm.output, trainable))
+    return chunk * (saved + extra)
+
+
+def add_head(acts: _Acts, c: LMConfig, trainable: bool, tokens: int, chunked: bool) -> None:
+    """The loss head's per-sample bytes into `acts`: whole, or (chunked) its input rows and targets only."""
+    if chunked:
+        acts.add("logits", (2 * c.dim + 8) * tokens)
+        return
+    saved, extra = head_bytes(c, trainable=trainable)
+    acts.add("logits", saved * tokens)
+    acts.peak(extra * tokens)
 
 
 # ---- activations -----------------------------------------------------------------------------------------------
@@ -224,10 +252,8 @@ def activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[str, int
             kept = min(full, lm_layer_selective_bytes(c)) if ac == "selective-op" else 2 * c.dim
         acts.block("lm_layers", full, kept, T)
         flows = True
-    saved, extra = head_bytes(c, trainable=_trains(lm.output, trainable))
     if flows:
-        acts.add("logits", saved * T)
-        acts.peak(extra * T)
+        add_head(acts, c, _trains(lm.output, trainable), T, bool(loss_chunk_tokens(stage)))
     return acts.saved, acts.transient
 
 

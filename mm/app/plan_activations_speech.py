@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from mm.app.plan_activations import _Acts, head_bytes, lm_layer_bytes
+from mm.app.plan_activations import _Acts, add_head, lm_layer_bytes, loss_chunk_tokens
 
 if TYPE_CHECKING:
     from mm.training.stage import Stage
@@ -127,7 +127,5 @@ def speech_activation_bytes(stage: Stage, seq_len: int, ac: str) -> tuple[dict[s
     if a.ctc_compress:
         biases = 1 if any(id(layer) in ckpt for layer in lm.layers) else len(lm.layers)
         acts.add("attention_mask", seq_len * seq_len * (1 + 2 * biases))
-    saved, extra = head_bytes(c, trainable=False)
-    acts.add("logits", saved * seq_len)
-    acts.peak(extra * seq_len)
+    add_head(acts, c, False, seq_len, bool(loss_chunk_tokens(stage)))
     return acts.saved, acts.transient

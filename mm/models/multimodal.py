@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mm.lm import KVCache, Transformer
+from mm.lm.checks import check_on_host_or_async
 from mm.lm.config import LMConfig
 from mm.models.media import MODALITIES, MediaContext, MediaInput, Modality, media_mask, scatter_kv
 from mm.models.placement import (
@@ -130,9 +131,15 @@ class MultimodalLM(nn.Module):
         if self.extra_tok_embeddings is None:
             return self.lm.embed(tokens)
         V, n = self.lm.cfg.vocab_size, self.input_vocab_size
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= n):
-            bad = tokens[(tokens < 0) | (tokens >= n)]
-            raise ValueError(f"token id {int(bad[0])} is outside [0, {n}) (LM vocabulary {V} + extra tokens)")
+        if tokens.numel():
+            what = f"[0, {n}) (LM vocabulary {V} + extra tokens)"
+
+            def detail() -> str:
+                return f"token id {int(tokens[(tokens < 0) | (tokens >= n)][0])} is outside {what}"
+
+            check_on_host_or_async(
+                ((tokens >= 0) & (tokens < n)).all(), f"a token id is outside {what}", detail
+            )
         extra = tokens >= V
         h = self.lm.tok_embeddings(tokens.masked_fill(extra, 0))  # (B, T, D)
         return torch.where(extra[..., None], self.extra_tok_embeddings((tokens - V).clamp(min=0)), h)
@@ -276,8 +283,11 @@ class MultimodalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        labels: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) of the last position with `last_only`. `media` maps a modality
+        """Logits (B, T, V), or (B, 1, V) of the last position with `last_only`; with `labels` (B, T) the summed
+        cross-entropy instead (`Transformer.head_loss`, `loss_chunk` tokens at a time). `media` maps a modality
         ("image", "video") to its `MediaInput`: a precomputed context (`encode`) and optionally its mask."""
         h = self.embed(tokens)
         B, T, _ = h.shape
@@ -292,6 +302,8 @@ class MultimodalLM(nn.Module):
             h = layer(h, ctx)
         if cache is not None:
             cache.advance(T)
+        if labels is not None:
+            return self.lm.head_loss(h, labels, loss_chunk)
         return self.lm.head(h[:, -1:] if last_only else h)
 
     def _joins(

@@ -20,6 +20,7 @@ from mm.adapters.speech import SpeechAdapter
 from mm.datasets.audio import SpeechCollator
 from mm.encoders.speech import SpeechEncoder
 from mm.lm import Tokenizer, Transformer, generate
+from mm.lm.checks import check_on_host_or_async
 
 
 @dataclass
@@ -66,15 +67,24 @@ class SpeechLM(nn.Module):
     def splice(
         embeds: torch.Tensor, slots: torch.Tensor, speech: torch.Tensor, counts: torch.Tensor
     ) -> torch.Tensor:
-        """Put row b's first counts[b] speech vectors, in order, at the True positions of slots[b]."""
-        valid = torch.arange(speech.shape[1], device=speech.device)[None, :] < counts[:, None]
-        if not torch.equal(slots.sum(1), counts):
+        """Put row b's first counts[b] speech vectors, in order, at the True positions of slots[b]. No host sync:
+        the slot counts are checked on the device on CUDA, and each slot gathers its vector (no boolean index)."""
+        if slots.shape[1] != embeds.shape[1] or counts.shape[0] != embeds.shape[0]:
             raise ValueError(
-                f"speech slots per row {slots.sum(1).tolist()} != speech embeddings {counts.tolist()}"
+                f"speech slots {tuple(slots.shape)} and counts {tuple(counts.shape)} do not match the embeddings "
+                f"{tuple(embeds.shape)} (expected ({embeds.shape[0]}, {embeds.shape[1]}) and ({embeds.shape[0]},))"
             )
-        out = embeds.clone()
-        out[slots] = speech[valid].to(embeds.dtype)
-        return out
+        per_row = slots.sum(1)
+        check_on_host_or_async(
+            (per_row == counts).all(),
+            "speech slots per row != speech embeddings per row",
+            lambda: f"speech slots per row {per_row.tolist()} != speech embeddings {counts.tolist()}",
+        )
+        if speech.shape[1] == 0:  # no speech vector anywhere (so no slot either)
+            return embeds.clone()
+        rank = slot_rank(slots, speech.shape[1])  # (B, T): which of its row's vectors a slot takes
+        picked = speech.gather(1, rank[..., None].expand(-1, -1, speech.shape[2]))
+        return torch.where(slots[..., None], picked.to(embeds.dtype), embeds)
 
     def forward(
         self,
@@ -89,20 +99,24 @@ class SpeechLM(nn.Module):
         cache: Any = None,
         last_only: bool = False,
         return_speech: bool = False,
+        labels: torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) (or (B, 1, V) of the last position with `last_only`). Training: `features`, `feature_lengths`, `speech_mask`. Generation: a precomputed
-        `speech` context, spliced on the forward over the whole prompt (the first one, cache empty; its mask must
-        have the tokens' shape, else ValueError) and ignored on the later one-token forwards."""
+        """Logits (B, T, V) (or (B, 1, V) of the last position with `last_only`; with `labels` (B, T) the LM's
+        summed cross-entropy instead, `loss_chunk` tokens at a time). Training: `features`, `feature_lengths`,
+        `speech_mask`. Generation: a precomputed `speech` context, spliced on the forward over the whole prompt
+        (the first one, cache empty; its mask must have the tokens' shape, else ValueError) and ignored on the
+        later one-token forwards."""
         h = self.lm.embed(tokens)
         sp = counts = None
         if features is not None:
             sp, counts = self.encode_speech(features, feature_lengths)
             h = self.splice(h, speech_mask, sp, counts)
             if self.speech_adapter.cfg.ctc_compress:  # hide the blank/repeat frames, close the position gaps
-                keep = self.kept_frames(sp, counts)
-                valid = torch.ones_like(speech_mask)
-                in_row = torch.arange(sp.shape[1], device=sp.device)[None, :] < counts[:, None]
-                valid[speech_mask] = keep[in_row]
+                valid = ~speech_mask  # a text position, or a slot whose frame is kept
+                if sp.shape[1]:
+                    keep = self.kept_frames(sp, counts)
+                    valid = valid | keep.gather(1, slot_rank(speech_mask, sp.shape[1]))
                 attention_mask = valid if attention_mask is None else attention_mask & valid
                 positions = (valid.long().cumsum(1) - 1).clamp(min=0)
         elif speech is not None and (cache is None or cache.length == 0):  # the forward over the whole prompt
@@ -113,7 +127,10 @@ class SpeechLM(nn.Module):
                     "same (batch, length): the context must cover the whole prompt of the first forward"
                 )
             h = torch.where(speech.mask[..., None], speech.embeds.to(h.dtype), h)
-        kw = {"last_only": True} if last_only else {}  # only passed when asked: older LMs lack the flag
+        # each flag only when asked: older LMs lack `last_only`
+        kw: dict[str, Any] = {"last_only": True} if last_only else {}
+        if labels is not None:
+            kw.update(labels=labels, loss_chunk=loss_chunk)
         logits = self.lm(
             input_embeds=h, positions=positions, attention_mask=attention_mask, cache=cache, **kw
         )
@@ -140,34 +157,40 @@ class SpeechLM(nn.Module):
     def kept_frames(self, speech: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """(B, S) True at the frames CTC compression keeps: where a greedy CTC label starts (`ctc_greedy`).
 
-        A row whose frames are all blank keeps its least blank frame, so no clip loses all its speech."""
+        A row whose frames are all blank keeps its least blank frame, so no clip loses all its speech. Branch-free
+        (no host sync): every row's least blank frame is found, and added where the row keeps nothing else."""
         logits, _, keep = self.ctc_greedy(speech, counts)
         blank = logits.shape[-1] - 1
-        in_row = torch.arange(keep.shape[1], device=keep.device)[None, :] < counts[:, None]
-        empty = ~keep.any(1)
-        if bool(empty.any()):
-            blank_logp = logits.float().log_softmax(-1)[..., blank].masked_fill(~in_row, float("inf"))
-            keep[empty, blank_logp[empty].argmin(1)] = True
-        return keep
+        frames = torch.arange(keep.shape[1], device=keep.device)
+        in_row = frames[None, :] < counts[:, None]
+        empty = ~keep.any(1)  # (B,)
+        blank_logp = logits.float().log_softmax(-1)[..., blank].masked_fill(~in_row, float("inf"))
+        least = frames[None, :] == blank_logp.argmin(1)[:, None]  # (B, S) (F.one_hot reads the ids' range)
+        return keep | (least & empty[:, None])
 
     def ctc_loss(
         self, speech: torch.Tensor, counts: torch.Tensor, targets: torch.Tensor, target_lengths: torch.Tensor
     ) -> torch.Tensor:
-        """Summed CTC loss of the adapter outputs against the transcripts' LM tokens (rows of length 0 skipped)."""
+        """Summed CTC loss of the adapter outputs against the transcripts' LM tokens (rows of length 0 count 0).
+        Branch-free (no host sync): every row's loss is computed and those without a transcript are masked out."""
         rows = target_lengths > 0
-        if not bool(rows.any()):
-            return speech.sum() * 0.0
-        logits = self.speech_adapter.ctc_logits(speech[rows], self.lm.tok_embeddings.weight)
+        logits = self.speech_adapter.ctc_logits(speech, self.lm.tok_embeddings.weight)
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (S, B, V + 1)
-        return F.ctc_loss(
+        per_row = F.ctc_loss(
             log_probs,
-            targets[rows],
-            counts[rows],
-            target_lengths[rows],
+            targets,
+            counts,
+            target_lengths,
             blank=logits.shape[-1] - 1,
-            reduction="sum",
+            reduction="none",
             zero_infinity=True,
         )
+        return torch.where(rows, per_row, 0.0).sum()
+
+
+def slot_rank(slots: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, T) bool slots -> (B, T) index of each slot among its row's slots (0 elsewhere), at most n - 1."""
+    return (slots.long().cumsum(1) - 1).clamp(0, n - 1)
 
 
 @torch.no_grad()

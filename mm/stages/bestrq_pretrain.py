@@ -112,7 +112,7 @@ class BestRQStage(Stage[BestRQPretrainConfig]):
     def build(self, device: torch.device) -> nn.Module:
         """Encoder + frozen random projections and codebooks + one head per codebook."""
         self.model = BestRQ(SpeechEncoder(self.cfg.speech_encoder), self.cfg.bestrq).to(device)
-        self.last_accuracy = 0.0
+        self.last_accuracy = torch.zeros(())  # the last step's code accuracy, left on the device
         return self.model
 
     def frozen(self) -> dict[str, Any]:
@@ -220,7 +220,11 @@ def masked_eval(model: BestRQ, manifest: str, cfg: BestRQPretrainConfig) -> dict
     gens = [sample_generator(1234, i) for i in range(len(samples))]  # the same masks and noise every time
     mask, noise = model.mask_and_noise(batch["feature_lengths"], gens)
     loss, info = model.loss(batch["features"], batch["feature_lengths"], mask, noise)
-    return {"masked_loss": float(loss / mask.sum()), "code_accuracy": info["accuracy"], "n": len(samples)}
+    return {
+        "masked_loss": float(loss / mask.sum()),
+        "code_accuracy": float(info["accuracy"]),
+        "n": len(samples),
+    }
 
 
 def load_bestrq(path: str | Path) -> BestRQ:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mm.adapters.caption_head import CaptionHeadConfig, caption_slot_targets
@@ -265,12 +264,10 @@ class ImageStage(Stage[ImageStageConfig]):
         media = model.encode_media(
             batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
         )
-        logits = model(batch["tokens"], {"image": MediaInput(media, batch["cross_attention_mask"])})
         # rows are right-padded: causal attention keeps pads out of real tokens, no key mask needed
         labels = batch["labels"]
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
+        image = {"image": MediaInput(media, batch["cross_attention_mask"])}
+        loss = model(batch["tokens"], image, labels=labels, loss_chunk=self.cfg.train.loss_chunk)
         head = model.image_aux
         w = self.cfg.caption_head
         if head is not None and w.weight and "media" in media.extra:

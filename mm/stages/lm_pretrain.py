@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mm.datasets.loader import LoaderOptions, ResumableLoader
@@ -187,11 +186,9 @@ class LMPretrainStage(Stage[LMPretrainConfig]):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over label tokens, and their count."""
-        logits = self.model(batch["tokens"], doc_ids=batch["doc_ids"])
         labels = batch["labels"]
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
+        chunk = self.cfg.train.loss_chunk
+        loss = self.model(batch["tokens"], doc_ids=batch["doc_ids"], labels=labels, loss_chunk=chunk)
         return loss, (labels != -100).sum()
 
     def data_state(self) -> dict[str, Any]:

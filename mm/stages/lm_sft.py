@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
@@ -170,11 +169,9 @@ class LMSFTStage(LMPretrainStage):
         """Summed next-token cross-entropy over the label tokens (the assistant's in chat rows, all in plain
         rows), and their count. Rows are right-padded: causal attention keeps the pads out of real tokens.
         Packed held-out batches carry document ids."""
-        logits = self.model(batch["tokens"], doc_ids=batch.get("doc_ids"))
         labels = batch["labels"]
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
+        chunk = self.cfg.train.loss_chunk
+        loss = self.model(batch["tokens"], doc_ids=batch.get("doc_ids"), labels=labels, loss_chunk=chunk)
         return loss, (labels != -100).sum()
 
     def data_stats(self) -> dict[str, Any]:

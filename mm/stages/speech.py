@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
@@ -242,12 +241,11 @@ class SpeechStage(Stage[SpeechStageConfig]):
             feature_lengths=batch["feature_lengths"],
             speech_mask=batch["speech_mask"],
             return_speech=bool(ctc_weight),
+            labels=batch["labels"],
+            loss_chunk=self.cfg.train.loss_chunk,
         )
-        logits = out[0] if ctc_weight else out
+        loss = out[0] if ctc_weight else out
         labels = batch["labels"]
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
         if ctc_weight:
             _, sp, counts = out
             loss = loss + ctc_weight * self.model.ctc_loss(

@@ -266,11 +266,9 @@ class VideoStage(Stage[VideoStageConfig]):
         """Summed cross-entropy over caption tokens (+ the contrastive loss per clip, scaled to tokens)."""
         model = self.model
         video = model.encode_video(frame_features=batch["video_features"], tile_mask=batch["video_tile_mask"])
-        logits = model(batch["tokens"], {"video": MediaInput(video, batch["video_cross_attention_mask"])})
         labels = batch["labels"]  # right-padded rows: causal attention keeps pads out of real tokens
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
+        clips = {"video": MediaInput(video, batch["video_cross_attention_mask"])}
+        loss = model(batch["tokens"], clips, labels=labels, loss_chunk=self.cfg.train.loss_chunk)
         n_tokens = (labels != -100).sum()
         weight = self.cfg.aggregator.contrastive if model.video_aggregator.align is not None else 0.0
         if weight:  # per clip, weighted by its caption tokens: the trainer divides the sum by all tokens

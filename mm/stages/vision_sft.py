@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mm.datasets.chat import ChatDataset
@@ -235,11 +234,8 @@ class VisionSFTStage(Stage[VisionSFTConfig]):
             media["video"] = MediaInput(ctx, batch["video_cross_attention_mask"], rows=batch["video_rows"])
         elif model.video_xattn is not None:
             media["video"] = self.idle("video", tokens)
-        logits = model(tokens, media)
         labels = batch["labels"]
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        )
+        loss = model(tokens, media, labels=labels, loss_chunk=self.cfg.train.loss_chunk)
         return loss, (labels != -100).sum()
 
     def idle(self, kind: str, tokens: torch.Tensor) -> MediaInput:

@@ -115,6 +115,7 @@ class TrainConfig:
     autocast: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | none
     compile: bool = False
     activation_checkpointing: bool = False
+    loss_chunk: int = 0  # LM cross-entropy per this many tokens (lm/loss.py, no whole logits); 0 = at once
     num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
     peak_flops: float = 0.0  # for MFU; 0 = measure a matmul at start
 
