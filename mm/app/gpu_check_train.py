@@ -1,7 +1,7 @@
 """Checks 2 and 3 of `mm.app.gpu_check`: a real-shape LM step, and FSDP2 forced on a one-process group.
 
 `lm_step`: LM layers at the 8B widths (dim 4096, 32 / 8 heads, FFN 14336), vocabulary 128256, one row of 8192
-tokens, activation checkpointing, FSDP2 over a one-process group with the run's mixed-precision policy (what
+tokens, the loss in chunks of 1024 tokens (the preset's `train.loss_chunk`), activation checkpointing, FSDP2 over a one-process group with the run's mixed-precision policy (what
 `mm plan` models at one GPU), fused AdamW; five steps on one batch with compile off, then on. It asserts that the
 loss falls, that the peak allocated and reserved memory lie within 10% of `mm plan`'s total for the same shape,
 that the steps after the first make no host sync (`torch.cuda.set_sync_debug_mode`) and that compile makes no
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mm.app.gpu_check import CheckContext, CheckResult
 
@@ -102,10 +101,13 @@ def build_lm(ctx: CheckContext, compile_: bool) -> tuple[torch.nn.Module, Any]:
     return model, policy
 
 
-def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one packed row (one document)."""
-    logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+LOSS_CHUNK = 1024  # configs/lm/llama3-8b.yaml's train.loss_chunk (what `mm plan` reads for the same shape)
+
+
+def lm_loss(model: torch.nn.Module, tokens: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Mean next-token cross-entropy of one packed row (one document), chunked as the 8B preset trains."""
+    labels = tokens[:, 1:]
+    return model(tokens[:, :-1], labels=labels, loss_chunk=chunk) / labels.numel()
 
 
 def count_syncs(ctx: CheckContext, fn: Any) -> tuple[int, list[str]]:
