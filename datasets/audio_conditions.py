@@ -128,12 +128,22 @@ def set_level(wave: torch.Tensor, dbfs: float, clip: bool = True) -> torch.Tenso
     return (out.clamp(-1, 1) if clip else out).float()
 
 
+# A sharp resampling filter (Kaiser window, cut-off at 0.94 of the lower Nyquist frequency: 3760 Hz at 8 kHz):
+# torchaudio's default leaves about 1 % of broadband power between 3.96 and 4.04 kHz.
+_SHARP = {
+    "lowpass_filter_width": 32,
+    "rolloff": 0.94,
+    "resampling_method": "sinc_interp_kaiser",
+    "beta": 14.77,
+}
+
+
 def telephone(wave: torch.Tensor, sample_rate: int = SAMPLE_RATE, mu_law: bool = True) -> torch.Tensor:
     """The telephone channel: resampled to 8 kHz (nothing above 4 kHz survives), band-passed to 300-3400 Hz
     (two biquads each side), optionally G.711 mu-law quantised (8 bits), and resampled back to `sample_rate`."""
     wave = check_wave(wave)
     _check_rate(sample_rate, minimum=8000)
-    narrow = torchaudio.functional.resample(wave, sample_rate, 8000)
+    narrow = torchaudio.functional.resample(wave, sample_rate, 8000, **_SHARP)
     for _ in range(2):
         narrow = torchaudio.functional.highpass_biquad(narrow, 8000, 300.0)
         narrow = torchaudio.functional.lowpass_biquad(narrow, 8000, 3400.0)
@@ -141,7 +151,7 @@ def telephone(wave: torch.Tensor, sample_rate: int = SAMPLE_RATE, mu_law: bool =
     if mu_law:
         codes = torchaudio.functional.mu_law_encoding(narrow, 256)
         narrow = torchaudio.functional.mu_law_decoding(codes, 256)
-    return torchaudio.functional.resample(narrow, 8000, sample_rate).float()
+    return torchaudio.functional.resample(narrow, 8000, sample_rate, **_SHARP).float()
 
 
 def insert_silence(
