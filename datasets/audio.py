@@ -92,14 +92,24 @@ def _looks_like_mp3(data: bytes) -> bool:
     return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
 
 
+# How mpg123 (libsndfile's MP3 decoder) starts the lines it writes to stderr about a damaged stream.
+_DECODER_LINES = ("Note:", "Warning:", "Error:", "[")  # "[" : "[src/libmpg123/parse.c:...]"
+_FD2_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
-def _fd2_captured() -> Iterator[list[str]]:
-    """Collect what C code writes to file descriptor 2 (libsndfile's MP3 decoder, mpg123, reports damaged
-    streams there): the list holds it once the block ends. One thread at a time (the descriptor is global)."""
+def _decoder_messages() -> Iterator[list[str]]:
+    """Collect the MP3 decoder's reports: while the block runs, file descriptor 2 goes to a temporary file; then
+    its decoder lines fill the list and any other line (another thread's) is written on to stderr. One thread at a
+    time (the descriptor is the process's); where descriptor 2 is not open, nothing is collected."""
     messages: list[str] = []
     with _FD2_LOCK, tempfile.TemporaryFile() as tmp:
         sys.stderr.flush()
-        saved = os.dup(2)
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to keep clean, nothing to collect
+            yield messages
+            return
         os.dup2(tmp.fileno(), 2)
         try:
             yield messages
@@ -107,12 +117,11 @@ def _fd2_captured() -> Iterator[list[str]]:
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            messages.extend(
-                line for line in tmp.read().decode("utf-8", "replace").splitlines() if line.strip()
-            )
-
-
-_FD2_LOCK = threading.Lock()
+            lines = [line for line in tmp.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            messages.extend(line for line in lines if line.startswith(_DECODER_LINES))
+            others = [line for line in lines if not line.startswith(_DECODER_LINES)]
+            if others:
+                os.write(2, ("\n".join(others) + "\n").encode())
 
 
 def _read(data: bytes, name: str) -> tuple[np.ndarray, int]:
@@ -122,7 +131,7 @@ def _read(data: bytes, name: str) -> tuple[np.ndarray, int]:
     try:
         if not mp3:
             return sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        with _fd2_captured() as messages:
+        with _decoder_messages() as messages:
             out = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError) as e:  # sf.LibsndfileError: corrupt, truncated, unknown format
         why = f"{type(e).__name__}: {getattr(e, 'error_string', None) or e}"  # not the BytesIO's repr
