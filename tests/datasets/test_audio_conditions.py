@@ -3,12 +3,13 @@ silences, MP3/OGG through the reader's own decoder (bytes and files; damaged fil
 conditions (seeded, deterministic) and bad input refused with a clear ValueError."""
 
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from mm.datasets.audio import SAMPLE_RATE, decode_audio
+from mm.datasets.audio import SAMPLE_RATE, AudioFeatures, decode_audio
 from mm.datasets.audio_conditions import (
     CONDITIONS,
     add_noise,
@@ -202,3 +203,18 @@ def test_bad_waves_are_refused_with_a_clear_error(bad, message):
         apply_condition("clean", bad, 0)
     with pytest.raises(ValueError, match="sample_rate"):
         telephone(speechlike(0.5), sample_rate=4000)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_every_condition_of_a_spoken_sentence_still_makes_features():
+    from mm.world.speech import espeak_wave
+
+    w = decode_audio(espeak_wave("the red circle moves down", "en-us", 160, 50)[0])
+    features = AudioFeatures()
+    clean = features(w)
+    for name in CONDITIONS:
+        out = apply_condition(name, w, seed=0)
+        f = features(out)  # no BadSample: not silent, not too short, not too long
+        assert f.shape[1] == 80 and bool(torch.isfinite(f).all()), name
+        if name in ("mp3", "ogg", "quiet", "telephone"):
+            assert abs(f.shape[0] - clean.shape[0]) <= 1, name  # same length (10 ms frames)

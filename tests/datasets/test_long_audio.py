@@ -2,6 +2,7 @@
 every burst of sound (clean, noisy, and spoken by espeak-ng); a window with no pause cut at its quietest frame;
 bad input refused with a clear ValueError."""
 
+import functools
 import math
 import shutil
 
@@ -18,6 +19,7 @@ MAX_SECONDS = AudioFeatures().max_seconds  # the speech stage's window (20 s)
 PAUSES = [0.5, 0.35, 1.2, 0.4, 2.0, 0.6, 0.31, 1.5, 0.8, 0.45, 1.0, 0.7, 0.5, 0.9, 0.4]
 
 
+@functools.cache
 def bursts(seconds: float = 60.0, seed: int = 0) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Tone bursts of 1.5-4 s (pitch and syllable-rate envelope varying) separated by pauses of 0.31-2 s."""
     g = torch.Generator().manual_seed(seed)
