@@ -234,20 +234,27 @@ def transcribe_long(
     *,
     prompt: str,
     every_pause: bool = True,
+    split_short: bool = False,
     min_silence_s: float = 0.3,
     batch_size: int = 64,
     max_new_tokens: int = 32,
 ) -> list[str]:
-    """Transcripts of 16 kHz waveforms of any length, in input order: each is cut on silence into pieces of at
-    most `features.max_seconds` (`split_on_silence`; with `every_pause` at every pause too, one sentence a piece
-    as the stage trains), the pieces are transcribed together and each recording's texts joined in order. A piece
-    too short or too quiet for `features` is left out (logged)."""
+    """Transcripts of 16 kHz waveforms of any length, in input order: a recording longer than
+    `features.max_seconds` (or any, with `split_short`) is cut on silence into pieces no longer than that
+    (`split_on_silence`; with `every_pause` at every pause too, one sentence a piece as the stage trains), the
+    pieces are transcribed together and each recording's texts joined in order. A recording within the window is
+    transcribed whole, as `transcribe_features` does. A piece too short or too quiet for `features` is left out
+    (logged)."""
     feats: list[torch.Tensor] = []
     owner: list[int] = []
+    window = int(features.max_seconds * SAMPLE_RATE)
     for i, wave in enumerate(waves):
-        pieces = split_on_silence(
-            wave, SAMPLE_RATE, features.max_seconds, min_silence_s, every_pause=every_pause
-        )
+        if wave.numel() <= window and not split_short:
+            pieces = [(0, wave.numel())]
+        else:
+            pieces = split_on_silence(
+                wave, SAMPLE_RATE, features.max_seconds, min_silence_s, every_pause=every_pause
+            )
         for a, b in pieces:
             try:
                 feats.append(features(wave[a:b]))

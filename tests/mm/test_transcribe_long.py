@@ -1,6 +1,6 @@
-"""Long recordings transcribed piecewise: `transcribe_long` cuts each recording on silence (pieces no longer than
-the features' window), transcribes the pieces and joins each recording's texts in order; a recording of silence
-only gives an empty line."""
+"""Long recordings transcribed piecewise: `transcribe_long` cuts each recording longer than the features' window
+on silence (pieces no longer than the window), transcribes the pieces and joins each recording's texts in order;
+a recording within the window is transcribed whole (cut only when asked); silence only gives an empty line."""
 
 import math
 
@@ -56,8 +56,9 @@ def test_pieces_are_transcribed_and_joined_in_order(model_and_tok, monkeypatch):
 
     model, tok = model_and_tok
     features = AudioFeatures(max_seconds=3.0, normalize=False)  # the mean log-mel keeps each tone's bin
-    long, short = recording([200, 400, 800, 300]), recording([500])
+    long, short = recording([200, 400, 800, 300]), recording([500, 700], burst_s=0.8)
     assert long.numel() / SR > features.max_seconds  # longer than the window: it must be cut
+    assert short.numel() / SR == features.max_seconds  # within the window: transcribed whole
     seen = []
 
     def by_length(model, tok, feats, **kw):  # names each piece by its frame count and its loudest mel bin
@@ -71,10 +72,10 @@ def test_pieces_are_transcribed_and_joined_in_order(model_and_tok, monkeypatch):
     want = " ".join(by_length(None, None, [features(long[a:b]) for a, b in pieces]))
     assert got[0] == want and got[1] == "" and got[2] == by_length(None, None, [features(short)])[0]
     assert len(seen[0]) == 5  # every piece of every recording in one call, in order
+    split = speech.transcribe_long(model, tok, [short], features, prompt=ASR_PROMPT, split_short=True)[0]
+    assert len(split.split()) == 2 and split != got[2]  # its pause cuts it when asked
     bins = [int(s.split("b")[1]) for s in got[0].split()]
-    assert (
-        bins[0] < bins[1] < bins[2] and bins[3] < bins[1]
-    )  # 200 < 400 < 800 Hz, then 300 Hz: the spoken order
+    assert bins[0] < bins[1] < bins[2] and bins[3] < bins[1]  # 200 < 400 < 800 Hz, then 300 Hz: spoken order
 
 
 def test_transcribe_long_equals_the_pieces_transcribed_one_by_one(model_and_tok):
