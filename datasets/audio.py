@@ -3,11 +3,12 @@ log-mel features with torchaudio (Llama 3 paper §7.6; `paper-notes.md` §5: "80
 
 Storage is the media-text source's (`mm.datasets.media` with `audio_decoder`): a JSONL manifest names each clip
 under `audio` (`{"audio": "train/000001.wav", "text": "the circle is red."}`), a WebDataset shard holds it as a
-`.wav`, `.flac` or `.ogg` member next to its text; either may give a `prompt` (the instruction before the
+`.wav`, `.flac`, `.ogg` or `.mp3` member next to its text; either may give a `prompt` (the instruction before the
 speech, e.g. `Translate the following sentence into French: ` for speech translation; default: the stage's ASR
 prompt). Unlabeled audio (BEST-RQ) is read with `require_text=False`.
 
-Features (`AudioFeatures`): decode (any soundfile format; we accept .wav/.flac/.ogg), downmix multi-channel audio
+Features (`AudioFeatures`): decode (libsndfile through soundfile; we accept .wav/.flac/.ogg (Vorbis, Opus)/.mp3,
+the lossy ones with their encoder delay removed by libsndfile), downmix multi-channel audio
 to mono by averaging, resample to 16 kHz (`torchaudio.functional.resample`), 80 mel bins, 25 ms window, 10 ms hop,
 log(mel + 1e-6), then per-utterance mean/variance normalisation of each bin (CMVN: removes the channel and
 speaker's average spectrum). Audio longer than `max_seconds` is cropped to its first `max_seconds` (`crop`) or
@@ -21,10 +22,14 @@ its path; a skipped fraction above `max_bad_fraction` (after `min_tried` samples
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
-from collections.abc import Sequence
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +56,7 @@ __all__ = [
 ]
 
 SAMPLE_RATE = 16_000
-AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg")
+AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg", "mp3")
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -59,8 +64,10 @@ AUDIO_EXTENSIONS: tuple[str, ...] = ("wav", "flac", "ogg")
 
 def decode_audio(source: str | os.PathLike[str] | bytes, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Decode audio (path or bytes) to a mono float32 waveform at `sample_rate`; raise BadSample if unusable."""
+    name = "audio bytes"
     if isinstance(source, str | os.PathLike):
         path = Path(source)
+        name = str(path)
         ext = path.suffix.lower().lstrip(".")
         if ext not in AUDIO_EXTENSIONS:
             raise BadSample("unsupported", f"extension .{ext}; accepted: {', '.join(AUDIO_EXTENSIONS)}")
@@ -69,10 +76,7 @@ def decode_audio(source: str | os.PathLike[str] | bytes, sample_rate: int = SAMP
         data = source
     if len(data) == 0:
         raise BadSample("empty", "zero-byte file")
-    try:
-        wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (n, channels)
-    except (sf.SoundFileError, RuntimeError) as e:  # sf.LibsndfileError: corrupt, truncated, unknown format
-        raise BadSample("corrupt", f"{type(e).__name__}: {e}") from None
+    wave, sr = _read(data, name)
     if wave.shape[0] == 0:
         raise BadSample("empty", "no audio frames")
     if not np.isfinite(wave).all():
@@ -81,6 +85,60 @@ def decode_audio(source: str | os.PathLike[str] | bytes, sample_rate: int = SAMP
     if sr != sample_rate:
         mono = torchaudio.functional.resample(mono, sr, sample_rate)
     return mono
+
+
+def _looks_like_mp3(data: bytes) -> bool:
+    """An ID3 tag or an MPEG audio frame sync at the start."""
+    return data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+
+
+# How mpg123 (libsndfile's MP3 decoder) starts the lines it writes to stderr about a damaged stream.
+_DECODER_LINES = ("Note:", "Warning:", "Error:", "[")  # "[" : "[src/libmpg123/parse.c:...]"
+_FD2_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _decoder_messages() -> Iterator[list[str]]:
+    """Collect the MP3 decoder's reports: while the block runs, file descriptor 2 goes to a temporary file; then
+    its decoder lines fill the list and any other line (another thread's) is written on to stderr. One thread at a
+    time (the descriptor is the process's); where descriptor 2 is not open, nothing is collected."""
+    messages: list[str] = []
+    with _FD2_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to keep clean, nothing to collect
+            yield messages
+            return
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield messages
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = [line for line in tmp.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            messages.extend(line for line in lines if line.startswith(_DECODER_LINES))
+            others = [line for line in lines if not line.startswith(_DECODER_LINES)]
+            if others:
+                os.write(2, ("\n".join(others) + "\n").encode())
+
+
+def _read(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """(samples (n, channels) float32, rate) of a file's bytes; BadSample naming `name` if libsndfile cannot read
+    them, or if its MP3 decoder reports a damaged stream (a truncated file, lost frames)."""
+    mp3 = _looks_like_mp3(data)
+    try:
+        if not mp3:
+            return sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with _decoder_messages() as messages:
+            out = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError) as e:  # sf.LibsndfileError: corrupt, truncated, unknown format
+        why = f"{type(e).__name__}: {getattr(e, 'error_string', None) or e}"  # not the BytesIO's repr
+        raise BadSample("corrupt", f"{name}: libsndfile cannot decode it ({why})") from None
+    if messages:
+        raise BadSample("corrupt", f"{name}: damaged MP3 stream (decoder: {'; '.join(messages[:2])})")
+    return out
 
 
 @dataclass

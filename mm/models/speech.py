@@ -1,6 +1,7 @@
 """The speech LM (Llama 3 paper §7.6): a frozen LM whose input embeddings take the speech adapter's outputs
-between `<|speech_start|>` and `<|speech_end|>` (no cross-attention); transcription with it (greedy, batched),
-the CTC head's transcripts alone, and the frozen LM copying a text (the ceiling of the speech path).
+between `<|speech_start|>` and `<|speech_end|>` (no cross-attention); transcription with it (greedy, batched;
+`transcribe_long`: recordings of any length cut on silence and transcribed piecewise, in order), the CTC head's
+transcripts alone, and the frozen LM copying a text (the ceiling of the speech path).
 
 `SpeechLM(lm, encoder, adapter)`: trains `encoder` and `adapter`, never `lm`. A row is
 `<bos> <|speech_start|> [speech slots] <|speech_end|> prompt text <eos>` (`mm.datasets.audio.SpeechCollator`);
@@ -9,6 +10,7 @@ the slots' token embeddings are replaced by the adapter outputs, one per 80 ms o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm.adapters.speech import SpeechAdapter
-from mm.datasets.audio import SpeechCollator
+from mm.datasets.audio import SAMPLE_RATE, AudioFeatures, SpeechCollator
+from mm.datasets.long_audio import split_on_silence
+from mm.datasets.skips import BadSample
 from mm.encoders.speech import SpeechEncoder
 from mm.lm import Tokenizer, Transformer, generate
 from mm.lm.checks import check_on_host_or_async
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -240,6 +246,59 @@ def transcribe_features(
         )
         out.extend(" ".join(tok.decode(t).split()) for t in new)
     return out
+
+
+@torch.no_grad()
+def transcribe_long(
+    model: SpeechLM,
+    tok: Tokenizer,
+    waves: list[torch.Tensor],
+    features: AudioFeatures,
+    *,
+    prompt: str,
+    every_pause: bool = True,
+    split_short: bool = False,
+    min_silence_s: float = 0.3,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+) -> list[str]:
+    """Transcripts of 16 kHz waveforms of any length, in input order: a recording longer than
+    `features.max_seconds` (or any, with `split_short`) is cut on silence into pieces no longer than that
+    (`split_on_silence`; with `every_pause` at every pause too, one sentence a piece as the stage trains), the
+    pieces are transcribed together and each recording's texts joined in order. A recording within the window is
+    transcribed whole, as `transcribe_features` does. A piece too short or too quiet for `features` is left out
+    (logged)."""
+    feats: list[torch.Tensor] = []
+    owner: list[int] = []
+    window = int(features.max_seconds * SAMPLE_RATE)
+    for i, wave in enumerate(waves):
+        if wave.numel() <= window and not split_short:
+            pieces = [(0, wave.numel())]
+        else:
+            pieces = split_on_silence(
+                wave, SAMPLE_RATE, features.max_seconds, min_silence_s, every_pause=every_pause
+            )
+        for a, b in pieces:
+            try:
+                feats.append(features(wave[a:b]))
+            except BadSample as e:
+                log.info(
+                    "transcribe_long: recording %d, piece %.2f-%.2f s left out (%s)",
+                    i,
+                    a / SAMPLE_RATE,
+                    b / SAMPLE_RATE,
+                    e,
+                )
+                continue
+            owner.append(i)
+    texts = transcribe_features(
+        model, tok, feats, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    out: list[list[str]] = [[] for _ in waves]
+    for i, text in zip(owner, texts, strict=True):
+        if text:
+            out[i].append(text)
+    return [" ".join(t) for t in out]
 
 
 @torch.no_grad()

@@ -109,7 +109,7 @@ def test_bad_audio_is_skipped_counted_and_logged_with_its_path(tmp_path, caplog,
         "truncated.wav": good[:30],
         "empty.wav": b"",
         "silent.wav": wav_bytes(np.zeros(16000, dtype=np.float32), 16000),
-        "clip.mp3": good,
+        "clip.aac": good,
     }
     lines = []
     for name, data in files.items():
@@ -123,7 +123,7 @@ def test_bad_audio_is_skipped_counted_and_logged_with_its_path(tmp_path, caplog,
     st = ds.stats.as_dict()
     assert st["tried"] == 7 and st["skipped"] == 5
     assert st["skipped_by_reason"] == {"corrupt": 2, "empty": 1, "silent": 1, "unsupported": 1}
-    assert str(tmp_path / "silent.wav") in caplog.text and str(tmp_path / "clip.mp3") in caplog.text
+    assert str(tmp_path / "silent.wav") in caplog.text and str(tmp_path / "clip.aac") in caplog.text
     faults.record("corrupt", st["skipped"], what="wav (corrupt, truncated, empty, silent, unsupported)")
 
 
