@@ -126,9 +126,9 @@ def test_activation_checkpointing_and_compile_apply_to_every_stage_or_are_refuse
     recomputed = one_process_losses(cfg, root / "ac", activation_checkpointing=True)
     torch.testing.assert_close(torch.tensor(recomputed), torch.tensor(plain), rtol=1e-6, atol=1e-6)
     compiled = []  # compiling takes about a minute a stage here: record which modules would be compiled
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)  # (runs eagerly)
     one_process_losses(cfg, root / "compile", compile=True)
-    assert compiled and all(isinstance(m, torch.nn.Module) for m in compiled)
+    assert compiled and all(isinstance(getattr(f, "__self__", None), torch.nn.Module) for f in compiled)
 
 
 @pytest.mark.slow
