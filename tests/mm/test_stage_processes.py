@@ -6,6 +6,7 @@ and the resumed runs run in this process.
 """
 
 import copy
+import functools
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from mm.training.config import config_to_yaml
 from mm.training.runner import run
@@ -123,12 +125,13 @@ def test_activation_checkpointing_and_compile_apply_to_every_stage_or_are_refuse
             one_process_losses(cfg, root / "compile", compile=True)
         return
     plain = one_process_losses(cfg, root / "plain")
-    recomputed = one_process_losses(cfg, root / "ac", activation_checkpointing=True)
+    compiled = []  # compiling takes about a minute a stage here: record what would be compiled, run it eagerly
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)
+    recomputed = one_process_losses(cfg, root / "ac", activation_checkpointing=True, compile=True)
     torch.testing.assert_close(torch.tensor(recomputed), torch.tensor(plain), rtol=1e-6, atol=1e-6)
-    compiled = []  # compiling takes about a minute a stage here: record which modules would be compiled
-    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)  # (runs eagerly)
-    one_process_losses(cfg, root / "compile", compile=True)
-    assert compiled and all(isinstance(getattr(f, "__self__", None), torch.nn.Module) for f in compiled)
+    # each compiled forward is a block's checkpointed forward: partial(checkpoint, block.forward)
+    assert compiled and all(isinstance(f, functools.partial) and f.func is checkpoint for f in compiled)
+    assert all(isinstance(getattr(f.args[0], "__self__", None), torch.nn.Module) for f in compiled)
 
 
 @pytest.mark.slow
