@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mm.app.cli import main as mm_main  # in-process CLI: a subprocess costs seconds of imports
 from mm.formats.bundle import verify_frozen
 from mm.lm import Transformer, load_hf, preset, save_hf
 from mm.stages.image import ImageStageConfig
@@ -100,7 +101,7 @@ def test_checkpoints_hold_only_trainable_parts_and_the_lm_identity(trained):
     assert not any(k.startswith("lm.") for k in bundle)
 
 
-def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tmp_path):
+def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tmp_path, capsys):
     final = trained["out"] / "final"
     r = subprocess.run([BIN / "mm", "verify-frozen", final], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
@@ -118,8 +119,9 @@ def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tm
     meta = json.loads((final / "mm_config.json").read_text())
     meta["lm_path"] = str(lm2)
     (b2 / "mm_config.json").write_text(json.dumps(meta))
-    r = subprocess.run([BIN / "mm", "verify-frozen", b2], capture_output=True, text=True)
-    assert r.returncode == 1 and "CHANGED" in r.stdout
+    capsys.readouterr()
+    assert mm_main(["verify-frozen", str(b2)]) == 1
+    assert "CHANGED" in capsys.readouterr().out
     ok, _ = verify_frozen(b2)
     assert not ok
     with pytest.raises(FrozenLMChanged, match="refusing"):

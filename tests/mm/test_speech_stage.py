@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mm.app.cli import main as mm_main  # in-process CLI: a subprocess costs seconds of imports
 from mm.lm import Tokenizer, Transformer, load_hf, preset, save_hf
 from mm.stages.bestrq_pretrain import load_bestrq
 from mm.stages.evaluation import normalize_text, word_error_rate
@@ -187,7 +188,7 @@ def test_speech_stage_keeps_lm_bit_identical_and_bundle_free_of_lm(world, traine
 
 
 @pytest.mark.slow
-def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tmp_path):
+def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tmp_path, capsys):
     final = trained["out"] / "speech" / "final"
     r = mm("verify-frozen", final)
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
@@ -201,14 +202,15 @@ def test_verify_frozen_passes_then_fails_on_one_altered_value(world, trained, tm
     meta = json.loads((b2 / "mm_config.json").read_text())
     meta["lm_path"] = str(lm2)
     (b2 / "mm_config.json").write_text(json.dumps(meta))
-    r = mm("verify-frozen", b2)
-    assert r.returncode == 1 and "CHANGED" in r.stdout
+    capsys.readouterr()
+    assert mm_main(["verify-frozen", str(b2)]) == 1
+    assert "CHANGED" in capsys.readouterr().out
     with pytest.raises(FrozenLMChanged, match="refusing"):
         load_speech_bundle(b2)
 
 
 @pytest.mark.slow
-def test_transcribe_cli_one_line_per_file_and_matches_the_bundle(world, trained, tmp_path):
+def test_transcribe_cli_one_line_per_file_and_matches_the_bundle(world, trained, tmp_path, capsys):
     final = trained["out"] / "speech" / "final"
     clips = sorted((world["root"] / "speech" / "heldout_voices").glob("*.wav"))
     r = mm("transcribe", "--checkpoint", final, *clips, clips[0])
@@ -221,14 +223,30 @@ def test_transcribe_cli_one_line_per_file_and_matches_the_bundle(world, trained,
     assert (
         transcribe_features(model, tok, [features.load(c) for c in clips], prompt=meta["prompt"]) == lines[:3]
     )
-    r = mm("transcribe", "--checkpoint", final, clips[0], world["root"] / "speech" / "bad.wav")
-    assert r.returncode == 2 and r.stdout == "" and "bad.wav" in r.stderr
-    r = mm(
-        "chat", "--checkpoint", final, "--audio", clips[1]
-    )  # a speech checkpoint answers with the transcript
-    assert r.returncode == 0 and r.stdout.splitlines() == [lines[1]], r.stderr[-2000:]
-    r = mm("chat", "--checkpoint", final, "what colour is the circle?")
-    assert r.returncode == 2 and "give --audio FILE" in r.stderr
+    # The other commands in this process (each subprocess costs seconds of imports): the same `main`.
+    from mm.app.cli import main
+
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "transcribe",
+                "--checkpoint",
+                str(final),
+                str(clips[0]),
+                str(world["root"] / "speech" / "bad.wav"),
+            ]
+        )
+        == 2
+    )
+    out = capsys.readouterr()
+    assert out.out == "" and "bad.wav" in out.err
+    assert (
+        main(["chat", "--checkpoint", str(final), "--audio", str(clips[1])]) == 0
+    )  # answered with the transcript
+    assert capsys.readouterr().out.splitlines() == [lines[1]]
+    assert main(["chat", "--checkpoint", str(final), "what colour is the circle?"]) == 2
+    assert "give --audio FILE" in capsys.readouterr().err
 
 
 def test_wer_normalisation():

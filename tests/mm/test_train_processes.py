@@ -59,7 +59,7 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_after", [7, 18])
+@pytest.mark.parametrize("kill_after", [7])  # (random kill steps: tests/faults/test_interruptions.py)
 def test_sigkill_then_resume_gives_identical_losses(corpus, tmp_path, kill_after):
     cfg = cfg_file(tmp_path, corpus)
     ref = tmp_path / "ref"

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mm.adapters.temporal_aggregator import AggregatorConfig
+from mm.app.cli import main as mm_main  # in-process CLI: a subprocess costs seconds of imports
 from mm.datasets.media import MediaTextDataset
 from mm.datasets.video import VideoCaptionCollator, video_decoder
 from mm.formats.bundle import verify_frozen
@@ -188,7 +189,7 @@ def test_only_the_video_parts_train_and_are_saved(trained):
     assert "eval/heldout_exact_match" in metrics[1] and len(metrics) == 4
 
 
-def test_verify_frozen_passes_then_fails_on_a_changed_image_path_or_lm(world, trained, tmp_path):
+def test_verify_frozen_passes_then_fails_on_a_changed_image_path_or_lm(world, trained, tmp_path, capsys):
     final = trained["out"] / "final"
     r = subprocess.run([BIN / "mm", "verify-frozen", final], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("OK") and "image path" in r.stdout, r.stdout + r.stderr
@@ -203,8 +204,10 @@ def test_verify_frozen_passes_then_fails_on_a_changed_image_path_or_lm(world, tr
     b2 = tmp_path / "video2"
     shutil.copytree(final, b2)
     (b2 / "mm_config.json").write_text(json.dumps({**meta, "image_bundle": str(image2)}))
-    r = subprocess.run([BIN / "mm", "verify-frozen", b2], capture_output=True, text=True)
-    assert r.returncode == 1 and "CHANGED" in r.stdout and "image path" in r.stdout
+    capsys.readouterr()
+    assert mm_main(["verify-frozen", str(b2)]) == 1
+    out = capsys.readouterr().out
+    assert "CHANGED" in out and "image path" in out
     with pytest.raises(FrozenImagePathChanged, match="refusing"):
         load_video_bundle(b2)
     # A copy of the LM with one value changed.
@@ -220,7 +223,7 @@ def test_verify_frozen_passes_then_fails_on_a_changed_image_path_or_lm(world, tr
     assert not ok and "LM at" in msg
 
 
-def test_describe_cli_one_line_per_video_and_bad_input(world, trained, tmp_path):
+def test_describe_cli_one_line_per_video_and_bad_input(world, trained, tmp_path, capsys):
     videos = sorted((world["root"] / "motion" / "heldout").glob("*.mp4"))[:3]
     r = subprocess.run(
         [BIN / "mm", "describe", "--checkpoint", trained["out"] / "final", *videos],
@@ -238,12 +241,10 @@ def test_describe_cli_one_line_per_video_and_bad_input(world, trained, tmp_path)
     assert [" ".join(c.splitlines()).strip() for c in expected] == [x.strip() for x in lines]  # one line each
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video" * 10)
-    r = subprocess.run(
-        [BIN / "mm", "describe", "--checkpoint", trained["out"] / "final", videos[0], bad],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 2 and r.stdout == "" and str(bad) in r.stderr
+    capsys.readouterr()
+    assert mm_main(["describe", "--checkpoint", str(trained["out"] / "final"), str(videos[0]), str(bad)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and str(bad) in out.err
 
 
 def test_motion_report_scores_words_by_role():
