@@ -108,15 +108,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def any_flag(flag: bool, device: torch.device) -> bool:
-    """True on every process if it is True on any."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def broadcast_module(model: nn.Module) -> None:
     """Copy rank 0's parameters and buffers to every process (a replicated model starts identical); sharded
     (DTensor) parameters are left alone."""
