@@ -212,7 +212,7 @@ def test_translate_cli_refusals_and_one_line_per_file(clips, bundle, capsys):
     lines = capsys.readouterr().out.splitlines()
     model, tok, features, _ = load_speech_bundle(bundle / "final")
     want = translate_features(model, tok, [features.load(good), features.load(clips / "1.wav")])
-    assert lines == want
+    assert lines == want and len(lines) == 2 and all(lines), lines
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
@@ -280,3 +280,70 @@ def test_evaluation_reports_one_wer_per_condition_with_clip_seeds(clips, bundle,
     assert ast["exact_match"] == 0.75 and 0 < ast["bleu"] < 100
     with pytest.raises(ValueError, match="plain.jsonl.*spanish"):
         speech_eval.evaluate_translation(model, tok, features, str(clips / "plain.jsonl"), 4, AST_PROMPT)
+
+
+def test_rows_are_the_same_in_one_and_two_processes(clips, tok):
+    features = AudioFeatures()
+    rows = SpeechRows(0.5, AST_PROMPT, ["snr10", "quiet"], 0.5, features, seed=3)
+    dec = audio_decoder(features, keep_wave=True)
+    one = open_stream([str(clips / "m.jsonl")], dec, seed=3)
+    two = [open_stream([str(clips / "m.jsonl")], dec, seed=3, rank=r, world=2) for r in (0, 1)]
+    kinds = set()
+    for p in range(12):
+        a, b = rows(one.sample(p)), rows(two[p % 2].sample(p))
+        assert (a["text"], a.get("prompt"), a.get("condition")) == (
+            b["text"],
+            b.get("prompt"),
+            b.get("condition"),
+        )
+        assert torch.equal(a["features"], b["features"])
+        kinds.add((a.get("prompt") == AST_PROMPT, a.get("condition")))
+    assert len(kinds) >= 3  # both tasks and several conditions met
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_speech_stage_trains_ast_with_conditions_and_reports_them(bundle, tmp_path, capsys):
+    from pathlib import Path
+
+    from mm.app.cli import main
+    from mm.world.speech import synth_speech
+
+    root = Path(__file__).resolve().parents[2]
+    train = synth_speech(tmp_path, n=4, split="train")
+    held = synth_speech(tmp_path, n=2, split="heldout_voices")
+    args = [
+        "train",
+        "--config",
+        str(root / "configs/stages/speech_tiny.yaml"),
+        "--data",
+        str(train),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        f"lm={bundle / 'lm'}",
+        "speech_encoder.dim=32",
+        "speech_encoder.n_layers=1",
+        "speech_encoder.n_heads=2",
+        "speech_encoder.ffn_dim=64",
+        "adapter.dim=32",
+        "adapter.n_heads=2",
+        "adapter.ffn_dim=64",
+        "train.batch_size=2",
+        "train.num_threads=1",
+        "train.peak_flops=1e9",
+        f"data.heldout=[{held}]",
+        "data.ast_fraction=0.5",
+        "data.conditions=[snr10,telephone]",
+        "eval_conditions=[clean,snr10]",
+        "eval_samples=2",
+        "curve_samples=0",
+    ]
+    assert main(args) == 0
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    ev = summary["eval"][Path(held).stem]
+    assert set(ev["ast"]) >= {"bleu", "exact_match", "n", "examples"} and ev["ast"]["n"] == 2
+    assert list(summary["wer_by_condition"]) == ["clean", "snr10"]
+    cfg = json.loads((tmp_path / "run" / "final" / "mm_config.json").read_text())
+    assert cfg["ast_prompt"] == AST_PROMPT
