@@ -93,7 +93,8 @@ class SpeechRows:
         position = int(sample["position"])
         out = dict(sample)
         if self.task(position) == "ast":
-            spanish = (sample.get("meta") or {}).get("spanish")
+            meta = sample.get("meta")
+            spanish = meta.get("spanish") if isinstance(meta, dict) else None
             if not isinstance(spanish, str) or not spanish.strip():
                 raise ValueError(
                     f"{sample.get('source', 'a training clip')}: no 'spanish' string in its record, but "
