@@ -159,8 +159,17 @@ def cmd_translate(args: argparse.Namespace) -> int:
         return 2
     stage = stage_of_checkpoint(Path(args.checkpoint))
     if stage not in (None, "speech"):
+        from mm.training.stage import stage_readers
+
+        reader = stage_readers().get(stage)
+        hint = (
+            f"read it with `mm {reader} --checkpoint {args.checkpoint}`"
+            if reader
+            else "no command translates it"
+        )
         print(
-            f"mm translate: {args.checkpoint} holds a {stage!r} checkpoint, not a speech one", file=sys.stderr
+            f"mm translate: {args.checkpoint} holds a {stage!r} checkpoint, not speech; {hint}",
+            file=sys.stderr,
         )
         return 2
     return _speech_lines("translate", args, "ast_prompt", 48)

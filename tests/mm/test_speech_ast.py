@@ -206,6 +206,13 @@ def test_translate_cli_refusals_and_one_line_per_file(clips, bundle, capsys):
     assert main(["translate", "--checkpoint", final, "--to", "es", good, str(bad)]) == 2
     out = capsys.readouterr()
     assert out.out == "" and "bad.wav" in out.err
+    video = bundle / "video"
+    video.mkdir(exist_ok=True)
+    (video / "mm_config.json").write_text(json.dumps({"stage": "video", "lm_path": "../lm"}))
+    assert main(["translate", "--checkpoint", str(video), "--to", "es", good]) == 2
+    assert capsys.readouterr().err == (
+        f"mm translate: {video} holds a 'video' checkpoint, not speech; read it with `mm describe --checkpoint {video}`\n"
+    )
     assert main(["translate", "--checkpoint", str(bundle / "asr_only"), "--to", "es", good]) == 2
     assert "not trained to translate" in capsys.readouterr().err
     assert main(["translate", "--checkpoint", final, "--to", "es", good, str(clips / "1.wav")]) == 0
