@@ -1,8 +1,12 @@
 """The `speech` stage (Llama 3 paper §7.6): speech encoder + speech adapter train, the LM stays frozen; the
 adapter's outputs are spliced into the LM input as token embeddings between `<|speech_start|>` and
-`<|speech_end|>` (no cross-attention; the model is `mm.models.speech.SpeechLM`). Evaluation: the word error
-rate (`mm.stages.evaluation.word_error_rate`) on held-out manifests, beside the CTC head alone and the frozen
-LM copying the text. Under torchrun FSDP2 shards the frozen LM; the speech encoder and adapter are replicated
+`<|speech_end|>` (no cross-attention; the model is `mm.models.speech.SpeechLM`). ASR and speech translation
+(AST) train together: `data.ast_fraction` of the rows, drawn per stream position, translate the clip into its
+record's `spanish` after `data.ast_prompt` (`mm.datasets.speech_tasks`); `data.conditions` hears a share
+(`data.condition_prob`) of the clips under audio conditions (noise, level, telephone band, MP3/OGG, silences).
+Evaluation: the word error rate (`mm.stages.evaluation.word_error_rate`) on held-out manifests, beside the CTC
+head alone and the frozen LM copying the text; with AST the translations' BLEU and exact match, with
+`eval_conditions` the WER per condition (`mm.stages.speech_eval`). Under torchrun FSDP2 shards the frozen LM; the speech encoder and adapter are replicated
 (gradients all-reduced; the masked batch norm of the speech encoder synchronises its statistics), each process
 reading only its clips.
 """
