@@ -93,6 +93,10 @@ def test_ast_off_gives_the_asr_batches_of_before(clips, tok):
     want += [*tok.encode(" " + ASR_PROMPT.rstrip()), *tok.encode(" " + s["text"]), tok.eos_id]
     assert b["tokens"][0, : len(want)].tolist() == want
     assert b["ctc_targets"][0, : b["ctc_lengths"][0]].tolist() == tok.encode(s["text"])
+    own = coll(
+        [{**s, "prompt": AST_PROMPT, "text": "el círculo."}]
+    )  # a record's own other prompt: no CTC, as before
+    assert own["ctc_lengths"].tolist() == [0]
 
 
 def test_ast_rows_share_and_layout_of_the_parallel_line(clips, tok):
