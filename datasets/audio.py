@@ -215,17 +215,22 @@ def spec_augment(
 # ---------------------------------------------------------------------------------------------- the source
 
 
-def audio_sample(media: str | os.PathLike[str] | bytes, *, features: AudioFeatures) -> dict[str, Any]:
-    """The `features` of a clip from a file path or the file's bytes; raise BadSample if unusable."""
-    return {"features": features(decode_audio(media))}
+def audio_sample(
+    media: str | os.PathLike[str] | bytes, *, features: AudioFeatures, keep_wave: bool = False
+) -> dict[str, Any]:
+    """The `features` of a clip from a file path or the file's bytes (and its 16 kHz `wave` with `keep_wave`);
+    raise BadSample if unusable."""
+    wave = decode_audio(media)
+    return {"features": features(wave), "wave": wave} if keep_wave else {"features": features(wave)}
 
 
-def audio_decoder(features: AudioFeatures | None = None) -> MediaDecoder:
+def audio_decoder(features: AudioFeatures | None = None, *, keep_wave: bool = False) -> MediaDecoder:
     """The media-text source's decoder of audio: log-mel `features` (T, n_mels) by `features` (default
-    `AudioFeatures()`)."""
+    `AudioFeatures()`), and with `keep_wave` the decoded waveform too (for audio conditions applied later)."""
     features = features or AudioFeatures()
-    decode = functools.partial(audio_sample, features=features)
-    return MediaDecoder("audio", AUDIO_EXTENSIONS, decode, "mm.audio.order", "clips", transform=features)
+    decode = functools.partial(audio_sample, features=features, keep_wave=keep_wave)
+    transform: Any = (features, "wave") if keep_wave else features  # the cache key tells the two apart
+    return MediaDecoder("audio", AUDIO_EXTENSIONS, decode, "mm.audio.order", "clips", transform=transform)
 
 
 # ------------------------------------------------------------------------------------------------- collate
@@ -244,7 +249,8 @@ class SpeechCollator:
     marked in `speech_mask`. `labels[t]` is the token at t+1 where that is a text token or `<|end_of_text|>`, -100
     elsewhere. The prompt's trailing whitespace is tokenized with the text (as the LM corpus has it). Returns tokens, labels,
     speech_mask (B, L), features (B, T_max, 80) zero-padded and feature_lengths (B,), and the CTC targets: the
-    transcript's token ids (B, S_max) zero-padded with ctc_lengths (B,) (0 for rows whose prompt is not the ASR one).
+    transcript's token ids (B, S_max) zero-padded with ctc_lengths (B,) (a sample's `ctc_text` when it has one; else
+    0 for rows whose prompt is not the ASR one).
     """
 
     def __init__(
@@ -305,10 +311,11 @@ class SpeechCollator:
         feats, lengths = self.features(samples)
         rows, starts, masks, ctc = [], [], [], []
         for s, n_frames in zip(samples, lengths.tolist(), strict=True):
-            # CTC targets: the transcript as the LM corpus starts a repeat line with it (ASR rows only; a row
-            # with another prompt, e.g. translation, has none: length 0)
+            # CTC targets: the transcript as the LM corpus starts a repeat line with it (ASR rows, or a row's
+            # own `ctc_text`, e.g. a translation row's English transcript; else none: length 0)
             asr = s.get("prompt") is None or s.get("prompt") == self.prompt
-            ctc.append(self.tok.encode(s["text"].strip()) if asr else [])
+            ctc_text = s.get("ctc_text", s["text"] if asr else None)
+            ctc.append(self.tok.encode(ctc_text.strip()) if ctc_text is not None else [])
             ids, flags = self.prefix(s.get("prompt"), int(self.n_slots(n_frames)))
             target = [*self.text_ids(s.get("prompt"), s["text"]), self.tok.eos_id]
             rows.append(ids + target)

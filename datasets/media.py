@@ -133,7 +133,7 @@ def read_manifest(path: str | os.PathLike[str], key: str, require_text: bool = T
 
 
 class MediaTextDataset(Dataset):
-    """Map-style dataset over a JSONL manifest: `ds[i]` -> dict(media fields, text, prompt, source, index).
+    """Map-style dataset over a JSONL manifest: `ds[i]` -> dict(media fields, text, prompt, source, index, meta).
 
     The media fields are the decoder's (e.g. `tiles`, `aspect_ratio_id`, `aspect_ratio` for tiled images,
     `features` for audio, `frames` for video); `source` is the media path and `index` the manifest entry used.
@@ -191,7 +191,9 @@ class MediaTextDataset(Dataset):
             self.stats.skip(e.reason, str(record.media), e.detail)
             return None
         self.stats.ok()
-        sample.update(text=record.text, prompt=record.prompt, source=str(record.media), index=i)
+        sample.update(
+            text=record.text, prompt=record.prompt, source=str(record.media), index=i, meta=record.meta
+        )
         return sample
 
     def __getitem__(self, i: int) -> dict[str, Any]:

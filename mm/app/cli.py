@@ -1,7 +1,7 @@
 """The `mm` command line (see `mm --help`). Results go to stdout, logs and progress to stderr.
 
-The commands live in `infer_commands` (generate, caption, describe, transcribe), `train_commands` (train,
-pretrain-lm, pretrain-encoder) and `tool_commands` (probe, verify-frozen, tokenizer, data, demo, bench); this
+The commands live in `infer_commands` (generate, caption, describe, transcribe, translate), `train_commands`
+(train, pretrain-lm, pretrain-encoder) and `tool_commands` (probe, verify-frozen, tokenizer, data, demo, bench); this
 module builds the parser, one function per group, and dispatches."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_inference(sub: argparse._SubParsersAction) -> None:
-    """`mm caption`, `mm describe` and `mm transcribe`."""
+    """`mm caption`, `mm describe`, `mm transcribe` and `mm translate`."""
     c = sub.add_parser("caption", help="caption images with an image-stage checkpoint; one line per image")
     c.add_argument("--checkpoint", required=True, help="a stage folder such as runs/demo/image-anneal/final")
     c.add_argument("images", nargs="+")
@@ -105,6 +105,18 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     )
     tc.add_argument("--batch-size", type=int, default=64)
     tc.set_defaults(func=infer_commands.cmd_transcribe)
+
+    tl = sub.add_parser(
+        "translate",
+        help="translate speech with a speech-stage checkpoint trained with AST; one line per file",
+    )
+    tl.add_argument("--checkpoint", required=True, help="a stage folder such as runs/demo/speech/final")
+    tl.add_argument("--to", required=True, help="the target language: es (Spanish)")
+    tl.add_argument(
+        "audio", nargs="+", help="audio files (.wav, .flac, .ogg, .mp3; any rate and channel count)"
+    )
+    tl.add_argument("--batch-size", type=int, default=64)
+    tl.set_defaults(func=infer_commands.cmd_translate)
 
     ch = sub.add_parser(
         "chat",

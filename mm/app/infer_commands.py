@@ -1,5 +1,5 @@
-"""The inference commands of `mm`: `generate` (an LM checkpoint), `caption`, `describe` and `transcribe` (the
-image, video and speech stages). Each prints one line per input on stdout, in input order, or nothing: a
+"""The inference commands of `mm`: `generate` (an LM checkpoint), `caption`, `describe`, `transcribe` and
+`translate` (the image, video and speech stages). Each prints one line per input on stdout, in input order, or nothing: a
 checkpoint of another stage, or any unreadable input, is refused with one line on stderr (exit 2). Which command
 reads which stage's folder, and how the folder loads, is the stage's own (`Stage.reader`, `Stage.load_final`)."""
 
@@ -97,21 +97,82 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_transcribe(args: argparse.Namespace) -> int:
-    """Transcribe audio files with a speech-stage bundle; one transcript per line, in input order."""
-    if refuse_other_stage("transcribe", args.checkpoint):
-        return 2
+def load_recording(path: str, features: Any) -> Any:
+    """A file's 16 kHz waveform, checked as `features` checks a clip (BadSample naming the problem); a recording
+    longer than the features' window is only checked for sound (`transcribe_long` cuts it on silence)."""
+    from mm.datasets.audio import SAMPLE_RATE, decode_audio
     from mm.datasets.skips import BadSample
-    from mm.models.speech import transcribe_features
+
+    wave = decode_audio(path)
+    if wave.numel() <= int(features.max_seconds * SAMPLE_RATE):
+        features(wave)  # too short, silent: refused as before
+    elif float(wave.abs().max()) < features.silence_peak:
+        raise BadSample("silent", f"peak amplitude {float(wave.abs().max()):.2e} < {features.silence_peak}")
+    return wave
+
+
+def _speech_lines(command: str, args: argparse.Namespace, prompt_key: str, max_new_tokens: int) -> int:
+    """Load a speech bundle and every input, then print one decoded line per recording (`transcribe_long`)."""
+    from mm.datasets.skips import BadSample
+    from mm.models.speech import transcribe_long
     from mm.training.stage import reader_stage
 
     model, tok, features, meta = reader_stage("transcribe").load_final(Path(args.checkpoint))
-    feats = load_inputs("transcribe", "use", args.audio, features.load, (BadSample,))
-    if feats is None:
+    given = getattr(args, "prompt", None)
+    prompt = given if given is not None else meta.get(prompt_key)
+    if not prompt:
+        print(
+            f"mm {command}: {args.checkpoint} was not trained to translate (its mm_config.json has no "
+            f"{prompt_key}; train the speech stage with data.ast_fraction > 0)",
+            file=sys.stderr,
+        )
         return 2
-    prompt = args.prompt if args.prompt is not None else meta["prompt"]
-    print_lines(transcribe_features(model, tok, feats, prompt=prompt, batch_size=args.batch_size))
+    waves = load_inputs(command, "use", args.audio, lambda p: load_recording(p, features), (BadSample,))
+    if waves is None:
+        return 2
+    texts = transcribe_long(
+        model, tok, waves, features, prompt=prompt, batch_size=args.batch_size, max_new_tokens=max_new_tokens
+    )
+    print_lines(texts)
     return 0
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """Transcribe audio files with a speech-stage bundle; one transcript per line, in input order (a recording
+    longer than the encoder's window is cut on silence and its pieces' transcripts joined in order)."""
+    if refuse_other_stage("transcribe", args.checkpoint):
+        return 2
+    return _speech_lines("transcribe", args, "prompt", 32)
+
+
+TRANSLATION_TARGETS = ("es",)  # the languages a speech bundle translates into (its AST prompt's)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    """Translate speech into Spanish with a speech-stage bundle trained with AST; one translation per line."""
+    if args.to not in TRANSLATION_TARGETS:
+        print(
+            f"mm translate: --to {args.to!r} is not available; the speech stage translates into: "
+            f"{', '.join(TRANSLATION_TARGETS)} (Spanish)",
+            file=sys.stderr,
+        )
+        return 2
+    stage = stage_of_checkpoint(Path(args.checkpoint))
+    if stage not in (None, "speech"):
+        from mm.training.stage import stage_readers
+
+        reader = stage_readers().get(stage)
+        hint = (
+            f"read it with `mm {reader} --checkpoint {args.checkpoint}`"
+            if reader
+            else "no command translates it"
+        )
+        print(
+            f"mm translate: {args.checkpoint} holds a {stage!r} checkpoint, not speech; {hint}",
+            file=sys.stderr,
+        )
+        return 2
+    return _speech_lines("translate", args, "ast_prompt", 48)
 
 
 def cmd_describe(args: argparse.Namespace) -> int:

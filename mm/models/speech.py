@@ -1,7 +1,8 @@
 """The speech LM (Llama 3 paper §7.6): a frozen LM whose input embeddings take the speech adapter's outputs
 between `<|speech_start|>` and `<|speech_end|>` (no cross-attention); transcription with it (greedy, batched;
-`transcribe_long`: recordings of any length cut on silence and transcribed piecewise, in order), the CTC head's
-transcripts alone, and the frozen LM copying a text (the ceiling of the speech path).
+`translate_features`: the same decoding with the speech translation prompt; `transcribe_long`: recordings of any
+length cut on silence and transcribed piecewise, in order), the CTC head's transcripts alone, and the frozen LM
+copying a text (the ceiling of the speech path).
 
 `SpeechLM(lm, encoder, adapter)`: trains `encoder` and `adapter`, never `lm`. A row is
 `<bos> <|speech_start|> [speech slots] <|speech_end|> prompt text <eos>` (`mm.datasets.audio.SpeechCollator`);
@@ -25,6 +26,7 @@ from mm.datasets.skips import BadSample
 from mm.encoders.speech import SpeechEncoder
 from mm.lm import Tokenizer, Transformer, generate
 from mm.lm.checks import check_on_host_or_async
+from mm.prompts import AST_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +248,22 @@ def transcribe_features(
         )
         out.extend(" ".join(tok.decode(t).split()) for t in new)
     return out
+
+
+def translate_features(
+    model: SpeechLM,
+    tok: Tokenizer,
+    feats: list[torch.Tensor],
+    *,
+    prompt: str = AST_PROMPT,
+    batch_size: int = 64,
+    max_new_tokens: int = 48,
+) -> list[str]:
+    """Greedy translations of feature matrices (T, 80), in input order: `transcribe_features`'s decoding with the
+    speech translation prompt (the row `<bos> <|speech_start|> [speech] <|speech_end|> {prompt}`)."""
+    return transcribe_features(
+        model, tok, feats, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
 
 
 @torch.no_grad()

@@ -1,8 +1,12 @@
 """The `speech` stage (Llama 3 paper §7.6): speech encoder + speech adapter train, the LM stays frozen; the
 adapter's outputs are spliced into the LM input as token embeddings between `<|speech_start|>` and
-`<|speech_end|>` (no cross-attention; the model is `mm.models.speech.SpeechLM`). Evaluation: the word error
-rate (`mm.stages.evaluation.word_error_rate`) on held-out manifests, beside the CTC head alone and the frozen
-LM copying the text. Under torchrun FSDP2 shards the frozen LM; the speech encoder and adapter are replicated
+`<|speech_end|>` (no cross-attention; the model is `mm.models.speech.SpeechLM`). ASR and speech translation
+(AST) train together: `data.ast_fraction` of the rows, drawn per stream position, translate the clip into its
+record's `spanish` after `data.ast_prompt` (`mm.datasets.speech_tasks`); `data.conditions` hears a share
+(`data.condition_prob`) of the clips under audio conditions (noise, level, telephone band, MP3/OGG, silences).
+Evaluation: the word error rate (`mm.stages.evaluation.word_error_rate`) on held-out manifests, beside the CTC
+head alone and the frozen LM copying the text; with AST the translations' BLEU and exact match, with
+`eval_conditions` the WER per condition (`mm.stages.speech_eval`). Under torchrun FSDP2 shards the frozen LM; the speech encoder and adapter are replicated
 (gradients all-reduced; the masked batch norm of the speech encoder synchronises its statistics), each process
 reading only its clips.
 """
@@ -20,6 +24,8 @@ from torch import nn
 from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from mm.datasets.audio import AudioFeatures, SpeechCollator, audio_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
+from mm.datasets.media import read_manifest
+from mm.datasets.speech_tasks import SpeechBatches, SpeechRows
 from mm.datasets.streams import open_stream
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm.formats.bundle import (
@@ -32,8 +38,9 @@ from mm.formats.bundle import (
 from mm.lm import Tokenizer, Transformer
 from mm.models.loading import read_stage_config
 from mm.models.speech import SpeechLM, token_embedding_rms
-from mm.prompts import ASR_PROMPT
+from mm.prompts import ASR_PROMPT, AST_PROMPT
 from mm.stages.evaluation import evaluate_wer
+from mm.stages.speech_eval import evaluate_conditions, evaluate_translation
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import load_tensors
 from mm.training.config import StageConfig
@@ -87,6 +94,14 @@ class SpeechDataConfig:
     shuffle_window: int = 1024  # WebDataset shards: shuffled within windows of this many (1 = stored order)
     features: SpeechFeaturesConfig = field(default_factory=SpeechFeaturesConfig)
     spec_augment: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    # speech translation (AST): this share of rows (drawn per stream position) are translation rows: the clip,
+    # `ast_prompt`, its record's `spanish` (0 = ASR only, the rows of before)
+    ast_fraction: float = 0.0
+    ast_prompt: str = AST_PROMPT
+    # audio conditions (names of mm.datasets.audio_conditions.CONDITIONS): a clip is heard under one of them
+    # with probability `condition_prob` (drawn per stream position; empty = as decoded)
+    conditions: list[str] = field(default_factory=list)
+    condition_prob: float = 0.5
 
 
 @dataclass
@@ -104,6 +119,7 @@ class SpeechStageConfig(StageConfig):
     data: SpeechDataConfig = field(default_factory=SpeechDataConfig)
     eval_samples: int = 256  # clips transcribed per held-out manifest at the end (0 = none)
     curve_samples: int = 64  # clips of the first held-out manifest transcribed every `train.eval_every` steps
+    eval_conditions: list[str] = field(default_factory=list)  # final WER on heldout[0] under each condition
     out: str = "runs/speech"
 
 
@@ -162,6 +178,27 @@ class SpeechStage(Stage[SpeechStageConfig]):
                 f"data.features.n_mels={cfg.data.features.n_mels} != "
                 f"speech_encoder.n_mels={cfg.speech_encoder.n_mels}"
             )
+        self.rows()  # the task and condition settings (ValueError naming the bad one)
+
+    def rows(self) -> SpeechRows:
+        """Each training sample's task (ASR/AST) and audio condition, from the `data` settings."""
+        d = self.cfg.data
+        features = d.features.build() if d.conditions else None
+        return SpeechRows(
+            d.ast_fraction, d.ast_prompt, d.conditions, d.condition_prob, features, self.cfg.train.seed
+        )
+
+    def _check_spanish(self) -> None:
+        """With translation rows, every JSONL training manifest's records carry a `spanish` string."""
+        for m in self.cfg.data.train:
+            if not m.endswith(".jsonl"):
+                continue  # shards: checked per sample when a translation row meets one
+            missing = [r for r in read_manifest(m, "audio") if not isinstance(r.meta.get("spanish"), str)]
+            if missing:
+                raise ValueError(
+                    f"{m}: {len(missing)} records have no 'spanish' string (first: {missing[0].media}); "
+                    f"data.ast_fraction={self.cfg.data.ast_fraction} needs each record's Spanish translation"
+                )
 
     def build(self, device: torch.device) -> nn.Module:
         """Frozen LM (read lazily on the meta device) + speech encoder (+ BEST-RQ weights) + adapter."""
@@ -208,9 +245,13 @@ class SpeechStage(Stage[SpeechStageConfig]):
         """This process's clips and the collator (SpecAugment per clip, seeded by its stream position)."""
         d, tr = self.cfg.data, self.cfg.train
         self.features: AudioFeatures = d.features.build()
+        rows = self.rows()
+        if d.ast_fraction > 0:
+            self._check_spanish()
+        keep_wave = rows.condition_prob > 0 and bool(rows.conditions)
         clips = open_stream(
             d.train,
-            audio_decoder(self.features),
+            audio_decoder(self.features, keep_wave=keep_wave),
             seed=tr.seed,
             max_bad_fraction=d.max_bad_fraction,
             cache=d.cache_samples,
@@ -223,9 +264,8 @@ class SpeechStage(Stage[SpeechStageConfig]):
         if sa.enabled:
             augment = {k: getattr(sa, k) for k in ("freq_masks", "freq_width", "time_masks", "time_width")}
         self.collator = SpeechCollator(self.tok, d.prompt, self.model.n_slots, augment=augment, seed=tr.seed)
-        self.stream = ResumableLoader(
-            SampleReader(clips, rank, world, self.collator), LoaderOptions.from_config(d)
-        )
+        collate = SpeechBatches(rows, self.collator) if rows.active else self.collator
+        self.stream = ResumableLoader(SampleReader(clips, rank, world, collate), LoaderOptions.from_config(d))
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
         """This process's `rows` clips of the next global batch, featurised and collated by the DataLoader
@@ -253,9 +293,29 @@ class SpeechStage(Stage[SpeechStageConfig]):
             )
         return loss, (labels != -100).sum()
 
-    def _wer(self, manifest: str, n: int) -> dict[str, Any]:
+    def _wer(self, manifest: str, n: int, translation: bool = False) -> dict[str, Any]:
+        """WER of a manifest's first `n` clips (and with `translation` its AST BLEU and exact match, `ast`)."""
+        d = self.cfg.data
         with autocast_context(self.cfg.train.autocast, self.device):
-            res = evaluate_wer(self.model, self.tok, self.features, manifest, n, self.cfg.data.prompt)
+            res = evaluate_wer(self.model, self.tok, self.features, manifest, n, d.prompt)
+            if translation:
+                res["ast"] = evaluate_translation(
+                    self.model, self.tok, self.features, manifest, n, d.ast_prompt
+                )
+        self.model.train()
+        return res
+
+    def _wer_by_condition(self, manifest: str, n: int) -> dict[str, float]:
+        with autocast_context(self.cfg.train.autocast, self.device):
+            res = evaluate_conditions(
+                self.model,
+                self.tok,
+                self.features,
+                manifest,
+                n,
+                self.cfg.data.prompt,
+                self.cfg.eval_conditions,
+            )
         self.model.train()
         return res
 
@@ -264,17 +324,29 @@ class SpeechStage(Stage[SpeechStageConfig]):
         cfg = self.cfg
         if not (cfg.curve_samples and cfg.data.heldout):
             return {}
-        return {"heldout_wer": self._wer(cfg.data.heldout[0], cfg.curve_samples)["wer"]}
+        res = self._wer(cfg.data.heldout[0], cfg.curve_samples, translation=cfg.data.ast_fraction > 0)
+        out = {"heldout_wer": res["wer"]}
+        if "ast" in res:
+            out["heldout_bleu"] = res["ast"]["bleu"]
+        return out
 
     def final_evaluation(self) -> dict[str, Any]:
-        """WER (and CTC-alone, LM-copy) of the first `eval_samples` clips of each held-out manifest."""
+        """WER (and CTC-alone, LM-copy) of the first `eval_samples` clips of each held-out manifest; with AST
+        training its translations' BLEU and exact match (`eval.<manifest>.ast`); with `eval_conditions` the WER on
+        the first held-out manifest under each condition (`wer_by_condition`)."""
         cfg = self.cfg
         if not (cfg.eval_samples and cfg.data.heldout):
             return {}
-        return {"eval": {Path(m).stem: self._wer(m, cfg.eval_samples) for m in cfg.data.heldout}}
+        ast = cfg.data.ast_fraction > 0
+        out: dict[str, Any] = {
+            "eval": {Path(m).stem: self._wer(m, cfg.eval_samples, ast) for m in cfg.data.heldout}
+        }
+        if cfg.eval_conditions:
+            out["wer_by_condition"] = self._wer_by_condition(cfg.data.heldout[0], cfg.eval_samples)
+        return out
 
     def bundle_meta(self) -> dict[str, Any]:
-        """LM location, tokenizer, encoder, adapter, features and prompt."""
+        """LM location, tokenizer, encoder, adapter, features and prompts (ASR; AST when trained)."""
         cfg = self.cfg
         return {
             "lm_path": str(self.lm_path),
@@ -283,6 +355,7 @@ class SpeechStage(Stage[SpeechStageConfig]):
             "speech_adapter": dataclass_dict(cfg.adapter),
             "features": dataclass_dict(cfg.data.features),
             "prompt": cfg.data.prompt,
+            "ast_prompt": cfg.data.ast_prompt if cfg.data.ast_fraction > 0 else None,
         }
 
     def export(self, final: Path, meta: dict[str, Any]) -> None:

@@ -1,0 +1,98 @@
+"""The speech stage's held-out figures beyond the WER (`mm.stages.evaluation.evaluate_wer`): speech translation
+(BLEU with sacrebleu and exact match of the Spanish, against each record's `spanish` field) and the WER under each
+audio condition of `mm.datasets.audio_conditions` (the condition applied to clip i with seed i, so every run
+hears the same audio).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from mm.datasets.audio import AudioFeatures, decode_audio
+from mm.datasets.audio_conditions import CONDITIONS, apply_condition
+from mm.datasets.media import read_manifest
+from mm.datasets.skips import BadSample
+from mm.lm import Tokenizer
+from mm.models.speech import SpeechLM, transcribe_features, translate_features
+from mm.stages.evaluation import bleu_report, normalize_text, word_error_rate
+
+__all__ = ["evaluate_conditions", "evaluate_translation", "translation_report"]
+
+log = logging.getLogger("mm.stages.speech_eval")
+
+
+def translation_report(preds: Sequence[str], refs: Sequence[str]) -> dict[str, Any]:
+    """Corpus BLEU (sacrebleu, 0-100) and exact match (after `normalize_text`: case and punctuation aside)."""
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} translations for {len(refs)} references")
+    em = sum(normalize_text(p) == normalize_text(r) for p, r in zip(preds, refs, strict=True))
+    return {**bleu_report(preds, refs), "exact_match": em / max(1, len(refs))}
+
+
+def evaluate_translation(
+    model: SpeechLM, tok: Tokenizer, features: AudioFeatures, manifest: str, n: int, prompt: str
+) -> dict[str, Any]:
+    """Translate the first `n` usable clips of a manifest (AST `prompt`); BLEU and exact match against `spanish`."""
+    recs = read_manifest(manifest, "audio")[:n]
+    missing = [str(r.media) for r in recs if not isinstance(r.meta.get("spanish"), str)]
+    if missing:
+        raise ValueError(
+            f"{manifest}: {len(missing)} records have no 'spanish' string (first: {missing[0]}); speech "
+            "translation is evaluated against each record's Spanish translation"
+        )
+    feats, refs, skipped = [], [], 0
+    for r in recs:
+        try:
+            feats.append(features.load(r.media))
+        except BadSample as e:
+            skipped += 1
+            log.warning("evaluation: skipped %s (%s)", r.media, e)
+            continue
+        refs.append(r.meta["spanish"].strip())
+    hyps = translate_features(model, tok, feats, prompt=prompt)
+    res = translation_report(hyps, refs)
+    res["skipped"] = skipped
+    res["examples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:5]]
+    return res
+
+
+def evaluate_conditions(
+    model: SpeechLM,
+    tok: Tokenizer,
+    features: AudioFeatures,
+    manifest: str,
+    n: int,
+    prompt: str,
+    conditions: Sequence[str],
+) -> dict[str, float]:
+    """WER of the first `n` usable clips of a manifest under each condition (clip i with seed i)."""
+    unknown = [c for c in conditions if c not in CONDITIONS]
+    if unknown:
+        raise ValueError(f"eval_conditions: unknown {unknown}; known: {', '.join(CONDITIONS)}")
+    waves, refs = [], []
+    for r in read_manifest(manifest, "audio")[:n]:
+        try:
+            wave = decode_audio(r.media)
+            features(wave)  # the clean clip must be usable
+        except BadSample as e:
+            log.warning("evaluation: skipped %s (%s)", r.media, e)
+            continue
+        waves.append(wave)
+        refs.append(r.text)
+    out: dict[str, float] = {}
+    for name in conditions:
+        feats, kept = [], []
+        for i, (wave, ref) in enumerate(zip(waves, refs, strict=True)):
+            try:
+                feats.append(features(apply_condition(name, wave, seed=i)))
+            except BadSample as e:  # counted as an empty transcript: the audio was lost
+                log.warning("evaluation: clip %d under %s unusable (%s)", i, name, e)
+                feats.append(None)
+            kept.append(ref)
+        usable = [f for f in feats if f is not None]
+        texts = iter(transcribe_features(model, tok, usable, prompt=prompt))
+        hyps = [next(texts) if f is not None else "" for f in feats]
+        out[name] = word_error_rate(kept, hyps)
+    return out
