@@ -146,6 +146,10 @@ def _speech_config(cfg: Any, out: Path, data_dir: Path) -> None:
     cfg.encoder_weights = str(_final(out, "bestrq-pretrain") / "encoder.safetensors")
     cfg.data.train = [str(sp / "train.jsonl")]
     cfg.data.heldout = [str(sp / "heldout_sentences.jsonl"), str(sp / "heldout_voices.jsonl")]
+    cfg.data.ast_fraction = 0.3
+    cfg.data.conditions = ["snr20", "snr10", "telephone", "quiet", "loud", "silences"]
+    cfg.data.condition_prob = 0.5
+    cfg.eval_conditions = ["clean", "snr10", "snr5", "telephone", "mp3", "ogg", "quiet", "loud", "silences"]
 
 
 def lm_sft_figures(run: StepRun) -> dict[str, Any]:

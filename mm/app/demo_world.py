@@ -34,7 +34,7 @@ def synth_text_world(data_dir: Path) -> dict[str, float]:
     """The LM's text corpus (`DATA/text/{train,heldout}.txt`) unless present; seconds per split."""
     return _synth_splits(
         lambda s: (data_dir / "text" / f"{s}.txt").is_file(),
-        lambda s: world.synth_text(data_dir, split=s, seed=0),
+        lambda s: world.synth_text(data_dir, split=s, seed=0, translate_fraction=world.TRANSLATE_FRACTION),
         ["train", "heldout"],
     )
 
