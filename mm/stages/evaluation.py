@@ -181,13 +181,9 @@ def score(preds: Sequence[str], refs: Sequence[str], scorers: Sequence[str]) -> 
     return res
 
 
-def evaluate_wer(
-    model: SpeechLM, tok: Tokenizer, features: AudioFeatures, manifest: str, n: int, prompt: str
-) -> dict[str, Any]:
-    """Transcribe the first `n` usable clips of a manifest; WER overall and per voice (when recorded)."""
-    recs = read_manifest(manifest, "audio")[:n]
-    feats, refs, voices = [], [], []
-    skipped = 0
+def load_audio_clips(recs: Sequence[Any], features: AudioFeatures) -> tuple[list[Any], list[Any], int]:
+    """The features of the records' clips, the records they came from, and how many were skipped (each logged)."""
+    feats, kept, skipped = [], [], 0
     for r in recs:
         try:
             feats.append(features.load(r.media))
@@ -195,8 +191,16 @@ def evaluate_wer(
             skipped += 1
             log.warning("evaluation: skipped %s (%s)", r.media, e)
             continue
-        refs.append(r.text)
-        voices.append(r.meta.get("voice"))
+        kept.append(r)
+    return feats, kept, skipped
+
+
+def evaluate_wer(
+    model: SpeechLM, tok: Tokenizer, features: AudioFeatures, manifest: str, n: int, prompt: str
+) -> dict[str, Any]:
+    """Transcribe the first `n` usable clips of a manifest; WER overall and per voice (when recorded)."""
+    feats, kept, skipped = load_audio_clips(read_manifest(manifest, "audio")[:n], features)
+    refs, voices = [r.text for r in kept], [r.meta.get("voice") for r in kept]
     hyps = transcribe_features(model, tok, feats, prompt=prompt)
     res: dict[str, Any] = {"wer": word_error_rate(refs, hyps), "n": len(refs), "skipped": skipped}
     res["exact_match"] = sum(normalize_text(a) == normalize_text(b) for a, b in zip(refs, hyps)) / max(

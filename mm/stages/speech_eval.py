@@ -16,7 +16,7 @@ from mm.datasets.media import read_manifest
 from mm.datasets.skips import BadSample
 from mm.lm import Tokenizer
 from mm.models.speech import SpeechLM, transcribe_features, translate_features
-from mm.stages.evaluation import bleu_report, normalize_text, word_error_rate
+from mm.stages.evaluation import bleu_report, load_audio_clips, normalize_text, word_error_rate
 
 __all__ = ["evaluate_conditions", "evaluate_translation", "translation_report"]
 
@@ -42,15 +42,8 @@ def evaluate_translation(
             f"{manifest}: {len(missing)} records have no 'spanish' string (first: {missing[0]}); speech "
             "translation is evaluated against each record's Spanish translation"
         )
-    feats, refs, skipped = [], [], 0
-    for r in recs:
-        try:
-            feats.append(features.load(r.media))
-        except BadSample as e:
-            skipped += 1
-            log.warning("evaluation: skipped %s (%s)", r.media, e)
-            continue
-        refs.append(r.meta["spanish"].strip())
+    feats, kept, skipped = load_audio_clips(recs, features)
+    refs = [r.meta["spanish"].strip() for r in kept]
     hyps = translate_features(model, tok, feats, prompt=prompt)
     res = translation_report(hyps, refs)
     res["skipped"] = skipped
