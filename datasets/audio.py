@@ -241,6 +241,10 @@ class SpeechCollator:
 
         <|begin_of_text|> <|speech_start|> [n speech slots] <|speech_end|> prompt text <|end_of_text|> pad...
 
+    A spoken-question row (a sample with a `context`, the prompt `DIALOGUE_PROMPT`) has the context's text between
+    `<|begin_of_text|>` and `<|speech_start|>` and no prompt after `<|speech_end|>`: the layout of the corpus's
+    question lines `{scene} {question} {answer}`, the speech in the question's place.
+
     The speech comes first and the prompt follows it, as the LM text corpus's repeat lines have it
     (`{sentence} Repeat after me in English: {sentence}`, the demo's text corpus): the frozen LM has learned there
     to copy what precedes the prompt, and the speech embeddings take the first sentence's place.
@@ -272,13 +276,16 @@ class SpeechCollator:
         head = p.rstrip()
         return head, p[len(head) :]
 
-    def prefix(self, prompt: str | None, n: int) -> tuple[list[int], list[bool]]:
-        """Token ids and slot flags of `<bos> <|speech_start|> [n slots] <|speech_end|> prompt`."""
+    def prefix(self, prompt: str | None, n: int, context: str = "") -> tuple[list[int], list[bool]]:
+        """Token ids and slot flags of `<bos> context <|speech_start|> [n slots] <|speech_end|> prompt` (no
+        context text when empty; nothing after the speech for a whitespace prompt, `DIALOGUE_PROMPT`)."""
         tok = self.tok
+        head = self._prompt(prompt)[0]
+        before = [tok.bos_id, *(tok.encode(context.strip()) if context.strip() else []), tok.speech_start_id]
         # " prompt": in the corpus the prompt follows the repeated sentence after a space.
-        after = [tok.speech_end_id, *tok.encode(" " + self._prompt(prompt)[0])]
-        flags = [False, False] + [True] * n + [False] * len(after)
-        return [tok.bos_id, tok.speech_start_id, *([tok.pad_id] * n), *after], flags
+        after = [tok.speech_end_id, *(tok.encode(" " + head) if head else [])]
+        flags = [False] * len(before) + [True] * n + [False] * len(after)
+        return [*before, *([tok.pad_id] * n), *after], flags
 
     def text_ids(self, prompt: str | None, text: str) -> list[int]:
         """Token ids of the target text as it follows the prompt (without the end token)."""
@@ -316,7 +323,7 @@ class SpeechCollator:
             asr = s.get("prompt") is None or s.get("prompt") == self.prompt
             ctc_text = s.get("ctc_text", s["text"] if asr else None)
             ctc.append(self.tok.encode(ctc_text.strip()) if ctc_text is not None else [])
-            ids, flags = self.prefix(s.get("prompt"), int(self.n_slots(n_frames)))
+            ids, flags = self.prefix(s.get("prompt"), int(self.n_slots(n_frames)), s.get("context", ""))
             target = [*self.text_ids(s.get("prompt"), s["text"]), self.tok.eos_id]
             rows.append(ids + target)
             starts.append(len(ids))

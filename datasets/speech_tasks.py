@@ -14,7 +14,14 @@ position grows over the epochs).
   (`audio_decoder(keep_wave=True)`); a feature cache holds the clean sample and the condition is applied at
   each draw, so cached and uncached runs give the same rows.
 
-With `ast_fraction=0` and no conditions every sample passes through unchanged (the ASR rows of before).
+- Spoken questions: a record with an `answer` (a question manifest, `mm.world.speech`'s `questions_*` splits) is
+  always a spoken-question row: its `context` (the conversation so far, e.g. the scene "a large red circle.")
+  before the speech, no prompt after it (`DIALOGUE_PROMPT`, the paper's spoken dialogue) and the answer as the
+  target: the layout of the corpus's question lines `{scene} {question} {answer}`; the CTC target is the
+  question as spoken.
+
+With `ast_fraction=0`, no conditions and no question records every sample passes through unchanged (the ASR
+rows of before).
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mm.prompts import DIALOGUE_PROMPT
+
 from .audio import AudioFeatures, SpeechCollator
 from .audio_conditions import CONDITIONS, apply_condition
 from .seeding import derive_seed
 from .skips import BadSample
 
-__all__ = ["SpeechBatches", "SpeechRows", "unit_draw"]
+__all__ = ["SpeechBatches", "SpeechRows", "is_question", "unit_draw"]
 
 log = logging.getLogger("mm.datasets.speech_tasks")
 
@@ -37,6 +46,11 @@ log = logging.getLogger("mm.datasets.speech_tasks")
 def unit_draw(*parts: object) -> float:
     """A number in [0, 1) fixed by the parts (`derive_seed`'s 53 low bits)."""
     return (derive_seed(*parts) & ((1 << 53) - 1)) / float(1 << 53)
+
+
+def is_question(meta: Any) -> bool:
+    """Whether a record's metadata makes it a spoken question (it has a string `answer`)."""
+    return isinstance(meta, dict) and isinstance(meta.get("answer"), str)
 
 
 @dataclass
@@ -87,12 +101,25 @@ class SpeechRows:
         return self.conditions[k]
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """The sample of its row: translation target and prompt, and conditioned features, where drawn."""
-        if not self.active or "position" not in sample:
+        """The sample of its row: a spoken question's context and answer; translation target and prompt, and
+        conditioned features, where drawn."""
+        meta = sample.get("meta")
+        question = is_question(meta)
+        if not question and (not self.active or "position" not in sample):
             return sample
-        position = int(sample["position"])
         out = dict(sample)
-        if self.task(position) == "ast":
+        if question:
+            context = meta.get("context")
+            out.update(
+                text=meta["answer"].strip(),
+                prompt=DIALOGUE_PROMPT,
+                context=context.strip() if isinstance(context, str) else "",
+                ctc_text=sample["text"],
+            )
+        if "position" not in sample:
+            return out
+        position = int(sample["position"])
+        if not question and self.task(position) == "ast":
             meta = sample.get("meta")
             spanish = meta.get("spanish") if isinstance(meta, dict) else None
             if not isinstance(spanish, str) or not spanish.strip():

@@ -11,7 +11,15 @@ files, shards and manifest are written).
 """
 
 from .chat import CHAT_FILES, DEFAULT_CHAT_COUNTS, chat_counts, synth_chat
-from .corpus import COPY_FRACTION, DEFAULT_TEXT_LINES, SPLITS, TRANSLATE_FRACTION, synth_text
+from .corpus import (
+    COPY_FRACTION,
+    DEFAULT_TEXT_LINES,
+    QUESTION_FRACTION,
+    SCRAMBLE_FRACTION,
+    SPLITS,
+    TRANSLATE_FRACTION,
+    synth_text,
+)
 from .grammar import (
     COLOR_SHAPE_PAIRS,
     COLORS,
@@ -76,6 +84,8 @@ __all__ = [
     "TEMPLATES",
     "TRAIN_PAIRS",
     "TRANSLATE_FRACTION",
+    "QUESTION_FRACTION",
+    "SCRAMBLE_FRACTION",
     "VARIANT_KINDS",
     "MotionClip",
     "Question",

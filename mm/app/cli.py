@@ -128,7 +128,12 @@ def _add_inference(sub: argparse._SubParsersAction) -> None:
     )
     ch.add_argument("--image", action="append", help="an image file (repeat for several, in order)")
     ch.add_argument("--video", help="a video file")
-    ch.add_argument("--audio", help="an audio file (a speech checkpoint answers with its transcript)")
+    ch.add_argument(
+        "--audio",
+        help="an audio file for a speech checkpoint: trained with spoken questions it answers the question the "
+        'audio asks, the message being the conversation before it (e.g. a scene: "a large red circle."); '
+        "otherwise it gives the transcript",
+    )
     ch.add_argument("message", nargs="?", default="", help='the question, e.g. "what colour is the circle?"')
     ch.set_defaults(func=infer_commands.cmd_chat)
 

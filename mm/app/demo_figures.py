@@ -185,23 +185,3 @@ def video_figures(run: StepRun) -> dict[str, Any]:
         "frozen": ok,
         "frozen_detail": detail,
     }
-
-
-def speech_figures(run: StepRun) -> dict[str, Any]:
-    """WER and exact match on held-out sentences and voices, where the errors come from, examples."""
-    ev = run.summary.get("eval", {})
-    sent, voices = ev.get("heldout_sentences", {}), ev.get("heldout_voices", {})
-    return {
-        "wer_heldout_sentences": sent.get("wer"),
-        "wer_heldout_voices": voices.get("wer"),
-        "wer_per_voice": voices.get("wer_per_voice"),
-        "exact_match_heldout_sentences": sent.get("exact_match"),
-        "exact_match_heldout_voices": voices.get("exact_match"),
-        # Where the errors come from: the audio side alone (the adapter's CTC head, greedy) and the frozen LM
-        # repeating the same sentences given as text (the ceiling of transcripts that the LM writes).
-        "ctc_wer_heldout_sentences": sent.get("ctc_wer"),
-        "ctc_wer_heldout_voices": voices.get("ctc_wer"),
-        "lm_copy_wer_heldout_sentences": sent.get("lm_copy_wer"),
-        "lm_copy_wer_heldout_voices": voices.get("lm_copy_wer"),
-        "examples": {k: v.get("examples") for k, v in ev.items() if isinstance(v, dict)},
-    }

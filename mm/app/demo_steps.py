@@ -25,7 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mm.app.demo_figures import image_figures, lm_figures, speech_figures, video_figures
+from mm.app.demo_figures import image_figures, lm_figures, video_figures
+from mm.app.demo_speech import speech_figures
 from mm.training.config import DataSourceConfig, load_config
 
 log = logging.getLogger("mm.app.demo")
@@ -140,12 +141,22 @@ def _bestrq_config(cfg: Any, out: Path, data_dir: Path) -> None:
     cfg.data.train, cfg.data.heldout = [str(sp / "train.jsonl")], [str(sp / "heldout_voices.jsonl")]
 
 
+# The speech stage's held-out manifests (`mm.world.speech` splits), the first one also heard under each condition.
+SPEECH_HELDOUT = (
+    "heldout_sentences",
+    "heldout_voices",
+    "questions_heldout",
+    "untrained_forms",
+    "untrained_voices",
+)
+
+
 def _speech_config(cfg: Any, out: Path, data_dir: Path) -> None:
     sp = data_dir / "speech"
     cfg.lm = str(_final(out, "lm-pretrain"))
     cfg.encoder_weights = str(_final(out, "bestrq-pretrain") / "encoder.safetensors")
-    cfg.data.train = [str(sp / "train.jsonl")]
-    cfg.data.heldout = [str(sp / "heldout_sentences.jsonl"), str(sp / "heldout_voices.jsonl")]
+    cfg.data.train = [str(sp / "train_mix.jsonl")]  # sentences (ASR, AST) and spoken questions
+    cfg.data.heldout = [str(sp / f"{s}.jsonl") for s in SPEECH_HELDOUT]
     cfg.data.ast_fraction = 0.3
     cfg.data.conditions = ["snr20", "snr10", "telephone", "quiet", "loud", "silences"]
     cfg.data.condition_prob = 0.5
@@ -265,10 +276,10 @@ STEPS: tuple[Step, ...] = (
         _speech_config,
         world=("speech",),
         inputs=(
-            "speech/train.jsonl",
+            "speech/train_mix.jsonl",
             "speech/train",
-            "speech/heldout_sentences.jsonl",
-            "speech/heldout_voices.jsonl",
+            "speech/questions_train",
+            *(f"speech/{s}.jsonl" for s in SPEECH_HELDOUT),
         ),
         needs=("lm-pretrain", "bestrq-pretrain"),
         loss_curve="loss_curve",

@@ -34,7 +34,14 @@ def synth_text_world(data_dir: Path) -> dict[str, float]:
     """The LM's text corpus (`DATA/text/{train,heldout}.txt`) unless present; seconds per split."""
     return _synth_splits(
         lambda s: (data_dir / "text" / f"{s}.txt").is_file(),
-        lambda s: world.synth_text(data_dir, split=s, seed=0, translate_fraction=world.TRANSLATE_FRACTION),
+        lambda s: world.synth_text(
+            data_dir,
+            split=s,
+            seed=0,
+            translate_fraction=world.TRANSLATE_FRACTION,
+            question_fraction=world.QUESTION_FRACTION,
+            scramble_fraction=world.SCRAMBLE_FRACTION,
+        ),
         ["train", "heldout"],
     )
 
@@ -73,13 +80,33 @@ def synth_motion_world(data_dir: Path) -> dict[str, float]:
 
 def synth_speech_world(data_dir: Path) -> dict[str, float]:
     """The spoken shapes world's splits (espeak-ng) unless present; seconds per split."""
-    from mm.world.speech import DEFAULT_SPEECH_COUNTS, synth_speech
+    from mm.world.speech import (
+        DEFAULT_SPEECH_COUNTS,
+        merge_manifests,
+        synth_long_recording,
+        synth_speech,
+    )
 
-    return _synth_splits(
+    spent = _synth_splits(
         lambda s: (data_dir / "speech" / f"{s}.jsonl").is_file(),
         lambda s: synth_speech(data_dir, n=DEFAULT_SPEECH_COUNTS[s], seed=0, split=s),
         list(DEFAULT_SPEECH_COUNTS),
     )
+    spent.update(  # the speech stage's one training manifest: sentences and spoken questions
+        _synth_splits(
+            lambda s: (data_dir / "speech" / f"{s}.jsonl").is_file(),
+            lambda s: merge_manifests(data_dir, ["train", "questions_train"], s),
+            ["train_mix"],
+        )
+    )
+    spent.update(  # the 60-s recording with pauses that the demo transcribes whole
+        _synth_splits(
+            lambda s: (data_dir / "speech" / "long_recording.json").is_file(),
+            lambda s: synth_long_recording(data_dir, seconds=60.0, seed=0),
+            ["long_recording"],
+        )
+    )
+    return spent
 
 
 def synth_chat_world(data_dir: Path) -> dict[str, float]:

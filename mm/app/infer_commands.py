@@ -215,16 +215,35 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    """One chat turn: the answer to `message` about the given images (in order) and video, on one line. A speech
-    checkpoint answers an `--audio` file with its transcript."""
-    stage = stage_of_checkpoint(Path(args.checkpoint))
-    if stage == "speech":
-        if not args.audio:
-            print(f"mm chat: {args.checkpoint} is a speech checkpoint: give --audio FILE", file=sys.stderr)
-            return 2
+def _speech_chat(args: argparse.Namespace) -> int:
+    """`mm chat --audio` with a speech checkpoint: trained with spoken questions, it answers the question the
+    audio asks, after `message` as the conversation so far (e.g. a scene); else the audio's transcript (the
+    message, if any, is then the instruction after the speech)."""
+    from mm.datasets.skips import BadSample
+    from mm.models.speech import answer_features
+    from mm.training.stage import reader_stage
+
+    if not args.audio:
+        print(f"mm chat: {args.checkpoint} is a speech checkpoint: give --audio FILE", file=sys.stderr)
+        return 2
+    model, tok, features, meta = reader_stage("transcribe").load_final(Path(args.checkpoint))
+    if meta.get("dialogue_prompt") is None:
         args.prompt = args.message or None
         return cmd_transcribe(argparse.Namespace(**{**vars(args), "audio": [args.audio], "batch_size": 1}))
+    feats = load_inputs("chat", "use", [args.audio], lambda p: features.load(p), (BadSample,))
+    if feats is None:
+        return 2
+    print_lines(answer_features(model, tok, feats, [args.message or ""]))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """One chat turn: the answer to `message` about the given images (in order) and video, on one line. A speech
+    checkpoint trained with spoken questions answers the question an `--audio` file asks (the message is the
+    conversation before it, e.g. a scene in words); other speech checkpoints give the audio's transcript."""
+    stage = stage_of_checkpoint(Path(args.checkpoint))
+    if stage == "speech":
+        return _speech_chat(args)
     if refuse_other_stage("chat", args.checkpoint):
         return 2
     if args.audio:

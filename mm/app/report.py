@@ -273,16 +273,35 @@ def _speech_section(report: dict[str, Any]) -> list[str]:
     )
     wer = [
         [split, *(_fmt(speech.get(f"{kind}wer_{split}")) for kind in ("", "ctc_", "lm_copy_"))]
-        for split in ("heldout_sentences", "heldout_voices")
+        for split in ("heldout_sentences", "heldout_voices", "untrained_forms", "untrained_voices")
         if f"wer_{split}" in speech
     ]
+    ast = [
+        [split, _fmt(speech.get(f"ast_bleu_{split}")), _fmt(speech.get(f"ast_exact_match_{split}"))]
+        for split in ("heldout_sentences", "heldout_voices", "untrained_forms", "untrained_voices")
+        if f"ast_bleu_{split}" in speech
+    ]
+    questions = [[f, _fmt(a)] for f, a in (speech.get("question_accuracy_by_family") or {}).items()]
+    if "question_accuracy" in speech:
+        questions.append(["all", _fmt(speech["question_accuracy"])])
+    conditions = [[c, _fmt(w)] for c, w in (speech.get("wer_by_condition") or {}).items()]
+    long = speech.get("long_recording") or {}
+    long_lines = []
+    if long:
+        long_lines = [
+            f"A {_fmt(long.get('seconds'), 0)}-second recording of {long.get('sentences')} sentences with pauses, "
+            f"transcribed whole (cut on silence, pieces in order): WER {_fmt(long.get('wer'))}.",
+            "",
+            f"- reference: `{long.get('reference')}`",
+            f"- transcript: `{long.get('transcript')}`",
+        ]
     per_voice = speech.get("wer_per_voice") or {}
     voices = [[voice, _fmt(w)] for voice, w in per_voice.items()]
     examples = speech.get("examples") or {}
     if isinstance(examples, list):
         examples = {"heldout": examples}
     transcripts = [
-        [split, e.get("ref", e.get("text")), e.get("hyp", e.get("pred"))]
+        [split, e.get("ref", e.get("question", e.get("text"))), e.get("hyp", e.get("pred"))]
         for split, es in examples.items()
         for e in (es or [])[:4]
     ]
@@ -291,7 +310,21 @@ def _speech_section(report: dict[str, Any]) -> list[str]:
         [note],
         _table(["split", "WER", "audio side alone (CTC)", "LM repeating the text"], wer),
         _table(["held-out voice", "WER"], voices) if voices else [],
+        _table(["audio condition (held-out sentences)", "WER"], conditions) if conditions else [],
+        long_lines,
         _table(["split", "reference", "transcript"], transcripts) if transcripts else [],
+    ) + (
+        _section(
+            "Speech translation and spoken questions",
+            [
+                "Translations into Spanish (sacrebleu BLEU, exact match) and answers to spoken questions asked"
+                " with no text prompt after a scene given in text (accuracy per question family)."
+            ],
+            _table(["split", "BLEU", "exact match"], ast) if ast else [],
+            _table(["spoken question family", "accuracy"], questions) if questions else [],
+        )
+        if ast or questions
+        else []
     )
 
 

@@ -38,6 +38,8 @@ CONTENT_TYPES = {
     "audio/flac": "flac",
     "audio/x-flac": "flac",
     "audio/ogg": "ogg",
+    "audio/mpeg": "mp3",
+    "audio/mp3": "mp3",
 }
 ChatFn = Callable[[str, Path, str], str]
 
@@ -68,8 +70,8 @@ def accepted(kinds: Sequence[str]) -> str:
 
 
 def sniff(head: bytes) -> tuple[str, str] | None:
-    """(kind, extension) that a file's first bytes announce (PNG, JPEG, WAV, FLAC, Ogg, MP4/MOV, Matroska/WebM,
-    AVI), or None."""
+    """(kind, extension) that a file's first bytes announce (PNG, JPEG, WAV, FLAC, Ogg, MP3, MP4/MOV,
+    Matroska/WebM, AVI), or None."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image", "png"
     if head.startswith(b"\xff\xd8\xff"):
@@ -82,6 +84,8 @@ def sniff(head: bytes) -> tuple[str, str] | None:
         return "audio", "flac"
     if head.startswith(b"OggS"):
         return "audio", "ogg"
+    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "audio", "mp3"  # an ID3 tag or an MPEG audio frame sync
     if head[4:8] == b"ftyp":
         return "video", "mp4"
     if head.startswith(b"\x1aE\xdf\xa3"):

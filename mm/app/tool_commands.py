@@ -138,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _print_section(
             sp["stages"],
             f"speech WER: {sp['wer_heldout_sentences']:.3f} (held-out sentences), "
-            f"{sp['wer_heldout_voices']:.3f} (held-out voices)",
+            f"{sp['wer_heldout_voices']:.3f} (held-out voices)" + _speech_extras(sp),
             f"LM frozen: {sp['lm_frozen']} ({sp['lm_frozen_detail']})",
         )
     if "chat" in report:
@@ -191,3 +191,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mm.app.bench import main as bench_main
 
     return bench_main(args.json, quick=args.quick)
+
+
+def _speech_extras(sp: dict) -> str:
+    """The speech section's further figures for the demo's closing lines (those the run has)."""
+    parts = []
+    if sp.get("wer_untrained_forms") is not None:
+        parts.append(f"{sp['wer_untrained_forms']:.3f} (untrained sentence forms)")
+    if sp.get("ast_bleu_heldout_sentences") is not None:
+        parts.append(f"translation BLEU {sp['ast_bleu_heldout_sentences']:.1f}")
+    if sp.get("question_accuracy") is not None:
+        parts.append(f"spoken questions {sp['question_accuracy']:.3f}")
+    if sp.get("long_recording_wer") is not None:
+        parts.append(f"60-s recording WER {sp['long_recording_wer']:.3f}")
+    return ("; " + "; ".join(parts)) if parts else ""

@@ -12,6 +12,7 @@ the slots' token embeddings are replaced by the adapter outputs, one per 80 ms o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from mm.datasets.skips import BadSample
 from mm.encoders.speech import SpeechEncoder
 from mm.lm import Tokenizer, Transformer, generate
 from mm.lm.checks import check_on_host_or_async
-from mm.prompts import AST_PROMPT
+from mm.prompts import AST_PROMPT, DIALOGUE_PROMPT
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +217,22 @@ def transcribe_features(
     prompt: str,
     batch_size: int = 64,
     max_new_tokens: int = 32,
+    contexts: Sequence[str] | None = None,
 ) -> list[str]:
-    """Greedy transcripts of feature matrices (T, 80), in input order."""
+    """Greedy transcripts of feature matrices (T, 80), in input order (with `contexts`, clip i's row has
+    `contexts[i]` as text before the speech: `SpeechCollator.prefix`)."""
+    if contexts is not None and len(contexts) != len(feats):
+        raise ValueError(f"{len(contexts)} contexts for {len(feats)} clips")
     model.eval()
     device = next(model.parameters()).device
     collator = SpeechCollator(tok, prompt, model.n_slots)
     out: list[str] = []
     for s in range(0, len(feats), batch_size):
+        ctx = (
+            list(contexts[s : s + batch_size])
+            if contexts is not None
+            else [""] * len(feats[s : s + batch_size])
+        )
         chunk = [{"features": f} for f in feats[s : s + batch_size]]
         x, lengths = collator.features(chunk)
         sp, counts = model.encode_speech(x.to(device), lengths.to(device))
@@ -230,7 +240,8 @@ def transcribe_features(
             keep = model.kept_frames(sp, counts)
             order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
             sp, counts = torch.gather(sp, 1, order[..., None].expand_as(sp)), keep.sum(1)
-        prompts, flags = zip(*(collator.prefix(None, int(c)) for c in counts.tolist()), strict=True)
+        rows = (collator.prefix(None, int(c), x) for c, x in zip(counts.tolist(), ctx, strict=True))
+        prompts, flags = zip(*rows, strict=True)
         T = max(len(p) for p in prompts)
         mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
         embeds = torch.zeros(len(prompts), T, sp.shape[-1], device=device)
@@ -263,6 +274,28 @@ def translate_features(
     speech translation prompt (the row `<bos> <|speech_start|> [speech] <|speech_end|> {prompt}`)."""
     return transcribe_features(
         model, tok, feats, prompt=prompt, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+
+
+def answer_features(
+    model: SpeechLM,
+    tok: Tokenizer,
+    feats: list[torch.Tensor],
+    contexts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+) -> list[str]:
+    """Greedy answers to spoken questions (feature matrices (T, 80)), in input order: no prompt (spoken
+    dialogue), clip i after `contexts[i]`, the conversation so far (e.g. a scene: "a large red circle.")."""
+    return transcribe_features(
+        model,
+        tok,
+        feats,
+        prompt=DIALOGUE_PROMPT,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        contexts=contexts,
     )
 
 

@@ -25,7 +25,7 @@ from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
 from mm.datasets.audio import AudioFeatures, SpeechCollator, audio_decoder
 from mm.datasets.loader import LoaderOptions, ResumableLoader, SampleReader
 from mm.datasets.media import read_manifest
-from mm.datasets.speech_tasks import SpeechBatches, SpeechRows
+from mm.datasets.speech_tasks import SpeechBatches, SpeechRows, is_question
 from mm.datasets.streams import open_stream
 from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
 from mm.formats.bundle import (
@@ -38,9 +38,14 @@ from mm.formats.bundle import (
 from mm.lm import Tokenizer, Transformer
 from mm.models.loading import read_stage_config
 from mm.models.speech import SpeechLM, token_embedding_rms
-from mm.prompts import ASR_PROMPT, AST_PROMPT
+from mm.prompts import ASR_PROMPT, AST_PROMPT, DIALOGUE_PROMPT
 from mm.stages.evaluation import evaluate_wer
-from mm.stages.speech_eval import evaluate_conditions, evaluate_translation
+from mm.stages.speech_eval import (
+    evaluate_conditions,
+    evaluate_questions,
+    evaluate_translation,
+    is_question_manifest,
+)
 from mm.training import distributed as dist_utils
 from mm.training.checkpoint import load_tensors
 from mm.training.config import StageConfig
@@ -193,7 +198,11 @@ class SpeechStage(Stage[SpeechStageConfig]):
         for m in self.cfg.data.train:
             if not m.endswith(".jsonl"):
                 continue  # shards: checked per sample when a translation row meets one
-            missing = [r for r in read_manifest(m, "audio") if not isinstance(r.meta.get("spanish"), str)]
+            missing = [
+                r
+                for r in read_manifest(m, "audio")
+                if not isinstance(r.meta.get("spanish"), str) and not is_question(r.meta)
+            ]
             if missing:
                 raise ValueError(
                     f"{m}: {len(missing)} records have no 'spanish' string (first: {missing[0].media}); "
@@ -264,7 +273,7 @@ class SpeechStage(Stage[SpeechStageConfig]):
         if sa.enabled:
             augment = {k: getattr(sa, k) for k in ("freq_masks", "freq_width", "time_masks", "time_width")}
         self.collator = SpeechCollator(self.tok, d.prompt, self.model.n_slots, augment=augment, seed=tr.seed)
-        collate = SpeechBatches(rows, self.collator) if rows.active else self.collator
+        collate = SpeechBatches(rows, self.collator)  # question records, AST draws, conditions
         self.stream = ResumableLoader(SampleReader(clips, rank, world, collate), LoaderOptions.from_config(d))
 
     def next_batch(self, rows: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -305,6 +314,19 @@ class SpeechStage(Stage[SpeechStageConfig]):
         self.model.train()
         return res
 
+    def _questions(self, manifest: str, n: int) -> dict[str, Any]:
+        """Accuracy of the answers to a manifest's first `n` spoken questions."""
+        with autocast_context(self.cfg.train.autocast, self.device):
+            res = evaluate_questions(self.model, self.tok, self.features, manifest, n)
+        self.model.train()
+        return res
+
+    def _held_out(self, manifest: str, n: int, translation: bool) -> dict[str, Any]:
+        """A held-out manifest's figures: answer accuracy for spoken questions, else the WER (and AST)."""
+        if is_question_manifest(manifest):
+            return self._questions(manifest, n)
+        return self._wer(manifest, n, translation)
+
     def _wer_by_condition(self, manifest: str, n: int) -> dict[str, float]:
         with autocast_context(self.cfg.train.autocast, self.device):
             res = evaluate_conditions(
@@ -332,14 +354,15 @@ class SpeechStage(Stage[SpeechStageConfig]):
 
     def final_evaluation(self) -> dict[str, Any]:
         """WER (and CTC-alone, LM-copy) of the first `eval_samples` clips of each held-out manifest; with AST
-        training its translations' BLEU and exact match (`eval.<manifest>.ast`); with `eval_conditions` the WER on
-        the first held-out manifest under each condition (`wer_by_condition`)."""
+        training its translations' BLEU and exact match (`eval.<manifest>.ast`); for a manifest of spoken
+        questions the answers' accuracy instead; with `eval_conditions` the WER on the first held-out manifest
+        under each condition (`wer_by_condition`)."""
         cfg = self.cfg
         if not (cfg.eval_samples and cfg.data.heldout):
             return {}
         ast = cfg.data.ast_fraction > 0
         out: dict[str, Any] = {
-            "eval": {Path(m).stem: self._wer(m, cfg.eval_samples, ast) for m in cfg.data.heldout}
+            "eval": {Path(m).stem: self._held_out(m, cfg.eval_samples, ast) for m in cfg.data.heldout}
         }
         if cfg.eval_conditions:
             out["wer_by_condition"] = self._wer_by_condition(cfg.data.heldout[0], cfg.eval_samples)
@@ -356,7 +379,18 @@ class SpeechStage(Stage[SpeechStageConfig]):
             "features": dataclass_dict(cfg.data.features),
             "prompt": cfg.data.prompt,
             "ast_prompt": cfg.data.ast_prompt if cfg.data.ast_fraction > 0 else None,
+            # spoken dialogue (no prompt after the speech) when training had spoken-question records
+            "dialogue_prompt": DIALOGUE_PROMPT if self._trains_questions() else None,
         }
+
+    def _trains_questions(self) -> bool:
+        """Whether a JSONL training manifest holds spoken-question records (`context`, `answer`)."""
+        return any(
+            is_question(r.meta)
+            for m in self.cfg.data.train
+            if m.endswith(".jsonl")
+            for r in read_manifest(m, "audio")
+        )
 
     def export(self, final: Path, meta: dict[str, Any]) -> None:
         """The bundle: speech encoder and adapter tensors (no LM tensor)."""

@@ -1,7 +1,8 @@
 """The speech stage's held-out figures beyond the WER (`mm.stages.evaluation.evaluate_wer`): speech translation
 (BLEU with sacrebleu and exact match of the Spanish, against each record's `spanish` field) and the WER under each
 audio condition of `mm.datasets.audio_conditions` (the condition applied to clip i with seed i, so every run
-hears the same audio).
+hears the same audio), and the accuracy of the answers to spoken questions (records with `context` and
+`answer`: the answer's exact match, overall and per question `family`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from mm.datasets.audio import AudioFeatures, decode_audio
 from mm.datasets.audio_conditions import CONDITIONS, apply_condition
 from mm.datasets.media import read_manifest
 from mm.datasets.skips import BadSample
+from mm.datasets.speech_tasks import is_question
 from mm.lm import Tokenizer
-from mm.models.speech import SpeechLM, transcribe_features, translate_features
+from mm.models.speech import SpeechLM, answer_features, transcribe_features, translate_features
 from mm.stages.evaluation import bleu_report, load_audio_clips, normalize_text, word_error_rate
 
-__all__ = ["evaluate_conditions", "evaluate_translation", "translation_report"]
+__all__ = [
+    "evaluate_conditions",
+    "evaluate_questions",
+    "evaluate_translation",
+    "is_question_manifest",
+    "translation_report",
+]
 
 log = logging.getLogger("mm.stages.speech_eval")
 
@@ -89,3 +97,42 @@ def evaluate_conditions(
         hyps = [next(texts) if f is not None else "" for f in feats]
         out[name] = word_error_rate(kept, hyps)
     return out
+
+
+def is_question_manifest(manifest: str) -> bool:
+    """Whether a JSONL manifest holds spoken questions (every record has an `answer`; shards: no)."""
+    if not manifest.endswith(".jsonl"):
+        return False
+    recs = read_manifest(manifest, "audio")
+    return bool(recs) and all(is_question(r.meta) for r in recs)
+
+
+def evaluate_questions(
+    model: SpeechLM, tok: Tokenizer, features: AudioFeatures, manifest: str, n: int
+) -> dict[str, Any]:
+    """Answer the first `n` usable spoken questions of a manifest, each after its record's `context`, with no
+    prompt; accuracy (exact match after `normalize_text`) overall and per `family`."""
+    recs = read_manifest(manifest, "audio")[:n]
+    bad = [str(r.media) for r in recs if not is_question(r.meta)]
+    if bad:
+        raise ValueError(
+            f"{manifest}: {len(bad)} records have no 'answer' string (first: {bad[0]}); spoken questions are "
+            "scored against each record's answer"
+        )
+    feats, kept, skipped = load_audio_clips(recs, features)
+    contexts = [str(r.meta.get("context") or "") for r in kept]
+    hyps = answer_features(model, tok, feats, contexts)
+    right = [normalize_text(h) == normalize_text(r.meta["answer"]) for h, r in zip(hyps, kept, strict=True)]
+    by_family: dict[str, list[bool]] = {}
+    for ok, r in zip(right, kept, strict=True):
+        by_family.setdefault(str(r.meta.get("family", "?")), []).append(ok)
+    return {
+        "accuracy": sum(right) / max(1, len(right)),
+        "n": len(right),
+        "skipped": skipped,
+        "by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())},
+        "examples": [
+            {"context": c, "question": r.text, "answer": r.meta["answer"], "hyp": h}
+            for c, r, h in list(zip(contexts, kept, hyps, strict=True))[:5]
+        ],
+    }

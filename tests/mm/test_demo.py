@@ -58,8 +58,10 @@ def fake_speech_world(data_dir):
     if (sp / "train.jsonl").is_file():
         return {}
     (sp / "train").mkdir(parents=True)
+    (sp / "questions_train").mkdir(parents=True)
     (sp / "train" / "0.wav").write_bytes(b"RIFF0000")
-    for split in ("train", "heldout_sentences", "heldout_voices"):
+    splits = ("train", "train_mix", "heldout_sentences", "heldout_voices", "questions_heldout")
+    for split in (*splits, "untrained_forms", "untrained_voices"):
         (sp / f"{split}.jsonl").write_text(
             json.dumps({"audio": "train/0.wav", "text": "a red circle"}) + "\n"
         )
@@ -116,9 +118,16 @@ def test_steps_read_the_packaged_presets(tmp_path):
         tmp_path / "clip-pretrain/final/encoder.safetensors"
     )
     assert by_name["speech"].data.heldout == [
-        str(tmp_path / "data/speech/heldout_sentences.jsonl"),
-        str(tmp_path / "data/speech/heldout_voices.jsonl"),
+        str(tmp_path / f"data/speech/{s}.jsonl")
+        for s in (
+            "heldout_sentences",
+            "heldout_voices",
+            "questions_heldout",
+            "untrained_forms",
+            "untrained_voices",
+        )
     ]
+    assert by_name["speech"].data.train == [str(tmp_path / "data/speech/train_mix.jsonl")]
     assert all(cfg.out == str(tmp_path / name) for name, cfg in by_name.items())
 
 

@@ -74,13 +74,14 @@ def server(bundle):
     server.server_close()
 
 
-def form(fields: dict[str, tuple[str | None, bytes]]) -> tuple[str, bytes]:
-    """(content type, body) of a multipart/form-data form: name -> (filename or None, bytes)."""
+def form(fields: dict[str, tuple]) -> tuple[str, bytes]:
+    """(content type, body) of a multipart/form-data form: name -> (filename or None, bytes[, part type])."""
     b = uuid.uuid4().hex
     body = b""
-    for name, (filename, data) in fields.items():
+    for name, (filename, data, *ctype) in fields.items():
         disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        body += f"--{b}\r\nContent-Disposition: {disp}\r\n\r\n".encode() + data + b"\r\n"
+        head = f"Content-Disposition: {disp}\r\n" + "".join(f"Content-Type: {t}\r\n" for t in ctype)
+        body += f"--{b}\r\n{head}\r\n".encode() + data + b"\r\n"
     return f"multipart/form-data; boundary={b}", body + f"--{b}--\r\n".encode()
 
 
@@ -183,6 +184,11 @@ def test_a_failure_while_answering_is_a_500_and_the_server_keeps_serving(bundle,
         wav = (tmp_path / "tone.wav").read_bytes()
         assert post(server, {"file": ("tone.wav", wav)}) == (200, {"answer": "audio .wav 1600 None"})
         assert post(server, {"file": ("blob", wav)}) == (200, {"answer": "audio .wav 1600 None"})  # sniffed
+        sf.write(tmp_path / "tone.mp3", 0.1 * np.sin(np.arange(16000) / 5.0).astype(np.float32), 16000)
+        mp3 = (tmp_path / "tone.mp3").read_bytes()
+        frames = sf.info(str(tmp_path / "tone.mp3")).frames
+        for part in (("voice.mp3", mp3), ("blob", mp3, "audio/mpeg"), ("blob", mp3)):  # name, type, bytes
+            assert post(server, {"file": part}) == (200, {"answer": f"audio .mp3 {frames} None"}), part[2:]
         status, reply = post(server, {"file": ("voice.wav", b"RIFF\0\0\0\0WAVEjunk")})
         assert status == 400 and reply["error"].startswith("voice.wav is not a readable audio")
         status, reply = post(server, {"file": ("clip.mp4", b"\0\0\0\x18ftypmp42" + b"\0" * 100)})
@@ -191,7 +197,7 @@ def test_a_failure_while_answering_is_a_500_and_the_server_keeps_serving(bundle,
         assert status == 400 and reply["error"].startswith(
             "photo.png is not a readable image (its bytes look like audio .wav)"
         )
-        assert flaky.calls == 4 and not [
+        assert flaky.calls == 7 and not [
             p for p in flaky.paths if p.parent.exists()
         ]  # temporary files removed
     finally:

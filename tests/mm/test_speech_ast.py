@@ -3,7 +3,9 @@ batches of before; with AST on the drawn share of rows are translation rows laid
 line with the speech in the English sentence's place (CTC still on the English); BLEU and exact match on a
 hand-made example; `mm translate` refuses another language and bad files; `mm transcribe` decodes a long
 recording piece by piece, in order; training conditions are fixed by the stream position (cached or not); the
-evaluation reports one WER per condition (clip i heard with seed i)."""
+evaluation reports one WER per condition (clip i heard with seed i). Spoken questions: a record with `context`
+and `answer` is a row laid out as the corpus's question line (the speech in the question's place, no prompt),
+scored by answer accuracy per family; `mm chat --audio` answers with a bundle trained on them."""
 
 import json
 import math
@@ -21,7 +23,7 @@ from mm.datasets.seeding import derive_seed
 from mm.datasets.speech_tasks import SpeechBatches, SpeechRows
 from mm.datasets.streams import open_stream
 from mm.lm import Tokenizer, Transformer, preset
-from mm.prompts import ASR_PROMPT, AST_PROMPT
+from mm.prompts import ASR_PROMPT, AST_PROMPT, DIALOGUE_PROMPT
 from mm.world.spanish import to_spanish, translation_line
 
 SR = SAMPLE_RATE
@@ -317,11 +319,14 @@ def test_speech_stage_trains_ast_with_conditions_and_reports_them(bundle, tmp_pa
     from pathlib import Path
 
     from mm.app.cli import main
-    from mm.world.speech import synth_speech
+    from mm.world.speech import merge_manifests, synth_speech
 
     root = Path(__file__).resolve().parents[2]
-    train = synth_speech(tmp_path, n=4, split="train")
-    held = synth_speech(tmp_path, n=2, split="heldout_voices")
+    synth_speech(tmp_path, n=4, split="train", workers=1)
+    synth_speech(tmp_path, n=2, split="questions_train", workers=1)
+    train = merge_manifests(tmp_path, ["train", "questions_train"], "mix")  # sentences and spoken questions
+    held = synth_speech(tmp_path, n=2, split="heldout_voices", workers=1)
+    questions = synth_speech(tmp_path, n=2, split="questions_heldout", workers=1)
     args = [
         "train",
         "--config",
@@ -343,7 +348,7 @@ def test_speech_stage_trains_ast_with_conditions_and_reports_them(bundle, tmp_pa
         "train.batch_size=2",
         "train.num_threads=1",
         "train.peak_flops=1e9",
-        f"data.heldout=[{held}]",
+        f"data.heldout=[{held},{questions}]",
         "data.ast_fraction=0.5",
         "data.conditions=[snr10,telephone]",
         "eval_conditions=[clean,snr10]",
@@ -358,3 +363,105 @@ def test_speech_stage_trains_ast_with_conditions_and_reports_them(bundle, tmp_pa
     assert list(summary["wer_by_condition"]) == ["clean", "snr10"]
     cfg = json.loads((tmp_path / "run" / "final" / "mm_config.json").read_text())
     assert cfg["ast_prompt"] == AST_PROMPT
+    assert cfg["dialogue_prompt"] == DIALOGUE_PROMPT  # the training manifest has spoken questions
+    q = summary["eval"]["questions_heldout"]
+    assert q["n"] == 2 and 0.0 <= q["accuracy"] <= 1.0 and "wer" not in q
+    assert sum(len(v) for v in [q["by_family"]]) >= 1 and q["examples"][0]["context"]
+
+
+def question_sample(s: dict, context: str, question: str, answer: str) -> dict:
+    """A decoded clip as a spoken-question record's sample."""
+    return {**s, "text": question, "meta": {"context": context, "answer": answer, "family": "colour"}}
+
+
+def test_question_rows_mirror_the_corpus_question_line(clips, tok):
+    from mm.world.corpus import question_line
+
+    got, _ = samples(clips / "m.jsonl", 2)
+    coll = SpeechCollator(tok, ASR_PROMPT, n_slots, seed=3)
+    context, question, answer = "a large red circle.", "what colour is the circle?", "red"
+    q = question_sample(got[0], context, question, answer)
+    batch = SpeechBatches(SpeechRows(1.0, AST_PROMPT, seed=3), coll)([q, got[1]])  # AST draws spare questions
+    n = n_slots(q["features"].shape[0])
+    ctx = tok.encode(context)
+    row = batch["tokens"][0].tolist()
+    head = [tok.bos_id, *ctx, tok.speech_start_id, *[tok.pad_id] * n, tok.speech_end_id]
+    assert row[: len(head)] == head and batch["speech_mask"][0].sum() == n
+    assert batch["speech_mask"][0, len(ctx) + 2 : len(ctx) + 2 + n].all()
+    line = tok.encode(f"{context} {question} {answer}", eos=True)  # the corpus's question line
+    tail = tok.encode(f" {question} {answer}", eos=True)
+    assert line[: len(ctx)] == ctx
+    target = tok.encode(" " + answer) + [tok.eos_id]
+    assert line[-len(target) :] == target and tail[-len(target) :] == target
+    assert row[len(head) : len(head) + len(target)] == target  # no prompt: the answer right after the speech
+    assert [t for t in batch["labels"][0].tolist() if t != -100] == target
+    assert batch["ctc_targets"][0, : batch["ctc_lengths"][0]].tolist() == tok.encode(question)
+    assert [t for t in batch["labels"][1].tolist() if t != -100][:-1] == tok.encode(
+        " " + to_spanish(got[1]["text"])
+    )
+    lines = [question_line(__import__("random").Random(k)) for k in range(50)]
+    assert all(line.count("?") == 1 for line in lines)
+
+
+def test_question_evaluation_scores_answers_per_family(clips, bundle, monkeypatch):
+    import mm.stages.speech_eval as speech_eval
+    from mm.stages.speech import load_speech_bundle
+
+    model, tok, features, _ = load_speech_bundle(bundle / "final")
+    recs = [
+        ("a large red circle.", "what colour is the circle?", "red", "colour"),
+        ("a small blue square.", "is there a triangle?", "no", "exists"),
+        ("a red circle moves up.", "which way does the circle move?", "up", "motion"),
+        ("a small blue square.", "is there a square?", "yes", "exists"),
+    ]
+    lines = [
+        json.dumps({"audio": f"{i}.wav", "text": q, "context": c, "answer": a, "family": f})
+        for i, (c, q, a, f) in enumerate(recs)
+    ]
+    (clips / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    seen = []
+
+    def fake(model, tok, feats, contexts, **kw):
+        seen.append(list(contexts))
+        return ["red", "yes", "up", "yes."]
+
+    monkeypatch.setattr(speech_eval, "answer_features", fake)
+    res = speech_eval.evaluate_questions(model, tok, features, str(clips / "questions.jsonl"), 4)
+    assert seen == [[c for c, *_ in recs]]
+    assert res["accuracy"] == 0.75 and res["n"] == 4 and res["skipped"] == 0
+    assert res["by_family"] == {"colour": 1.0, "exists": 0.5, "motion": 1.0}
+    assert speech_eval.is_question_manifest(str(clips / "questions.jsonl"))
+    assert not speech_eval.is_question_manifest(str(clips / "m.jsonl"))
+    with pytest.raises(ValueError, match="m.jsonl.*answer"):
+        speech_eval.evaluate_questions(model, tok, features, str(clips / "m.jsonl"), 4)
+
+
+def test_chat_answers_a_spoken_question_after_the_scene(clips, bundle, tmp_path, capsys):
+    from mm.app.cli import main
+    from mm.models.speech import answer_features, transcribe_features
+    from mm.stages.speech import load_speech_bundle
+
+    dialogue = tmp_path / "dialogue"
+    shutil.copytree(bundle / "final", dialogue)
+    cfg = json.loads((dialogue / "mm_config.json").read_text())
+    (dialogue / "mm_config.json").write_text(json.dumps({**cfg, "dialogue_prompt": DIALOGUE_PROMPT}))
+    model, tok, features, _ = load_speech_bundle(dialogue)
+    clip = str(clips / "2.wav")
+    feats = [features.load(clip)]
+    assert main(["chat", "--checkpoint", str(dialogue), "--audio", clip, "a large red circle."]) == 0
+    assert capsys.readouterr().out.splitlines() == answer_features(model, tok, feats, ["a large red circle."])
+    # the row the answer comes from: the scene, then the speech, nothing after it
+    ids, flags = SpeechCollator(tok, DIALOGUE_PROMPT, n_slots).prefix(
+        DIALOGUE_PROMPT, 3, "a large red circle."
+    )
+    ctx = tok.encode("a large red circle.")
+    assert ids == [tok.bos_id, *ctx, tok.speech_start_id, *[tok.pad_id] * 3, tok.speech_end_id]
+    assert flags == [False] * (len(ctx) + 2) + [True] * 3 + [False]
+    # a bundle without spoken questions transcribes, as before
+    assert main(["chat", "--checkpoint", str(bundle / "final"), "--audio", clip]) == 0
+    assert capsys.readouterr().out.splitlines() == transcribe_features(model, tok, feats, prompt=ASR_PROMPT)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEfmt garbage")
+    assert main(["chat", "--checkpoint", str(dialogue), "--audio", str(bad), "a small blue square."]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "bad.wav" in out.err
