@@ -20,6 +20,8 @@ position grows over the epochs).
   target: the layout of the corpus's question lines `{scene} {question} {answer}`; the CTC target is the
   question as spoken.
 
+A record marked `asr_only` (e.g. scrambled words, which have no translation) is never a translation row.
+
 With `ast_fraction=0`, no conditions and no question records every sample passes through unchanged (the ASR
 rows of before).
 """
@@ -119,7 +121,8 @@ class SpeechRows:
         if "position" not in sample:
             return out
         position = int(sample["position"])
-        if not question and self.task(position) == "ast":
+        asr_only = isinstance(meta, dict) and bool(meta.get("asr_only"))
+        if not question and not asr_only and self.task(position) == "ast":
             meta = sample.get("meta")
             spanish = meta.get("spanish") if isinstance(meta, dict) else None
             if not isinstance(spanish, str) or not spanish.strip():

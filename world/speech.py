@@ -14,6 +14,10 @@ Splits (`synth_speech`):
   forms the LM knows?
 - `untrained_voices`: sentences of the training partition spoken by `UNTRAINED_VOICES`, voices and variants
   outside training and outside `heldout_voices`.
+- `train_scrambled`: scrambled sequences of the world's words (`corpus.scrambled_sentence`: no sentence form
+  at all), training voice, marked `asr_only` (no Spanish): the speech stage hears every word in every position,
+  so its adapter passes on the words rather than one of the few sentence forms (without them, sentences in a
+  form the stage never heard came back in a trained form even though the LM copies them as text).
 - `questions_train` / `questions_heldout`: spoken questions of the design's table (`corpus.draw_question`:
   canonical and training wordings / canonical only; training voice) about a scene given in text, with the
   record's `context` (the scene: "a large red circle.") and `answer` ("red"), `family`; the training split never
@@ -43,7 +47,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from .corpus import draw_question
+from .corpus import draw_question, scrambled_sentence
 from .files import write_split
 from .grammar import DIRECTIONS, SIZES, random_object, random_sentence
 from .spanish import to_spanish
@@ -70,6 +74,7 @@ SPEECH_SPLITS: tuple[str, ...] = (
     "heldout_voices",
     "untrained_forms",
     "untrained_voices",
+    "train_scrambled",
     "questions_train",
     "questions_heldout",
 )
@@ -79,6 +84,7 @@ DEFAULT_SPEECH_COUNTS: dict[str, int] = {
     "heldout_voices": 210,
     "untrained_forms": 200,
     "untrained_voices": 200,
+    "train_scrambled": 1000,
     "questions_train": 1000,
     "questions_heldout": 200,
 }
@@ -127,7 +133,8 @@ def untrained_sentence(rng: random.Random) -> str:
     size, colour, shape = random_object(rng, False)
     form = rng.randrange(6)
     if form == 0:
-        return f"a {colour} {shape} moves {rng.choice(DIRECTIONS)}."
+        article = "an" if colour[0] in "aeiou" else "a"
+        return f"{article} {colour} {shape} moves {rng.choice(DIRECTIONS)}."
     if form == 1:
         return f"the {size} {colour} {shape} moves {rng.choice(DIRECTIONS)}."
     if form == 2:
@@ -153,6 +160,10 @@ def speech_clip_params(seed: int, split: str, i: int) -> dict:
         )
         voice = {"voice": TRAIN_VOICE, "speed": rng.randint(*SPEED_WPM), "pitch": rng.randint(*PITCH)}
         return {"text": question, **voice, "context": context, "answer": answer, "family": family}
+    if split == "train_scrambled":
+        text = scrambled_sentence(rng)
+        voice = {"voice": TRAIN_VOICE, "speed": rng.randint(*SPEED_WPM), "pitch": rng.randint(*PITCH)}
+        return {"text": text, **voice, "asr_only": True}
     if split == "untrained_forms":
         text = untrained_sentence(rng)
         return {
@@ -228,7 +239,7 @@ def synth_speech(
         """Clip i: WAV bytes and metadata (with the Spanish of its text)."""
         wav, seconds = clips[i]
         meta = {**params[i], "seconds": round(seconds, 4)}
-        if "answer" not in meta:
+        if "answer" not in meta and not meta.get("asr_only"):  # questions and scrambled words have none
             meta["spanish"] = to_spanish(params[i]["text"])
         return wav, meta
 

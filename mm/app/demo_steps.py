@@ -279,6 +279,7 @@ STEPS: tuple[Step, ...] = (
             "speech/train_mix.jsonl",
             "speech/train",
             "speech/questions_train",
+            "speech/train_scrambled",
             *(f"speech/{s}.jsonl" for s in SPEECH_HELDOUT),
         ),
         needs=("lm-pretrain", "bestrq-pretrain"),

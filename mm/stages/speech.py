@@ -201,7 +201,9 @@ class SpeechStage(Stage[SpeechStageConfig]):
             missing = [
                 r
                 for r in read_manifest(m, "audio")
-                if not isinstance(r.meta.get("spanish"), str) and not is_question(r.meta)
+                if not isinstance(r.meta.get("spanish"), str)
+                and not is_question(r.meta)
+                and not r.meta.get("asr_only")
             ]
             if missing:
                 raise ValueError(

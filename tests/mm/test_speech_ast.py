@@ -399,6 +399,11 @@ def test_question_rows_mirror_the_corpus_question_line(clips, tok):
     assert [t for t in batch["labels"][1].tolist() if t != -100][:-1] == tok.encode(
         " " + to_spanish(got[1]["text"])
     )
+    scrambled = {**got[0], "text": "moves the of square.", "meta": {"asr_only": True}}
+    row = SpeechBatches(SpeechRows(1.0, AST_PROMPT, seed=3), coll)([scrambled])  # never a translation row
+    assert [t for t in row["labels"][0].tolist() if t != -100] == tok.encode(" moves the of square.") + [
+        tok.eos_id
+    ]
     lines = [question_line(__import__("random").Random(k)) for k in range(50)]
     assert all(line.count("?") == 1 for line in lines)
 
@@ -460,8 +465,13 @@ def test_chat_answers_a_spoken_question_after_the_scene(clips, bundle, tmp_path,
     # a bundle without spoken questions transcribes, as before
     assert main(["chat", "--checkpoint", str(bundle / "final"), "--audio", clip]) == 0
     assert capsys.readouterr().out.splitlines() == transcribe_features(model, tok, feats, prompt=ASR_PROMPT)
-    bad = tmp_path / "bad.wav"
-    bad.write_bytes(b"RIFF....WAVEfmt garbage")
-    assert main(["chat", "--checkpoint", str(dialogue), "--audio", str(bad), "a small blue square."]) == 2
-    out = capsys.readouterr()
-    assert out.out == "" and "bad.wav" in out.err
+    for name, data in (
+        ("bad.wav", b"RIFF....WAVEfmt garbage"),
+        ("empty.mp3", b""),
+        ("notes.ogg", b"hello\n"),
+    ):
+        bad = tmp_path / name  # corrupt, empty, not audio: refused, naming the file
+        bad.write_bytes(data)
+        assert main(["chat", "--checkpoint", str(dialogue), "--audio", str(bad), "a small blue square."]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and name in out.err, out.err

@@ -19,6 +19,7 @@ from mm.world.corpus import (
 )
 from mm.world.grammar import HELDOUT_PAIRS, random_sentence
 from mm.world.questions import TEMPLATES
+from mm.world.spanish import to_spanish
 
 
 def _wordings(phrasings=("canonical", "train")) -> list[re.Pattern]:
@@ -119,7 +120,12 @@ def test_untrained_forms_are_never_sentences_of_the_world():
     assert not set(forms) & trained
     assert len({re.sub(r"red|green|blue|yellow|purple|orange", "C", f).split()[0] for f in forms}) >= 2
     texts = [speech_clip_params(0, "untrained_forms", i)["text"] for i in range(200)]
+    assert all(to_spanish(t) for t in texts)  # each has its exact translation (the AST reference)
+    assert "an orange" in " ".join(forms) and "a orange" not in " ".join(forms)
     assert not set(texts) & trained
+    scrambled = [speech_clip_params(0, "train_scrambled", i) for i in range(50)]
+    assert all(p["asr_only"] and set(p["text"].rstrip(".").split()) <= set(WORD_LIST) for p in scrambled)
+    assert not {p["text"] for p in scrambled} & trained
     voices = {speech_clip_params(0, "untrained_voices", i)["voice"] for i in range(8)}
     assert voices == set(world.speech.UNTRAINED_VOICES)
     assert not voices & set(world.speech.HELDOUT_VOICES) and world.speech.TRAIN_VOICE not in voices
@@ -142,9 +148,14 @@ def test_long_recording_and_merged_manifest(tmp_path):
     assert abs(wave[gap]) < 1e-3
     a = synth_speech(tmp_path, n=2, split="train", workers=1)
     b = synth_speech(tmp_path, n=3, split="questions_train", workers=1)
-    merged = merge_manifests(tmp_path, ["train", "questions_train"], "mix")
+    c = synth_speech(tmp_path, n=2, split="train_scrambled", workers=1)
+    merged = merge_manifests(tmp_path, ["train", "train_scrambled", "questions_train"], "mix")
     lines = merged.read_text().splitlines()
-    assert lines == a.read_text().splitlines() + b.read_text().splitlines()
+    assert lines == a.read_text().splitlines() + c.read_text().splitlines() + b.read_text().splitlines()
+    assert all(
+        json.loads(line)["asr_only"] and "spanish" not in json.loads(line)
+        for line in c.read_text().splitlines()
+    )
     assert "spanish" not in json.loads(lines[-1]) and json.loads(lines[-1])["answer"]
     with pytest.raises(FileNotFoundError, match="nope"):
         merge_manifests(tmp_path, ["nope"], "x")
