@@ -48,6 +48,24 @@ class SpeechLM(nn.Module):
     def __init__(self, lm: Transformer, encoder: SpeechEncoder, adapter: SpeechAdapter) -> None:
         super().__init__()
         self.lm, self.speech_encoder, self.speech_adapter = lm, encoder, adapter
+        self.boundary_ids: tuple[int, int] | None = None  # (`<|speech_start|>`, `<|speech_end|>`) ids
+
+    def set_boundary_ids(self, start: int, end: int) -> None:
+        """The token ids whose input vectors the adapter learns (`SpeechAdapterConfig.learn_boundaries`)."""
+        self.boundary_ids = (int(start), int(end))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The LM's token embeddings, with the adapter's learned vectors at `<|speech_start|>` and `<|speech_end|>`
+        when it learns them."""
+        h = self.lm.embed(tokens)
+        if self.speech_adapter.boundary is None:
+            return h
+        if self.boundary_ids is None:
+            raise ValueError("the adapter learns boundary vectors: call set_boundary_ids(start, end) first")
+        b = self.speech_adapter.boundaries().to(h.dtype)
+        for k, token in enumerate(self.boundary_ids):
+            h = torch.where((tokens == token)[..., None], b[k], h)
+        return h
 
     @property
     def cfg(self) -> Any:
@@ -116,7 +134,7 @@ class SpeechLM(nn.Module):
         `speech_mask`. Generation: a precomputed `speech` context, spliced on the forward over the whole prompt
         (the first one, cache empty; its mask must have the tokens' shape, else ValueError) and ignored on the
         later one-token forwards."""
-        h = self.lm.embed(tokens)
+        h = self.embed(tokens)
         sp = counts = None
         if features is not None:
             sp, counts = self.encode_speech(features, feature_lengths)

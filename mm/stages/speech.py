@@ -158,6 +158,7 @@ def load_speech_bundle(path: Path) -> tuple[SpeechLM, Tokenizer, AudioFeatures, 
         SpeechAdapter(enc_cfg.dim, lm.cfg.dim, SpeechAdapterConfig(**meta["speech_adapter"])),
     )
     load_adapter_weights(model, path)
+    model.set_boundary_ids(tok.speech_start_id, tok.speech_end_id)
     f = meta["features"]
     features = AudioFeatures(f["n_mels"], f["max_seconds"], f["too_long"], normalize=f["normalize"])
     return model.eval(), tok, features, meta
@@ -218,6 +219,8 @@ class SpeechStage(Stage[SpeechStageConfig]):
         if not self.ctx.shapes_only:
             self.tok = Tokenizer.from_file(self.cfg.tokenizer or self.lm_path)
         self.model = build_speech_model(self.cfg, lm).to(device)
+        if not self.ctx.shapes_only:
+            self.model.set_boundary_ids(self.tok.speech_start_id, self.tok.speech_end_id)
         return self.model
 
     def materialized(self) -> None:

@@ -475,3 +475,34 @@ def test_chat_answers_a_spoken_question_after_the_scene(clips, bundle, tmp_path,
         assert main(["chat", "--checkpoint", str(dialogue), "--audio", str(bad), "a small blue square."]) == 2
         out = capsys.readouterr()
         assert out.out == "" and name in out.err, out.err
+
+
+def test_learned_boundaries_replace_the_frozen_rows_and_train(tok):
+    """With `learn_boundaries` the adapter's vectors stand at `<|speech_start|>` / `<|speech_end|>` (the LM's rows
+    stay as they are), receive gradients, and are saved and read back with the adapter."""
+    from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
+    from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
+    from mm.models.speech import SpeechLM
+
+    torch.manual_seed(0)
+    lm = Transformer(preset("nano", vocab_size=tok.vocab_size))
+    enc = SpeechEncoder(SpeechEncoderConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64))
+    cfg = SpeechAdapterConfig(dim=32, n_heads=2, ffn_dim=64, learn_boundaries=True)
+    model = SpeechLM(lm, enc, SpeechAdapter(32, lm.cfg.dim, cfg))
+    tokens = torch.tensor([[tok.bos_id, tok.speech_start_id, 5, tok.speech_end_id, 7]])
+    with pytest.raises(ValueError, match="set_boundary_ids"):
+        model.embed(tokens)
+    model.set_boundary_ids(tok.speech_start_id, tok.speech_end_id)
+    h, plain = model.embed(tokens), lm.embed(tokens)
+    b = model.speech_adapter.boundaries()
+    assert torch.equal(h[0, 1], b[0]) and torch.equal(h[0, 3], b[1])
+    assert torch.equal(h[0, [0, 2, 4]], plain[0, [0, 2, 4]])
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    model(tokens).sum().backward()
+    assert (
+        model.speech_adapter.boundary.grad is not None and model.speech_adapter.boundary.grad.abs().sum() > 0
+    )
+    assert "speech_adapter.boundary" in model.adapter_state()
+    assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
+    off = SpeechLM(lm, enc, SpeechAdapter(32, lm.cfg.dim, SpeechAdapterConfig(dim=32, n_heads=2, ffn_dim=64)))
+    assert torch.equal(off.embed(tokens), plain) and "speech_adapter.boundary" not in off.adapter_state()
