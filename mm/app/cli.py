@@ -250,10 +250,21 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     )
     ds.add_argument(
         "--split",
-        choices=["train", "heldout", "heldout_pairs", "heldout_sentences", "heldout_voices"],
+        choices=[
+            "train",
+            "heldout",
+            "heldout_pairs",
+            "heldout_sentences",
+            "heldout_voices",
+            "untrained_forms",
+            "untrained_voices",
+            "train_scrambled",
+            "questions_train",
+            "questions_heldout",
+        ],
         default="train",
         help="heldout: new samples of the training pairs; heldout_pairs: the held-out colour-shape pairs "
-        "(shapes, motion)",
+        "(shapes, motion); the speech splits are described in mm.world.speech",
     )
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=tool_commands.cmd_data_synth)
