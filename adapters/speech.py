@@ -49,6 +49,10 @@ class SpeechAdapterConfig:
     # LM with the question given as text between the two tokens: 0 of 300 answered with the LM's own rows, 0.80
     # without the end token (0.77 with no tokens at all).
     learn_boundaries: bool = False
+    # The LM reads (1 - a) x the outputs + a x their CTC-posterior-weighted token embeddings (a = ctc_embeddings;
+    # needs the CTC head): where the head is sure of a word piece the LM reads (nearly) that token's own
+    # embedding, which its copying matches exactly, instead of a vector merely near it.
+    ctc_embeddings: float = 0.0
 
 
 class RotaryEncoderLayer(nn.Module):
@@ -98,6 +102,10 @@ class SpeechAdapter(nn.Module):
             raise ValueError(f"SpeechAdapterConfig.ctc_weight must be >= 0, got {cfg.ctc_weight}")
         if cfg.ctc_compress and not cfg.ctc_weight:
             raise ValueError("SpeechAdapterConfig.ctc_compress needs the CTC head: set ctc_weight > 0")
+        if not 0.0 <= cfg.ctc_embeddings <= 1.0:
+            raise ValueError(f"SpeechAdapterConfig.ctc_embeddings must be in [0, 1], got {cfg.ctc_embeddings}")
+        if cfg.ctc_embeddings and not cfg.ctc_weight:
+            raise ValueError("SpeechAdapterConfig.ctc_embeddings needs the CTC head: set ctc_weight > 0")
         self.ctc_blank = nn.Parameter(torch.randn(out_dim) * 0.02) if cfg.ctc_weight else None
         self.ctc_log_scale = nn.Parameter(torch.tensor(2.3)) if cfg.ctc_weight else None  # exp -> about 10
         self.boundary = nn.Parameter(torch.randn(2, out_dim)) if cfg.learn_boundaries else None

@@ -279,7 +279,6 @@ STEPS: tuple[Step, ...] = (
             "speech/train_mix.jsonl",
             "speech/train",
             "speech/questions_train",
-            "speech/train_scrambled",
             *(f"speech/{s}.jsonl" for s in SPEECH_HELDOUT),
         ),
         needs=("lm-pretrain", "bestrq-pretrain"),

@@ -90,12 +90,12 @@ def synth_speech_world(data_dir: Path) -> dict[str, float]:
     spent = _synth_splits(
         lambda s: (data_dir / "speech" / f"{s}.jsonl").is_file(),
         lambda s: synth_speech(data_dir, n=DEFAULT_SPEECH_COUNTS[s], seed=0, split=s),
-        list(DEFAULT_SPEECH_COUNTS),
+        [s for s in DEFAULT_SPEECH_COUNTS if s != "train_scrambled"],  # the demo does not train on it
     )
-    spent.update(  # the speech stage's one training manifest: sentences, scrambled words, spoken questions
+    spent.update(  # the speech stage's one training manifest: sentences and spoken questions
         _synth_splits(
             lambda s: (data_dir / "speech" / f"{s}.jsonl").is_file(),
-            lambda s: merge_manifests(data_dir, ["train", "train_scrambled", "questions_train"], s),
+            lambda s: merge_manifests(data_dir, ["train", "questions_train"], s),
             ["train_mix"],
         )
     )

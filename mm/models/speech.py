@@ -54,6 +54,17 @@ class SpeechLM(nn.Module):
         """The token ids whose input vectors the adapter learns (`SpeechAdapterConfig.learn_boundaries`)."""
         self.boundary_ids = (int(start), int(end))
 
+    def speech_inputs(self, speech: torch.Tensor) -> torch.Tensor:
+        """What the LM reads for adapter outputs (B, S, D): the outputs, moved `ctc_embeddings` of the way to
+        their CTC-posterior-weighted token embeddings (blank left out); the outputs as they are when 0."""
+        a = self.speech_adapter.cfg.ctc_embeddings
+        if not a:
+            return speech
+        table = self.lm.tok_embeddings.weight
+        probs = self.speech_adapter.ctc_logits(speech, table)[..., :-1].float().softmax(-1)
+        soft = (probs @ table.float()).to(speech.dtype)
+        return speech + a * (soft - speech)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The LM's token embeddings, with the adapter's learned vectors at `<|speech_start|>` and `<|speech_end|>`
         when it learns them."""
@@ -138,7 +149,7 @@ class SpeechLM(nn.Module):
         sp = counts = None
         if features is not None:
             sp, counts = self.encode_speech(features, feature_lengths)
-            h = self.splice(h, speech_mask, sp, counts)
+            h = self.splice(h, speech_mask, self.speech_inputs(sp), counts)
             if self.speech_adapter.cfg.ctc_compress:  # hide the blank/repeat frames, close the position gaps
                 valid = ~speech_mask  # a text position, or a slot whose frame is kept
                 if sp.shape[1]:
@@ -258,6 +269,7 @@ def transcribe_features(
             keep = model.kept_frames(sp, counts)
             order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
             sp, counts = torch.gather(sp, 1, order[..., None].expand_as(sp)), keep.sum(1)
+        sp = model.speech_inputs(sp)
         rows = (collator.prefix(None, int(c), x) for c, x in zip(counts.tolist(), ctx, strict=True))
         prompts, flags = zip(*rows, strict=True)
         T = max(len(p) for p in prompts)

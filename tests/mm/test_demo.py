@@ -59,7 +59,6 @@ def fake_speech_world(data_dir):
         return {}
     (sp / "train").mkdir(parents=True)
     (sp / "questions_train").mkdir(parents=True)
-    (sp / "train_scrambled").mkdir(parents=True)
     (sp / "train" / "0.wav").write_bytes(b"RIFF0000")
     splits = ("train", "train_mix", "heldout_sentences", "heldout_voices", "questions_heldout")
     for split in (*splits, "untrained_forms", "untrained_voices"):

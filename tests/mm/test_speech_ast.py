@@ -506,3 +506,40 @@ def test_learned_boundaries_replace_the_frozen_rows_and_train(tok):
     assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
     off = SpeechLM(lm, enc, SpeechAdapter(32, lm.cfg.dim, SpeechAdapterConfig(dim=32, n_heads=2, ffn_dim=64)))
     assert torch.equal(off.embed(tokens), plain) and "speech_adapter.boundary" not in off.adapter_state()
+
+
+def test_ctc_embeddings_move_the_outputs_to_the_token_embeddings_the_head_reads(tok):
+    """`ctc_embeddings` = a: the LM reads (1 - a) x outputs + a x CTC-posterior-weighted token embeddings; a sure
+    head gives the token's own embedding; 0 leaves the outputs as they are."""
+    from mm.adapters.speech import SpeechAdapter, SpeechAdapterConfig
+    from mm.encoders.speech import SpeechEncoder, SpeechEncoderConfig
+    from mm.models.speech import SpeechLM
+
+    torch.manual_seed(0)
+    lm = Transformer(preset("nano", vocab_size=tok.vocab_size))
+    enc = SpeechEncoder(SpeechEncoderConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64))
+    E = lm.tok_embeddings.weight.detach()
+
+    def model(a: float) -> SpeechLM:
+        cfg = SpeechAdapterConfig(dim=32, n_heads=2, ffn_dim=64, ctc_weight=1.0, ctc_embeddings=a)
+        return SpeechLM(lm, enc, SpeechAdapter(32, lm.cfg.dim, cfg))
+
+    sp = E[[5, 9]][None] * 3.0  # outputs pointing exactly at tokens 5 and 9
+    assert torch.equal(model(0.0).speech_inputs(sp), sp)
+    full = model(1.0)
+    probs = full.speech_adapter.ctc_logits(sp, E)[..., :-1].softmax(-1)
+    torch.testing.assert_close(full.speech_inputs(sp), probs @ E)
+    with torch.no_grad():
+        full.speech_adapter.ctc_log_scale.fill_(8.0)  # a sure head: the token's own embedding
+    torch.testing.assert_close(full.speech_inputs(sp), E[[5, 9]][None], atol=1e-3, rtol=0)
+    half = model(0.5)
+    torch.testing.assert_close(
+        half.speech_inputs(sp),
+        0.5 * sp + 0.5 * (half.speech_adapter.ctc_logits(sp, E)[..., :-1].softmax(-1) @ E),
+    )
+    for bad in (
+        {"ctc_weight": 1.0, "ctc_embeddings": 1.5},
+        {"ctc_weight": 0.0, "ctc_embeddings": 0.5},
+    ):
+        with pytest.raises(ValueError, match="ctc_embeddings"):
+            SpeechAdapter(32, lm.cfg.dim, SpeechAdapterConfig(dim=32, n_heads=2, ffn_dim=64, **bad))
