@@ -103,7 +103,9 @@ class SpeechAdapter(nn.Module):
         if cfg.ctc_compress and not cfg.ctc_weight:
             raise ValueError("SpeechAdapterConfig.ctc_compress needs the CTC head: set ctc_weight > 0")
         if not 0.0 <= cfg.ctc_embeddings <= 1.0:
-            raise ValueError(f"SpeechAdapterConfig.ctc_embeddings must be in [0, 1], got {cfg.ctc_embeddings}")
+            raise ValueError(
+                f"SpeechAdapterConfig.ctc_embeddings must be in [0, 1], got {cfg.ctc_embeddings}"
+            )
         if cfg.ctc_embeddings and not cfg.ctc_weight:
             raise ValueError("SpeechAdapterConfig.ctc_embeddings needs the CTC head: set ctc_weight > 0")
         self.ctc_blank = nn.Parameter(torch.randn(out_dim) * 0.02) if cfg.ctc_weight else None
