@@ -27,6 +27,7 @@ from mm.datasets.skips import BadSample
 from mm.encoders.speech import SpeechEncoder
 from mm.lm import Tokenizer, Transformer, generate
 from mm.lm.checks import check_on_host_or_async
+from mm.lm.vocab import NUM_TIKTOKEN_SPECIAL_TOKENS, SPECIAL_TOKENS
 from mm.prompts import AST_PROMPT, DIALOGUE_PROMPT
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ class SpeechLM(nn.Module):
         super().__init__()
         self.lm, self.speech_encoder, self.speech_adapter = lm, encoder, adapter
         self.boundary_ids: tuple[int, int] | None = None  # (`<|speech_start|>`, `<|speech_end|>`) ids
+
+    def set_layout_boundary_ids(self) -> None:
+        """Boundary ids for a model without a tokenizer (`mm plan`'s shapes): where a Llama 3 tiktoken vocabulary
+        of the LM's size keeps `<|speech_start|>` / `<|speech_end|>` (its last 256 ids are the special tokens)."""
+        base = max(0, self.lm.cfg.vocab_size - NUM_TIKTOKEN_SPECIAL_TOKENS)
+        ids = [base + SPECIAL_TOKENS.index(t) for t in ("<|speech_start|>", "<|speech_end|>")]
+        self.set_boundary_ids(*(min(i, self.lm.cfg.vocab_size - 1) for i in ids))
 
     def set_boundary_ids(self, start: int, end: int) -> None:
         """The token ids whose input vectors the adapter learns (`SpeechAdapterConfig.learn_boundaries`)."""

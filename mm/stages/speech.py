@@ -221,6 +221,8 @@ class SpeechStage(Stage[SpeechStageConfig]):
         self.model = build_speech_model(self.cfg, lm).to(device)
         if not self.ctx.shapes_only:
             self.model.set_boundary_ids(self.tok.speech_start_id, self.tok.speech_end_id)
+        else:  # no tokenizer read: the ids a Llama 3 vocabulary of the LM's size gives them
+            self.model.set_layout_boundary_ids()
         return self.model
 
     def materialized(self) -> None:

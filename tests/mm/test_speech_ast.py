@@ -504,6 +504,13 @@ def test_learned_boundaries_replace_the_frozen_rows_and_train(tok):
     )
     assert "speech_adapter.boundary" in model.adapter_state()
     assert all(torch.equal(v, lm.state_dict()[k]) for k, v in before.items())
+    from mm.lm.vocab import SPECIAL_TOKENS
+
+    model.set_layout_boundary_ids()  # no tokenizer (mm plan): a Llama 3 vocabulary's places for the two tokens
+    base = lm.cfg.vocab_size - 256
+    assert model.boundary_ids == tuple(
+        base + SPECIAL_TOKENS.index(t) for t in ("<|speech_start|>", "<|speech_end|>")
+    )
     off = SpeechLM(lm, enc, SpeechAdapter(32, lm.cfg.dim, SpeechAdapterConfig(dim=32, n_heads=2, ffn_dim=64)))
     assert torch.equal(off.embed(tokens), plain) and "speech_adapter.boundary" not in off.adapter_state()
 
