@@ -250,21 +250,10 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     )
     ds.add_argument(
         "--split",
-        choices=[
-            "train",
-            "heldout",
-            "heldout_pairs",
-            "heldout_sentences",
-            "heldout_voices",
-            "untrained_forms",
-            "untrained_voices",
-            "train_scrambled",
-            "questions_train",
-            "questions_heldout",
-        ],
         default="train",
-        help="heldout: new samples of the training pairs; heldout_pairs: the held-out colour-shape pairs "
-        "(shapes, motion); the speech splits are described in mm.world.speech",
+        help="text: train, heldout; shapes, motion: train, heldout (new samples of the training pairs), "
+        "heldout_pairs (the held-out colour-shape pairs); speech: the splits of mm.world.speech (train, "
+        "heldout_sentences, questions_train, ...); an unknown split is refused, naming the allowed ones",
     )
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(func=tool_commands.cmd_data_synth)

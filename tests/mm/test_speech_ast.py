@@ -24,6 +24,7 @@ from mm.datasets.speech_tasks import SpeechBatches, SpeechRows
 from mm.datasets.streams import open_stream
 from mm.lm import Tokenizer, Transformer, preset
 from mm.prompts import ASR_PROMPT, AST_PROMPT, DIALOGUE_PROMPT
+from mm.world.corpus import QUESTION_FAMILIES
 from mm.world.spanish import to_spanish, translation_line
 
 SR = SAMPLE_RATE
@@ -366,7 +367,7 @@ def test_speech_stage_trains_ast_with_conditions_and_reports_them(bundle, tmp_pa
     assert cfg["dialogue_prompt"] == DIALOGUE_PROMPT  # the training manifest has spoken questions
     q = summary["eval"]["questions_heldout"]
     assert q["n"] == 2 and 0.0 <= q["accuracy"] <= 1.0 and "wer" not in q
-    assert sum(len(v) for v in [q["by_family"]]) >= 1 and q["examples"][0]["context"]
+    assert q["by_family"] and set(q["by_family"]) <= set(QUESTION_FAMILIES) and q["examples"][0]["context"]
 
 
 def question_sample(s: dict, context: str, question: str, answer: str) -> dict:
@@ -375,8 +376,6 @@ def question_sample(s: dict, context: str, question: str, answer: str) -> dict:
 
 
 def test_question_rows_mirror_the_corpus_question_line(clips, tok):
-    from mm.world.corpus import question_line
-
     got, _ = samples(clips / "m.jsonl", 2)
     coll = SpeechCollator(tok, ASR_PROMPT, n_slots, seed=3)
     context, question, answer = "a large red circle.", "what colour is the circle?", "red"
@@ -389,10 +388,9 @@ def test_question_rows_mirror_the_corpus_question_line(clips, tok):
     assert row[: len(head)] == head and batch["speech_mask"][0].sum() == n
     assert batch["speech_mask"][0, len(ctx) + 2 : len(ctx) + 2 + n].all()
     line = tok.encode(f"{context} {question} {answer}", eos=True)  # the corpus's question line
-    tail = tok.encode(f" {question} {answer}", eos=True)
     assert line[: len(ctx)] == ctx
     target = tok.encode(" " + answer) + [tok.eos_id]
-    assert line[-len(target) :] == target and tail[-len(target) :] == target
+    assert line[-len(target) :] == target
     assert row[len(head) : len(head) + len(target)] == target  # no prompt: the answer right after the speech
     assert [t for t in batch["labels"][0].tolist() if t != -100] == target
     assert batch["ctc_targets"][0, : batch["ctc_lengths"][0]].tolist() == tok.encode(question)
@@ -404,8 +402,6 @@ def test_question_rows_mirror_the_corpus_question_line(clips, tok):
     assert [t for t in row["labels"][0].tolist() if t != -100] == tok.encode(" moves the of square.") + [
         tok.eos_id
     ]
-    lines = [question_line(__import__("random").Random(k)) for k in range(50)]
-    assert all(line.count("?") == 1 for line in lines)
 
 
 def test_question_evaluation_scores_answers_per_family(clips, bundle, monkeypatch):
