@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .decode import cache_length, decode_step, resolve_decode_mode
 from .kv_cache import KVCache
 
 
@@ -54,11 +55,14 @@ def generate(
     generator: torch.Generator | None = None,
     pad_id: int = 0,
     model_kwargs: dict[str, Any] | None = None,
+    decode: str = "auto",
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` per prompt; returns the new tokens of each (stop token excluded).
 
     `model_kwargs` go to every forward call unchanged (e.g. a composite model's precomputed media context).
     Prompt ids must lie below `model.input_vocab_size` when the model has one, else below `cfg.vocab_size`.
+    `decode` picks how the one-token steps run (`lm.decode.DECODE_MODES`: "dynamic", "static", "compiled", or
+    "auto", the default); every mode gives the same tokens.
     """
     extra = dict(model_kwargs or {})
     prompts = _as_prompts(input_ids)
@@ -80,6 +84,7 @@ def generate(
         if bad:
             raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
     device = next(model.parameters()).device
+    mode = resolve_decode_mode(decode, model)
 
     tokens = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, T), dtype=torch.bool, device=device)
@@ -89,7 +94,7 @@ def generate(
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     padded = not bool(mask.all())
 
-    cache = KVCache.for_model(model, B, total)
+    cache = KVCache.for_model(model, B, cache_length(total, cfg.max_seq_len, mode))
     logits = model(
         tokens,
         positions=positions,
@@ -101,6 +106,9 @@ def generate(
     next_pos = positions[:, -1] + 1
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_fn = decode_step(mode, model, device)
+    if mode != "dynamic":
+        cache.start_static()
     for step in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature, top_p, generator)  # (B,)
         for i, t in enumerate(nxt.tolist()):
@@ -113,6 +121,6 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        logits = model(nxt[:, None], positions=next_pos[:, None], cache=cache, last_only=True, **extra)
+        logits = step_fn(model, nxt[:, None], next_pos[:, None], cache, extra)[:, None]
         next_pos = next_pos + 1
     return out

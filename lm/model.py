@@ -254,6 +254,8 @@ class Transformer(nn.Module):
     ) -> AttnContext:
         """Rotary angles and mask for a forward over T new tokens (after `cache.length` cached ones)."""
         start = 0
+        if cache is not None and cache.static:
+            return self._static_context(B, T, device, positions, attention_mask, cache)
         if cache is not None:
             if doc_ids is not None:
                 raise ValueError("doc_ids (document masking) cannot be combined with a KV cache")
@@ -302,6 +304,29 @@ class Transformer(nn.Module):
                 mask = mask & (key_valid[:, None, :] | (k_idx[None, None, :] == q_idx[None, :, None]))
             mask = mask.unsqueeze(1)
         return AttnContext(cos=cos, sin=sin, mask=mask, cache=cache)
+
+    def _static_context(
+        self,
+        B: int,
+        T: int,
+        device: torch.device,
+        positions: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache,
+    ) -> AttnContext:
+        """The context of a forward on a static cache: the new keys go to `cache.pos` and attention runs over the
+        whole buffer, a (B, 1, T, max_len) mask hiding keys not yet written and padding. Nothing here reads a
+        Python int that changes between steps, so one compiled graph serves every step."""
+        q_idx = cache.new_positions(T)  # (T,)
+        if positions is None:
+            positions = q_idx.expand(B, T)
+        angles = positions.float().unsqueeze(-1) * self.inv_freq.float()
+        key_valid = cache.update_valid(attention_mask, T)  # (B, max_len)
+        k_idx = torch.arange(cache.max_len, device=device)
+        mask = (k_idx[None, :] <= q_idx[:, None])[None] & (
+            key_valid[:, None, :] | (k_idx[None, None, :] == q_idx[None, :, None])
+        )
+        return AttnContext(cos=angles.cos(), sin=angles.sin(), mask=mask.unsqueeze(1), cache=cache)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: (B, T, D) -> logits (B, T, V)."""

@@ -113,7 +113,7 @@ def media_mask(
                 f"{what} cross-attention mask covers {xmask.shape[-1]} media tokens, the {what} has "
                 f"{ctx.n_media_tokens}"
             )
-    elif ctx.last_mask is not None and cache is not None and cache.length > 0:
+    elif ctx.last_mask is not None and cache is not None and (cache.static or cache.length > 0):
         xmask = ctx.last_mask[:, None, :].expand(B, T, -1)  # decoding: see what the prompt's end saw
     elif token_id is not None:  # the paper's rule, from the media tokens in the text
         tile_mask = ctx.extra["tile_mask"]  # (B, N_img, max_tiles)

@@ -165,7 +165,9 @@ class SpeechLM(nn.Module):
                     valid = valid | keep.gather(1, slot_rank(speech_mask, sp.shape[1]))
                 attention_mask = valid if attention_mask is None else attention_mask & valid
                 positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        elif speech is not None and (cache is None or cache.length == 0):  # the forward over the whole prompt
+        elif speech is not None and (
+            cache is None or (not cache.static and cache.length == 0)
+        ):  # the forward over the whole prompt
             if tuple(speech.mask.shape) != tuple(tokens.shape):
                 raise ValueError(
                     f"speech context mask has shape {tuple(speech.mask.shape)} (length {speech.mask.shape[-1]}) "

@@ -82,10 +82,11 @@ def test_document_masking_equals_per_document_forwards():
     assert (m(packed)[0, 5:] - alone[0, 5:]).abs().max() > 1e-3
 
 
-def test_kv_cached_generation_equals_full_recompute():
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_kv_cached_generation_equals_full_recompute(decode):
     m = tiny()
     prompt = torch.randint(0, 512, (2, 7))
-    new = generate(m, prompt, max_new_tokens=20)
+    new = generate(m, prompt, max_new_tokens=20, decode=decode)
     seq = prompt.clone()
     for _ in range(20):  # recompute the whole sequence at every step, no cache
         nxt = m(seq)[:, -1].argmax(-1)
@@ -103,21 +104,23 @@ def test_cached_logits_equal_full_forward():
     assert cache.length == 12
 
 
-def test_batched_prompts_of_different_lengths_equal_single_runs():
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_batched_prompts_of_different_lengths_equal_single_runs(decode):
     m = tiny()
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
-    batched = generate(m, prompts, max_new_tokens=12)
-    singles = [generate(m, [p], max_new_tokens=12)[0] for p in prompts]
+    batched = generate(m, prompts, max_new_tokens=12, decode=decode)
+    singles = [generate(m, [p], max_new_tokens=12, decode="dynamic")[0] for p in prompts]
     assert batched == singles
     assert all(len(s) == 12 for s in singles)
 
 
-def test_stop_tokens_stop_each_sequence():
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_stop_tokens_stop_each_sequence(decode):
     m = tiny()
     prompts = [[5, 6, 7], [1, 2, 3, 4]]
-    free = generate(m, prompts, max_new_tokens=10)
+    free = generate(m, prompts, max_new_tokens=10, decode=decode)
     stop = free[0][3]
-    stopped = generate(m, prompts, max_new_tokens=10, stop_tokens=[stop])
+    stopped = generate(m, prompts, max_new_tokens=10, stop_tokens=[stop], decode=decode)
     assert stopped[0] == free[0][: free[0].index(stop)]
     expected_1 = free[1][: free[1].index(stop)] if stop in free[1] else free[1]
     assert stopped[1] == expected_1

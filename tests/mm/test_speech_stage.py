@@ -386,4 +386,6 @@ def test_a_speech_context_of_another_length_than_the_prompt_is_refused(corpus):
         # Later one-token forwards (cache filled) take the context unchanged and ignore it, as generation does.
         ctx = SpeechContext(embeds, mask)
         new = generate(model, tokens.tolist(), 3, model_kwargs={"speech": ctx})
+        static = generate(model, tokens.tolist(), 3, model_kwargs={"speech": ctx}, decode="static")
     assert [len(row) for row in new] == [3, 3]
+    assert static == new  # the static cache's one-token steps ignore the context too
