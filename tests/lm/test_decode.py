@@ -4,8 +4,7 @@
 import pytest
 import torch
 
-from mm.lm import decode
-from mm.lm import KVCache, Transformer, generate, preset
+from mm.lm import KVCache, Transformer, decode, generate, preset
 from mm.lm.decode import (
     AUTO_COMPILE_MIN_PARAMS,
     cache_length,
