@@ -67,23 +67,29 @@ def bench_adapter(bc: BenchConfig, path: Path) -> dict[str, Any]:
 
 @torch.inference_mode()
 def bench_caption(bc: BenchConfig, path: Path) -> dict[str, Any]:
-    """Item 4: greedy caption of one max-tile image, ours (media K/V cached) vs transformers' generate."""
+    """Item 4: greedy caption of one max-tile image, ours (media K/V cached; by default and compiled) against
+    transformers' generate (by default and with its static cache compiled)."""
+    from mm.app.bench_lm import hf_generate, pairs_for
     from mm.lm import generate
+    from mm.lm.decode import resolve_decode_mode
 
     ours, hf = (m.eval() for m in load_mllama_pair(path))
     batch = adapter_batch(bc, 1, bc.caption_prompt, seed=4)
 
-    def run_ours(n: int) -> list[list[int]]:
+    def run_ours(n: int, decode: str = "auto") -> list[list[int]]:
         media = ours.encode_media(
             batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"]
         )
-        return generate(ours, batch["input_ids"], n, model_kwargs={"media": {"image": MediaInput(media)}})
+        image = {"media": {"image": MediaInput(media)}}
+        return generate(ours, batch["input_ids"], n, model_kwargs=image, decode=decode)
 
-    def run_hf(n: int) -> list[list[int]]:
-        out = hf.generate(
-            **batch, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
-        )
-        return out[:, bc.caption_prompt :].tolist()
-
-    runs = {"ours": run_ours, "hf": run_hf}
-    return time_generation(runs, bc.caption_new, bc.warmup, bc.repeats, work=bc.caption_new)
+    runs = {
+        "ours": run_ours,
+        "hf": lambda n: hf_generate(hf, False, n, **batch)[:, bc.caption_prompt :].tolist(),
+    }
+    if bc.best_caption:
+        runs["ours_best"] = lambda n: run_ours(n, "compiled")
+        runs["hf_best"] = lambda n: hf_generate(hf, True, n, **batch)[:, bc.caption_prompt :].tolist()
+    out = time_generation(runs, bc.caption_new, bc.warmup, bc.repeats, bc.caption_new, pairs_for(runs))
+    out["ours_decode"] = resolve_decode_mode("auto", ours)
+    return out

@@ -83,13 +83,27 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def time_generation(
-    runs: dict[str, Callable[[int], list[list[int]]]], n_new: int, warmup: int, repeats: int, work: float
+    runs: dict[str, Callable[[int], list[list[int]]]],
+    n_new: int,
+    warmup: int,
+    repeats: int,
+    work: float,
+    pairs: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Time `runs["ours"]` against `runs["hf"]` (each generates n tokens per row and returns them; `n_new` when
-    timed, `work` tokens in all) after a short warm-up; their rates, whether their last tokens agree, speedups."""
-    for fn in runs.values():
-        for _ in range(warmup):  # a short warm-up touches every code path
-            fn(max(1, n_new // 8))
+    """Time generators side by side (each generates n tokens per row and returns them; `n_new` per call, `work`
+    tokens in all): `warmup` untimed calls of the full length (the first one's seconds kept: compile time
+    included), then `repeats` rounds taking turns. Per side its rate and `first_call_s`; per pair
+    (name -> (ours, theirs); default "" -> ("ours", "hf")) whether their tokens agree and the speedups, under
+    `speedup{name}`, `tokens_equal{name}`, `tokens_agree_frac{name}`."""
+    pairs = pairs or {"": ("ours", "hf")}
+    out: dict[str, Any] = {}
+    first: dict[str, float] = {}
+    for name, fn in runs.items():
+        for i in range(max(1, warmup)):
+            t0 = time.perf_counter()
+            fn(n_new)  # the full length: a static cache sized for it, so no later recompile
+            if i == 0:
+                first[name] = time.perf_counter() - t0
     tokens: dict[str, list[list[int]]] = {}
 
     def timed(name: str) -> Callable[[], None]:
@@ -98,12 +112,14 @@ def time_generation(
 
         return call
 
-    out: dict[str, Any] = {}
     for name, times in time_interleaved({name: timed(name) for name in runs}, repeats).items():
         out[name] = rate(work, times)
-    out["tokens_equal"] = tokens["ours"] == tokens["hf"]
-    out["tokens_agree_frac"] = agreement(tokens["ours"], tokens["hf"])
-    out["speedup"], out["speedup_paired"] = speedups(out["ours"], out["hf"])
+        out[name]["first_call_s"] = round(first[name], 3)
+        out[name]["compile_s"] = round(max(0.0, first[name] - out[name]["median_s"]), 3)
+    for suffix, (a, b) in pairs.items():
+        out[f"tokens_equal{suffix}"] = tokens[a] == tokens[b]
+        out[f"tokens_agree_frac{suffix}"] = agreement(tokens[a], tokens[b])
+        out[f"speedup{suffix}"], out[f"speedup_paired{suffix}"] = speedups(out[a], out[b])
     return out
 
 
