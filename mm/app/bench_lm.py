@@ -26,13 +26,15 @@ def pairs_for(sides: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def compile_best_pair(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
-    """Each side's best training setting: our blocks compiled from outside the model (as `train.compile`
-    does), transformers' model through `model.compile()` (what its Trainer's `torch_compile` does)."""
+    """Each side's best training setting: our blocks and loss compiled from outside the model (what
+    `train.compile` does), transformers' model through `model.compile()` (what its Trainer's `torch_compile`
+    does)."""
     from mm.lm.decode import quiet_compile_logs
-    from mm.training.parallelize import apply_compile
+    from mm.training.parallelize import apply_compile, apply_compile_loss
 
     quiet_compile_logs()
     apply_compile(list(ours.layers))
+    apply_compile_loss(ours)
     hf.compile()
 
 
@@ -62,22 +64,26 @@ def _autocast(dtype: str) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels shifted, not logits (no copy of the (B, T, V) logits)."""
-    labels = F.pad(tokens[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+def _next_token_labels(tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token labels of `tokens`: shifted left, -100 at each row's end (what transformers shifts inside)."""
+    return F.pad(tokens[:, 1:], (0, 1), value=-100)
 
 
 def _lm_train_step(model: torch.nn.Module, tokens: torch.Tensor, dtype: str, hf: bool) -> Callable[[], float]:
-    """A training step (forward, backward, AdamW) of either LM on `tokens`; returns the step's loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
+    """A training step (forward, backward, AdamW) of either LM on `tokens`, each through its own loss path (ours:
+    `labels=`, the summed cross-entropy over the count; transformers: `labels=`, its mean); returns the loss.
+    AdamW's fused kernel on both sides: each trainer's default on one CPU process (ours: `Trainer`;
+    transformers': "adamw_torch_fused" for torch >= 2.8)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    labels = _next_token_labels(tokens)
+    count = int((labels != -100).sum())
 
     def step() -> float:
         with _autocast(dtype):
             if hf:
                 loss = model(input_ids=tokens, labels=tokens).loss
             else:
-                loss = _next_token_loss(model(tokens), tokens)
+                loss = model(tokens, labels=labels) / count
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
