@@ -36,7 +36,10 @@ def set_default_decode_mode(mode: str) -> None:
     """Set what "auto" means for every later `generate` call ("auto", "dynamic", "static" or "compiled")."""
     if mode not in DECODE_MODES:
         raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
-    _default["mode"] = mode
+    if mode == "auto":  # no fixed mode: `MM_DECODE`, else the size rule
+        _default.pop("mode", None)
+    else:
+        _default["mode"] = mode
 
 
 def default_decode_mode() -> str:
@@ -81,7 +84,12 @@ def _step(
 # Inductor's CPU options for the decode step: weights folded in as constants and prepacked ("freezing"), and
 # its C++ GEMM templates tried against the library's ("max_autotune": at one to a few rows per step they
 # win by about 2x); no autotuning report on stderr.
-CPU_OPTIONS: dict[str, Any] = {"freezing": True, "max_autotune": True, "autotune_num_choices_displayed": 0}
+CPU_OPTIONS: dict[str, Any] = {
+    "freezing": True,
+    "max_autotune": True,
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
 
 
 def quiet_compile_logs() -> None:

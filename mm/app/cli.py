@@ -336,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mm", description="Extend a frozen Llama 3-style LM with image, video, speech."
     )
     p.add_argument("--version", action="version", version=f"mm {__version__}")
+    p.add_argument(
+        "--decode",
+        choices=("auto", "dynamic", "static", "compiled"),
+        help="how every command's generation runs its one-token steps (mm.lm.decode): auto (default: the "
+        "compiled static-cache step for LMs of >= 8M parameters, else the dynamic cache), dynamic, static, or "
+        "compiled (Inductor compiles once per model, batch size and cache length); also MM_DECODE",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_generate,
@@ -367,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.decode:
+        from mm.lm.decode import set_default_decode_mode
+
+        set_default_decode_mode(args.decode)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

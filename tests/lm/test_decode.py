@@ -88,3 +88,19 @@ def test_compiled_step_gives_the_dynamic_tokens_and_follows_changed_weights(monk
     flipped = generate(m, prompts, 12, decode="dynamic")
     assert generate(m, prompts, 12, decode="compiled") == flipped  # recompiled: the frozen weights were stale
     assert m.__dict__["_mm_decode_step"][1] is not step
+
+
+def test_cli_decode_option_sets_the_process_default(tmp_path, capsys):
+    from mm.app.cli import main
+    from mm.lm.decode import default_decode_mode
+
+    try:
+        # the option applies before the command runs (here one that stops at its missing checkpoint)
+        assert main(["--decode", "static", "generate", "--checkpoint", str(tmp_path / "none"), "hi"]) == 2
+        assert default_decode_mode() == "static"
+    finally:
+        set_default_decode_mode("auto")
+    assert "error" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--decode", "fastest", "generate", "--checkpoint", "x", "hi"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
