@@ -5,9 +5,9 @@
 - "static": after the prefill the cache switches to its static mode (`KVCache.start_static`): the new key goes
   to a tensor position and attention runs over the whole buffer under a mask, so every step has the same shapes.
 - "compiled": the static step through `torch.compile` (one graph for every step: fused norms, RoPE, SwiGLU and
-  the mask, no Python per layer; on CUDA with CUDA graphs, "reduce-overhead"). Compiling costs seconds once per
-  model, batch size and cache length (cache lengths are rounded up to `LENGTH_BUCKET`), and Inductor keeps
-  compiled code on disk between processes.
+  the mask, no Python per layer; on CUDA with CUDA graphs, "reduce-overhead"). Compiling costs seconds to tens
+  of seconds once per model, batch size and cache length in each process (cache lengths are rounded up to
+  `LENGTH_BUCKET`; Inductor's disk cache does not keep frozen graphs).
 - "auto" (the default): "compiled" for a model of at least `AUTO_COMPILE_MIN_PARAMS` parameters, whose
   decode step reads enough weights that the compiled step saves milliseconds per token, and "dynamic" below it
   (the demo's and the tests' models: a compile of seconds to tens of seconds per shape would not pay there).

@@ -4,7 +4,7 @@ Two modes. Dynamic (the default): `length` is a Python int, new keys are written
 the filled prefix only, so every step has a new shape. Static (`start_static`, gpt-fast's static cache): the
 write position is a tensor (`pos`), keys are written with `index_copy_` and attention runs over the whole buffer
 with a mask hiding the unfilled end, so every decode step has the same shapes and nothing in it reads a Python
-int that changes: one compiled graph (`lm.decode.DecodeStep`) serves every step.
+int that changes: one compiled graph (`lm.decode.compiled_step`) serves every step.
 """
 
 from __future__ import annotations
