@@ -52,7 +52,7 @@ from mm.app.bench_config import (
     tiny_config,
 )
 from mm.app.bench_image import bench_adapter, bench_caption
-from mm.app.bench_lm import bench_generate, bench_lm_train, lm_pair
+from mm.app.bench_lm import PAIRS, bench_generate, bench_lm_train, lm_pair
 from mm.app.bench_memory import memory_probe, peak_memory_mb
 from mm.app.bench_mllama import (
     adapter_batch,
@@ -205,12 +205,10 @@ def run_bench(bc: BenchConfig, log: Callable[[str], None] = lambda s: None) -> d
 def _side_rows(label: str, r: dict[str, Any], unit: str, fmt: str) -> list[tuple[str, ...]]:
     """Table rows of one figure: default against default, then best against best when run."""
     rows = []
-    for suffix, (a, b), what in (
-        ("", ("ours", "hf"), "default"),
-        ("_vs_best", ("ours_best", "hf_best"), "best"),
-    ):
+    for suffix, what in (("", "default"), ("_vs_best", "best")):
         if f"speedup{suffix}" not in r:
             continue
+        a, b = PAIRS[suffix]
         ratio = f"{r[f'speedup{suffix}']:.2f}x (paired {r[f'speedup_paired{suffix}']:.2f}x)"
         if suffix == "_vs_best":
             ratio += f"; ours best / their default {r['speedup_best_vs_default']:.2f}x"
@@ -256,12 +254,12 @@ def checks(res: dict[str, Any]) -> list[str]:
     bad = []
     for d, r in res["lm_train"].items():
         tol = 1e-3 if d == "fp32" else 5e-2
-        for suffix in ("", "_vs_best", "_best_vs_default"):
+        for suffix in PAIRS:
             diff = r.get(f"loss_abs_diff{suffix}")
             if diff is not None and diff > tol:
                 bad.append(f"LM train {d}{suffix}: losses differ by {diff:.2e}")
     for what, r in [*((f"generate {b}", r) for b, r in res["generate"].items()), ("caption", res["caption"])]:
-        for suffix in ("", "_vs_best", "_best_vs_default"):
+        for suffix in PAIRS:
             if r.get(f"tokens_equal{suffix}") is False:
                 bad.append(f"{what}{suffix}: tokens differ (agreement {r[f'tokens_agree_frac{suffix}']:.3f})")
     if res["adapter_step"]["loss_abs_diff"] > 1e-3:

@@ -29,10 +29,8 @@ def compile_best_pair(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
     """Each side's best training setting: our blocks and loss compiled from outside the model (what
     `train.compile` does), transformers' model through `model.compile()` (what its Trainer's `torch_compile`
     does)."""
-    from mm.lm.decode import quiet_compile_logs
     from mm.training.parallelize import apply_compile, apply_compile_loss
 
-    quiet_compile_logs()
     apply_compile(list(ours.layers))
     apply_compile_loss(ours)
     hf.compile()

@@ -42,6 +42,9 @@ def apply_compile(blocks: list[nn.Module], backend: str = "inductor") -> None:
     it was applied first, as torchtitan compiles its checkpoint-wrapped blocks. The block's `forward` is
     compiled, not the module (`nn.Module.compile`): with checkpointing applied as an instance `forward`, the
     module's compiled call traced nothing and the block ran eagerly."""
+    from mm.lm.decode import quiet_compile_logs
+
+    quiet_compile_logs()  # no "No CUDA runtime is found" on a CPU machine
     for block in blocks:
         block.forward = torch.compile(block.forward, backend=backend)  # type: ignore[method-assign]
 

@@ -91,8 +91,11 @@ def test_compiled_step_gives_the_dynamic_tokens_and_follows_changed_weights(monk
 
 
 def test_cli_decode_option_sets_the_process_default(tmp_path, capsys):
-    from mm.app.cli import main
-    from mm.lm.decode import default_decode_mode
+    from mm.app.cli import build_parser, main
+    from mm.lm.decode import DECODE_MODES, default_decode_mode
+
+    option = next(a for a in build_parser()._actions if a.dest == "decode")
+    assert tuple(option.choices) == DECODE_MODES  # the CLI (which imports no torch) names the same modes
 
     try:
         # the option applies before the command runs (here one that stops at its missing checkpoint)
